@@ -1,0 +1,1 @@
+"""llama-jax: Llama 2 inference in JAX."""

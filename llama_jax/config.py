@@ -1,0 +1,164 @@
+"""Model configuration: one frozen dataclass, presets for Llama 2 and tiny test shapes, and the
+reader for Hugging Face `config.json` files (transformers v4 and v5 spellings)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint uses a feature this implementation does not have (it would give wrong logits)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama 2 model. `dtype` is the dtype of the weights and activations."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    dtype: str = "bfloat16"
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> LlamaConfig:
+        return cls(**json.loads(text))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` transformers writes for this model (v4 keys, which v5 also reads)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "torch_dtype": self.dtype,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": None,
+        }
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-2-7b": LlamaConfig(),
+    "llama-2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "llama-2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
+    # Tiny random-weight shapes for tests: real Llama 2 vocabulary, multi-head and grouped-query.
+    "tiny-mha": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160, max_seq_len=256, dtype="float32"),
+    "tiny-gqa": LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, max_seq_len=256, dtype="float32"),
+    # The built-in demo model and the CPU benchmark shape (issue: ~21 tok/s for HF at batch 1 here).
+    "demo": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=4096, dtype="float32"),
+    "cpu-bench": LlamaConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, dtype="float32"),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    """Look up a preset by name, with a helpful error listing the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def from_hf_config(config: dict[str, Any] | str | Path, dtype: str | None = None) -> LlamaConfig:
+    """Build a LlamaConfig from a transformers `config.json` (a dict or a path).
+
+    Accepts v4 (`rope_theta`, `torch_dtype`) and v5 (`rope_parameters`, `dtype`) spellings and
+    refuses, with UnsupportedModelError, anything that would change the math we implement.
+    """
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    c = config
+    arch = c.get("architectures") or []
+    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch or c.get('model_type')!r}: only LlamaForCausalLM (model_type 'llama') is implemented"
+        )
+    if arch and arch != ["LlamaForCausalLM"]:
+        raise UnsupportedModelError(f"unsupported architecture {arch!r}: only LlamaForCausalLM is implemented")
+
+    rope_theta = c.get("rope_theta", 10000.0)
+    rope_params = c.get("rope_parameters")
+    rope_scaling = c.get("rope_scaling")
+    if isinstance(rope_params, dict):  # transformers v5
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+    if rope_scaling:
+        kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
+        if kind not in (None, "default"):
+            raise UnsupportedModelError(f"rope scaling {kind!r} is not implemented (only plain RoPE, as in Llama 2)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if c.get(flag):
+            raise UnsupportedModelError(f"{flag}=true is not implemented (Llama 2 has no biases)")
+    if c.get("sliding_window") or c.get("use_sliding_window"):
+        raise UnsupportedModelError("sliding-window attention is not implemented (Llama 2 attends to the full context)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act {c['hidden_act']!r} is not implemented (Llama uses silu)")
+    if c.get("tie_word_embeddings"):
+        raise UnsupportedModelError("tie_word_embeddings=true is not implemented (Llama 2 has a separate lm_head)")
+    if c.get("pretraining_tp", 1) not in (1, None):
+        raise UnsupportedModelError("pretraining_tp > 1 is not implemented")
+    n_heads = c["num_attention_heads"]
+    if c.get("head_dim") not in (None, c["hidden_size"] // n_heads):
+        raise UnsupportedModelError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not implemented")
+
+    src_dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
+    eos = c.get("eos_token_id", 2)
+    return LlamaConfig(
+        vocab_size=c["vocab_size"],
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        ffn_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-5),
+        rope_theta=float(rope_theta),
+        max_seq_len=c.get("max_position_embeddings", 4096),
+        dtype=dtype or str(src_dtype).removeprefix("torch."),
+        bos_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
+        eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
+    )

@@ -1,0 +1,183 @@
+"""Hugging Face Llama checkpoints on disk: read them tensor by tensor, and write random tiny ones.
+
+The layout is transformers': `config.json`, `*.safetensors` (sharded, with
+`model.safetensors.index.json`) and `tokenizer.model`. Names and transposes come from
+`model.weight_specs`, the single description of every weight.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llama_jax.config import LlamaConfig, from_hf_config
+from llama_jax.model import Llama, WeightSpec, abstract_model, weight_specs
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing something, or holds tensors that do not fit the config."""
+
+
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files, with a clear error for missing or PyTorch-only weights."""
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if list(hf_dir.glob("*.bin")) or list(hf_dir.glob("*.pt")) or list(hf_dir.glob("*.pth")):
+        raise CheckpointError(
+            f"{hf_dir} holds only PyTorch weight files (*.bin/*.pt); download the safetensors version "
+            "(e.g. `huggingface-cli download meta-llama/Llama-2-7b-chat-hf --include '*.safetensors'`) "
+            "or convert them with transformers: `LlamaForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`"
+        )
+    raise CheckpointError(f"no *.safetensors weight files in {hf_dir}")
+
+
+def tensor_index(hf_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the file that holds it (reads headers only)."""
+    index: dict[str, Path] = {}
+    for file in safetensors_files(hf_dir):
+        try:
+            with safe_open(file, framework="numpy") as f:
+                names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file.name}: {e} (truncated or corrupt download?)") from e
+        for name in names:
+            index[name] = file
+    return index
+
+
+def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
+    """Fail, before any work, on missing, unexpected or misshapen tensors."""
+    specs = weight_specs(cfg)
+    expected = {s.hf_name: s for s in specs.values()}
+    ignorable = {n for n in index if n.endswith("rotary_emb.inv_freq")}
+    missing = sorted(set(expected) - set(index))
+    extra = sorted(set(index) - set(expected) - ignorable)
+    if missing:
+        raise CheckpointError(f"missing tensors: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    if extra:
+        raise CheckpointError(f"unexpected tensors: {', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(index[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                want = hf_shape(expected[name])
+                if shape != want:
+                    raise CheckpointError(f"tensor {name} has shape {shape}, expected {want} for this config")
+
+
+def hf_shape(spec: WeightSpec) -> tuple[int, ...]:
+    return tuple(reversed(spec.shape)) if spec.transpose else spec.shape
+
+
+def iter_weights(hf_dir: Path, cfg: LlamaConfig, dtype: str | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yield (state path, array in our layout and `dtype`) one tensor at a time: bounded memory."""
+    index = tensor_index(hf_dir)
+    check_tensors(cfg, index)
+    np_dtype = NUMPY_DTYPES[dtype or cfg.dtype]
+    for path, spec in weight_specs(cfg).items():
+        with safe_open(index[spec.hf_name], framework="numpy") as f:
+            try:
+                array = f.get_tensor(spec.hf_name)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor {spec.hf_name}: {e} (truncated file?)") from e
+        array = array.T if spec.transpose else array
+        yield path, np.ascontiguousarray(array.astype(np_dtype))
+
+
+def load_hf_model(hf_dir: str | Path, dtype: str | None = None) -> Llama:
+    """Load an HF Llama checkpoint into our NNX model on the default device (tests, notebooks)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").exists():
+        raise CheckpointError(f"no config.json in {hf_dir}")
+    cfg = from_hf_config(hf_dir / "config.json", dtype=dtype)
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    arrays = {path: jnp.asarray(array) for path, array in iter_weights(hf_dir, cfg)}
+    return nnx.merge(graphdef, state_from_arrays(cfg, arrays))
+
+
+def _random_weight(spec: WeightSpec, cfg: LlamaConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random weights in HF layout, scaled so activations stay O(1) and logits are far from uniform."""
+    shape = hf_shape(spec)
+    if len(shape) == 1:  # norm weights near one
+        return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
+    if spec.hf_name == "model.embed_tokens.weight":
+        return rng.standard_normal(shape, np.float32)
+    fan_in = spec.shape[0]
+    scale = 4.0 if spec.hf_name == "lm_head.weight" else 1.0  # logits with std ~4: peaked distributions
+    return rng.standard_normal(shape, np.float32) * np.float32(scale / np.sqrt(fan_in))
+
+
+def write_tiny_checkpoint(
+    out_dir: str | Path,
+    cfg: LlamaConfig,
+    *,
+    seed: int = 0,
+    tokenizer_path: str | Path | None = None,
+    shard_bytes: int = 2**30,
+) -> Path:
+    """Write a random-weight Llama in HF layout (no torch needed), deterministic from `seed`.
+
+    Tensors are generated and written one shard at a time, so even the 7B shape needs only
+    about one shard of memory. Returns the directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = NUMPY_DTYPES[cfg.dtype]
+    specs = list(weight_specs(cfg).values())
+    sizes = [int(np.prod(hf_shape(s))) * np.dtype(np_dtype).itemsize for s in specs]
+    shards: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and total + size > shard_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    weight_map = {}
+    for k, members in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for i in members:
+            rng = np.random.default_rng([seed, i])  # per tensor: independent of the sharding
+            tensors[specs[i].hf_name] = _random_weight(specs[i], cfg, rng).astype(np_dtype)
+            weight_map[specs[i].hf_name] = name
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}, indent=2)
+    )
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+def param_count(cfg: LlamaConfig) -> int:
+    """Number of parameters of a model with this config."""
+    return sum(int(np.prod(s.shape)) for s in weight_specs(cfg).values())
+
+
+def state_from_arrays(cfg: LlamaConfig, arrays: dict[tuple, jax.Array]) -> nnx.State:
+    """Assemble an NNX parameter State from a {path: array} dict (e.g. from a checkpoint restore)."""
+    _, state = nnx.split(abstract_model(cfg))
+    flat = dict(nnx.to_flat_state(state))
+    return nnx.from_flat_state({p: v.replace(arrays[p]) for p, v in flat.items()})

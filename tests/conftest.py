@@ -1,0 +1,41 @@
+"""Shared test fixtures: the real Llama 2 tokenizer from ../shared and CPU-only JAX."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run on the CPU, with 8 virtual devices so tensor-parallel paths can be exercised.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_PATH = REPO_ROOT.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    """Path of the real Llama 2 SentencePiece model; skips where ../shared does not hold it."""
+    if not TOKENIZER_PATH.exists():
+        pytest.skip(f"real Llama 2 tokenizer not found at {TOKENIZER_PATH} (it lives in ../shared, never in the repo)")
+    return TOKENIZER_PATH
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_path):
+    """Factory: a random-weight HF-layout checkpoint for a preset (written once per session)."""
+    from llama_jax.config import preset
+    from llama_jax.hf_checkpoint import write_tiny_checkpoint
+
+    made: dict[tuple[str, int, str | None], Path] = {}
+
+    def get(name: str, seed: int = 0, dtype: str | None = None) -> Path:
+        key = (name, seed, dtype)
+        if key not in made:
+            cfg = preset(name)
+            cfg = cfg.replace(dtype=dtype) if dtype else cfg
+            out = tmp_path_factory.mktemp(f"hf-{name}-{seed}-{dtype or cfg.dtype}")
+            made[key] = write_tiny_checkpoint(out, cfg, seed=seed, tokenizer_path=tokenizer_path, shard_bytes=2**20)
+        return made[key]
+
+    return get
