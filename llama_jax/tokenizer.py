@@ -1,0 +1,264 @@
+"""Llama 2 tokenizer: a SentencePiece wrapper, Meta's chat template and a streaming detokenizer.
+
+Kept free of JAX so the server and tools can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+# Meta's Llama 2 chat markers (llama/generation.py).
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+# Separator used when several messages are merged into one turn or one <<SYS>> block.
+MESSAGE_SEPARATOR = "\n\n"
+
+
+class Tokenizer:
+    """Thin wrapper over a SentencePiece model; BOS/EOS are only ever added by our own code."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Load the SentencePiece model file at `path`."""
+        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without BOS/EOS; "<s>"/"</s>" in text stay plain pieces (no control parsing)."""
+        return self._sp.encode(text, out_type=int, add_bos=False, add_eos=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; control ids (BOS/EOS) decode to "" as in SentencePiece."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The raw SentencePiece piece of an id (e.g. "▁Hello", "<0x0A>", "<s>")."""
+        return self._sp.id_to_piece(int(token_id))
+
+    def is_byte(self, token_id: int) -> bool:
+        """Whether the id is a byte-fallback piece (<0x00>..<0xFF>), which decodes jointly with its neighbours."""
+        return self._sp.is_byte(int(token_id))
+
+    def is_control(self, token_id: int) -> bool:
+        """Whether the id is a control piece (BOS/EOS), which decodes to ""."""
+        return self._sp.is_control(int(token_id))
+
+    @property
+    def bos_id(self) -> int:
+        """Id of the beginning-of-sequence token (1 for Llama 2)."""
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-sequence token (2 for Llama 2)."""
+        return self._sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        """Id of the unknown token (0 for Llama 2)."""
+        return self._sp.unk_id()
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces in the model (32000 for Llama 2)."""
+        return self._sp.get_piece_size()
+
+
+# --------------------------------------------------------------------------- chat template
+
+
+class ChatTemplateError(ValueError):
+    """A chat conversation that cannot be rendered with the Llama 2 template."""
+
+
+def _content_text(content: Any) -> str:
+    """Text of an OpenAI message content: a string, None, or a list of {"type": "text"} parts (joined by "\\n")."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise ChatTemplateError(f"unsupported content part {kind!r}: only text parts are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    kind = type(content).__name__
+    raise ChatTemplateError(f"message content must be a string, null or a list of text parts, not {kind}")
+
+
+def _tool_calls_text(tool_calls: Any) -> str:
+    """Render OpenAI assistant tool calls as one line of JSON so the model sees what it called."""
+    if not isinstance(tool_calls, list):
+        raise ChatTemplateError("tool_calls must be a list")
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ChatTemplateError("each tool call needs a function with a name")
+        calls.append({"id": call.get("id"), "name": function["name"], "arguments": function.get("arguments", "")})
+    return "[tool calls]: " + json.dumps(calls, ensure_ascii=False)
+
+
+def _message_text(message: Mapping[str, Any]) -> str:
+    """Text of one non-system message: tool results and assistant tool calls are rendered as plain text."""
+    text = _content_text(message.get("content"))
+    if message["role"] == "tool":
+        call_id = message.get("tool_call_id")
+        return f"[tool result for call {call_id}]: {text}" if call_id else f"[tool result]: {text}"
+    if message["role"] == "assistant" and message.get("tool_calls"):
+        calls = _tool_calls_text(message["tool_calls"])
+        return f"{text}{MESSAGE_SEPARATOR}{calls}" if text else calls
+    return text
+
+
+def to_meta_dialog(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Normalise OpenAI-style messages into Meta's strict user/assistant/.../user dialog, system already merged.
+
+    Policy beyond Meta (who accepts only [system], user, assistant, ..., user):
+    - all system messages, wherever they are, are joined in order with "\\n\\n" and merged into the
+      first user turn exactly as Meta does: B_SYS + system + E_SYS + user (no extra stripping);
+    - consecutive user/tool messages merge into one user turn, consecutive assistant messages into one
+      assistant turn, joined with "\\n\\n"; tool results and tool calls are rendered as text;
+    - the conversation must start with user/tool (after system) and end with user/tool.
+    Message text is otherwise used verbatim; only the whole turn is strip()ped later, as in Meta.
+    """
+    if not messages:
+        raise ChatTemplateError("messages must not be empty")
+    system_texts: list[str] = []
+    turns: list[dict[str, str]] = []  # alternating user/assistant after merging
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in ("system", "user", "assistant", "tool"):
+            expected = "expected system, user, assistant or tool"
+            raise ChatTemplateError(f"message {index}: unknown role {role!r} ({expected})")
+        if role == "system":
+            system_texts.append(_content_text(message.get("content")))
+            continue
+        side = "assistant" if role == "assistant" else "user"
+        text = _message_text(message)
+        if turns and turns[-1]["role"] == side:
+            turns[-1]["content"] += MESSAGE_SEPARATOR + text
+        else:
+            turns.append({"role": side, "content": text})
+    if not turns:
+        raise ChatTemplateError("conversation has no user message")
+    if turns[0]["role"] != "user":
+        raise ChatTemplateError("conversation must start with a user message (after any system message)")
+    if turns[-1]["role"] != "user":
+        raise ChatTemplateError("the last message must be from the user or a tool, so that the assistant can reply")
+    if system_texts:
+        system = MESSAGE_SEPARATOR.join(system_texts)
+        turns[0]["content"] = B_SYS + system + E_SYS + turns[0]["content"]
+    return turns
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Prompt token ids for a chat, identical to Meta's Llama 2 `chat_completion` for the dialogs Meta accepts.
+
+    Unlike Meta, text containing "[INST]", "<<SYS>>", "<s>" or "</s>" is not rejected: it is tokenized as
+    plain text, and BOS/EOS ids appear only at turn boundaries.
+    """
+    dialog = to_meta_dialog(messages)
+    ids: list[int] = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        turn = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
+        ids += [tokenizer.bos_id, *tokenizer.encode(turn), tokenizer.eos_id]
+    ids += [tokenizer.bos_id, *tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}")]
+    return ids
+
+
+# --------------------------------------------------------------------------- streaming detokenizer
+
+
+def _utf8_length(lead: int) -> int:
+    """Length of the UTF-8 sequence a byte may start (0 if it cannot start one); deliberately permissive."""
+    if 0xC0 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF7:
+        return 4
+    return 0
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas whose concatenation equals `tokenizer.decode(all_ids)`.
+
+    Why a tiny window is enough: SentencePiece decoding concatenates piece texts left to right with only
+    two kinds of context:
+    1. the leading "▁" of the first non-control piece is dropped when nothing but control ids precede it;
+    2. consecutive byte-fallback pieces are decoded together as UTF-8, one U+FFFD per invalid byte.
+    A byte can only change meaning while it may still be the start of an unfinished UTF-8 sequence, i.e.
+    when it lies in a trailing run of at most 3 bytes that begins with a lead byte and continues with
+    continuation bytes only. Everything before that run is final, so we emit it and forget those ids; the
+    text after the cut depends on them only through "was anything non-control seen?". We reproduce that
+    context by decoding the window behind a fixed ordinary "anchor" piece whose text we slice off. The
+    window thus never exceeds 4 ids: O(1) work per token, and a half character is never emitted.
+    """
+
+    _MAX_PENDING_BYTES = 3  # a UTF-8 sequence is at most 4 bytes, so at most 3 can be waiting
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        """Start an empty stream; the first visible piece will lose its leading space, like a full decode."""
+        self._tokenizer = tokenizer
+        self._anchor = next(i for i in reversed(tokenizer.encode("a")) if not tokenizer.is_byte(i))
+        self._anchor_len = len(tokenizer.decode([self._anchor]))
+        self._window: list[int] = []  # ids whose text is not settled yet (at most 3 bytes between calls)
+        self._after_visible = False  # whether a non-control id precedes the window
+        self._deltas: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far (deltas and flush)."""
+        return "".join(self._deltas)
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text of `ids` exactly as it appears inside the full decode of the stream."""
+        if not self._after_visible:
+            return self._tokenizer.decode(ids)
+        return self._tokenizer.decode([self._anchor, *ids])[self._anchor_len :]
+
+    def _pending_bytes(self) -> int:
+        """How many trailing byte ids may still become part of a character once more bytes arrive."""
+        values: list[int] = []
+        for token_id in reversed(self._window[-self._MAX_PENDING_BYTES :]):
+            if not self._tokenizer.is_byte(token_id):
+                break
+            values.insert(0, int(self._tokenizer.id_to_piece(token_id)[3:5], 16))
+        for start, value in enumerate(values):
+            rest = values[start + 1 :]
+            if len(values) - start < _utf8_length(value) and all(0x80 <= b <= 0xBF for b in rest):
+                return len(values) - start
+        return 0
+
+    def _emit(self, text: str) -> str:
+        """Record and return a delta."""
+        if text:
+            self._deltas.append(text)
+        return text
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated id; return the newly settled text (possibly "")."""
+        self._window.append(int(token_id))
+        pending = self._pending_bytes()
+        if pending == len(self._window):
+            return ""
+        settled = self._window[: len(self._window) - pending]
+        delta = self._decode(settled)
+        self._after_visible = self._after_visible or any(not self._tokenizer.is_control(i) for i in settled)
+        self._window = self._window[len(settled) :]
+        return self._emit(delta)
+
+    def flush(self) -> str:
+        """End the stream: return the held-back bytes decoded as SentencePiece does (U+FFFD per byte)."""
+        delta = self._decode(self._window)
+        self._after_visible = self._after_visible or any(not self._tokenizer.is_control(i) for i in self._window)
+        self._window = []
+        return self._emit(delta)
