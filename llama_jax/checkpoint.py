@@ -1,0 +1,277 @@
+"""Converted checkpoints: orbax parameter groups written tensor-group by tensor-group, and restored
+straight onto a device mesh.
+
+Layout of a converted directory::
+
+    OUT_DIR/
+      manifest.json            format, source, dtype, parameter count, groups (written last)
+      config.json              our LlamaConfig (LlamaConfig.to_json)
+      tokenizer.model          the SentencePiece model, when the source had one
+      generation_config.json   copied from the source, when present
+      params/<group>/          one orbax checkpoint per group: "embed", "layer_0" … "layer_{N-1}", "head"
+
+Groups keep memory bounded: conversion holds at most one group (one decoder layer, or the
+embedding, or norm + LM head) in memory. Each group is a flat dict of string keys, so orbax never
+sees the integer layer indices of the NNX state; `GROUP_KEYS` maps state paths to (group, key).
+
+Loading builds, for every group, an abstract tree of `jax.ShapeDtypeStruct`s carrying the
+sharding from `sharding.param_shardings`, so orbax reads each device's shard directly and no
+full tensor is ever assembled on one device. The whole directory is written under a temporary
+name and renamed at the end: an interrupted run leaves nothing that `load` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax.hf_checkpoint import CheckpointError, param_count, state_from_arrays
+from llama_jax.model import abstract_model, weight_specs
+from llama_jax.sharding import param_shardings
+
+FORMAT = "llama-jax-orbax"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def group_key(path: tuple) -> tuple[str, str]:
+    """(orbax group, key inside the group) of an NNX state path such as ('layers', 3, 'wq')."""
+    if path[0] == "layers":
+        return f"layer_{int(path[1])}", str(path[2])
+    if path == ("embed",):
+        return "embed", "embed"
+    if path in (("norm",), ("lm_head",)):
+        return "head", path[0]
+    raise KeyError(f"no checkpoint group for parameter path {path}")
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def write_params(
+    params_dir: Path,
+    weights: Iterable[tuple[tuple, np.ndarray]],
+    on_tensor: Callable[[tuple, np.ndarray], None] | None = None,
+) -> list[str]:
+    """Write (path, array) pairs, in `weight_specs` order, as one orbax checkpoint per group.
+
+    Holds one group at a time. Returns the group names in write order.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt = _checkpointer()
+    groups: list[str] = []
+    current: str | None = None
+    items: dict[str, np.ndarray] = {}
+
+    def flush() -> None:
+        if current is not None:
+            ckpt.save(params_dir / current, args=ocp.args.StandardSave(items))
+            groups.append(current)
+
+    for path, array in weights:
+        group, key = group_key(path)
+        if group != current:
+            flush()
+            if group in groups:
+                raise ValueError(f"weights of group {group} are not contiguous")
+            current, items = group, {}
+        items[key] = np.asarray(array)
+        if on_tensor is not None:
+            on_tensor(path, items[key])
+        del array
+    flush()
+    return groups
+
+
+def save(
+    out_dir: str | Path,
+    cfg: LlamaConfig,
+    weights: Iterable[tuple[tuple, np.ndarray]],
+    *,
+    tokenizer_path: str | Path | None = None,
+    generation_config: dict | None = None,
+    source: str | None = None,
+    force: bool = False,
+    on_tensor: Callable[[tuple, np.ndarray], None] | None = None,
+) -> dict[str, Any]:
+    """Write a converted checkpoint to `out_dir` atomically; returns the manifest.
+
+    Everything goes to `<out_dir>.tmp-<pid>` first, manifest last, and is renamed into place at the
+    end (replacing an existing `out_dir` only with `force`). On any failure, including
+    KeyboardInterrupt, the temporary directory is removed.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise CheckpointError(f"{out_dir} already exists (pass --force to replace it)")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    start = time.time()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        specs = weight_specs(cfg)
+        expected = {group_key(p) for p in specs}
+        seen: set[tuple[str, str]] = set()
+
+        def track(path: tuple, array: np.ndarray) -> None:
+            spec = specs[path]
+            if tuple(array.shape) != spec.shape:
+                raise CheckpointError(f"parameter {path} has shape {array.shape}, expected {spec.shape}")
+            seen.add(group_key(path))
+            if on_tensor is not None:
+                on_tensor(path, array)
+
+        groups = write_params(tmp / PARAMS_DIR, weights, track)
+        if seen != expected:
+            raise CheckpointError(f"incomplete parameters: {len(expected - seen)} missing")
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        if generation_config is not None:
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": source,
+            "dtype": cfg.dtype,
+            "param_count": param_count(cfg),
+            "groups": groups,
+            "tokenizer": TOKENIZER_FILE if tokenizer_path is not None else None,
+            "bytes": dir_size(tmp),
+            "seconds": round(time.time() - start, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise CheckpointError(f"{out_dir} already exists (pass --force to replace it)")
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def save_state(out_dir: str | Path, cfg: LlamaConfig, params: nnx.State, **kwargs) -> dict[str, Any]:
+    """Save an in-memory parameter State (e.g. `nnx.split(model)[1]`) as a converted checkpoint."""
+    flat = dict(nnx.to_flat_state(params))
+    weights = ((path, np.asarray(jax.device_get(flat[path][...]))) for path in weight_specs(cfg))
+    return save(out_dir, cfg, weights, **kwargs)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a converted directory; CheckpointError if it is not one."""
+    path = Path(path)
+    file = path / MANIFEST_FILE
+    if not file.exists():
+        hint = " (an HF checkpoint? convert it with `convert-weights`)" if (path / "config.json").exists() else ""
+        raise CheckpointError(f"{path} is not a converted checkpoint: no {MANIFEST_FILE}{hint}")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {manifest.get('format')!r} v{manifest.get('format_version')}"
+        )
+    return manifest
+
+
+def read_config(path: str | Path) -> LlamaConfig:
+    return LlamaConfig.from_json((Path(path) / CONFIG_FILE).read_text())
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A restored model: config, the NNX graph definition and (possibly sharded) parameter State."""
+
+    cfg: LlamaConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    mesh: Mesh | None
+    path: Path
+    tokenizer_path: Path | None
+    generation_config: dict | None
+    manifest: dict
+
+    @property
+    def model(self):
+        """The NNX `Llama` with these parameters (arrays shared, not copied)."""
+        return nnx.merge(self.graphdef, self.params)
+
+
+def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -> LoadedModel:
+    """Restore a converted checkpoint, each parameter placed by `sharding.param_shardings`.
+
+    `mesh=None` puts everything on the first device; a ("tp",) mesh from `sharding.make_mesh`
+    shards by the tensor-parallel rules, each device reading only its own slices. `dtype` casts
+    on restore (default: the dtype the checkpoint was converted to).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    cfg = read_config(path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        cfg = cfg.replace(dtype=dtype)
+    shardings = param_shardings(cfg, mesh)
+    specs = weight_specs(cfg)
+    targets: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
+    for p, spec in specs.items():
+        group, key = group_key(p)
+        targets.setdefault(group, {})[key] = jax.ShapeDtypeStruct(spec.shape, cfg.dtype, sharding=shardings[p])
+    ckpt = _checkpointer()
+    restored: dict[str, dict[str, jax.Array]] = {}
+    for group, target in targets.items():
+        group_dir = path / PARAMS_DIR / group
+        if not group_dir.exists():
+            raise CheckpointError(f"{path}: parameter group {group} is missing (incomplete or different model)")
+        try:
+            restored[group] = ckpt.restore(group_dir, args=ocp.args.StandardRestore(target))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot restore parameter group {group}: {e}") from e
+    arrays = {p: restored[g][k] for p in specs for g, k in [group_key(p)]}
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    params = state_from_arrays(cfg, arrays)
+    tokenizer = path / TOKENIZER_FILE
+    gen_file = path / GENERATION_CONFIG_FILE
+    return LoadedModel(
+        cfg=cfg,
+        graphdef=graphdef,
+        params=params,
+        mesh=mesh,
+        path=path,
+        tokenizer_path=tokenizer if tokenizer.exists() else None,
+        generation_config=json.loads(gen_file.read_text()) if gen_file.exists() else None,
+        manifest=manifest,
+    )

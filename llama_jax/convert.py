@@ -1,0 +1,200 @@
+"""`convert-weights`: a Hugging Face Llama checkpoint → a converted orbax checkpoint (see checkpoint.py).
+
+    convert-weights HF_DIR OUT_DIR [--dtype bfloat16|float16|float32] [--force] [--quiet]
+
+Reads tensor by tensor (memory: about one decoder layer), writes under a temporary name renamed
+at the end. Errors are one line on stderr, `convert-weights: error: …`, exit code 1 for bad input
+and 2 for bad usage; nothing is left behind on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax import checkpoint
+from llama_jax.config import DTYPES, UnsupportedModelError, from_hf_config
+from llama_jax.hf_checkpoint import (
+    INDEX_FILE,
+    NUMPY_DTYPES,
+    CheckpointError,
+    check_tensors,
+    iter_weights,
+    param_count,
+    tensor_index,
+)
+
+PROG = "convert-weights"
+
+
+class ConvertError(CheckpointError):
+    """Bad input for the converter (reported as one line, exit code 1)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert a Hugging Face Llama 2 checkpoint (config.json, *.safetensors, tokenizer.model) "
+        "into a llama-jax checkpoint: sharded orbax parameters that load straight onto a device mesh.",
+        epilog="Example: convert-weights ~/models/Llama-2-7b-chat-hf ~/models/llama-2-7b-chat-jax. "
+        "Memory use stays near one decoder layer; OUT_DIR appears only when the conversion is complete.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory (safetensors)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="parameter dtype to store (default: the checkpoint's own, e.g. float16 for Llama-2-7b-chat-hf)",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line (errors still print)")
+    return p
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise ConvertError(f"no config.json in {hf_dir} (is this a Hugging Face model directory?)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ConvertError(f"{file} does not hold a JSON object")
+    return config
+
+
+def _check_index(hf_dir: Path) -> None:
+    """If the sharded-checkpoint index exists, every file it names must be present."""
+    file = hf_dir / INDEX_FILE
+    if not file.exists():
+        return
+    try:
+        weight_map = json.loads(file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConvertError(f"{file} is not a valid safetensors index: {e}") from e
+    missing = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
+    if missing:
+        raise ConvertError(f"{INDEX_FILE} lists {', '.join(missing)}, not found in {hf_dir} (incomplete download?)")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, force: bool = False,
+            progress: bool = True) -> dict:
+    """Validate everything that can be checked up front, then stream the weights into `out_dir`."""
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"{hf_dir} is not a directory")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists (pass --force to replace it)")
+    if out.exists() and (out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents):
+        raise ConvertError(f"refusing to replace {out}: it holds the input checkpoint {hf_dir}")
+    hf_config = _read_hf_config(hf_dir)
+    try:
+        cfg = from_hf_config(hf_config, dtype=dtype)
+    except KeyError as e:
+        raise ConvertError(f"config.json lacks required field {e}") from e
+    except TypeError as e:
+        raise ConvertError(f"config.json has a field of the wrong type: {e}") from e
+    except ValueError as e:  # UnsupportedModelError, or an inconsistent/unknown dtype or shape
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise ConvertError(f"config.json: {e}") from e
+    _check_index(hf_dir)
+    check_tensors(cfg, tensor_index(hf_dir))  # missing, extra, misshapen, unreadable: before any write
+
+    total = param_count(cfg) * np.dtype(NUMPY_DTYPES[cfg.dtype]).itemsize
+    parent = out.absolute().parent
+    probe = parent if parent.exists() else next(p for p in parent.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < total * 1.02:
+        raise ConvertError(f"not enough disk space under {probe}: need about {_human(total)}, {_human(free)} free")
+
+    tokenizer = hf_dir / "tokenizer.model"
+    if not tokenizer.is_file():
+        print(f"{PROG}: warning: no tokenizer.model in {hf_dir}; the converted model will need one given "
+              "separately", file=sys.stderr)
+        tokenizer = None
+    gen_file = hf_dir / "generation_config.json"
+    generation_config = None
+    if gen_file.is_file():
+        try:
+            generation_config = json.loads(gen_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{gen_file} is not valid JSON: {e}") from e
+
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
+                   file=sys.stderr, dynamic_ncols=True)
+
+    def on_tensor(path: tuple, array: np.ndarray) -> None:
+        if bar is not None:
+            bar.set_postfix_str(".".join(map(str, path)), refresh=False)
+            bar.update(array.nbytes)
+
+    try:
+        manifest = checkpoint.save(
+            out,
+            cfg,
+            iter_weights(hf_dir, cfg),
+            tokenizer_path=tokenizer,
+            generation_config=generation_config,
+            source=str(hf_dir.resolve()),
+            force=force,
+            on_tensor=on_tensor,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    start = time.time()
+    try:
+        manifest = convert(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    except (CheckpointError, UnsupportedModelError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions, …: the temporary directory is already gone
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written to {args.out_dir}", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(
+            f"{PROG}: {args.hf_dir} -> {args.out_dir}: {_count(manifest['param_count'])} parameters, "
+            f"{manifest['dtype']}, {_human(manifest['bytes'])}, {time.time() - start:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Tensor parallelism: the device mesh, the one table of partition rules, and placement helpers.
+
+Megatron-style tensor parallelism over a 1-D mesh axis "tp":
+
+* column-parallel q/k/v/gate/up: their output dimension ("heads", "kv_heads", "ffn") is split;
+* row-parallel o/down: their input dimension ("heads", "ffn") is split, XLA adds the all-reduce;
+* vocab-parallel embedding and LM head: the "vocab" dimension is split;
+* norms (and the "embed" dimension everywhere) are replicated.
+
+Every weight's logical axes come from `model.weight_specs`; `LOGICAL_AXIS_RULES` maps them to mesh
+axes. That dict is the only place the partitioning is decided.
+
+KV heads and tp: when `n_kv_heads` is not a multiple of tp (e.g. tiny-gqa's 2 KV heads on tp 4,
+or Llama 2 70B's 8 on tp 16) the k/v projections and the KV cache are *replicated* on every
+device rather than refused: each device then holds all KV heads, which costs k/v-projection
+compute and cache memory but gives identical results. Query heads must divide evenly: a tp
+that does not divide `n_heads` is refused with `ShardingError`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from llama_jax.config import LlamaConfig
+from llama_jax.kv_cache import KVCache
+from llama_jax.model import weight_specs
+
+TP = "tp"
+
+# Logical axis (from model.weight_specs) -> mesh axis; None means replicated.
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": TP,  # vocab-parallel embedding and LM head
+    "embed": None,  # the residual stream is replicated
+    "heads": TP,  # column-parallel q, row-parallel o
+    "kv_heads": TP,  # column-parallel k/v and the KV cache (replicated when tp does not divide n_kv_heads)
+    "ffn": TP,  # column-parallel gate/up, row-parallel down
+}
+
+
+class ShardingError(ValueError):
+    """A tensor-parallel degree that this model or this machine cannot use."""
+
+
+def _units(cfg: LlamaConfig, axis: str) -> int:
+    """How many indivisible units a logical axis has (heads are split whole, never mid-head)."""
+    return {
+        "vocab": cfg.vocab_size,
+        "embed": cfg.dim,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "ffn": cfg.ffn_dim,
+    }[axis]
+
+
+def tp_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else int(mesh.shape.get(TP, 1))
+
+
+def check_tp(cfg: LlamaConfig, tp: int, n_devices: int | None = None) -> None:
+    """Refuse, with a message saying what would work, a tp this model or machine cannot use."""
+    n_devices = len(jax.devices()) if n_devices is None else n_devices
+    if tp < 1:
+        raise ShardingError(f"--tp must be at least 1, got {tp}")
+    if tp > n_devices:
+        raise ShardingError(f"--tp {tp} needs {tp} devices but only {n_devices} are visible")
+    if cfg.n_heads % tp:
+        ok = [d for d in range(1, min(cfg.n_heads, n_devices) + 1) if cfg.n_heads % d == 0]
+        raise ShardingError(
+            f"--tp {tp} does not divide the model's {cfg.n_heads} attention heads; use one of {ok}"
+        )
+
+
+def kv_heads_replicated(cfg: LlamaConfig, tp: int) -> bool:
+    """True when KV heads cannot be split over tp devices and are replicated instead."""
+    return cfg.n_kv_heads % tp != 0
+
+
+def make_mesh(tp: int = 1, devices: list | None = None) -> Mesh:
+    """A 1-D ("tp",) mesh over the first `tp` devices with Auto axis types.
+
+    Recent `jax.make_mesh` defaults to Explicit axes, where shardings become part of array types
+    and ordinary jnp code can fail to trace; Auto keeps the GSPMD behaviour the model relies on.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if tp < 1 or tp > len(devices):
+        raise ShardingError(f"--tp {tp} needs {tp} devices but only {len(devices)} are visible")
+    devices = devices[:tp]
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+        try:
+            return jax.make_mesh((tp,), (TP,), axis_types=(axis_type.Auto,), devices=devices)
+        except TypeError:  # a jax with AxisType but an older make_mesh signature
+            pass
+    return Mesh(np.array(devices), (TP,))
+
+
+def partition_spec(cfg: LlamaConfig, axes: tuple[str | None, ...], tp: int) -> PartitionSpec:
+    """The PartitionSpec of a tensor with these logical axes: rules, falling back to replication
+    for an axis whose unit count tp does not divide (KV heads; vocab or ffn of odd shapes)."""
+    out = []
+    for axis in axes:
+        mesh_axis = LOGICAL_AXIS_RULES.get(axis) if axis is not None else None
+        if mesh_axis is not None and (tp == 1 or _units(cfg, axis) % tp):
+            mesh_axis = None
+        out.append(mesh_axis)
+    return PartitionSpec(*out)
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> dict[tuple, Sharding]:
+    """Sharding of every weight, keyed by its NNX state path (as `model.weight_specs`).
+
+    With `mesh=None`: everything on the first device.
+    """
+    if mesh is None:
+        single = SingleDeviceSharding(jax.devices()[0])
+        return {path: single for path in weight_specs(cfg)}
+    tp = tp_size(mesh)
+    check_tp(cfg, tp, mesh.size)
+    return {path: NamedSharding(mesh, partition_spec(cfg, s.axes, tp)) for path, s in weight_specs(cfg).items()}
+
+
+def shard_params(cfg: LlamaConfig, params, mesh: Mesh | None):
+    """Place an NNX parameter State (e.g. from `nnx.split(model)`) on the mesh by the rules."""
+    from flax import nnx
+
+    shardings = param_shardings(cfg, mesh)
+    flat = nnx.to_flat_state(params)
+    return nnx.from_flat_state({p: v.replace(jax.device_put(v[...], shardings[p])) for p, v in flat})
+
+
+def _cache_specs(n_kv_heads: int, tp: int) -> tuple[PartitionSpec, PartitionSpec]:
+    heads = TP if tp > 1 and n_kv_heads % tp == 0 else None
+    return PartitionSpec(None, None, heads, None), PartitionSpec()
+
+
+def cache_sharding(cfg: LlamaConfig, mesh: Mesh | None) -> KVCache:
+    """A KVCache-shaped tree of shardings: `[rows, max_len, kv_heads, head_dim]` buffers split on
+    kv_heads over tp (replicated when tp does not divide n_kv_heads), lengths replicated."""
+    if mesh is None:
+        single = SingleDeviceSharding(jax.devices()[0])
+        return KVCache(k=(single,) * cfg.n_layers, v=(single,) * cfg.n_layers, lengths=single)
+    kv_spec, rep = _cache_specs(cfg.n_kv_heads, tp_size(mesh))
+    kv = NamedSharding(mesh, kv_spec)
+    return KVCache(k=(kv,) * cfg.n_layers, v=(kv,) * cfg.n_layers, lengths=NamedSharding(mesh, rep))
+
+
+def shard_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """Place a KV cache on the mesh (kv-heads axis on tp where it divides, as `cache_sharding`)."""
+    if mesh is None:
+        return jax.device_put(cache, SingleDeviceSharding(jax.devices()[0]))
+    kv_spec, rep = _cache_specs(cache.k[0].shape[2], tp_size(mesh))
+    kv = NamedSharding(mesh, kv_spec)
+    n = len(cache.k)
+    return jax.device_put(cache, KVCache(k=(kv,) * n, v=(kv,) * n, lengths=NamedSharding(mesh, rep)))
