@@ -1,0 +1,52 @@
+"""The built-in demo model, so `llama-jax serve` works on a fresh machine with no weights.
+
+It is a small random-weight Llama with a SentencePiece tokenizer trained here on the package's
+own source text (the real Llama 2 tokenizer is the user's, never shipped). Built once through the
+real path (HF layout → convert-weights) and cached; its replies are gibberish by design.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+DEMO_VERSION = 1
+DEMO_VOCAB = 2000
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LLAMA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama-jax")
+    return Path(root) / f"demo-v{DEMO_VERSION}"
+
+
+def train_demo_tokenizer(out_prefix: Path) -> Path:
+    """Train a byte-fallback BPE SentencePiece model (Llama's special ids) on this package's text."""
+    import sentencepiece as spm
+
+    package = Path(__file__).parent
+    lines = [line for f in sorted(package.glob("*.py")) for line in f.read_text().splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=DEMO_VOCAB, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        add_dummy_prefix=True, minloglevel=2,
+    )
+    return out_prefix.with_suffix(".model")
+
+
+def demo_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The converted demo checkpoint directory, built on first use."""
+    from llama_jax.config import preset
+    from llama_jax.convert import convert
+    from llama_jax.hf_checkpoint import write_tiny_checkpoint
+
+    out = cache_dir or default_cache_dir()
+    if (out / "manifest.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tokenizer = train_demo_tokenizer(Path(tmp) / "demo-tokenizer")
+        hf_dir = write_tiny_checkpoint(Path(tmp) / "hf", preset("demo").replace(vocab_size=DEMO_VOCAB),
+                                       seed=0, tokenizer_path=tokenizer)
+        convert(hf_dir, out, force=True, progress=False)
+    return out

@@ -1,0 +1,396 @@
+"""Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
+
+A request is prefilled alone (prompt padded to a length bucket), inserted into one free slot
+per choice (which samples its first token), and then advanced by `generate` steps that run
+every slot at once. All device state lives in one donated `DecodeState`; the set of compiled
+programs is fixed at warm-up (one prefill and one insert per bucket, one generate per attention
+window), so no request mix ever compiles.
+
+A background thread schedules: each iteration admits at most one queued request (so running
+streams stall for at most one bucketed prefill), then dispatches a generate step before it
+processes the previous step's tokens on the host, so the device never waits for Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import kv_cache, sampling, steps
+from llama_jax.kv_cache import KVCache
+from llama_jax.model import Llama
+from llama_jax.request import (ChoiceText, Completion, Constraint, Event, QueueFullError, Request, RequestError,
+                               RequestHandle, SamplingOptions, TokenLogprob, validate)
+from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
+from llama_jax.sharding import shard_cache
+from llama_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving shape: slots, context, buckets and queue. Everything here fixes a compiled shape."""
+
+    max_slots: int = 8
+    max_seq_len: int | None = None  # default: the model's context (4096 for Llama 2)
+    min_prefill_bucket: int = 16
+    min_decode_window: int = 128
+    max_queue: int = 64
+    compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "sampler", "params"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the device keeps per slot between steps."""
+
+    cache: KVCache
+    tokens: jax.Array  # int32 [slots]: the last sampled token, the next step's input
+    sampler: SamplerState
+    params: SamplingParams
+
+
+def init_decode_state(model: Llama, slots: int, max_len: int, mesh: Mesh | None = None) -> DecodeState:
+    """Empty slots. On a mesh the KV cache is split like the k/v projections; the rest is replicated."""
+    neutral = sampling.make_params(seed=0)
+    state = DecodeState(
+        cache=kv_cache.init_cache(model.cfg, slots, max_len),
+        tokens=jnp.zeros((slots,), jnp.int32),
+        sampler=sampling.init_state(slots, model.cfg.vocab_size),
+        params=sampling.stack_params([neutral] * slots),
+    )
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return dataclasses.replace(
+        jax.device_put(state, replicated), cache=shard_cache(state.cache, mesh))
+
+
+def _row(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1, axis=0), tree)
+
+
+def _put_row(tree, i, row):
+    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=0), tree, row)
+
+
+@partial(jax.jit, donate_argnames="state")
+def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompt: jax.Array,
+           slot: jax.Array, params: SamplingParams, allowed: jax.Array) -> tuple[DecodeState, SampleResult]:
+    """Put a prefilled prompt into `slot` with its sampling row, and sample its first token there
+    (among the `allowed` [1, vocab] tokens)."""
+    cache = kv_cache.insert(prefix, state.cache, slot, 0)
+    all_params = sampling.set_row(state.params, slot, params)
+    sampler = sampling.reset_row(state.sampler, slot, prompt, prefix.lengths[0])
+    result, row_state = sampling.sample(logits, _row(all_params, slot), _row(sampler, slot), allowed)
+    return DecodeState(
+        cache=cache,
+        tokens=state.tokens.at[slot].set(result.tokens[0]),
+        sampler=_put_row(sampler, slot, row_state),
+        params=all_params,
+    ), result
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="kv_len", donate_argnames="state")
+def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array | None = None,
+             *, kv_len: int) -> tuple[DecodeState, SampleResult]:
+    """One decode step and one sampled token for every slot (idle slots compute and are ignored).
+
+    `allowed` [slots, vocab] restricts constrained slots (a second compiled variant).
+    """
+    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens, kv_len=kv_len)
+    result, sampler = sampling.sample(logits, state.params, state.sampler, allowed)
+    return dataclasses.replace(state, cache=cache, tokens=result.tokens, sampler=sampler), result
+
+
+@dataclasses.dataclass
+class _Active:
+    """Host-side bookkeeping of one choice running in a slot."""
+
+    handle: RequestHandle
+    choice: int
+    max_tokens: int
+    text: ChoiceText
+    stop_ids: frozenset[int]
+    length: int  # tokens in the slot's cache once the in-flight steps land
+    constraint: Constraint | None = None
+    generated: int = 0
+
+
+class Engine:
+    """Continuous-batching server of one model. `start()` warms up and runs the scheduler thread."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
+        """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow."""
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.max_seq_len = min(config.max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.config = config
+        self.graphdef, self.params = nnx.split(model)
+        self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
+        self.windows = steps.length_buckets(self.max_seq_len, min(config.min_decode_window, self.max_seq_len))
+        self.slots: list[_Active | None] = [None] * config.max_slots
+        self.ready = False
+        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._state = self._fresh_state()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def start(self, warmup: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Engine:
+        if self.config.compilation_cache_dir:
+            Path(self.config.compilation_cache_dir).mkdir(parents=True, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", self.config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if warmup:
+            self.warmup(progress)
+        self._thread = threading.Thread(target=self._run, name="llama-jax-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join()
+        self.ready = False
+
+    def __enter__(self) -> Engine:
+        return self if self._thread else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Validate and queue a request; raises RequestError or QueueFullError at once.
+
+        Pass the running event loop to consume the handle with `async for`.
+        """
+        validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
+        if request.n > self.config.max_slots:
+            raise RequestError(f"n={request.n} exceeds this server's {self.config.max_slots} decode slots", param="n")
+        for i in range(request.n):  # range errors name the field, before anything is queued
+            self._sampling_row(request.sampling, i)
+        handle = RequestHandle(request, loop)
+        with self._wake:
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
+            self._queue.append(handle)
+            handle._on_cancel = self._notify
+            self._wake.notify()
+        return handle
+
+    def generate(self, prompts: Sequence[Sequence[int] | str], **request_fields) -> list[Completion]:
+        """Run prompts (token ids, or text encoded with BOS) to completion: for notebooks and scripts."""
+        ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] if isinstance(p, str) else list(p) for p in prompts]
+        handles = [self.submit(Request(prompt=p, **request_fields)) for p in ids]
+        return [h.result() for h in handles]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # ---- device steps -------------------------------------------------------------------------
+
+    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
+        """Compile every program serving can need: prefill + insert per bucket, generate per window."""
+        total, done = len(self.buckets) + len(self.windows), 0
+        row = self._sampling_row(SamplingOptions(seed=0), 0)
+        for bucket in self.buckets:
+            self._prefill_insert([self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1), 0, row)
+            done += 1
+            self._report(progress, done, total, f"prefill bucket {bucket}")
+        everything = np.ones((self.config.max_slots, self.model.cfg.vocab_size), bool)
+        for window in self.windows:
+            for allowed in (None, everything):
+                self._state, result = generate(self.graphdef, self.params, self._state, allowed, kv_len=window)
+                np.asarray(result.tokens)
+            done += 1
+            self._report(progress, done, total, f"decode window {window}")
+        self._state = self._fresh_state()
+
+    def _fresh_state(self) -> DecodeState:
+        return init_decode_state(self.model, self.config.max_slots, self.max_seq_len, self.mesh)
+
+    @staticmethod
+    def _report(progress, done: int, total: int, what: str) -> None:
+        log.info("warm-up %d/%d: %s", done, total, what)
+        if progress:
+            progress(done, total, what)
+
+    def _sampling_row(self, options: SamplingOptions, choice: int) -> SamplingParams:
+        try:
+            return sampling.make_params(**dataclasses.asdict(options), choice=choice)
+        except ValueError as e:
+            raise RequestError(str(e), param=str(e).split()[0]) from None
+
+    def _prefill_insert(self, prompt: list[int], slot: int, row: SamplingParams, prefix=None,
+                        constraint: Constraint | None = None):
+        """Prefill (unless `prefix` = (logits, cache, tokens) is given) and insert into `slot`."""
+        if prefix is None:
+            tokens, lengths = steps.pad_prompts([prompt], steps.bucket_for(len(prompt), self.buckets))
+            logits, cache = steps.prefill(self.graphdef, self.params, tokens, lengths)
+            prefix = (logits, cache, tokens[0])
+        logits, cache, tokens = prefix
+        allowed = constraint.allowed()[None] if constraint else np.ones((1, self.model.cfg.vocab_size), bool)
+        self._state, result = insert(self._state, cache, logits, tokens, np.int32(slot), row, allowed)
+        return prefix, result
+
+    # ---- scheduler ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        pending: tuple[list[_Active | None], SampleResult] | None = None
+        while True:
+            with self._wake:
+                while not (self._stopping or self._queue or any(self.slots) or pending):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            self._drop_cancelled()
+            self._admit()
+            if pending and any(a and a.constraint for a in self.slots):
+                self._process(*pending)  # constrained slots need their last token before the next mask
+                pending = None
+            dispatched = self._dispatch() if any(self.slots) else None
+            if pending:
+                self._process(*pending)
+            pending = dispatched
+        for handle in {a.handle for a in self.slots if a} | set(self._queue):
+            handle.put(Event(choice=0, error="the engine stopped"))
+            handle.put(None)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            cancelled = [h for h in self._queue if h.cancelled.is_set()]
+            self._queue = collections.deque(h for h in self._queue if not h.cancelled.is_set())
+        for handle in cancelled:
+            handle.put(None)
+        for active in self.slots:
+            if active and active.handle.cancelled.is_set():
+                self._release(active.handle)
+                active.handle.put(None)
+
+    def _release(self, handle: RequestHandle, error: str | None = None) -> None:
+        """Free every slot of `handle`; with `error`, tell its consumer and end its stream."""
+        for i, active in enumerate(self.slots):
+            if active and active.handle is handle:
+                self.slots[i] = None
+        if error is not None:
+            handle.put(Event(choice=0, error=error))
+            handle.put(None)
+
+    def _admit(self) -> None:
+        """Prefill the next queued request if enough slots are free for all its choices."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        with self._wake:
+            if not self._queue or len(free) < self._queue[0].request.n:
+                return
+            handle = self._queue.popleft()
+        request = handle.request
+        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
+        stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
+        if max_tokens == 0:  # nothing to generate: every choice ends at once
+            for choice in range(request.n):
+                handle.put(Event(choice, finish_reason="length"))
+            handle.put(None)
+            return
+        prefix = None
+        try:
+            for choice, slot in zip(range(request.n), free):
+                constraint = request.constraint() if request.constraint else None
+                row = self._sampling_row(request.sampling, choice)
+                prefix, first = self._prefill_insert(list(request.prompt), slot, row, prefix, constraint)
+                active = _Active(handle, choice, max_tokens, ChoiceText(self.tokenizer, request.stop), stop_ids,
+                                 len(request.prompt), constraint)
+                self.slots[slot] = active
+                self._process([active if i == slot else None for i in range(len(self.slots))], first, row_of={slot: 0})
+        except Exception as e:  # a failed prefill fails this request only
+            log.exception("prefill failed")
+            self._release(handle, f"prefill failed: {e}")
+
+    def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
+        """Launch one generate step for all slots; its tokens are copied to the host asynchronously."""
+        longest = max(a.length for a in self.slots if a)
+        window = steps.bucket_for(min(longest + 1, self.max_seq_len), self.windows)
+        allowed = None
+        if any(a and a.constraint for a in self.slots):
+            allowed = np.ones((len(self.slots), self.model.cfg.vocab_size), bool)
+            for i, a in enumerate(self.slots):
+                if a and a.constraint:
+                    allowed[i] = a.constraint.allowed()
+        try:
+            self._state, result = generate(self.graphdef, self.params, self._state, allowed, kv_len=window)
+        except Exception as e:  # the step failed: fail the running requests, keep serving
+            log.exception("generate step failed")
+            for active in list(self.slots):
+                if active:
+                    self._release(active.handle, f"generate step failed: {e}")
+            self._state = self._fresh_state()
+            return [None] * len(self.slots), None
+        for leaf in jax.tree.leaves(result):
+            leaf.copy_to_host_async()
+        for active in self.slots:
+            if active:
+                active.length += 1
+        return list(self.slots), result
+
+    def _process(self, owners: list[_Active | None], result: SampleResult | None, row_of: dict[int, int] | None = None) -> None:
+        """Turn one step's sampled tokens into events for the choices that still own their slot."""
+        if result is None:
+            return
+        tokens, logprobs = np.asarray(result.tokens), np.asarray(result.logprobs)
+        top_ids, top_lp = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
+        for slot, active in enumerate(owners):
+            if active is None or self.slots[slot] is not active:
+                continue  # finished or cancelled after this step was dispatched
+            r = row_of[slot] if row_of else slot
+            try:
+                self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
+            except Exception as e:
+                log.exception("processing a token failed")
+                self._release(active.handle, f"processing a token failed: {e}")
+
+    def _advance(self, slot: int, active: _Active, token: int, logprob: float, top_ids, top_lp) -> None:
+        k = active.handle.request.top_logprobs
+        info = TokenLogprob(token, logprob, tuple(zip(top_ids[:k].tolist(), top_lp[:k].tolist())))
+        active.generated += 1
+        if active.constraint:
+            active.constraint.advance(token)
+        if token in active.stop_ids:
+            text, finish = active.text.finish(), "stop"
+        else:
+            text, hit = active.text.add(token)
+            complete = active.constraint is not None and active.constraint.done()
+            finish = "stop" if hit or complete else "length" if active.generated >= active.max_tokens else None
+            if finish and not hit:
+                text += active.text.finish()
+        active.handle.put(Event(active.choice, text, (info,), finish))
+        if finish:
+            self.slots[slot] = None
+            active.handle.unfinished -= 1
+            if active.handle.unfinished == 0:
+                active.handle.put(None)

@@ -1,0 +1,242 @@
+"""What a caller hands the engine and what it gets back: requests, per-choice events, the handle
+that streams them (to plain Python or asyncio), and the text side of one choice (incremental
+detokenizing with stop strings held back until they can no longer match)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+MAX_STOP_STRINGS = 16
+MAX_CHOICES = 4
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; `code` is the OpenAI error code the API returns."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class QueueFullError(RuntimeError):
+    """The bounded request queue is full: retry later (the API answers 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling knobs of one request, as the API gives them (validated by `sampling.make_params`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+class Constraint(Protocol):
+    """Restricts one choice's tokens step by step (structured output): a grammar automaton."""
+
+    def allowed(self) -> np.ndarray:
+        """bool [vocab]: the tokens that may come next."""
+
+    def advance(self, token_id: int) -> None:
+        """Consume the sampled token."""
+
+    def done(self) -> bool:
+        """The output is complete: generation stops with finish_reason "stop"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt (token ids) and how to continue it. `max_tokens=None` means the rest of the context."""
+
+    prompt: Sequence[int]
+    sampling: SamplingOptions = SamplingOptions()
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS
+    n: int = 1
+    top_logprobs: int = 0  # alternatives reported per token (0..20); logprobs of chosen tokens always come
+    constraint: Callable[[], Constraint] | None = None  # a fresh automaton per choice
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Progress of one choice: new text, the tokens generated since the last event, and at the end
+    a `finish_reason` ("stop" or "length"), or `error` if the engine failed this request."""
+
+    choice: int
+    text: str = ""
+    tokens: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Choice:
+    text: str = ""
+    tokens: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """Everything a request produced, for callers that do not stream."""
+
+    choices: list[Choice]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (the message says why); other requests keep running."""
+
+
+_ids = itertools.count()
+
+
+class RequestHandle:
+    """Streams a request's events, from a background engine thread to plain Python or asyncio.
+
+    Iterate with `for` (plain Python) or `async for` (when submitted with an event loop); the
+    stream ends after every choice has finished. `cancel()` frees the request's slots within one
+    engine step.
+    """
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.id = next(_ids)
+        self.prompt_tokens = len(request.prompt)
+        self.unfinished = request.n  # choices still generating (engine thread only)
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._on_cancel = lambda: None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._on_cancel()
+
+    def put(self, event: Event | None) -> None:
+        """Called by the engine thread; None ends the stream."""
+        if self._loop is None:
+            self._queue.put(event)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def __iter__(self) -> Iterator[Event]:
+        while (event := self._queue.get()) is not None:
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while (event := await self._queue.get()) is not None:
+            yield event
+
+    def _collect(self, completion: Completion, event: Event) -> None:
+        if event.error:
+            raise EngineError(event.error)
+        choice = completion.choices[event.choice]
+        choice.text += event.text
+        choice.tokens.extend(event.tokens)
+        choice.finish_reason = event.finish_reason or choice.finish_reason
+
+    def result(self) -> Completion:
+        """Block until the request is done and return everything it produced."""
+        completion = Completion([Choice() for _ in range(self.request.n)], self.prompt_tokens)
+        for event in self:
+            self._collect(completion, event)
+        return completion
+
+    async def aresult(self) -> Completion:
+        completion = Completion([Choice() for _ in range(self.request.n)], self.prompt_tokens)
+        async for event in self:
+            self._collect(completion, event)
+        return completion
+
+
+class ChoiceText:
+    """Turns one choice's tokens into text deltas, holding back any tail that could still grow
+    into a stop string; reports when a stop string completes (the stop string is not emitted)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stop = [s for s in stop if s]
+        self._held = ""
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Feed a token; returns (text safe to emit, whether a stop string was hit)."""
+        return self._release(self._held + self._detok.add(token_id))
+
+    def finish(self) -> str:
+        """End of generation without a stop string: release everything held back."""
+        text, _ = self._release(self._held + self._detok.flush())
+        rest, self._held = self._held, ""
+        return text + rest
+
+    def _release(self, text: str) -> tuple[str, bool]:
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[: min(hits)], True
+        hold = max((k for s in self._stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold], False
+
+
+def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
+    """Check a request before it is queued; returns its effective max_tokens.
+
+    Raises RequestError with the offending API field in `param`.
+    """
+    prompt = list(request.prompt)
+    if not prompt:
+        raise RequestError("the prompt is empty", param="messages")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size})", param="messages")
+    if len(prompt) >= max_seq_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_seq_len} tokens. However, your messages resulted in "
+            f"{len(prompt)} tokens. Please reduce the length of the messages.",
+            param="messages", code="context_length_exceeded")
+    room = max_seq_len - len(prompt)
+    max_tokens = room if request.max_tokens is None else request.max_tokens
+    if max_tokens < 0:
+        raise RequestError("max_tokens must be >= 0", param="max_tokens")
+    if max_tokens > room:
+        raise RequestError(
+            f"This model's maximum context length is {max_seq_len} tokens. However, you requested "
+            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="max_tokens", code="context_length_exceeded")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise RequestError(f"n must be in [1, {MAX_CHOICES}]", param="n")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed", param="stop")
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+    return max_tokens

@@ -1,0 +1,259 @@
+"""The serving engine on a tiny random-weight model: reproducibility under batching, stop strings,
+n choices, cancellation, limits, failure isolation and zero compiles after warm-up."""
+
+import asyncio
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from llama_jax import steps
+from llama_jax.compiles import CompileCounter
+from llama_jax.engine import Engine, EngineConfig
+from llama_jax.hf_checkpoint import load_hf_model
+from llama_jax.request import QueueFullError, Request, RequestError, SamplingOptions
+from llama_jax.tokenizer import Tokenizer
+
+MAX_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_hf_model(tiny_checkpoint("tiny-gqa"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path):
+    return Tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    with Engine(model, tokenizer, EngineConfig(max_slots=8, max_seq_len=MAX_LEN, min_decode_window=32)) as e:
+        yield e
+
+
+def ids(completion, choice=0):
+    return [t.token_id for t in completion.choices[choice].tokens]
+
+
+def random_prompt(rng, lo=2, hi=40):
+    return [1, *rng.integers(3, 32000, int(rng.integers(lo, hi))).tolist()]
+
+
+def test_greedy_matches_reference_loop(engine, model):
+    prompt = [1, 518, 25580, 29962, 15043, 29991]
+    out = engine.generate([prompt], max_tokens=24, sampling=SamplingOptions(temperature=0))[0]
+    assert ids(out) == steps.greedy_generate(model, prompt, 24)
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_seeded_request_is_identical_alone_and_in_a_busy_batch(engine):
+    rng = np.random.default_rng(0)
+    request = Request(prompt=random_prompt(rng), max_tokens=20,
+                      sampling=SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=1234, repetition_penalty=1.1))
+    alone = engine.submit(request).result()
+    for trial in range(3):  # the seeded request lands in different slots next to different work
+        others = [engine.submit(Request(prompt=random_prompt(rng), max_tokens=int(rng.integers(5, 30)),
+                                        sampling=SamplingOptions(temperature=float(rng.uniform(0.1, 2)))))
+                  for _ in range(trial * 2)]
+        handle = engine.submit(request)
+        others += [engine.submit(Request(prompt=random_prompt(rng), max_tokens=15)) for _ in range(7 - trial * 2)]
+        assert ids(handle.result()) == ids(alone)
+        for h in others:
+            h.result()
+
+
+def test_stop_string_across_tokens_is_never_leaked(engine, tokenizer):
+    prompt = [1, 518, 25580, 29962, 15043, 29991]
+    full = engine.generate([prompt], max_tokens=40, sampling=SamplingOptions(temperature=0))[0]
+    tokens = ids(full)
+    # a stop string that starts inside token 5 and ends inside token 6
+    head = tokenizer.decode(tokens[:5])
+    text = full.choices[0].text
+    assert text.startswith(head) and len(text) > len(head) + 2
+    stop = text[len(head) - 2: len(head) + 2]
+    expected = text[: text.find(stop)]
+    deltas = [e.text for e in engine.submit(Request(prompt=prompt, max_tokens=40, stop=["zzz-never", stop],
+                                                    sampling=SamplingOptions(temperature=0)))]
+    assert "".join(deltas) == expected
+    assert stop not in "".join(deltas)
+
+
+def test_stop_token_ends_with_stop(engine):
+    prompt = [1, 518, 25580, 29962, 15043, 29991]
+    tokens = ids(engine.generate([prompt], max_tokens=10, sampling=SamplingOptions(temperature=0))[0])
+    out = engine.generate([prompt], max_tokens=10, stop_token_ids=[tokens[3]], sampling=SamplingOptions(temperature=0))[0]
+    assert ids(out) == tokens[:4] and out.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_share_one_prefill(engine, monkeypatch):
+    calls = []
+    real = steps.prefill
+    monkeypatch.setattr(steps, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    request = Request(prompt=[1, 450, 4996, 17354], max_tokens=16, n=3, sampling=SamplingOptions(seed=7))
+    out = engine.submit(request).result()
+    assert len(calls) == 1
+    choices = [tuple(ids(out, i)) for i in range(3)]
+    assert len(set(choices)) == 3, "each choice has its own key stream"
+    again = engine.submit(request).result()
+    assert [tuple(ids(again, i)) for i in range(3)] == choices
+
+
+def test_many_random_cancellations_leak_no_slot(engine):
+    rng = random.Random(0)
+    handles = []
+    for i in range(1500):
+        try:
+            handles.append(engine.submit(Request(prompt=[1, 3 + i % 1000, 5], max_tokens=rng.randint(1, 12))))
+        except QueueFullError:
+            time.sleep(0.001)
+        if handles and rng.random() < 0.7:
+            rng.choice(handles).cancel()
+    for h in handles:
+        h.cancel()
+    deadline = time.time() + 30
+    while (engine.busy_slots or engine.queue_depth) and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots == 0 and engine.queue_depth == 0
+    out = engine.generate([[1, 15043]], max_tokens=5)[0]  # still serving
+    assert len(out.choices[0].tokens) == 5
+
+
+def test_async_consumption(engine):
+    async def run():
+        handle = engine.submit(Request(prompt=[1, 15043], max_tokens=6, n=2), loop=asyncio.get_running_loop())
+        return [e async for e in handle]
+
+    events = asyncio.run(run())
+    assert sorted(e.choice for e in events if e.finish_reason) == [0, 1]
+    assert sum(len(e.tokens) for e in events) == 12
+
+
+def test_limits_are_request_errors(engine):
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1] * MAX_LEN))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1] * 100, max_tokens=29))
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1, 2], sampling=SamplingOptions(temperature=3)))
+    assert e.value.param == "temperature"
+    with pytest.raises(RequestError):
+        engine.submit(Request(prompt=[1, 2], n=5))
+    # default max_tokens: the rest of the context
+    out = engine.submit(Request(prompt=[1] * 100, stop_token_ids=[])).result()
+    assert len(out.choices[0].tokens) == MAX_LEN - 100 and out.choices[0].finish_reason == "length"
+    zero = engine.submit(Request(prompt=[1, 2], max_tokens=0, n=2)).result()
+    assert [c.finish_reason for c in zero.choices] == ["length", "length"] and zero.completion_tokens == 0
+
+
+def test_full_queue_is_refused(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_slots=1, max_seq_len=MAX_LEN, max_queue=2))
+    engine.submit(Request(prompt=[1, 2]))
+    engine.submit(Request(prompt=[1, 2]))
+    with pytest.raises(QueueFullError):
+        engine.submit(Request(prompt=[1, 2]))
+
+
+class ExplodingTokenizer(Tokenizer):
+    """Fault injection: decoding one particular token id raises."""
+
+    bad_id = None
+
+    def decode(self, ids):
+        if self.bad_id in list(ids):
+            raise RuntimeError("injected fault")
+        return super().decode(ids)
+
+
+def test_a_failing_request_does_not_stop_the_others(model, tokenizer_path):
+    tokenizer = ExplodingTokenizer(tokenizer_path)
+    with Engine(model, tokenizer, EngineConfig(max_slots=4, max_seq_len=MAX_LEN, min_decode_window=32)) as engine:
+        prompt = [1, 450, 4996]
+        doomed = engine.generate([prompt], max_tokens=8, sampling=SamplingOptions(temperature=0))[0]
+        tokenizer.bad_id = ids(doomed)[4]
+        healthy = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=30, stop_token_ids=[]))
+        failing = engine.submit(Request(prompt=prompt, max_tokens=8, sampling=SamplingOptions(temperature=0)))
+        with pytest.raises(Exception, match="injected fault"):
+            failing.result()
+        assert len(healthy.result().choices[0].tokens) == 30
+        assert engine.busy_slots == 0
+
+
+def test_no_compiles_after_warmup_under_any_mix(engine):
+    rng = np.random.default_rng(3)
+    with CompileCounter() as counter:
+        handles = []
+        for _ in range(24):
+            n = int(rng.integers(1, 4))
+            prompt = random_prompt(rng, 1, MAX_LEN - 30)
+            handles.append(engine.submit(Request(
+                prompt=prompt, n=n, max_tokens=int(rng.integers(1, 28)), top_logprobs=int(rng.integers(0, 21)),
+                stop=["a", "the"][: int(rng.integers(0, 3))],
+                constraint=(lambda: OnlyTheseTokens([450, 4996, 29871], 3)) if rng.random() < 0.3 else None,
+                sampling=SamplingOptions(temperature=float(rng.uniform(0, 2)), top_p=float(rng.uniform(0.1, 1)),
+                                         top_k=int(rng.integers(0, 100)), min_p=float(rng.uniform(0, 0.5)),
+                                         presence_penalty=float(rng.uniform(-2, 2)), seed=int(rng.integers(0, 2**62))))))
+        for h in handles:
+            h.result()
+    assert counter.count == 0
+
+
+def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, tokenizer):
+    from flax import nnx
+
+    from llama_jax.sharding import make_mesh, shard_params
+
+    mesh = make_mesh(2)
+    graphdef, params = nnx.split(model)
+    sharded = nnx.merge(graphdef, shard_params(model.cfg, params, mesh))
+    prompts = [[1, 450, 4996, 17354], [1, 15043, 29991, 1724, 338]]
+    expected = [ids(c) for c in engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
+    config = EngineConfig(max_slots=2, max_seq_len=MAX_LEN, min_decode_window=32)
+    with Engine(sharded, tokenizer, config, mesh=mesh) as tp_engine:
+        assert tp_engine._state.cache.k[0].sharding.spec[2] == "tp"  # KV heads split over the mesh
+        got = [ids(c) for c in tp_engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
+    assert got == expected
+
+
+class OnlyTheseTokens:
+    """A minimal Constraint: any of `tokens`, exactly `count` of them, then done."""
+
+    def __init__(self, tokens, count, vocab=32000):
+        self.mask = np.zeros(vocab, bool)
+        self.mask[list(tokens)] = True
+        self.left = count
+
+    def allowed(self):
+        return self.mask
+
+    def advance(self, token_id):
+        assert self.mask[token_id], "the engine sampled a disallowed token"
+        self.left -= 1
+
+    def done(self):
+        return self.left == 0
+
+
+def test_constrained_choices_only_sample_allowed_tokens(engine):
+    allowed = [450, 4996, 17354, 1701, 29871]
+    rng = np.random.default_rng(5)
+    free = [engine.submit(Request(prompt=random_prompt(rng), max_tokens=20, stop_token_ids=[])) for _ in range(3)]
+    constrained = engine.submit(Request(prompt=[1, 15043], max_tokens=20, n=2, sampling=SamplingOptions(seed=3),
+                                        constraint=lambda: OnlyTheseTokens(allowed, 7)))
+    out = constrained.result()
+    for choice in out.choices:
+        assert choice.finish_reason == "stop" and len(choice.tokens) == 7
+        assert {t.token_id for t in choice.tokens} <= set(allowed)
+    assert all(len(h.result().choices[0].tokens) == 20 for h in free)
+
+
+def test_more_choices_than_slots_is_refused(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_slots=1, max_seq_len=MAX_LEN))
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1, 15043], max_tokens=3, n=2))
+    assert e.value.param == "n" and engine.queue_depth == 0
