@@ -1,0 +1,278 @@
+"""The Litestar app: OpenAI chat completions (plain and SSE), models, health, metrics, OpenAPI.
+
+`create_app(engine, settings)` does not start or stop the engine: its owner does (the `serve`
+command warms it up in a thread while the app already answers /health with 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody
+from litestar.params import FromPath
+from litestar.response import Stream
+from litestar.types import Message, Scope
+
+from api import schemas
+from api.errors import EXCEPTION_HANDLERS, APIError, invalid
+from api.metrics import Metrics, TokenTimer
+from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+                         ChunkChoice, Delta, Model, ModelList, TokenText, encode, sse)
+from api.settings import ServerSettings
+from llama_jax.request import Event, QueueFullError, RequestError, RequestHandle
+from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
+
+STATE_KEY = "llama_jax"
+CHAT_PATHS = ["/v1/chat/completions", "/v1/openai/chat/completions"]
+MODELS_PATHS = ["/v1/models", "/v1/openai/models"]
+MODEL_PATHS = ["/v1/models/{model_id:path}", "/v1/openai/models/{model_id:path}"]
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclasses.dataclass
+class ServerContext:
+    """What the handlers share: the engine, settings, metrics and the token renderer."""
+
+    engine: Any  # llama_jax.engine.Engine, or anything with its serving interface
+    settings: ServerSettings
+    metrics: Metrics
+    token_text: TokenText
+    created: int
+
+
+def _ctx(connection: ASGIConnection) -> ServerContext:
+    return connection.app.state[STATE_KEY]
+
+
+# ------------------------------------------------------------------------------------ auth
+
+
+def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: `Authorization: Bearer <key>` must match a configured key (constant-time compare)."""
+    keys = _ctx(connection).settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization "
+                            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]  # no short-circuit
+    if not any(matches):
+        raise APIError(401, "Incorrect API key provided.")
+
+
+# ------------------------------------------------------------------------------------ chat
+
+
+@dataclasses.dataclass
+class _ChatOperation(Operation):
+    """OpenAPI operation whose request body is the msgspec schema of ChatCompletionRequest
+    (the handler decodes the body itself, to name the bad field in every error)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=schemas.request_json_schema())},  # type: ignore[arg-type]
+            required=True, description="OpenAI chat-completions request; unknown fields are ignored.")
+
+
+def _error_spec(description: str) -> ResponseSpec:
+    return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
+
+
+@post(CHAT_PATHS, status_code=200, guards=[require_api_key], operation_class=_ChatOperation,
+      summary="Create a chat completion",
+      description="OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
+                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.",
+      responses={200: ResponseSpec(ChatCompletion, description="chat.completion (or an SSE stream of chunks)",
+                                   generate_examples=False),
+                 400: _error_spec("invalid request (param names the field)"), 401: _error_spec("bad or missing key"),
+                 404: _error_spec("model_not_found"), 413: _error_spec("body too large"),
+                 429: _error_spec("queue full; see Retry-After"), 503: _error_spec("warming up")})
+async def chat_completions(request: Request) -> Response:
+    """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
+    ctx = _ctx(request)
+    timer = ctx.metrics.timer()
+    if not ctx.engine.ready:
+        raise APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
+                       headers={"Retry-After": str(max(ctx.settings.retry_after_s, 1))})
+    body = schemas.decode(await request.body())
+    if body.model != ctx.settings.model_name:
+        raise APIError(404, f"The model `{body.model}` does not exist. This server serves "
+                            f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
+    if (body.n or 1) > ctx.engine.config.max_slots:  # the engine would wait forever for that many free slots
+        raise invalid(f"n must be at most {ctx.engine.config.max_slots} on this server (its decode slots).", "n")
+    try:
+        prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body))
+    except ChatTemplateError as e:
+        raise invalid(str(e), "messages") from None
+    try:
+        handle = ctx.engine.submit(schemas.engine_request(body, prompt), loop=asyncio.get_running_loop())
+    except RequestError as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+    except QueueFullError as e:
+        raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
+                       headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
+    reply = _Reply(ctx, body, handle, timer, len(prompt))
+    if body.stream:
+        return Stream(reply.chunks(), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+
+
+class _Reply:
+    """Turns one engine request's events into an OpenAI response or SSE chunks."""
+
+    def __init__(self, ctx: ServerContext, body: ChatCompletionRequest, handle: RequestHandle, timer: TokenTimer,
+                 prompt_tokens: int):
+        self.ctx, self.body, self.handle, self.timer = ctx, body, handle, timer
+        self.prompt_tokens = prompt_tokens
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _usage(self) -> schemas.Usage:
+        done = self.timer.completion_tokens
+        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done))
+
+    def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
+        return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
+
+    @staticmethod
+    def _engine_error(event: Event) -> APIError:
+        return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
+
+    async def complete(self, receive: Callable) -> ChatCompletion:
+        """Wait for every choice; cancel the engine request if the client disconnects first."""
+        events = asyncio.ensure_future(self._events())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not events.done():  # nobody will read the answer; 499 is for the logs and metrics
+                raise APIError(499, "The client closed the request.", code="client_closed_request")
+            return events.result()
+        finally:
+            gone.cancel()
+            if not events.done():
+                events.cancel()
+                self.handle.cancel()
+            self.timer.finish(self.prompt_tokens)
+
+    async def _events(self) -> ChatCompletion:
+        n = self.handle.request.n
+        texts, tokens, finish = [""] * n, [[] for _ in range(n)], [None] * n
+        async for event in self.handle:
+            if event.error:
+                raise self._engine_error(event)
+            self.timer.tokens(event.choice, len(event.tokens))
+            texts[event.choice] += event.text
+            tokens[event.choice].extend(event.tokens)
+            finish[event.choice] = event.finish_reason or finish[event.choice]
+        choices = [Choice(i, AssistantMessage("assistant", texts[i]),
+                          self.ctx.token_text.logprobs(tokens[i]) if self.body.logprobs else None, finish[i])
+                   for i in range(n)]
+        return ChatCompletion(self.id, "chat.completion", self.created, self.ctx.settings.model_name, choices,
+                              self._usage())
+
+    def _chunk(self, choices: list[ChunkChoice], usage: schemas.Usage | None = None) -> bytes:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        chunk = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.ctx.settings.model_name,
+                                    choices, usage if include_usage else UNSET)
+        return sse(encode(chunk))
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """SSE body: a role chunk per choice, content chunks as tokens arrive, a finish chunk per
+        choice, the usage chunk when asked for, then [DONE]. An engine failure after the headers
+        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE])."""
+        finished = False
+        try:
+            for i in range(self.handle.request.n):
+                yield self._chunk([ChunkChoice(i, Delta(role="assistant", content=""))])
+            async for event in self.handle:
+                if event.error:
+                    yield sse(encode(self._engine_error(event).body()))
+                    return
+                self.timer.tokens(event.choice, len(event.tokens))
+                logprobs = self._logprobs(event)
+                if event.text or (logprobs and event.tokens):
+                    yield self._chunk([ChunkChoice(event.choice, Delta(content=event.text), logprobs)])
+                if event.finish_reason:
+                    yield self._chunk([ChunkChoice(event.choice, Delta(), None, event.finish_reason)])
+            finished = True
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._chunk([], self._usage())
+            yield DONE
+        finally:  # also on client disconnect: Litestar cancels the stream, or the generator is closed
+            if not finished:
+                self.handle.cancel()
+            self.timer.finish(self.prompt_tokens)
+
+
+async def _disconnected(receive: Callable) -> None:
+    """Return once the ASGI server reports that the client went away (the body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ------------------------------------------------------------------------------------ other routes
+
+
+@get(MODELS_PATHS, guards=[require_api_key], summary="List the served model")
+async def list_models(request: Request) -> ModelList:
+    ctx = _ctx(request)
+    return ModelList("list", [Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")])
+
+
+@get(MODEL_PATHS, guards=[require_api_key], summary="Retrieve the served model")
+async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
+    ctx = _ctx(request)
+    model_id = model_id.lstrip("/")
+    if model_id != ctx.settings.model_name:
+        raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+    return Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")
+
+
+@get("/health", summary="200 once warmed up, 503 before")
+async def health(request: Request) -> Response[dict[str, str]]:
+    ready = bool(_ctx(request).engine.ready)
+    return Response({"status": "ok" if ready else "warming up"}, status_code=200 if ready else 503)
+
+
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response[bytes]:
+    m = _ctx(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+async def _count_response(message: Message, scope: Scope) -> None:
+    """before_send hook: count every response by route and status (errors included)."""
+    if message["type"] == "http.response.start":
+        path = scope.get("path_template") if scope.get("route_handler") else None
+        scope["app"].state[STATE_KEY].metrics.requests.labels(path or "unmatched", str(message["status"])).inc()
+
+
+def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
+    """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
+    ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()))
+    return Litestar(
+        route_handlers=[chat_completions, list_models, retrieve_model, health, metrics],
+        state=State({STATE_KEY: ctx}),
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[_count_response],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="llama-jax", version="0.1.0", path="/schema",
+                                     description="OpenAI-compatible chat completions for Llama 2 on JAX/XLA.",
+                                     render_plugins=[SwaggerRenderPlugin(), JsonRenderPlugin()]),
+        logging_config=None,
+    )

@@ -1,0 +1,151 @@
+"""The `llama-jax` console script: the engine commands of `llama_jax.cli` plus `serve`.
+
+`serve` lives here, not in llama_jax, because it needs Litestar and uvicorn (imported only when
+it runs); the engine package stays installable with JAX alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+from llama_jax import cli as engine_cli
+
+DEMO_MODEL_NAME = "llama-jax-demo"
+DEMO_MAX_SEQ_LEN = 1024  # the demo's context when --max-seq-len is not given: warm-up in half the time
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve` and its options on a subparsers object."""
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible chat API over HTTP",
+                              description="Serve /v1/chat/completions (and /v1/openai/...) for one model.")
+    p.add_argument("--checkpoint", type=Path,
+                   help="a directory written by convert-weights (default: build once and serve the demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-slots", type=int, default=8, help="concurrent sequences decoded together (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this Bearer key (repeatable; also LLAMA_JAX_API_KEYS=k1,k2); none: no auth")
+    p.add_argument("--model-name", help="the `model` clients must send (default meta-llama/Llama-2-7b-chat-hf "
+                                        f"for a checkpoint, {DEMO_MODEL_NAME} for the demo)")
+    p.add_argument("--price-input-per-mtok", type=float, default=0.0,
+                   help="$ per million prompt tokens, for usage.estimated_cost (default 0)")
+    p.add_argument("--price-output-per-mtok", type=float, default=0.0,
+                   help="$ per million completion tokens, for usage.estimated_cost (default 0)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
+    p.add_argument("--compilation-cache-dir", type=Path, default=_cache_root() / "xla",
+                   help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s)")
+    p.set_defaults(run=serve)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LLAMA_JAX_CACHE") or Path.home() / ".cache" / "llama-jax")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, subparsers = engine_cli.build_parser("llama-jax")
+    add_serve_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llama-jax` console script."""
+    return engine_cli.run(build_parser().parse_args(argv))
+
+
+def curl_example(base_url: str, model: str, needs_key: bool) -> str:
+    """A ready-to-paste curl for the chat endpoint."""
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % model
+    auth = ' \\\n  -H "Authorization: Bearer $LLAMA_JAX_API_KEY"' if needs_key else ""
+    return (f'curl {base_url}/v1/chat/completions \\\n  -H "Content-Type: application/json"{auth} \\\n'
+            f"  -d {shlex.quote(body)}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the model, start uvicorn at once (/health says 503), warm up in a thread, then say how to call it."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import DEFAULT_MODEL_NAME, ServerSettings, api_keys_from
+    from llama_jax import checkpoint
+    from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.sharding import make_mesh
+    from llama_jax.tokenizer import Tokenizer
+
+    settings = ServerSettings(
+        model_name=args.model_name or (DEFAULT_MODEL_NAME if args.checkpoint else DEMO_MODEL_NAME),
+        api_keys=api_keys_from(args.api_key),
+        price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
+        max_body_bytes=args.max_body_bytes)
+    max_seq_len = args.max_seq_len
+    if args.checkpoint:
+        path = args.checkpoint
+    else:
+        max_seq_len = max_seq_len or DEMO_MAX_SEQ_LEN
+        from llama_jax.demo import demo_checkpoint
+
+        _say("no --checkpoint: serving the built-in demo model (random weights, gibberish replies)")
+        path = demo_checkpoint()
+    _say(f"loading {path}")
+    loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None)
+    if loaded.tokenizer_path is None:
+        _say(f"error: {path} has no tokenizer.model")
+        return 1
+    config = EngineConfig(max_slots=args.max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
+                          compilation_cache_dir=str(args.compilation_cache_dir))
+    engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    failed = threading.Event()
+    threading.Thread(target=_warm_up, args=(engine, server, settings, failed), name="llama-jax-warmup",
+                     daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn already shut down gracefully; no traceback for Ctrl+C
+        pass
+    finally:
+        engine.stop()
+    return 1 if failed.is_set() else 0
+
+
+def _say(message: str) -> None:
+    print(f"llama-jax: {message}", file=sys.stderr, flush=True)
+
+
+def _warm_up(engine, server, settings, failed: threading.Event) -> None:
+    """Compile everything (one progress line per program), then print the URL and a curl."""
+    start = time.time()
+
+    def progress(done: int, total: int, what: str) -> None:
+        _say(f"warm-up {done}/{total}: compiled {what} ({time.time() - start:.1f} s)")
+
+    try:
+        engine.start(warmup=True, progress=progress)
+    except Exception as e:  # noqa: BLE001 - report and stop serving rather than 503 forever
+        _say(f"warm-up failed: {e!r}")
+        failed.set()
+        server.should_exit = True
+        return
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.should_exit:
+        return
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{host}:{port}"
+    _say(f"ready in {time.time() - start:.1f} s: model {settings.model_name!r} at {base}/v1 "
+         f"(OpenAI base URL; also {base}/v1/openai)")
+    print(curl_example(base, settings.model_name, bool(settings.api_keys)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

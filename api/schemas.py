@@ -1,0 +1,386 @@
+"""The chat-completions wire format: request validation (every seed-page field with its range and
+default, plus what openai clients send) and the OpenAI response/chunk bodies.
+
+Decoding is msgspec against the Structs below (types and ranges), then `check` adds the rules a
+type cannot say. Every violation is an `APIError` 400 whose `param` names the field (nested ones
+as e.g. ``messages[1].tool_call_id``). Unknown fields are ignored: clients send extras.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from api.errors import APIError, invalid
+from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Request, SamplingOptions, TokenLogprob
+from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.tokenizer import Tokenizer
+
+# ------------------------------------------------------------------------------------ request
+
+
+class FunctionCall(Struct):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(Struct):
+    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] = "function"
+
+
+class Message(Struct, kw_only=True):
+    """One conversation message. Content: a string, a list of {"type": "text", "text": ...} parts,
+    or null for an assistant message that only carries tool_calls."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant only
+    tool_call_id: str | None = None  # tool only (required there)
+
+
+class FunctionDef(Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class ToolChoiceFunction(Struct):
+    function: dict[str, Any]
+    type: Literal["function"] = "function"
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool | None = None
+
+
+def _doc(description: str, **constraints: Any) -> Meta:
+    return Meta(description=description, **constraints)
+
+
+Unit = Annotated[float, _doc("in [0, 1]", ge=0, le=1)]
+Penalty = Annotated[float, _doc("in [-2, 2]; default 0", ge=-2, le=2)]
+MaxTokens = Annotated[int, _doc("0 <= max_tokens <= 1000000; default: the rest of the context", ge=0, le=1_000_000)]
+
+
+class ChatCompletionRequest(Struct, kw_only=True):
+    """POST /v1/chat/completions (alias /v1/openai/chat/completions). null means the default."""
+
+    model: Annotated[str, _doc("model name; this server serves exactly one")]
+    messages: Annotated[list[Message], _doc("conversation: (user, assistant, tool)*, user, with system messages anywhere",
+                                            min_length=1)]
+    stream: Annotated[bool, _doc("stream chat.completion.chunk events over SSE; default false")] | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, _doc("0 <= temperature <= 2; default 1; 0 is greedy", ge=0, le=2)] | None = None
+    top_p: Annotated[float, _doc("0 < top_p <= 1; default 1", gt=0, le=1)] | None = None
+    min_p: Annotated[Unit, _doc("0 <= min_p <= 1; default 0 (off)")] | None = None
+    top_k: Annotated[int, _doc("0 <= top_k < 1000; default 0 (off)", ge=0, lt=1000)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: Annotated[MaxTokens, _doc("alias of max_tokens")] | None = None
+    stop: str | Annotated[list[str], _doc("up to 16 non-empty stop strings", max_length=MAX_STOP_STRINGS)] | None = None
+    n: Annotated[int, _doc("1 <= n <= 4; default 1", ge=1, le=MAX_CHOICES)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, _doc("0.01 <= repetition_penalty <= 5; default 1", ge=0.01, le=5)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: Annotated[bool, _doc("return the logprob of every generated token")] | None = None
+    top_logprobs: Annotated[int, _doc("0..20 alternatives per token; needs logprobs: true",
+                                      ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    user: Annotated[str, _doc("end-user id; informational")] | None = None
+    seed: Annotated[int, _doc("0 <= seed < 2^63; default: random", ge=0, le=2**63 - 1)] | None = None
+
+
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_AT = re.compile(r" - at `\$(.*)`$")
+
+
+def _param(path: str, field: str | None = None) -> str | None:
+    """`$.messages[0]` + `role` -> "messages[0].role" ("" is the request itself: no param)."""
+    parts = path.lstrip(".")
+    if field:
+        parts = f"{parts}.{field}" if parts else field
+    return parts or None
+
+
+def _validation_error(e: msgspec.ValidationError) -> APIError:
+    text = str(e)
+    at = _AT.search(text)
+    path, detail = (at.group(1), text[: at.start()]) if at else ("", text)
+    if missing := _MISSING.search(detail):
+        param = _param(path, missing.group(1))
+        return invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    param = _param(path)
+    code = "invalid_type" if detail.startswith("Expected `") and ", got `" in detail else "invalid_value"
+    where = f"'{param}'" if param else "the request body"
+    return invalid(f"Invalid value for {where}: {detail}.", param, code)
+
+
+def decode(body: bytes) -> ChatCompletionRequest:
+    """Parse and type/range-check a request body; APIError 400 on malformed JSON or a bad field."""
+    if not body.strip():
+        raise invalid("The request body is empty; expected a JSON object.", None, "invalid_json")
+    try:
+        request = msgspec.json.decode(body, type=ChatCompletionRequest)
+    except msgspec.ValidationError as e:
+        raise _validation_error(e) from None
+    except msgspec.DecodeError as e:
+        raise invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+    check(request)
+    return request
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return invalid(f"{what} is not supported yet by this server (structured output is coming).", param,
+                   "unsupported_parameter")
+
+
+def check(r: ChatCompletionRequest) -> None:
+    """Rules beyond types and ranges (OpenAI's, where OpenAI has one)."""
+    for i, m in enumerate(r.messages):
+        if m.role == "tool" and not m.tool_call_id:
+            raise invalid("A message with role 'tool' needs a 'tool_call_id'.", f"messages[{i}].tool_call_id",
+                          "missing_required_parameter")
+        if m.tool_calls and m.role != "assistant":
+            raise invalid("Only assistant messages may have 'tool_calls'.", f"messages[{i}].tool_calls")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise invalid(f"A message with role '{m.role}' needs 'content'.", f"messages[{i}].content",
+                          "missing_required_parameter")
+    stops = [r.stop] if isinstance(r.stop, str) else r.stop or []
+    if any(s == "" for s in stops):
+        raise invalid("Stop sequences must not be empty strings.", "stop")
+    if (r.max_tokens is not None and r.max_completion_tokens is not None
+            and r.max_tokens != r.max_completion_tokens):
+        raise invalid("'max_tokens' and 'max_completion_tokens' are aliases; give one, or the same value.",
+                      "max_completion_tokens")
+    if r.top_logprobs is not None and not r.logprobs:
+        raise invalid("'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
+    if r.stream_options is not None and not r.stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    if r.tool_choice not in (None, "none", "auto") and not r.tools:
+        raise invalid("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
+    if r.tools and r.tool_choice != "none":
+        raise _unsupported("tools", "Tool calling ('tools')")
+    if r.response_format is not None and r.response_format.type != "text":
+        raise _unsupported("response_format", f"response_format of type '{r.response_format.type}'")
+
+
+def messages_for_template(r: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the plain dicts `apply_chat_template` takes."""
+    return [msgspec.to_builtins(m) for m in r.messages]
+
+
+def engine_request(r: ChatCompletionRequest, prompt: list[int]) -> Request:
+    """The engine request for a validated API request and its templated prompt ids."""
+    defaults = SamplingOptions()
+    sampling = SamplingOptions(
+        temperature=defaults.temperature if r.temperature is None else r.temperature,
+        top_p=defaults.top_p if r.top_p is None else r.top_p,
+        min_p=defaults.min_p if r.min_p is None else r.min_p,
+        top_k=defaults.top_k if r.top_k is None else r.top_k,
+        repetition_penalty=defaults.repetition_penalty if r.repetition_penalty is None else r.repetition_penalty,
+        presence_penalty=defaults.presence_penalty if r.presence_penalty is None else r.presence_penalty,
+        frequency_penalty=defaults.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
+        seed=r.seed,
+    )
+    return Request(
+        prompt=prompt,
+        sampling=sampling,
+        max_tokens=r.max_tokens if r.max_tokens is not None else r.max_completion_tokens,
+        stop=tuple([r.stop] if isinstance(r.stop, str) else r.stop or ()),
+        n=r.n or 1,
+        top_logprobs=r.top_logprobs or 0,
+    )
+
+
+def request_json_schema() -> dict[str, Any]:
+    """JSON schema of the request with every reference inlined (for the OpenAPI document)."""
+    (root,), defs = msgspec.json.schema_components([ChatCompletionRequest])
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(root)
+
+
+# ------------------------------------------------------------------------------------ responses
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ContentLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct):
+    content: list[ContentLogprob] | None
+
+
+class AssistantMessage(Struct):
+    role: str
+    content: str | None
+
+
+class Choice(Struct):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_cost: float
+
+
+class ChatCompletion(Struct):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChunkChoice(Struct):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct, omit_defaults=True):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None | UnsetType = UNSET  # only with stream_options.include_usage: null, then the totals
+
+
+class ErrorDetail(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorBody(Struct):
+    """Every non-2xx body (and a mid-stream `data:` error event)."""
+
+    error: ErrorDetail
+
+
+class Model(Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Struct):
+    object: Literal["list"]
+    data: list[Model]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cost: float) -> Usage:
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost)
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: Struct) -> bytes:
+    """Compact JSON; field order is OpenAI's (id, object, created, model, choices, usage)."""
+    return _encoder.encode(obj)
+
+
+def sse(payload: bytes) -> bytes:
+    """One server-sent event, framed exactly as OpenAI does: `data: ...` and a blank line."""
+    return b"data: " + payload + b"\n\n"
+
+
+# ------------------------------------------------------------------------------------ logprobs
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TokenText:
+    """OpenAI's view of a token: `token` text and its UTF-8 `bytes`, cached per id.
+
+    - ordinary pieces: the piece with SentencePiece's "▁" turned into a space (so the first
+      token of a reply keeps the space the decoded text drops);
+    - byte-fallback pieces <0xNN>: bytes [NN], token = those bytes decoded with
+      backslashreplace ("\\xe2" for a lone non-ASCII byte, the character itself for ASCII);
+    - control pieces (<s>, </s>, <unk>): the piece text, bytes null (no text representation).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int] | None]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int] | None]:
+        if (hit := self._cache.get(token_id)) is not None:
+            return hit
+        piece = self._tokenizer.id_to_piece(token_id)
+        if self._tokenizer.is_control(token_id) or token_id == self._tokenizer.unk_id:
+            out = (piece, None)
+        elif m := _BYTE_PIECE.match(piece):
+            raw = bytes([int(m.group(1), 16)])
+            out = (raw.decode("utf-8", "backslashreplace"), list(raw))
+        else:
+            text = piece.replace("\u2581", " ")
+            out = (text, list(text.encode("utf-8")))
+        self._cache[token_id] = out
+        return out
+
+    def logprobs(self, tokens: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> ChoiceLogprobs:
+        """OpenAI `choices[].logprobs` for these generated tokens."""
+        content = []
+        for t in tokens:
+            token, raw = self(t.token_id)
+            top = [TopLogprob(self(i)[0], _finite(lp), self(i)[1]) for i, lp in t.top]
+            content.append(ContentLogprob(token, _finite(t.logprob), raw, top))
+        return ChoiceLogprobs(content)
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: clamp to OpenAI's customary floor."""
+    return max(float(logprob), -9999.0)
