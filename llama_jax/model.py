@@ -93,18 +93,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q `[B, T, H, D]`, k/v `[B, S, KV, D]`, mask `[B, T, S]`.
+    """Grouped-query attention: q `[B, T, H, D]`, k/v `[B, KV, S, D]`, mask `[B, T, S]`.
 
     Query heads are grouped onto their KV head with a reshape (no repeat of k/v in memory);
     scores and softmax are float32.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class DecoderLayer(nnx.Module):
@@ -125,7 +125,7 @@ class DecoderLayer(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_buf = write(k_buf, k, positions[:, 0])
         v_buf = write(v_buf, v, positions[:, 0])
-        o = attention(q, k_buf[:, :kv_len], v_buf[:, :kv_len], mask)
+        o = attention(q, k_buf[:, :, :kv_len], v_buf[:, :, :kv_len], mask)
         x = x + o.reshape(b, t, -1) @ self.wo[...]
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         x = x + (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]

@@ -132,11 +132,11 @@ def shard_params(cfg: LlamaConfig, params, mesh: Mesh | None):
 
 def _cache_specs(n_kv_heads: int, tp: int) -> tuple[PartitionSpec, PartitionSpec]:
     heads = TP if tp > 1 and n_kv_heads % tp == 0 else None
-    return PartitionSpec(None, None, heads, None), PartitionSpec()
+    return PartitionSpec(None, heads, None, None), PartitionSpec()
 
 
 def cache_sharding(cfg: LlamaConfig, mesh: Mesh | None) -> KVCache:
-    """A KVCache-shaped tree of shardings: `[rows, max_len, kv_heads, head_dim]` buffers split on
+    """A KVCache-shaped tree of shardings: `[rows, kv_heads, max_len, head_dim]` buffers split on
     kv_heads over tp (replicated when tp does not divide n_kv_heads), lengths replicated."""
     if mesh is None:
         single = SingleDeviceSharding(jax.devices()[0])
@@ -150,7 +150,7 @@ def shard_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     """Place a KV cache on the mesh (kv-heads axis on tp where it divides, as `cache_sharding`)."""
     if mesh is None:
         return jax.device_put(cache, SingleDeviceSharding(jax.devices()[0]))
-    kv_spec, rep = _cache_specs(cache.k[0].shape[2], tp_size(mesh))
+    kv_spec, rep = _cache_specs(cache.k[0].shape[1], tp_size(mesh))
     kv = NamedSharding(mesh, kv_spec)
     n = len(cache.k)
     return jax.device_put(cache, KVCache(k=(kv,) * n, v=(kv,) * n, lengths=NamedSharding(mesh, rep)))

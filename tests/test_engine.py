@@ -215,7 +215,7 @@ def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, toke
     expected = [ids(c) for c in engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
     config = EngineConfig(max_slots=2, max_seq_len=MAX_LEN, min_decode_window=32)
     with Engine(sharded, tokenizer, config, mesh=mesh) as tp_engine:
-        assert tp_engine._state.cache.k[0].sharding.spec[2] == "tp"  # KV heads split over the mesh
+        assert tp_engine._state.cache.k[0].sharding.spec[1] == "tp"  # KV heads split over the mesh
         got = [ids(c) for c in tp_engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
     assert got == expected
 

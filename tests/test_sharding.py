@@ -68,7 +68,7 @@ def test_kv_heads_are_replicated_when_tp_exceeds_them():
     at4 = sharding.param_shardings(cfg, sharding.make_mesh(4))
     assert at2[("layers", 0, "wk")].spec == P(None, "tp") and at4[("layers", 0, "wk")].spec == P(None, None)
     assert at4[("layers", 0, "wq")].spec == P(None, "tp")  # query heads stay split
-    assert sharding.cache_sharding(cfg, sharding.make_mesh(2)).k[0].spec == P(None, None, "tp", None)
+    assert sharding.cache_sharding(cfg, sharding.make_mesh(2)).k[0].spec == P(None, "tp", None, None)
     assert sharding.cache_sharding(cfg, sharding.make_mesh(8)).v[1].spec == P(None, None, None, None)
 
 
