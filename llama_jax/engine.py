@@ -52,6 +52,17 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
 
 
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Persist compiled programs in `directory`, so a restarted server skips compiling.
+
+    JAX reads this setting when it first compiles: call it before anything is jitted.
+    """
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "sampler", "params"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
@@ -135,6 +146,8 @@ class Engine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
         """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow."""
+        if config.compilation_cache_dir:  # before this engine compiles anything
+            enable_compilation_cache(config.compilation_cache_dir)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_seq_len = min(config.max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.config = config
@@ -152,10 +165,6 @@ class Engine:
     # ---- public API -------------------------------------------------------------------------
 
     def start(self, warmup: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Engine:
-        if self.config.compilation_cache_dir:
-            Path(self.config.compilation_cache_dir).mkdir(parents=True, exist_ok=True)
-            jax.config.update("jax_compilation_cache_dir", self.config.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         if warmup:
             self.warmup(progress)
         self._thread = threading.Thread(target=self._run, name="llama-jax-engine", daemon=True)

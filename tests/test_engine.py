@@ -257,3 +257,36 @@ def test_more_choices_than_slots_is_refused(model, tokenizer):
     with pytest.raises(RequestError) as e:
         engine.submit(Request(prompt=[1, 15043], max_tokens=3, n=2))
     assert e.value.param == "n" and engine.queue_depth == 0
+
+
+RESTART_SCRIPT = """
+import collections, sys
+import jax
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **kw: events.update([name]))
+from llama_jax.config import preset
+from llama_jax.engine import Engine, EngineConfig
+from llama_jax.model import init_model
+from llama_jax.tokenizer import Tokenizer
+config = EngineConfig(max_slots=2, max_seq_len=64, min_decode_window=32, compilation_cache_dir=sys.argv[1])
+Engine(init_model(preset("tiny-gqa")), Tokenizer(sys.argv[2]), config).start().stop()
+print(events["/jax/compilation_cache/cache_hits"], events["/jax/compilation_cache/cache_misses"])
+"""
+
+
+def test_restart_reuses_the_persistent_compilation_cache(tmp_path, tokenizer_path):
+    import os
+    import subprocess
+    import sys
+
+    def warm_up() -> tuple[int, int]:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, str(tmp_path / "xla"), str(tokenizer_path)],
+                             capture_output=True, text=True, env=env, timeout=300, check=True)
+        hits, misses = map(int, out.stdout.split())
+        return hits, misses
+
+    first_hits, first_misses = warm_up()
+    assert first_misses > 0 and first_hits == 0
+    hits, misses = warm_up()
+    assert misses == 0 and hits == first_misses  # every warm-up program came from the cache
