@@ -115,16 +115,21 @@ def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompt: jax.A
     ), result
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="kv_len", donate_argnames="state")
-def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array | None = None,
-             *, kv_len: int) -> tuple[DecodeState, SampleResult]:
-    """One decode step and one sampled token for every slot (idle slots compute and are ignored).
-
-    `allowed` [slots, vocab] restricts constrained slots (a second compiled variant).
-    """
-    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens, kv_len=kv_len)
-    result, sampler = sampling.sample(logits, state.params, state.sampler, allowed)
-    return dataclasses.replace(state, cache=cache, tokens=result.tokens, sampler=sampler), result
+@partial(jax.jit, static_argnums=0, static_argnames=("rows", "kv_len"), donate_argnames="state")
+def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
+             *, rows: int, kv_len: int) -> tuple[DecodeState, SampleResult]:
+    """One decode step and one sampled token for each of the first `rows` slots, among the
+    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; a busy slot
+    attends over the first `kv_len` positions, so the cost follows the real context."""
+    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
+    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], kv_len=kv_len)
+    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows])
+    return DecodeState(
+        cache=cache,
+        tokens=state.tokens.at[:rows].set(result.tokens),
+        sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
+        params=state.params,
+    ), result
 
 
 @dataclasses.dataclass
@@ -154,6 +159,8 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
         self.windows = steps.length_buckets(self.max_seq_len, min(config.min_decode_window, self.max_seq_len))
+        self.row_buckets = steps.length_buckets(config.max_slots, 1)
+        self._everything = jnp.ones((config.max_slots, model.cfg.vocab_size), bool)  # unconstrained mask
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -222,20 +229,21 @@ class Engine:
     # ---- device steps -------------------------------------------------------------------------
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
-        """Compile every program serving can need: prefill + insert per bucket, generate per window."""
-        total, done = len(self.buckets) + len(self.windows), 0
+        """Compile every program serving can need: prefill + insert per bucket, generate per
+        (busy-slot bucket, attention window)."""
+        total, done = len(self.buckets) + len(self.row_buckets) * len(self.windows), 0
         row = self._sampling_row(SamplingOptions(seed=0), 0)
         for bucket in self.buckets:
             self._prefill_insert([self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1), 0, row)
             done += 1
             self._report(progress, done, total, f"prefill bucket {bucket}")
-        everything = np.ones((self.config.max_slots, self.model.cfg.vocab_size), bool)
-        for window in self.windows:
-            for allowed in (None, everything):
-                self._state, result = generate(self.graphdef, self.params, self._state, allowed, kv_len=window)
+        for rows in self.row_buckets:
+            for window in self.windows:
+                self._state, result = generate(self.graphdef, self.params, self._state, self._everything,
+                                               rows=rows, kv_len=window)
                 np.asarray(result.tokens)
-            done += 1
-            self._report(progress, done, total, f"decode window {window}")
+                done += 1
+                self._report(progress, done, total, f"decode {rows} slots, window {window}")
         self._state = self._fresh_state()
 
     def _fresh_state(self) -> DecodeState:
@@ -342,17 +350,22 @@ class Engine:
             self._release(handle, f"prefill failed: {e}")
 
     def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
-        """Launch one generate step for all slots; its tokens are copied to the host asynchronously."""
+        """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.
+
+        Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
+        the batch; the longest busy context sets the attention window.
+        """
         longest = max(a.length for a in self.slots if a)
         window = steps.bucket_for(min(longest + 1, self.max_seq_len), self.windows)
-        allowed = None
+        rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
+        allowed = self._everything
         if any(a and a.constraint for a in self.slots):
             allowed = np.ones((len(self.slots), self.model.cfg.vocab_size), bool)
             for i, a in enumerate(self.slots):
                 if a and a.constraint:
                     allowed[i] = a.constraint.allowed()
         try:
-            self._state, result = generate(self.graphdef, self.params, self._state, allowed, kv_len=window)
+            self._state, result = generate(self.graphdef, self.params, self._state, allowed, rows=rows, kv_len=window)
         except Exception as e:  # the step failed: fail the running requests, keep serving
             log.exception("generate step failed")
             for active in list(self.slots):

@@ -52,12 +52,13 @@ def init_cache(cfg: LlamaConfig, rows: int, max_len: int, dtype: jnp.dtype | str
 
 def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
     """Write `new[b]` (`[T, heads, head_dim]`) into `buffer[b]` (`[heads, max_len, head_dim]`) at
-    position `starts[b]`, for every row b.
+    positions `starts[b]...starts[b] + T - 1`, for the first `len(new)` rows of the buffer.
 
-    Callers keep `starts[b] + T <= max_len` (dynamic_update_slice would clamp the start otherwise).
+    One in-place scatter (the buffer is donated); positions past the end are dropped.
     """
-    update = lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x.swapaxes(0, 1).astype(buf.dtype), s, axis=1)
-    return jax.vmap(update)(buffer, new, starts)
+    rows = jnp.arange(new.shape[0])[:, None]
+    positions = starts[:, None] + jnp.arange(new.shape[1])[None, :]
+    return buffer.at[rows, :, positions].set(new.astype(buffer.dtype), mode="drop")
 
 
 def insert(prefix: KVCache, cache: KVCache, slot: jax.Array, row: int | jax.Array = 0) -> KVCache:

@@ -125,7 +125,7 @@ class DecoderLayer(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_buf = write(k_buf, k, positions[:, 0])
         v_buf = write(v_buf, v, positions[:, 0])
-        o = attention(q, k_buf[:, :, :kv_len], v_buf[:, :, :kv_len], mask)
+        o = attention(q, k_buf[:b, :, :kv_len], v_buf[:b, :, :kv_len], mask)
         x = x + o.reshape(b, t, -1) @ self.wo[...]
         h = rms_norm(x, self.mlp_norm[...], cfg.norm_eps)
         x = x + (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
@@ -153,7 +153,8 @@ class Llama(nnx.Module):
         kv_len: int | None = None,
         logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Run `tokens` `[B, T]` at `positions` `[B, T]` (contiguous per row) against `cache`.
+        """Run `tokens` `[B, T]` at `positions` `[B, T]` (contiguous per row) against the first B
+        rows of `cache` (it may hold more: idle decode slots cost nothing).
 
         New keys/values are written at each row's positions; `lengths` `[B]` is each row's valid
         length after this step (default: last position + 1; a padded prefill passes the true
@@ -176,7 +177,7 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
         logits = jnp.matmul(x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, KVCache(k=tuple(ks), v=tuple(vs), lengths=lengths)
+        return logits, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths.at[: tokens.shape[0]].set(lengths))
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -63,14 +63,15 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
 def decode_step(
     graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array, *, kv_len: int | None = None
 ) -> tuple[jax.Array, KVCache]:
-    """One token `[B]` for every row, each at its own position `cache.lengths[b]`.
+    """One token `[B]` for each of the first B rows of the cache, each at its own position
+    `cache.lengths[b]`.
 
     Attention reads the first `kv_len` cache entries: every row's length must be below it.
     Returns logits `[B, V]` and the cache with each row one longer (rows at the end of the
     cache stay there: their last entry is overwritten).
     """
     model: Llama = nnx.merge(graphdef, params)
-    positions = jnp.minimum(cache.lengths, cache.max_len - 1)[:, None]
+    positions = jnp.minimum(cache.lengths[: tokens.shape[0]], cache.max_len - 1)[:, None]
     logits, cache = model(tokens[:, None], positions, cache, kv_len=kv_len)
     return logits[:, 0], cache
 
