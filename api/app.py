@@ -29,9 +29,12 @@ from api import schemas
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
 from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                         ChunkChoice, Delta, Model, ModelList, TokenText, encode, sse)
+                         ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText,
+                         ToolCallOut, encode, sse)
 from api.settings import ServerSettings
+from llama_jax import structured
 from llama_jax.request import Event, QueueFullError, RequestError, RequestHandle
+from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
 STATE_KEY = "llama_jax"
@@ -114,33 +117,104 @@ async def chat_completions(request: Request) -> Response:
                             f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
     if (body.n or 1) > ctx.engine.config.max_slots:  # the engine would wait forever for that many free slots
         raise invalid(f"n must be at most {ctx.engine.config.max_slots} on this server (its decode slots).", "n")
+    tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
+    parallel = body.parallel_tool_calls is not False and function is None
+    tools_system = structured.tools_system_prompt(tools, mode, function, parallel) if tools else None
     try:
-        prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body))
+        prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body), tools_system)
     except ChatTemplateError as e:
         raise invalid(str(e), "messages") from None
+    try:  # compiling can take a while for big schemas (llguidance drops the GIL meanwhile)
+        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, tools, mode, function, parallel)
+    except StructuredOutputError as e:
+        raise invalid(str(e), e.param, "invalid_schema") from None
+    constraint = None
+    if grammar is not None:
+        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        budget = max_tokens if max_tokens is not None else ctx.engine.max_seq_len - len(prompt)
+        model = getattr(ctx.engine, "model", None)
+        constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
     try:
-        handle = ctx.engine.submit(schemas.engine_request(body, prompt), loop=asyncio.get_running_loop())
+        handle = ctx.engine.submit(schemas.engine_request(body, prompt, constraint), loop=asyncio.get_running_loop())
     except RequestError as e:
         raise APIError(400, str(e), param=e.param, code=e.code) from None
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
                        headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
-    reply = _Reply(ctx, body, handle, timer, len(prompt))
+    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
     if body.stream:
         return Stream(reply.chunks(), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(encode(await reply.complete(request.receive)), media_type="application/json")
 
 
+def _grammar(tokenizer, body: ChatCompletionRequest, tools: list[structured.ToolSpec], mode: str,
+             function: str | None, parallel: bool) -> Grammar | None:
+    """The output grammar of a request: the tool-call envelope, a JSON schema, or None (free text)."""
+    if mode != "none":
+        structured.check_tools(tokenizer, tools)
+        chosen = [t for t in tools if t.name == function] if function else tools
+        return structured.tools_grammar(tokenizer, chosen, mode, parallel)
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return structured.json_grammar(tokenizer, None, "response_format")
+    if fmt is not None and fmt.type == "json_schema":
+        return structured.json_grammar(tokenizer, fmt.json_schema.schema, "response_format.json_schema.schema")
+    return None
+
+
+def _call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
 class _Reply:
-    """Turns one engine request's events into an OpenAI response or SSE chunks."""
+    """Turns one engine request's events into an OpenAI response or SSE chunks. With tools, each
+    choice's text goes through a ToolCallParser: an envelope becomes `tool_calls` (streamed as
+    index/id/name, then argument fragments as they are generated) and finish_reason
+    "tool_calls"; a plain-text answer (tool_choice auto) stays `content`."""
 
     def __init__(self, ctx: ServerContext, body: ChatCompletionRequest, handle: RequestHandle, timer: TokenTimer,
-                 prompt_tokens: int):
+                 prompt_tokens: int, tool_calls: bool = False):
         self.ctx, self.body, self.handle, self.timer = ctx, body, handle, timer
         self.prompt_tokens = prompt_tokens
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
+        n = handle.request.n
+        self.parsers = [ToolCallParser() for _ in range(n)] if tool_calls else None
+        self.call_ids: list[list[str]] = [[] for _ in range(n)]
+
+    def _finish_reason(self, choice: int, reason: str | None) -> str | None:
+        if reason == "stop" and self.parsers and self.parsers[choice].calls and self.parsers[choice].complete:
+            return "tool_calls"
+        return reason
+
+    def _message(self, choice: int, text: str) -> AssistantMessage:
+        if self.parsers is None:
+            return AssistantMessage("assistant", text)
+        parser = self.parsers[choice]
+        parser.feed(text)
+        if parser.mode != "calls" or not parser.calls:
+            return AssistantMessage("assistant", text)
+        calls = [ToolCallOut(_call_id(), "function", FunctionCallOut(c.name, c.arguments)) for c in parser.calls]
+        return AssistantMessage("assistant", None, calls)
+
+    def _deltas(self, choice: int, text: str) -> list[Delta]:
+        """Stream deltas for new text of a choice."""
+        if self.parsers is None:
+            return [Delta(content=text)] if text else []
+        deltas = []
+        for kind, *rest in self.parsers[choice].feed(text):
+            if kind == "content":
+                deltas.append(Delta(content=rest[0]))
+            elif kind == "call":
+                index, name = rest
+                self.call_ids[choice].append(_call_id())
+                deltas.append(Delta(tool_calls=[DeltaToolCall(index, self.call_ids[choice][index], "function",
+                                                              DeltaFunction(name, ""))]))
+            else:
+                index, fragment = rest
+                deltas.append(Delta(tool_calls=[DeltaToolCall(index, function=DeltaFunction(arguments=fragment))]))
+        return deltas
 
     def _usage(self) -> schemas.Usage:
         done = self.timer.completion_tokens
@@ -179,8 +253,9 @@ class _Reply:
             texts[event.choice] += event.text
             tokens[event.choice].extend(event.tokens)
             finish[event.choice] = event.finish_reason or finish[event.choice]
-        choices = [Choice(i, AssistantMessage("assistant", texts[i]),
-                          self.ctx.token_text.logprobs(tokens[i]) if self.body.logprobs else None, finish[i])
+        choices = [Choice(i, self._message(i, texts[i]),
+                          self.ctx.token_text.logprobs(tokens[i]) if self.body.logprobs else None,
+                          self._finish_reason(i, finish[i]))
                    for i in range(n)]
         return ChatCompletion(self.id, "chat.completion", self.created, self.ctx.settings.model_name, choices,
                               self._usage())
@@ -205,10 +280,17 @@ class _Reply:
                     return
                 self.timer.tokens(event.choice, len(event.tokens))
                 logprobs = self._logprobs(event)
-                if event.text or (logprobs and event.tokens):
-                    yield self._chunk([ChunkChoice(event.choice, Delta(content=event.text), logprobs)])
+                deltas = self._deltas(event.choice, event.text)
+                if not deltas and logprobs and event.tokens:
+                    deltas = [Delta(content="")] if self.parsers is None else [Delta()]
+                for k, delta in enumerate(deltas):  # the logprobs ride on the event's first chunk
+                    yield self._chunk([ChunkChoice(event.choice, delta, logprobs if k == 0 else None)])
                 if event.finish_reason:
-                    yield self._chunk([ChunkChoice(event.choice, Delta(), None, event.finish_reason)])
+                    parser = self.parsers[event.choice] if self.parsers else None
+                    if parser and parser.mode == "calls" and not parser.calls:  # cut before any call: as text
+                        yield self._chunk([ChunkChoice(event.choice, Delta(content=parser.text))])
+                    reason = self._finish_reason(event.choice, event.finish_reason)
+                    yield self._chunk([ChunkChoice(event.choice, Delta(), None, reason)])
             finished = True
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk([], self._usage())

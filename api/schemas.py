@@ -9,14 +9,17 @@ as e.g. ``messages[1].tool_call_id``). Unknown fields are ignored: clients send 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import jsonschema
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api.errors import APIError, invalid
-from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Request, SamplingOptions, TokenLogprob
+from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions, TokenLogprob
 from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.structured import ToolSpec
 from llama_jax.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------------ request
@@ -44,11 +47,14 @@ class Message(Struct, kw_only=True):
     tool_call_id: str | None = None  # tool only (required there)
 
 
+Name = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -, at most 64")]
+
+
 class FunctionDef(Struct, kw_only=True):
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    name: Name
     description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of type object; omitted: no arguments
+    strict: bool | None = None  # accepted; arguments always follow the schema here
 
 
 class Tool(Struct):
@@ -56,14 +62,25 @@ class Tool(Struct):
     type: Literal["function"] = "function"
 
 
+class FunctionName(Struct):
+    name: str
+
+
 class ToolChoiceFunction(Struct):
-    function: dict[str, Any]
+    function: FunctionName
     type: Literal["function"] = "function"
+
+
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: Name
+    schema: dict[str, Any] | None = None  # omitted: any JSON object
+    description: str | None = None
+    strict: bool | None = None  # accepted; the output always validates here
 
 
 class ResponseFormat(Struct, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -98,9 +115,11 @@ class ChatCompletionRequest(Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, _doc("0.01 <= repetition_penalty <= 5; default 1", ge=0.01, le=5)] | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], _doc("function tools; calls follow their parameter schemas")] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
-    response_format: ResponseFormat | None = None
+    parallel_tool_calls: Annotated[bool, _doc("allow several tool calls in one reply; default true")] | None = None
+    response_format: Annotated[ResponseFormat,
+                               _doc("text, json_object or json_schema (output valid by construction)")] | None = None
     logprobs: Annotated[bool, _doc("return the logprob of every generated token")] | None = None
     top_logprobs: Annotated[int, _doc("0..20 alternatives per token; needs logprobs: true",
                                       ge=0, le=MAX_TOP_LOGPROBS)] | None = None
@@ -147,9 +166,31 @@ def decode(body: bytes) -> ChatCompletionRequest:
     return request
 
 
-def _unsupported(param: str, what: str) -> APIError:
-    return invalid(f"{what} is not supported yet by this server (structured output is coming).", param,
-                   "unsupported_parameter")
+def _check_schema(schema: Any, param: str) -> None:
+    """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)."""
+    if not isinstance(schema, dict):
+        raise invalid("A JSON schema must be an object.", param, "invalid_schema")
+    try:
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        raise invalid(f"Invalid schema{f' at /{where}' if where else ''}: {e.message}", param,
+                      "invalid_schema") from None
+
+
+def tool_mode(r: ChatCompletionRequest) -> tuple[str, str | None]:
+    """("none" | "auto" | "required", the forced function's name or None). No tools: "none";
+    tools without tool_choice: "auto" (OpenAI's defaults); a named function: ("required", name)."""
+    if not r.tools or r.tool_choice == "none":
+        return "none", None
+    if isinstance(r.tool_choice, ToolChoiceFunction):
+        return "required", r.tool_choice.function.name
+    return r.tool_choice or "auto", None
+
+
+def tool_specs(r: ChatCompletionRequest) -> list[ToolSpec]:
+    return [ToolSpec(t.function.name, t.function.description, t.function.parameters) for t in r.tools or ()]
 
 
 def check(r: ChatCompletionRequest) -> None:
@@ -176,10 +217,32 @@ def check(r: ChatCompletionRequest) -> None:
         raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     if r.tool_choice not in (None, "none", "auto") and not r.tools:
         raise invalid("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
-    if r.tools and r.tool_choice != "none":
-        raise _unsupported("tools", "Tool calling ('tools')")
-    if r.response_format is not None and r.response_format.type != "text":
-        raise _unsupported("response_format", f"response_format of type '{r.response_format.type}'")
+    if r.parallel_tool_calls is not None and not r.tools:
+        raise invalid("'parallel_tool_calls' is only allowed when 'tools' are specified.", "parallel_tool_calls")
+    names: set[str] = set()
+    for i, tool in enumerate(r.tools or ()):
+        if tool.function.name in names:
+            raise invalid(f"Duplicate function name '{tool.function.name}' in 'tools'.", f"tools[{i}].function.name")
+        names.add(tool.function.name)
+        if tool.function.parameters is not None:
+            param = f"tools[{i}].function.parameters"
+            _check_schema(tool.function.parameters, param)
+            if tool.function.parameters.get("type", "object") != "object":
+                raise invalid("Function parameters must be a JSON schema of type 'object'.", param, "invalid_schema")
+    if isinstance(r.tool_choice, ToolChoiceFunction) and r.tool_choice.function.name not in names:
+        raise invalid(f"tool_choice names the function '{r.tool_choice.function.name}', which is not in 'tools'.",
+                      "tool_choice")
+    fmt = r.response_format
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise invalid("response_format of type 'json_schema' needs a 'json_schema' object.",
+                          "response_format.json_schema", "missing_required_parameter")
+        if fmt.json_schema.schema is not None:
+            _check_schema(fmt.json_schema.schema, "response_format.json_schema.schema")
+    if fmt is not None and fmt.type != "text" and tool_mode(r)[0] != "none":
+        raise invalid("response_format json_object/json_schema cannot be combined with tool calls on this server; "
+                      "use tool_choice 'none', or describe the answer as a function.", "response_format",
+                      "unsupported_parameter")
 
 
 def messages_for_template(r: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -187,8 +250,10 @@ def messages_for_template(r: ChatCompletionRequest) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(m) for m in r.messages]
 
 
-def engine_request(r: ChatCompletionRequest, prompt: list[int]) -> Request:
-    """The engine request for a validated API request and its templated prompt ids."""
+def engine_request(r: ChatCompletionRequest, prompt: list[int],
+                   constraint: Callable[[], Constraint] | None = None) -> Request:
+    """The engine request for a validated API request and its templated prompt ids (and, for
+    structured output, its constraint factory)."""
     defaults = SamplingOptions()
     sampling = SamplingOptions(
         temperature=defaults.temperature if r.temperature is None else r.temperature,
@@ -207,6 +272,7 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int]) -> Request:
         stop=tuple([r.stop] if isinstance(r.stop, str) else r.stop or ()),
         n=r.n or 1,
         top_logprobs=r.top_logprobs or 0,
+        constraint=constraint,
     )
 
 
@@ -246,9 +312,21 @@ class ChoiceLogprobs(Struct):
     content: list[ContentLogprob] | None
 
 
-class AssistantMessage(Struct):
+class FunctionCallOut(Struct):
+    name: str
+    arguments: str  # a JSON object as a string, valid against the function's parameters
+
+
+class ToolCallOut(Struct):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class AssistantMessage(Struct, omit_defaults=True):
     role: str
-    content: str | None
+    content: str | None  # null when the reply is tool calls
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class Choice(Struct):
@@ -274,9 +352,24 @@ class ChatCompletion(Struct):
     usage: Usage
 
 
+class DeltaFunction(Struct, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class DeltaToolCall(Struct, omit_defaults=True):
+    """A streamed tool call: first index, id, type and name (arguments ""), then argument fragments."""
+
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: DeltaFunction | UnsetType = UNSET
+
+
 class Delta(Struct, omit_defaults=True):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[DeltaToolCall] | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):

@@ -106,19 +106,56 @@ def _tool_calls_text(tool_calls: Any) -> str:
     return "[tool calls]: " + json.dumps(calls, ensure_ascii=False)
 
 
-def _message_text(message: Mapping[str, Any]) -> str:
-    """Text of one non-system message: tool results and assistant tool calls are rendered as plain text."""
+# Tools mode (the request has `tools`): the model is shown the functions in the system block and
+# asked to call them with this envelope (llama_jax.structured constrains its output to it).
+TOOL_CALLS_KEY = "tool_calls"
+
+
+def render_tool_calls(tool_calls: Any) -> str:
+    """Assistant tool calls exactly as the model is asked to emit them:
+    ``{"tool_calls": [{"name": "f", "arguments": {...}}]}`` (json.dumps separators; arguments that
+    are not valid JSON stay a string)."""
+    if not isinstance(tool_calls, list):
+        raise ChatTemplateError("tool_calls must be a list")
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ChatTemplateError("each tool call needs a function with a name")
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass
+        calls.append({"name": function["name"], "arguments": arguments})
+    return json.dumps({TOOL_CALLS_KEY: calls}, ensure_ascii=False)
+
+
+def _message_text(message: Mapping[str, Any], tool_names: dict[str, str] | None = None) -> str:
+    """Text of one non-system message: tool results and assistant tool calls are rendered as plain text.
+
+    In tools mode (`tool_names` given: call id -> function name, filled here from assistant
+    calls) calls use `render_tool_calls` and results read "[tool result for <name>]: ...".
+    """
     text = _content_text(message.get("content"))
     if message["role"] == "tool":
         call_id = message.get("tool_call_id")
+        if tool_names is not None and call_id in tool_names:
+            return f"[tool result for {tool_names[call_id]}]: {text}"
         return f"[tool result for call {call_id}]: {text}" if call_id else f"[tool result]: {text}"
     if message["role"] == "assistant" and message.get("tool_calls"):
-        calls = _tool_calls_text(message["tool_calls"])
+        if tool_names is None:
+            calls = _tool_calls_text(message["tool_calls"])
+        else:
+            calls = render_tool_calls(message["tool_calls"])
+            for call in message["tool_calls"]:
+                if call.get("id"):
+                    tool_names[call["id"]] = call["function"]["name"]
         return f"{text}{MESSAGE_SEPARATOR}{calls}" if text else calls
     return text
 
 
-def to_meta_dialog(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+def to_meta_dialog(messages: Sequence[Mapping[str, Any]], tools_system: str | None = None) -> list[dict[str, str]]:
     """Normalise OpenAI-style messages into Meta's strict user/assistant/.../user dialog, system already merged.
 
     Policy beyond Meta (who accepts only [system], user, assistant, ..., user):
@@ -128,11 +165,15 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
       assistant turn, joined with "\\n\\n"; tool results and tool calls are rendered as text;
     - the conversation must start with user/tool (after system) and end with user/tool.
     Message text is otherwise used verbatim; only the whole turn is strip()ped later, as in Meta.
+
+    `tools_system` (tools mode, see llama_jax.structured.tools_system_prompt) is appended to the
+    system text, and tool calls/results are rendered as the model is told to emit/expect them.
     """
     if not messages:
         raise ChatTemplateError("messages must not be empty")
     system_texts: list[str] = []
     turns: list[dict[str, str]] = []  # alternating user/assistant after merging
+    tool_names: dict[str, str] | None = {} if tools_system is not None else None
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, Mapping) else None
         if role not in ("system", "user", "assistant", "tool"):
@@ -142,7 +183,7 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
             system_texts.append(_content_text(message.get("content")))
             continue
         side = "assistant" if role == "assistant" else "user"
-        text = _message_text(message)
+        text = _message_text(message, tool_names)
         if turns and turns[-1]["role"] == side:
             turns[-1]["content"] += MESSAGE_SEPARATOR + text
         else:
@@ -153,19 +194,22 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]
         raise ChatTemplateError("conversation must start with a user message (after any system message)")
     if turns[-1]["role"] != "user":
         raise ChatTemplateError("the last message must be from the user or a tool, so that the assistant can reply")
+    if tools_system is not None:
+        system_texts.append(tools_system)
     if system_texts:
         system = MESSAGE_SEPARATOR.join(system_texts)
         turns[0]["content"] = B_SYS + system + E_SYS + turns[0]["content"]
     return turns
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
+                        tools_system: str | None = None) -> list[int]:
     """Prompt token ids for a chat, identical to Meta's Llama 2 `chat_completion` for the dialogs Meta accepts.
 
     Unlike Meta, text containing "[INST]", "<<SYS>>", "<s>" or "</s>" is not rejected: it is tokenized as
-    plain text, and BOS/EOS ids appear only at turn boundaries.
+    plain text, and BOS/EOS ids appear only at turn boundaries. `tools_system`: see `to_meta_dialog`.
     """
-    dialog = to_meta_dialog(messages)
+    dialog = to_meta_dialog(messages, tools_system)
     ids: list[int] = []
     for prompt, answer in zip(dialog[::2], dialog[1::2]):
         turn = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "

@@ -304,14 +304,15 @@ def test_bad_messages_name_the_field(client, messages, param):
     assert e.value.param == param
 
 
-def test_tools_and_json_mode_are_refused_clearly(client):
+def test_tools_and_json_mode_are_served(client):
+    """Structured output is issue 7 (tests/test_api_tools.py); here only that it is no longer refused."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=HELLO, tools=tools)
-    assert e.value.param == "tools" and "not supported yet" in e.value.message
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=HELLO, response_format={"type": "json_object"})
-    assert e.value.param == "response_format" and "not supported yet" in e.value.message
+    out = client.chat.completions.create(model=MODEL, messages=HELLO, tools=tools, tool_choice="required",
+                                         max_tokens=30, seed=1)
+    assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.tool_calls[0].function.name == "f"
+    out = client.chat.completions.create(model=MODEL, messages=HELLO, response_format={"type": "json_object"},
+                                         max_tokens=20, seed=1)
+    assert out.choices[0].finish_reason == "stop" and json.loads(out.choices[0].message.content) is not None
     out = client.chat.completions.create(model=MODEL, messages=HELLO, tools=tools, tool_choice="none", max_tokens=1)
     assert out.choices[0].finish_reason in ("stop", "length")
 
