@@ -42,7 +42,7 @@ from llama_jax.model import abstract_model, weight_specs
 from llama_jax.sharding import param_shardings
 
 FORMAT = "llama-jax-orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: matrices stored [out, in]
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"

@@ -1,7 +1,7 @@
 """Hugging Face Llama checkpoints on disk: read them tensor by tensor, and write random tiny ones.
 
 The layout is transformers': `config.json`, `*.safetensors` (sharded, with
-`model.safetensors.index.json`) and `tokenizer.model`. Names and transposes come from
+`model.safetensors.index.json`) and `tokenizer.model`. Names and shapes come from
 `model.weight_specs`, the single description of every weight.
 """
 
@@ -77,13 +77,9 @@ def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
         with safe_open(file, framework="numpy") as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
-                want = hf_shape(expected[name])
+                want = expected[name].shape
                 if shape != want:
                     raise CheckpointError(f"tensor {name} has shape {shape}, expected {want} for this config")
-
-
-def hf_shape(spec: WeightSpec) -> tuple[int, ...]:
-    return tuple(reversed(spec.shape)) if spec.transpose else spec.shape
 
 
 def iter_weights(hf_dir: Path, cfg: LlamaConfig, dtype: str | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
@@ -97,7 +93,6 @@ def iter_weights(hf_dir: Path, cfg: LlamaConfig, dtype: str | None = None) -> It
                 array = f.get_tensor(spec.hf_name)
             except Exception as e:
                 raise CheckpointError(f"cannot read tensor {spec.hf_name}: {e} (truncated file?)") from e
-        array = array.T if spec.transpose else array
         yield path, np.ascontiguousarray(array.astype(np_dtype))
 
 
@@ -114,12 +109,12 @@ def load_hf_model(hf_dir: str | Path, dtype: str | None = None) -> Llama:
 
 def _random_weight(spec: WeightSpec, cfg: LlamaConfig, rng: np.random.Generator) -> np.ndarray:
     """Random weights in HF layout, scaled so activations stay O(1) and logits are far from uniform."""
-    shape = hf_shape(spec)
+    shape = spec.shape
     if len(shape) == 1:  # norm weights near one
         return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
     if spec.hf_name == "model.embed_tokens.weight":
         return rng.standard_normal(shape, np.float32)
-    fan_in = spec.shape[0]
+    fan_in = spec.shape[1]
     scale = 4.0 if spec.hf_name == "lm_head.weight" else 1.0  # logits with std ~4: peaked distributions
     return rng.standard_normal(shape, np.float32) * np.float32(scale / np.sqrt(fan_in))
 
@@ -141,7 +136,7 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = NUMPY_DTYPES[cfg.dtype]
     specs = list(weight_specs(cfg).values())
-    sizes = [int(np.prod(hf_shape(s))) * np.dtype(np_dtype).itemsize for s in specs]
+    sizes = [int(np.prod(s.shape)) * np.dtype(np_dtype).itemsize for s in specs]
     shards: list[list[int]] = [[]]
     total = 0
     for i, size in enumerate(sizes):

@@ -15,16 +15,15 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from api.app import create_app
 from api.settings import ServerSettings
+from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.request import SamplingOptions
@@ -34,29 +33,6 @@ MODEL = "meta-llama/Llama-2-7b-chat-hf"
 PRICE_IN, PRICE_OUT = 0.5, 1.5
 KEYS = ("key-one", "key-two")
 HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-class LiveServer:
-    """uvicorn in a background thread on a free loopback port."""
-
-    def __init__(self, app, engine):
-        self.engine = engine
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def client(self, prefix: str = "/v1", key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + prefix, api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

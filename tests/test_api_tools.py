@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
 from api.app import create_app
 from api.settings import ServerSettings
 from llama_jax import structured
+from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.tokenizer import Tokenizer, apply_chat_template
@@ -45,24 +43,6 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {"name": "get_time"}}
 TOOLS = [WEATHER, CLOCK]
 SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": {"type": "object", "maxProperties": 0}}
-
-
-class LiveServer:
-    """uvicorn in a background thread on a free loopback port (as in test_api.py)."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ n choices, cancellation, limits, failure isolation and zero compiles after warm-
 
 import asyncio
 import random
-import threading
 import time
 
 import numpy as np

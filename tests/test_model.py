@@ -1,7 +1,6 @@
 """The model against Hugging Face transformers (the numerical reference) on the same random weights,
 and the properties of the KV cache and jitted steps the engine relies on."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -49,15 +49,15 @@ def test_partition_rules_are_megatron():
     cfg = preset("tiny-mha")
     specs = {path: s.spec for path, s in sharding.param_shardings(cfg, sharding.make_mesh(4)).items()}
     assert specs[("embed",)] == P("tp", None)  # vocab-parallel embedding
-    assert specs[("lm_head",)] == P(None, "tp")  # vocab-parallel LM head
+    assert specs[("lm_head",)] == P("tp", None)  # vocab-parallel LM head
     assert specs[("norm",)] == P(None)
     layer = {name: specs[("layers", 1, name)] for name in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo",
                                                            "w_gate", "w_up", "w_down")}
     assert layer == {
         "attn_norm": P(None), "mlp_norm": P(None),  # replicated norms
-        "wq": P(None, "tp"), "wk": P(None, "tp"), "wv": P(None, "tp"),  # column-parallel
-        "w_gate": P(None, "tp"), "w_up": P(None, "tp"),
-        "wo": P("tp", None), "w_down": P("tp", None),  # row-parallel
+        "wq": P("tp", None), "wk": P("tp", None), "wv": P("tp", None),  # column-parallel ([out, in])
+        "w_gate": P("tp", None), "w_up": P("tp", None),
+        "wo": P(None, "tp"), "w_down": P(None, "tp"),  # row-parallel
     }
 
 
@@ -66,8 +66,8 @@ def test_kv_heads_are_replicated_when_tp_exceeds_them():
     assert not sharding.kv_heads_replicated(cfg, 2) and sharding.kv_heads_replicated(cfg, 4)
     at2 = sharding.param_shardings(cfg, sharding.make_mesh(2))
     at4 = sharding.param_shardings(cfg, sharding.make_mesh(4))
-    assert at2[("layers", 0, "wk")].spec == P(None, "tp") and at4[("layers", 0, "wk")].spec == P(None, None)
-    assert at4[("layers", 0, "wq")].spec == P(None, "tp")  # query heads stay split
+    assert at2[("layers", 0, "wk")].spec == P("tp", None) and at4[("layers", 0, "wk")].spec == P(None, None)
+    assert at4[("layers", 0, "wq")].spec == P("tp", None)  # query heads stay split
     assert sharding.cache_sharding(cfg, sharding.make_mesh(2)).k[0].spec == P(None, "tp", None, None)
     assert sharding.cache_sharding(cfg, sharding.make_mesh(8)).v[1].spec == P(None, None, None, None)
 
@@ -101,11 +101,11 @@ def test_restored_arrays_are_sharded_as_the_rules_say(converted, shape, tp):
         np.testing.assert_array_equal(np.asarray(array), np.asarray(ref[path][...]))
     d, v, f = cfg.dim, cfg.vocab_size, cfg.ffn_dim
     shard = lambda *p: flat[p][...].addressable_shards[0].data.shape
-    assert shard("embed") == (v // tp, d) and shard("lm_head") == (d, v // tp) and shard("norm") == (d,)
-    assert shard("layers", 0, "wq") == (d, d // tp) and shard("layers", 0, "wo") == (d // tp, d)
-    assert shard("layers", 1, "w_up") == (d, f // tp) and shard("layers", 1, "w_down") == (f // tp, d)
+    assert shard("embed") == (v // tp, d) and shard("lm_head") == (v // tp, d) and shard("norm") == (d,)
+    assert shard("layers", 0, "wq") == (d // tp, d) and shard("layers", 0, "wo") == (d, d // tp)  # [out, in]
+    assert shard("layers", 1, "w_up") == (f // tp, d) and shard("layers", 1, "w_down") == (d, f // tp)
     kv = cfg.n_kv_heads * cfg.head_dim
-    assert shard("layers", 0, "wk") == ((d, kv // tp) if cfg.n_kv_heads % tp == 0 else (d, kv))
+    assert shard("layers", 0, "wk") == ((kv // tp, d) if cfg.n_kv_heads % tp == 0 else (kv, d))
 
 
 def test_shard_params_agrees_with_load(converted):

@@ -10,16 +10,17 @@ concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -90,16 +91,17 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 20) -> 
     times = {}
     for max_len in (256, 4096):
         state = init_decode_state(model, slots, max_len)
-        state = state.__class__(cache=state.cache.replace(lengths=state.cache.lengths + context), tokens=state.tokens,
-                                sampler=state.sampler, params=state.params)
+        state = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
         window = bucket_for(context + 1, length_buckets(max_len, 128))
+        allowed = jnp.ones((slots, model.cfg.vocab_size), bool)
+        step = lambda state: generate(graphdef, params, state, allowed, rows=slots, kv_len=window)
         for _ in range(3):
-            state, result = generate(graphdef, params, state, kv_len=window)
+            state, result = step(state)
         result.tokens.block_until_ready()
         samples = []
         for _ in range(iters):
             start = time.perf_counter()
-            state, result = generate(graphdef, params, state, kv_len=window)
+            state, result = step(state)
             result.tokens.block_until_ready()
             samples.append(time.perf_counter() - start)
         times[max_len] = statistics.median(samples)
@@ -149,6 +151,7 @@ def main() -> None:
             path = write_tiny_checkpoint(Path(tmp) / "hf", cfg, seed=0)
             model = load_hf_model(path)
         result.update(bench_engine(model, args))
+        print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, in case a later stage fails
         result.update(bench_window(model))
         del model
         if not args.no_hf:
