@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # bump whenever the converted format or the demo shape changes
 DEMO_VOCAB = 2000
 
 
