@@ -115,8 +115,6 @@ async def chat_completions(request: Request) -> Response:
     if body.model != ctx.settings.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist. This server serves "
                             f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
-    if (body.n or 1) > ctx.engine.config.max_slots:  # the engine would wait forever for that many free slots
-        raise invalid(f"n must be at most {ctx.engine.config.max_slots} on this server (its decode slots).", "n")
     tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
     tools_system = structured.tools_system_prompt(tools, mode, function, parallel) if tools else None

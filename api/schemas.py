@@ -170,6 +170,10 @@ def _check_schema(schema: Any, param: str) -> None:
     """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)."""
     if not isinstance(schema, dict):
         raise invalid("A JSON schema must be an object.", param, "invalid_schema")
+    if not isinstance(schema.get("$schema", ""), str):
+        raise invalid("`$schema` must be a string (a metaschema URI).", param, "invalid_schema")
+    if not isinstance(schema.get("x-guidance", {}), dict):
+        raise invalid("`x-guidance` must be an object.", param, "invalid_schema")
     try:
         validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         validator.check_schema(schema)

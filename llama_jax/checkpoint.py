@@ -179,20 +179,13 @@ def save(
     return manifest
 
 
-def save_state(out_dir: str | Path, cfg: LlamaConfig, params: nnx.State, **kwargs) -> dict[str, Any]:
-    """Save an in-memory parameter State (e.g. `nnx.split(model)[1]`) as a converted checkpoint."""
-    flat = dict(nnx.to_flat_state(params))
-    weights = ((path, np.asarray(jax.device_get(flat[path][...]))) for path in weight_specs(cfg))
-    return save(out_dir, cfg, weights, **kwargs)
-
-
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a converted directory; CheckpointError if it is not one."""
-    path = Path(path)
+    path = Path(path).expanduser()
     file = path / MANIFEST_FILE
     if not file.exists():
         hint = " (an HF checkpoint? convert it with `convert-weights`)" if (path / "config.json").exists() else ""
@@ -237,7 +230,7 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).expanduser()
     manifest = read_manifest(path)
     cfg = read_config(path)
     if dtype is not None:

@@ -31,8 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import kv_cache, sampling, steps
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
-from llama_jax.request import (ChoiceText, Completion, Constraint, Event, QueueFullError, Request, RequestError,
-                               RequestHandle, SamplingOptions, TokenLogprob, validate)
+from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
+                               RequestError, RequestHandle, SamplingOptions, TokenLogprob, validate)
 from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
 from llama_jax.sharding import shard_cache
 from llama_jax.tokenizer import Tokenizer
@@ -83,8 +83,8 @@ def init_decode_state(model: Llama, slots: int, max_len: int, mesh: Mesh | None 
         sampler=sampling.init_state(slots, model.cfg.vocab_size),
         params=sampling.stack_params([neutral] * slots),
     )
-    if mesh is None:
-        return state
+    if mesh is None:  # committed to the device, like every state a step returns: one jit cache entry
+        return jax.device_put(state, jax.devices()[0])
     replicated = NamedSharding(mesh, PartitionSpec())
     return dataclasses.replace(
         jax.device_put(state, replicated), cache=shard_cache(state.cache, mesh))
@@ -98,7 +98,6 @@ def _put_row(tree, i, row):
     return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=0), tree, row)
 
 
-@partial(jax.jit, donate_argnames="state")
 def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompt: jax.Array,
            slot: jax.Array, params: SamplingParams, allowed: jax.Array) -> tuple[DecodeState, SampleResult]:
     """Put a prefilled prompt into `slot` with its sampling row, and sample its first token there
@@ -115,7 +114,6 @@ def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompt: jax.A
     ), result
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("rows", "kv_len"), donate_argnames="state")
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
              *, rows: int, kv_len: int) -> tuple[DecodeState, SampleResult]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
@@ -150,7 +148,11 @@ class Engine:
     """Continuous-batching server of one model. `start()` warms up and runs the scheduler thread."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
-        """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow."""
+        """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow.
+
+        `insert` and `generate` are jitted here, bound to this model's graph (no per-call hashing
+        of the static GraphDef) and with the decode state's shardings fixed on output, so a step
+        never hands the next one a differently sharded state (which would recompile)."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
@@ -160,7 +162,6 @@ class Engine:
         self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
         self.windows = steps.length_buckets(self.max_seq_len, min(config.min_decode_window, self.max_seq_len))
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
-        self._everything = jnp.ones((config.max_slots, model.cfg.vocab_size), bool)  # unconstrained mask
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -168,6 +169,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._state = self._fresh_state()
+        shardings = jax.tree.map(lambda a: a.sharding, self._state)
+        self._insert = jax.jit(insert, donate_argnames="state", out_shardings=(shardings, None))
+        self._generate = jax.jit(partial(generate, self.graphdef), static_argnames=("rows", "kv_len"),
+                                 donate_argnames="state", out_shardings=(shardings, None))
+        self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
+            np.ones((config.max_slots, model.cfg.vocab_size), bool), shardings.tokens)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -198,13 +205,17 @@ class Engine:
 
         Pass the running event loop to consume the handle with `async for`.
         """
-        validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
+        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
         if request.n > self.config.max_slots:
             raise RequestError(f"n={request.n} exceeds this server's {self.config.max_slots} decode slots", param="n")
-        for i in range(request.n):  # range errors name the field, before anything is queued
-            self._sampling_row(request.sampling, i)
+        if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
+            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
+        rows = [self._sampling_row(request.sampling, i) for i in range(request.n)]  # range errors name the field
         handle = RequestHandle(request, loop)
+        handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
+            if self._stopping:
+                raise EngineError("the engine is stopped")
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
             self._queue.append(handle)
@@ -239,8 +250,8 @@ class Engine:
             self._report(progress, done, total, f"prefill bucket {bucket}")
         for rows in self.row_buckets:
             for window in self.windows:
-                self._state, result = generate(self.graphdef, self.params, self._state, self._everything,
-                                               rows=rows, kv_len=window)
+                self._state, result = self._generate(self.params, self._state, self._everything,
+                                                     rows=rows, kv_len=window)
                 np.asarray(result.tokens)
                 done += 1
                 self._report(progress, done, total, f"decode {rows} slots, window {window}")
@@ -270,7 +281,7 @@ class Engine:
             prefix = (logits, cache, tokens[0])
         logits, cache, tokens = prefix
         allowed = constraint.allowed()[None] if constraint else np.ones((1, self.model.cfg.vocab_size), bool)
-        self._state, result = insert(self._state, cache, logits, tokens, np.int32(slot), row, allowed)
+        self._state, result = self._insert(self._state, cache, logits, tokens, np.int32(slot), row, allowed)
         return prefix, result
 
     # ---- scheduler ----------------------------------------------------------------------------
@@ -287,18 +298,36 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-            self._drop_cancelled()
-            self._admit()
-            if pending and any(a and a.constraint for a in self.slots):
-                self._process(*pending)  # constrained slots need their last token before the next mask
+            try:
+                pending = self._iterate(pending)
+            except Exception as e:  # a bug or a device error: fail what is running, keep serving
+                log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {e}")
                 pending = None
-            dispatched = self._dispatch() if any(self.slots) else None
-            if pending:
-                self._process(*pending)
-            pending = dispatched
-        for handle in {a.handle for a in self.slots if a} | set(self._queue):
+        with self._wake:
+            queued, self._queue = list(self._queue), collections.deque()
+        for handle in {a.handle for a in self.slots if a} | set(queued):
             handle.put(Event(choice=0, error="the engine stopped"))
             handle.put(None)
+
+    def _iterate(self, pending):
+        """One scheduler iteration: admit, dispatch a step, process the previous one."""
+        self._drop_cancelled()
+        self._admit()
+        if pending and any(a and a.constraint for a in self.slots):
+            self._process(*pending)  # constrained slots need their last token before the next mask
+            pending = None
+        dispatched = self._dispatch() if any(self.slots) else None
+        if pending:
+            self._process(*pending)
+        return dispatched
+
+    def _fail_running(self, error: str) -> None:
+        """Fail every request holding a slot and start from fresh device state."""
+        for active in list(self.slots):
+            if active:
+                self._release(active.handle, error)
+        self._state = self._fresh_state()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -312,11 +341,13 @@ class Engine:
                 active.handle.put(None)
 
     def _release(self, handle: RequestHandle, error: str | None = None) -> None:
-        """Free every slot of `handle`; with `error`, tell its consumer and end its stream."""
+        """Free every slot of `handle`; with `error`, tell its consumer, end its stream and stop
+        admitting its remaining choices."""
         for i, active in enumerate(self.slots):
             if active and active.handle is handle:
                 self.slots[i] = None
         if error is not None:
+            handle.cancelled.set()
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
@@ -327,8 +358,7 @@ class Engine:
             if not self._queue or len(free) < self._queue[0].request.n:
                 return
             handle = self._queue.popleft()
-        request = handle.request
-        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
+        request, max_tokens = handle.request, handle.max_tokens
         stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
         if max_tokens == 0:  # nothing to generate: every choice ends at once
             for choice in range(request.n):
@@ -338,9 +368,10 @@ class Engine:
         prefix = None
         try:
             for choice, slot in zip(range(request.n), free):
+                if handle.cancelled.is_set():  # an earlier choice failed (or the client left)
+                    break
                 constraint = request.constraint() if request.constraint else None
-                row = self._sampling_row(request.sampling, choice)
-                prefix, first = self._prefill_insert(list(request.prompt), slot, row, prefix, constraint)
+                prefix, first = self._prefill_insert(list(request.prompt), slot, handle.rows[choice], prefix, constraint)
                 active = _Active(handle, choice, max_tokens, ChoiceText(self.tokenizer, request.stop), stop_ids,
                                  len(request.prompt), constraint)
                 self.slots[slot] = active
@@ -363,16 +394,15 @@ class Engine:
             allowed = np.ones((len(self.slots), self.model.cfg.vocab_size), bool)
             for i, a in enumerate(self.slots):
                 if a and a.constraint:
-                    allowed[i] = a.constraint.allowed()
-        try:
-            self._state, result = generate(self.graphdef, self.params, self._state, allowed, rows=rows, kv_len=window)
-        except Exception as e:  # the step failed: fail the running requests, keep serving
-            log.exception("generate step failed")
-            for active in list(self.slots):
-                if active:
-                    self._release(active.handle, f"generate step failed: {e}")
-            self._state = self._fresh_state()
-            return [None] * len(self.slots), None
+                    try:
+                        allowed[i] = a.constraint.allowed()
+                    except Exception as e:  # a broken automaton fails its request only
+                        log.exception("constraint failed")
+                        self._release(a.handle, f"structured-output constraint failed: {e}")
+            if not any(self.slots):
+                return [None] * len(self.slots), None
+            allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
+        self._state, result = self._generate(self.params, self._state, allowed, rows=rows, kv_len=window)
         for leaf in jax.tree.leaves(result):
             leaf.copy_to_host_async()
         for active in self.slots:
@@ -384,8 +414,13 @@ class Engine:
         """Turn one step's sampled tokens into events for the choices that still own their slot."""
         if result is None:
             return
-        tokens, logprobs = np.asarray(result.tokens), np.asarray(result.logprobs)
-        top_ids, top_lp = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
+        try:  # device errors of an asynchronously dispatched step surface here
+            tokens, logprobs = np.asarray(result.tokens), np.asarray(result.logprobs)
+            top_ids, top_lp = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
+        except Exception as e:
+            log.exception("generate step failed")
+            self._fail_running(f"generate step failed: {e}")
+            return
         for slot, active in enumerate(owners):
             if active is None or self.slots[slot] is not active:
                 continue  # finished or cancelled after this step was dispatched

@@ -132,6 +132,8 @@ class RequestHandle:
         self.id = next(_ids)
         self.prompt_tokens = len(request.prompt)
         self.unfinished = request.n  # choices still generating (engine thread only)
+        self.max_tokens = 0  # set by the engine when it accepts the request
+        self.rows: list = []  # the sampling row of each choice, likewise
         self.cancelled = threading.Event()
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()

@@ -32,8 +32,8 @@ float32 rounding of the mass sums. Each search runs only when some row of the ba
 Keys: the key for step t of choice i of a request is
 ``fold_in(fold_in(wrap_key_data([seed_hi, seed_lo], threefry2x32), i), t)`` where
 seed = seed_hi * 2**32 + seed_lo (uint32 words, since JAX x64 is off); the base key equals
-``jax.random.key(seed)`` under x64. It depends on nothing else, so a request samples the same
-tokens in any slot next to any neighbours (within one JAX version).
+``jax.random.key(seed)`` under x64. It depends on nothing else, so given the same logits a
+request samples the same tokens in any slot next to any neighbours (within one JAX version).
 
 Cost per step at vocab 32000, float32, per row: reads logits (128 KB), counts (128 KB) and the
 prompt mask (32 KB), plus the allowed mask (32 KB) when given; writes one count (in place when the

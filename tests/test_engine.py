@@ -12,7 +12,7 @@ from llama_jax import steps
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
-from llama_jax.request import QueueFullError, Request, RequestError, SamplingOptions
+from llama_jax.request import EngineError, QueueFullError, Request, RequestError, SamplingOptions
 from llama_jax.tokenizer import Tokenizer
 
 MAX_LEN = 128
@@ -216,7 +216,11 @@ def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, toke
     with Engine(sharded, tokenizer, config, mesh=mesh) as tp_engine:
         assert tp_engine._state.cache.k[0].sharding.spec[1] == "tp"  # KV heads split over the mesh
         got = [ids(c) for c in tp_engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
+        with CompileCounter() as counter:  # the sharded state keeps its placement from step to step
+            for _ in range(2):
+                tp_engine.generate(prompts + [[1, 450] * 30], max_tokens=5, n=2, sampling=SamplingOptions(seed=1))
     assert got == expected
+    assert counter.count == 0
 
 
 class OnlyTheseTokens:
@@ -289,3 +293,44 @@ def test_restart_reuses_the_persistent_compilation_cache(tmp_path, tokenizer_pat
     assert first_misses > 0 and first_hits == 0
     hits, misses = warm_up()
     assert misses == 0 and hits == first_misses  # every warm-up program came from the cache
+
+
+class BreaksAfter(OnlyTheseTokens):
+    """Fault injection: a constraint whose automaton raises after `ok` tokens."""
+
+    def __init__(self, ok, where):
+        super().__init__([450, 4996, 29871], 50)
+        self.ok, self.where = ok, where
+
+    def allowed(self):
+        if self.where == "allowed" and self.left <= 50 - self.ok:
+            raise RuntimeError("injected automaton fault")
+        return super().allowed()
+
+    def advance(self, token_id):
+        if self.where == "advance" and self.left <= 50 - self.ok:
+            raise RuntimeError("injected automaton fault")
+        super().advance(token_id)
+
+
+@pytest.mark.parametrize("where", ["allowed", "advance"])
+def test_a_broken_constraint_fails_its_request_and_frees_every_slot(engine, where):
+    healthy = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=40, stop_token_ids=[]))
+    broken = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=60, n=3, stop_token_ids=[],
+                                   constraint=lambda: BreaksAfter(0 if where == "advance" else 2, where)))
+    with pytest.raises(Exception, match="injected automaton fault"):
+        broken.result()
+    assert len(healthy.result().choices[0].tokens) == 40
+    deadline = time.time() + 10
+    while engine.busy_slots and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots == 0, "no choice of the failed request may keep generating"
+    assert engine._thread.is_alive()
+    assert len(engine.generate([[1, 15043]], max_tokens=3)[0].choices[0].tokens) == 3
+
+
+def test_submit_after_stop_is_refused(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(max_slots=1, max_seq_len=MAX_LEN)).start(warmup=False)
+    engine.stop()
+    with pytest.raises(EngineError):
+        engine.submit(Request(prompt=[1, 2]))

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -94,7 +95,8 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 20) -> 
         state = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
         window = bucket_for(context + 1, length_buckets(max_len, 128))
         allowed = jnp.ones((slots, model.cfg.vocab_size), bool)
-        step = lambda state: generate(graphdef, params, state, allowed, rows=slots, kv_len=window)
+        jitted = jax.jit(partial(generate, graphdef), static_argnames=("rows", "kv_len"), donate_argnames="state")
+        step = lambda state: jitted(params, state, allowed, rows=slots, kv_len=window)
         for _ in range(3):
             state, result = step(state)
         result.tokens.block_until_ready()
