@@ -173,6 +173,9 @@ class Engine:
         self._insert = jax.jit(insert, donate_argnames="state", out_shardings=(shardings, None))
         self._generate = jax.jit(partial(generate, self.graphdef), static_argnames=("rows", "kv_len"),
                                  donate_argnames="state", out_shardings=(shardings, None))
+        neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
+        self._clear_row = jax.jit(lambda params, slot: sampling.set_row(params, slot, neutral),
+                                  donate_argnums=0, out_shardings=shardings.params)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, model.cfg.vocab_size), bool), shardings.tokens)
 
@@ -255,6 +258,7 @@ class Engine:
                 np.asarray(result.tokens)
                 done += 1
                 self._report(progress, done, total, f"decode {rows} slots, window {window}")
+        self._free(0)
         self._state = self._fresh_state()
 
     def _fresh_state(self) -> DecodeState:
@@ -322,6 +326,10 @@ class Engine:
             self._process(*pending)
         return dispatched
 
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        self._state = dataclasses.replace(self._state, params=self._clear_row(self._state.params, np.int32(slot)))
+
     def _fail_running(self, error: str) -> None:
         """Fail every request holding a slot and start from fresh device state."""
         for active in list(self.slots):
@@ -345,7 +353,7 @@ class Engine:
         admitting its remaining choices."""
         for i, active in enumerate(self.slots):
             if active and active.handle is handle:
-                self.slots[i] = None
+                self._free(i)
         if error is not None:
             handle.cancelled.set()
             handle.put(Event(choice=0, error=error))
@@ -447,7 +455,7 @@ class Engine:
                 text += active.text.finish()
         active.handle.put(Event(active.choice, text, (info,), finish))
         if finish:
-            self.slots[slot] = None
+            self._free(slot)
             active.handle.unfinished -= 1
             if active.handle.unfinished == 0:
                 active.handle.put(None)

@@ -334,3 +334,10 @@ def test_submit_after_stop_is_refused(model, tokenizer):
     engine.stop()
     with pytest.raises(EngineError):
         engine.submit(Request(prompt=[1, 2]))
+
+
+def test_a_finished_slot_goes_back_to_neutral_sampling(engine):
+    out = engine.submit(Request(prompt=[1, 15043], max_tokens=4, sampling=SamplingOptions(top_k=40, top_p=0.5))).result()
+    assert len(out.choices[0].tokens) == 4
+    params = engine._state.params
+    assert int(np.max(np.asarray(params.top_k))) == 0 and float(np.min(np.asarray(params.top_p))) == 1.0
