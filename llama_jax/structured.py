@@ -388,7 +388,6 @@ class GrammarConstraint:
         self.vocab_size = vocab_size or self.vocab.size
         self.generated = 0
         self.forced: list[int] = []  # the rest of the closing plan once it is forced
-        self.forced_steps = 0  # tokens taken from a plan rather than chosen by the model
         self._plan: list[int] | None = None  # the last closing plan (EOS excluded), while it may still be valid
         self._plan_eos = False
         self._check_at = 0  # the next step at which the closing plan must be checked
@@ -423,7 +422,6 @@ class GrammarConstraint:
         if self.matcher.is_error():  # cannot happen while the engine honours the mask: end the choice
             return self._only(self.vocab.eos_id)
         if self.forced:
-            self.forced_steps += 1
             return self._only(self.forced[0])
         soft = False
         if self.budget is not None and self.generated >= self._check_at and not self.matcher.is_accepting():
@@ -434,7 +432,6 @@ class GrammarConstraint:
                 if left <= len(plan) + HARD_SLACK:
                     self.forced = list(plan)  # no room left: follow the plan to the end
                 if self.forced or not (plan[0] in self.vocab.string_closers and left > len(plan) + self.margin // 2):
-                    self.forced_steps += 1
                     return self._only(plan[0])  # nothing may open: take the plan's next step
                 soft = True  # in a string that could end now: content that cannot open anything
             # one free token shortens the budget by 1 and lengthens the plan by at most `margin`
