@@ -318,12 +318,11 @@ class Engine:
         """One scheduler iteration: admit, dispatch a step, process the previous one."""
         self._drop_cancelled()
         self._admit()
-        if pending and any(a and a.constraint for a in self.slots):
-            self._process(*pending)  # constrained slots need their last token before the next mask
-            pending = None
+        if pending:  # constrained slots need their last token before the next mask: only they wait
+            self._process(*pending, which=lambda a: a.constraint is not None)
         dispatched = self._dispatch() if any(self.slots) else None
         if pending:
-            self._process(*pending)
+            self._process(*pending, which=lambda a: a.constraint is None)
         return dispatched
 
     def _free(self, slot: int) -> None:
@@ -418,9 +417,11 @@ class Engine:
                 active.length += 1
         return list(self.slots), result
 
-    def _process(self, owners: list[_Active | None], result: SampleResult | None, row_of: dict[int, int] | None = None) -> None:
-        """Turn one step's sampled tokens into events for the choices that still own their slot."""
-        if result is None:
+    def _process(self, owners: list[_Active | None], result: SampleResult | None, row_of: dict[int, int] | None = None,
+                 which: Callable[[_Active], bool] = lambda a: True) -> None:
+        """Turn one step's sampled tokens into events for the choices (those `which` selects) that
+        still own their slot."""
+        if result is None or not any(a and which(a) for a in owners):
             return
         try:  # device errors of an asynchronously dispatched step surface here
             tokens, logprobs = np.asarray(result.tokens), np.asarray(result.logprobs)
@@ -430,8 +431,8 @@ class Engine:
             self._fail_running(f"generate step failed: {e}")
             return
         for slot, active in enumerate(owners):
-            if active is None or self.slots[slot] is not active:
-                continue  # finished or cancelled after this step was dispatched
+            if active is None or self.slots[slot] is not active or not which(active):
+                continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
                 self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
