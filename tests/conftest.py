@@ -22,8 +22,9 @@ def tokenizer_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tokenizer_path):
-    """Factory: a random-weight HF-layout checkpoint for a preset (written once per session)."""
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: a random-weight HF-layout checkpoint for a preset (written once per session), with
+    the real tokenizer beside it when ../shared has it (model-only tests do not need it)."""
     from llama_jax.config import preset
     from llama_jax.hf_checkpoint import write_tiny_checkpoint
 
@@ -35,7 +36,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_path):
             cfg = preset(name)
             cfg = cfg.replace(dtype=dtype) if dtype else cfg
             out = tmp_path_factory.mktemp(f"hf-{name}-{seed}-{dtype or cfg.dtype}")
-            made[key] = write_tiny_checkpoint(out, cfg, seed=seed, tokenizer_path=tokenizer_path, shard_bytes=2**20)
+            tokenizer = TOKENIZER_PATH if TOKENIZER_PATH.exists() else None
+            made[key] = write_tiny_checkpoint(out, cfg, seed=seed, tokenizer_path=tokenizer, shard_bytes=2**20)
         return made[key]
 
     return get

@@ -144,8 +144,8 @@ def test_progress_bar_over_bytes_on_a_tty(tiny_checkpoint, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "converting" in err and "100%" in err and "MB" in err
     assert main([str(tiny_checkpoint("tiny-mha")), str(tmp_path / "b"), "--quiet"]) == 0
-    captured = capsys.readouterr()
-    assert captured.err == "" and captured.out == ""
+    captured = capsys.readouterr()  # --quiet: no bar, no summary (warnings, e.g. no tokenizer, still show)
+    assert captured.out == "" and all(line.startswith("convert-weights: warning:") for line in captured.err.splitlines())
 
 
 def test_force_replaces_existing_output(tiny_checkpoint, tmp_path, capsys):
