@@ -20,6 +20,9 @@ from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
 
 
+PREFILL_QUERY_BLOCK = 128  # prefill attention runs in causal query blocks of this many tokens
+
+
 def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from `smallest` up to `max_len` (which is always the last bucket)."""
     buckets, b = [], smallest
@@ -56,7 +59,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
     b, t = tokens.shape
     cache = kv_cache.init_cache(model.cfg, b, t)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return model(tokens, positions, cache, lengths, logits_at=lengths - 1)
+    return model(tokens, positions, cache, lengths, logits_at=lengths - 1, causal_block=PREFILL_QUERY_BLOCK)
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="kv_len", donate_argnames="cache")

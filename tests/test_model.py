@@ -44,6 +44,22 @@ def test_prefill_logits_match_hf_float32(tiny_checkpoint, shape):
     assert rel_err(ours, ref) <= 1e-5
 
 
+def test_blocked_prefill_matches_hf(tiny_checkpoint):
+    """Prompts longer than one causal query block, padded together into a 512 bucket: the
+    last-token logits of each match HF on that prompt alone."""
+    assert steps.PREFILL_QUERY_BLOCK < 200, "the prompts must span several query blocks"
+    path = tiny_checkpoint("tiny-gqa")
+    graphdef, params = nnx.split(load_hf_model(path))
+    rng = np.random.default_rng(3)
+    prompts = [[1, *rng.integers(3, 32000, n - 1).tolist()] for n in (300, 200)]
+    logits, _ = steps.prefill(graphdef, params, *steps.pad_prompts(prompts, 512))
+    hf = hf_model(path)
+    for ours, prompt in zip(np.asarray(logits), prompts):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert rel_err(ours, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_64_greedy_tokens_match_hf_generate(tiny_checkpoint, shape):
     path = tiny_checkpoint(shape)
