@@ -326,11 +326,15 @@ def sample(
     logprobs = jax.nn.log_softmax(x, axis=-1)
 
     greedy = dead | (params.temperature < MIN_TEMPERATURE)
-    scaled = x / jnp.where(greedy, 1.0, params.temperature)[:, None]
-    keep = truncation_mask(scaled, params.top_k, params.top_p, params.min_p)
-    weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
-    drawn = _argmax(weights / _exponential_noise(_token_keys(params, state.step), x.shape[1]))
-    tokens = jnp.where(greedy, _argmax(x), drawn).astype(jnp.int32)
+
+    def draw() -> jax.Array:
+        scaled = x / jnp.where(greedy, 1.0, params.temperature)[:, None]
+        keep = truncation_mask(scaled, params.top_k, params.top_p, params.min_p)
+        weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
+        return _argmax(weights / _exponential_noise(_token_keys(params, state.step), x.shape[1]))
+
+    argmax = _argmax(x)  # an all-greedy batch skips the noise and truncation (half the sampler's time)
+    tokens = jnp.where(greedy, argmax, lax.cond(jnp.all(greedy), lambda: argmax, draw)).astype(jnp.int32)
 
     top_logprobs, top_ids = lax.top_k(logprobs, num_top_logprobs)
     result = SampleResult(

@@ -347,6 +347,10 @@ def test_temperature_zero_is_argmax_whatever_the_knobs():
     masked = np.where(allowed, logits, -np.inf).astype(np.float32)
     want = np.argmax(np_penalties(masked, rep, presence, frequency, counts, prompt), axis=-1)
     np.testing.assert_array_equal(result.tokens, want)
+    # one sampled row makes the batch take the drawing path: the greedy rows must not change
+    mixed = dataclasses.replace(params, temperature=params.temperature.at[0].set(1.0))
+    result, _ = S.sample(jnp.asarray(logits), mixed, state, jnp.asarray(allowed), num_top_logprobs=2)
+    np.testing.assert_array_equal(result.tokens[1:], want[1:])
 
 
 def test_extremes_never_give_nan_or_out_of_vocab():
