@@ -32,6 +32,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this Bearer key (repeatable; also LLAMA_JAX_API_KEYS=k1,k2); none: no auth")
@@ -101,7 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         _say(f"error: {path} has no tokenizer.model")
         return 1
     config = EngineConfig(max_slots=args.max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                          compilation_cache_dir=str(args.compilation_cache_dir))
+                          max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir))
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
                                            log_level="info", timeout_graceful_shutdown=5))

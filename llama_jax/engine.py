@@ -1,12 +1,13 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-A request is prefilled alone (prompt padded to a length bucket), inserted into one free slot
-per choice (which samples its first token), and then advanced by `generate` steps that run
-every slot at once. All device state lives in one donated `DecodeState`; the set of compiled
-programs is fixed at warm-up (one prefill and one insert per bucket, one generate per attention
-window), so no request mix ever compiles.
+Queued requests are prefilled together (prompts padded to a length bucket, rows to a power of
+two, up to `max_prefill_tokens`), each inserted into one free slot per choice (which samples its
+first token), and then advanced by `generate` steps that run every busy slot at once. All
+device state lives in one donated `DecodeState`; the set of compiled programs is fixed at
+warm-up (one prefill and one insert per (rows, length) bucket, one generate per (busy slots,
+attention window) bucket), so no request mix ever compiles.
 
-A background thread schedules: each iteration admits at most one queued request (so running
+A background thread schedules: each iteration admits at most one prefill batch (so running
 streams stall for at most one bucketed prefill), then dispatches a generate step before it
 processes the previous step's tokens on the host, so the device never waits for Python.
 """
@@ -47,6 +48,7 @@ class EngineConfig:
     max_slots: int = 8
     max_seq_len: int | None = None  # default: the model's context (4096 for Llama 2)
     min_prefill_bucket: int = 16
+    max_prefill_tokens: int = 512  # queued prompts are prefilled together up to rows x bucket tokens
     min_decode_window: int = 128
     max_queue: int = 64
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
@@ -98,14 +100,16 @@ def _put_row(tree, i, row):
     return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=0), tree, row)
 
 
-def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompt: jax.Array,
+def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompts: jax.Array, row: jax.Array,
            slot: jax.Array, params: SamplingParams, allowed: jax.Array) -> tuple[DecodeState, SampleResult]:
-    """Put a prefilled prompt into `slot` with its sampling row, and sample its first token there
-    (among the `allowed` [1, vocab] tokens)."""
-    cache = kv_cache.insert(prefix, state.cache, slot, 0)
+    """Put prompt `row` of a prefill batch (cache, last-token `logits` [rows, vocab], padded
+    `prompts` [rows, bucket]) into `slot` with its sampling row, and sample its first token there
+    (among the `allowed` [1, vocab] tokens). `row` and `slot` are traced: one program per batch shape."""
+    cache = kv_cache.insert(prefix, state.cache, slot, row)
     all_params = sampling.set_row(state.params, slot, params)
-    sampler = sampling.reset_row(state.sampler, slot, prompt, prefix.lengths[0])
-    result, row_state = sampling.sample(logits, _row(all_params, slot), _row(sampler, slot), allowed)
+    length = jax.lax.dynamic_index_in_dim(prefix.lengths, row, keepdims=False)
+    sampler = sampling.reset_row(state.sampler, slot, jax.lax.dynamic_index_in_dim(prompts, row, keepdims=False), length)
+    result, row_state = sampling.sample(_row(logits, row), _row(all_params, slot), _row(sampler, slot), allowed)
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[slot].set(result.tokens[0]),
@@ -162,6 +166,8 @@ class Engine:
         self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
         self.windows = steps.length_buckets(self.max_seq_len, min(config.min_decode_window, self.max_seq_len))
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
+        self.prefill_shapes = [(rows, bucket) for bucket in self.buckets for rows in self.row_buckets
+                               if rows == 1 or rows * bucket <= config.max_prefill_tokens]
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -243,14 +249,15 @@ class Engine:
     # ---- device steps -------------------------------------------------------------------------
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
-        """Compile every program serving can need: prefill + insert per bucket, generate per
-        (busy-slot bucket, attention window)."""
-        total, done = len(self.buckets) + len(self.row_buckets) * len(self.windows), 0
+        """Compile every program serving can need: prefill + insert per (rows, length) bucket,
+        generate per (busy-slot bucket, attention window)."""
+        total, done = len(self.prefill_shapes) + len(self.row_buckets) * len(self.windows), 0
         row = self._sampling_row(SamplingOptions(seed=0), 0)
-        for bucket in self.buckets:
-            self._prefill_insert([self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1), 0, row)
+        for rows, bucket in self.prefill_shapes:
+            prefix = self._prefill([[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows)
+            np.asarray(self._insert_row(prefix, rows - 1, 0, row).tokens)
             done += 1
-            self._report(progress, done, total, f"prefill bucket {bucket}")
+            self._report(progress, done, total, f"prefill {rows} x {bucket} tokens")
         for rows in self.row_buckets:
             for window in self.windows:
                 self._state, result = self._generate(self.params, self._state, self._everything,
@@ -276,17 +283,21 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e), param=str(e).split()[0]) from None
 
-    def _prefill_insert(self, prompt: list[int], slot: int, row: SamplingParams, prefix=None,
-                        constraint: Constraint | None = None):
-        """Prefill (unless `prefix` = (logits, cache, tokens) is given) and insert into `slot`."""
-        if prefix is None:
-            tokens, lengths = steps.pad_prompts([prompt], steps.bucket_for(len(prompt), self.buckets))
-            logits, cache = steps.prefill(self.graphdef, self.params, tokens, lengths)
-            prefix = (logits, cache, tokens[0])
+    def _prefill(self, prompts: list[list[int]]) -> tuple[jax.Array, KVCache, np.ndarray]:
+        """Prefill prompts together, padded to a (rows, length) bucket; returns (logits, cache, tokens)."""
+        rows = steps.bucket_for(len(prompts), self.row_buckets)
+        prompts = prompts + [[self.tokenizer.bos_id]] * (rows - len(prompts))  # padding rows: one token
+        tokens, lengths = steps.pad_prompts(prompts, steps.bucket_for(max(map(len, prompts)), self.buckets))
+        logits, cache = steps.prefill(self.graphdef, self.params, tokens, lengths)
+        return logits, cache, tokens
+
+    def _insert_row(self, prefix, row: int, slot: int, params: SamplingParams,
+                    constraint: Constraint | None = None) -> SampleResult:
+        """Insert prompt `row` of a prefill batch into `slot`; returns its first sampled token."""
         logits, cache, tokens = prefix
         allowed = constraint.allowed()[None] if constraint else np.ones((1, self.model.cfg.vocab_size), bool)
-        self._state, result = self._insert(self._state, cache, logits, tokens, np.int32(slot), row, allowed)
-        return prefix, result
+        self._state, result = self._insert(self._state, cache, logits, tokens, np.int32(row), np.int32(slot), params, allowed)
+        return result
 
     # ---- scheduler ----------------------------------------------------------------------------
 
@@ -358,34 +369,57 @@ class Engine:
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
-    def _admit(self) -> None:
-        """Prefill the next queued request if enough slots are free for all its choices."""
-        free = [i for i, s in enumerate(self.slots) if s is None]
+    def _take_batch(self, free: int) -> list[RequestHandle]:
+        """Pop the queued requests (in order) to prefill together: all their choices fit in the
+        `free` slots and their padded batch in `max_prefill_tokens` (a lone prompt always fits)."""
+        batch: list[RequestHandle] = []
         with self._wake:
-            if not self._queue or len(free) < self._queue[0].request.n:
-                return
-            handle = self._queue.popleft()
-        request, max_tokens = handle.request, handle.max_tokens
-        stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
-        if max_tokens == 0:  # nothing to generate: every choice ends at once
-            for choice in range(request.n):
-                handle.put(Event(choice, finish_reason="length"))
-            handle.put(None)
-            return
-        prefix = None
-        try:
-            for choice, slot in zip(range(request.n), free):
-                if handle.cancelled.is_set():  # an earlier choice failed (or the client left)
+            while self._queue and sum(h.request.n for h in batch) + self._queue[0].request.n <= free:
+                candidate = [*batch, self._queue[0]]
+                longest = max(len(h.request.prompt) for h in candidate)
+                rows = steps.bucket_for(len(candidate), self.row_buckets)
+                if batch and (rows, steps.bucket_for(longest, self.buckets)) not in self.prefill_shapes:
                     break
-                constraint = request.constraint() if request.constraint else None
-                prefix, first = self._prefill_insert(list(request.prompt), slot, handle.rows[choice], prefix, constraint)
-                active = _Active(handle, choice, max_tokens, ChoiceText(self.tokenizer, request.stop), stop_ids,
-                                 len(request.prompt), constraint)
-                self.slots[slot] = active
-                self._process([active if i == slot else None for i in range(len(self.slots))], first, row_of={slot: 0})
-        except Exception as e:  # a failed prefill fails this request only
+                batch.append(self._queue.popleft())
+        return batch
+
+    def _admit(self) -> None:
+        """Prefill the next queued requests together and insert each choice into a free slot."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        batch = []
+        for handle in self._take_batch(len(free)):
+            if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
+                for choice in range(handle.request.n):
+                    handle.put(Event(choice, finish_reason="length"))
+                handle.put(None)
+            else:
+                batch.append(handle)
+        if not batch:
+            return
+        try:
+            prefix = self._prefill([list(h.request.prompt) for h in batch])
+        except Exception as e:  # a failed prefill fails these requests only
             log.exception("prefill failed")
-            self._release(handle, f"prefill failed: {e}")
+            for handle in batch:
+                self._release(handle, f"prefill failed: {e}")
+            return
+        free_slots = iter(free)
+        for row, handle in enumerate(batch):
+            request = handle.request
+            stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
+            try:
+                for choice, slot in zip(range(request.n), free_slots):
+                    if handle.cancelled.is_set():  # an earlier choice failed (or the client left)
+                        break
+                    constraint = request.constraint() if request.constraint else None
+                    first = self._insert_row(prefix, row, slot, handle.rows[choice], constraint)
+                    active = _Active(handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop),
+                                     stop_ids, len(request.prompt), constraint)
+                    self.slots[slot] = active
+                    self._process([active if i == slot else None for i in range(len(self.slots))], first, row_of={slot: 0})
+            except Exception as e:  # a failed insert fails this request only
+                log.exception("insert failed")
+                self._release(handle, f"prefill failed: {e}")
 
     def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
         """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.

@@ -11,6 +11,7 @@ from api import schemas
 from api.cli import build_parser, curl_example
 from api.errors import APIError
 from api.settings import ServerSettings, api_keys_from
+from llama_jax.engine import EngineConfig
 from llama_jax.request import TokenLogprob
 from llama_jax.tokenizer import Tokenizer
 
@@ -97,6 +98,8 @@ def test_serve_command_line():
     args = build_parser().parse_args(["serve", "--checkpoint", "/ckpt", "--port", "0", "--api-key", "k1",
                                       "--api-key", "k2", "--max-seq-len", "2048", "--tp", "2", "--model-name", "x"])
     assert args.api_key == ["k1", "k2"] and args.max_seq_len == 2048 and args.tp == 2 and args.model_name == "x"
+    assert build_parser().parse_args(["serve"]).max_prefill_tokens == EngineConfig().max_prefill_tokens
+    assert build_parser().parse_args(["serve", "--max-prefill-tokens", "1024"]).max_prefill_tokens == 1024
     assert {"generate", "make-tiny-checkpoint", "serve"} <= set(build_parser()._subparsers._group_actions[0].choices)
     curl = curl_example("http://127.0.0.1:8000", "meta-llama/Llama-2-7b-chat-hf", needs_key=True)
     assert curl.startswith("curl http://127.0.0.1:8000/v1/chat/completions") and "Bearer $LLAMA_JAX_API_KEY" in curl

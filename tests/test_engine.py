@@ -101,6 +101,39 @@ def test_n_choices_share_one_prefill(engine, monkeypatch):
     assert [tuple(ids(again, i)) for i in range(3)] == choices
 
 
+def _spy_prefill_shapes(monkeypatch) -> list[tuple[int, int]]:
+    shapes = []
+    real = steps.prefill
+    monkeypatch.setattr(steps, "prefill", lambda g, p, tokens, lengths: shapes.append(tokens.shape) or real(g, p, tokens, lengths))
+    return shapes
+
+
+def test_queued_requests_share_one_prefill_and_match_alone(engine, monkeypatch):
+    rng = np.random.default_rng(11)
+    requests = [Request(prompt=random_prompt(rng), max_tokens=12, n=n,
+                        sampling=SamplingOptions(temperature=0.8, seed=i, repetition_penalty=1.2))
+                for i, n in enumerate([1, 2, 1, 1])]
+    alone = [engine.submit(r).result() for r in requests]
+    shapes = _spy_prefill_shapes(monkeypatch)
+    with engine._wake:  # hold the scheduler off while the requests queue up
+        handles = [engine.submit(r) for r in requests]
+    together = [h.result() for h in handles]
+    assert shapes == [(4, steps.bucket_for(max(len(r.prompt) for r in requests), engine.buckets))]
+    for a, t, r in zip(alone, together, requests):
+        assert [ids(t, c) for c in range(r.n)] == [ids(a, c) for c in range(r.n)]
+
+
+def test_prefill_batches_stay_within_the_token_budget(engine, monkeypatch):
+    assert engine.config.max_prefill_tokens == 512 and MAX_LEN == 128
+    rng = np.random.default_rng(12)
+    shapes = _spy_prefill_shapes(monkeypatch)
+    with engine._wake:
+        handles = [engine.submit(Request(prompt=random_prompt(rng, 70, 100), max_tokens=3)) for _ in range(6)]
+    for h in handles:
+        assert len(h.result().choices[0].tokens) == 3
+    assert shapes == [(4, 128), (2, 128)]  # 8 x 128 would pass the budget: 4 rows, then the other 2
+
+
 def test_many_random_cancellations_leak_no_slot(engine):
     rng = random.Random(0)
     handles = []
