@@ -219,7 +219,8 @@ class Engine:
             raise RequestError(f"n={request.n} exceeds this server's {self.config.max_slots} decode slots", param="n")
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
-        rows = [self._sampling_row(request.sampling, i) for i in range(request.n)]  # range errors name the field
+        rows = [self._sampling_row(request.sampling, i, request.top_logprobs)  # range errors name the field
+                for i in range(request.n)]
         handle = RequestHandle(request, loop)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
@@ -277,9 +278,9 @@ class Engine:
         if progress:
             progress(done, total, what)
 
-    def _sampling_row(self, options: SamplingOptions, choice: int) -> SamplingParams:
+    def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0) -> SamplingParams:
         try:
-            return sampling.make_params(**dataclasses.asdict(options), choice=choice)
+            return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs)
         except ValueError as e:
             raise RequestError(str(e), param=str(e).split()[0]) from None
 

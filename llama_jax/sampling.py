@@ -77,6 +77,7 @@ class SamplingParams:
     seed_hi: jax.Array  # uint32, high word of the 64-bit seed
     seed_lo: jax.Array  # uint32, low word
     choice: jax.Array  # uint32, index of the choice within the request (0..n-1)
+    top_logprobs: jax.Array  # int32, [0, 20]: alternatives the row reports; none in the batch = no top-k
 
 
 @jax.tree_util.register_dataclass
@@ -129,6 +130,7 @@ def make_params(
     frequency_penalty: float = 0.0,
     seed: int | None = None,
     choice: int = 0,
+    top_logprobs: int = 0,
 ) -> SamplingParams:
     """One row of host (numpy) scalars from API values; raises ValueError naming a bad field.
 
@@ -152,6 +154,9 @@ def make_params(
     if isinstance(choice, bool) or not isinstance(choice, (int, np.integer)):
         raise ValueError(f"choice must be an integer, got {choice!r}")
     _check("choice", choice, 0, 2**31 - 1)
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)):
+        raise ValueError(f"top_logprobs must be an integer, got {top_logprobs!r}")
+    _check("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
     seed64 = int(seed) % 2**64  # two's complement for negative seeds
     f32 = np.float32
     return SamplingParams(
@@ -165,6 +170,7 @@ def make_params(
         seed_hi=np.uint32(seed64 >> 32),
         seed_lo=np.uint32(seed64 & 0xFFFFFFFF),
         choice=np.uint32(choice),
+        top_logprobs=np.int32(top_logprobs),
     )
 
 
@@ -336,7 +342,9 @@ def sample(
     argmax = _argmax(x)  # an all-greedy batch skips the noise and truncation (half the sampler's time)
     tokens = jnp.where(greedy, argmax, lax.cond(jnp.all(greedy), lambda: argmax, draw)).astype(jnp.int32)
 
-    top_logprobs, top_ids = lax.top_k(logprobs, num_top_logprobs)
+    top_logprobs, top_ids = lax.cond(  # the top-20 search is skipped when no row reports alternatives
+        jnp.any(params.top_logprobs > 0), lambda: tuple(lax.top_k(logprobs, num_top_logprobs)),
+        lambda: (jnp.full((rows, num_top_logprobs), -jnp.inf), jnp.zeros((rows, num_top_logprobs), jnp.int32)))
     result = SampleResult(
         tokens=tokens,
         logprobs=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],

@@ -91,7 +91,7 @@ def chi_square(observed, probs):
         ("top_k", -1), ("top_k", 1000), ("top_k", 2.5),
         ("repetition_penalty", 0.0), ("repetition_penalty", 5.5),
         ("presence_penalty", -2.1), ("frequency_penalty", 2.1),
-        ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 1.5), ("choice", -1),
+        ("seed", 2**63), ("seed", -(2**63) - 1), ("seed", 1.5), ("choice", -1), ("top_logprobs", 21),
     ],
 )
 def test_make_params_rejects_out_of_range(field, value):
@@ -351,6 +351,20 @@ def test_temperature_zero_is_argmax_whatever_the_knobs():
     mixed = dataclasses.replace(params, temperature=params.temperature.at[0].set(1.0))
     result, _ = S.sample(jnp.asarray(logits), mixed, state, jnp.asarray(allowed), num_top_logprobs=2)
     np.testing.assert_array_equal(result.tokens[1:], want[1:])
+
+
+def test_top_logprobs_only_when_a_row_asks():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(0, 3, (3, 50)).astype(np.float32)
+    state = S.init_state(3, 50)
+    result, _ = S.sample(jnp.asarray(logits), batch_params(top_logprobs=[0, 3, 0]), state, num_top_logprobs=4)
+    want = np.log(np.exp(logits[1]) / np.exp(logits[1]).sum())
+    np.testing.assert_array_equal(result.top_ids[1], np.argsort(-want)[:4])
+    np.testing.assert_allclose(result.top_logprobs[1], np.sort(want)[::-1][:4], rtol=1e-5)
+    result, _ = S.sample(jnp.asarray(logits), batch_params(top_logprobs=[0, 0, 0]), state, num_top_logprobs=4)
+    assert np.all(np.isneginf(result.top_logprobs)), "no row asked: the search is skipped"
+    np.testing.assert_allclose(result.logprobs, np.take_along_axis(
+        logits - np.log(np.exp(logits).sum(-1, keepdims=True)), np.asarray(result.tokens)[:, None], -1)[:, 0], rtol=1e-5)
 
 
 def test_extremes_never_give_nan_or_out_of_vocab():
