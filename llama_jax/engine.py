@@ -164,7 +164,7 @@ class Engine:
         self.config = config
         self.graphdef, self.params = nnx.split(model)
         self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
-        self.windows = steps.length_buckets(self.max_seq_len, min(config.min_decode_window, self.max_seq_len))
+        self.windows = steps.decode_windows(self.max_seq_len, config.min_decode_window)
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = [(rows, bucket) for bucket in self.buckets for rows in self.row_buckets
                                if rows == 1 or rows * bucket <= config.max_prefill_tokens]

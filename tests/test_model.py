@@ -121,6 +121,16 @@ def test_rows_are_independent(tiny_checkpoint):
         np.testing.assert_allclose(np.asarray(mixed[slot]), np.asarray(one[0]), rtol=0, atol=1e-4)
 
 
+def test_buckets_and_decode_windows():
+    assert steps.length_buckets(2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert steps.length_buckets(100, 16) == (16, 32, 64, 100)
+    windows = steps.decode_windows(4096)
+    assert windows == (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    for needed in range(129, 4097):  # a step never reads more than 1.5x the keys it needs
+        assert needed <= steps.bucket_for(needed, windows) <= 1.5 * needed
+    assert steps.decode_windows(100) == (100,)
+
+
 def test_no_compiles_after_warmup(tiny_checkpoint):
     """Warm every prefill bucket, the insert and the decode windows; then no prompt length,
     slot or batch content compiles anything."""
@@ -128,7 +138,7 @@ def test_no_compiles_after_warmup(tiny_checkpoint):
     graphdef, params = nnx.split(model)
     max_len = 128
     buckets = steps.length_buckets(max_len)
-    windows = steps.length_buckets(max_len, smallest=32)
+    windows = steps.decode_windows(max_len, smallest=32)
     slots = 4
 
     def serve(prompt: list[int], slot: int, cache, rng):

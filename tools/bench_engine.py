@@ -87,7 +87,7 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     window (not the cache size) should set the cost. The two are timed alternately, so drift in
     the machine's speed hits both alike."""
     from llama_jax.engine import generate, init_decode_state
-    from llama_jax.steps import bucket_for, length_buckets
+    from llama_jax.steps import bucket_for, decode_windows
 
     graphdef, params = nnx.split(model)
     jitted = jax.jit(partial(generate, graphdef), static_argnames=("rows", "kv_len"), donate_argnames="state")
@@ -96,7 +96,7 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     for max_len in samples:
         state = init_decode_state(model, slots, max_len)
         states[max_len] = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
-        windows[max_len] = bucket_for(context + 1, length_buckets(max_len, 128))
+        windows[max_len] = bucket_for(context + 1, decode_windows(max_len))
     for i in range(iters + 3):
         for max_len in samples:
             start = time.perf_counter()
