@@ -65,7 +65,8 @@ def bench_engine(model, args) -> dict:
                        compilation_cache_dir=args.compilation_cache)
     engine = Engine(model, Tokenizer(args.tokenizer), cfg)
     t0 = time.perf_counter()
-    engine.start()
+    engine.start(progress=lambda done, total, what: print(
+        f"warm-up {done}/{total}: {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True))
     out = {"warmup_s": round(time.perf_counter() - t0, 1), "slots": cfg.max_slots}
     try:
         wall, n = run_concurrent(engine, [prompt(rng, 32)], args.decode_tokens)
@@ -137,7 +138,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32, help="prompt tokens of each concurrent request")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers reference (e.g. on a GPU box)")
-    ap.add_argument("--compilation-cache", default=None)
+    ap.add_argument("--compilation-cache", default=None,
+                    help="JAX persistent compilation cache dir: a second run with the same shapes skips compiling")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="a Llama 2 tokenizer.model (32000 pieces)")
     args = ap.parse_args()
 
