@@ -119,7 +119,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     blocks of `block` rows that each read only the keys up to the block's end.
 
     Same result as one `attention` call, with about half the work and a score block small
-    enough to stay in cache: 3x faster prefill at 1024 tokens on CPU.
+    enough to stay in cache: 3x faster attention (1.8x faster prefill) at 1024 tokens on CPU.
     """
     t = q.shape[1]
     return jnp.concatenate(

@@ -97,8 +97,8 @@ class SampleResult:
 
     tokens: jax.Array  # int32 [rows]
     logprobs: jax.Array  # float32 [rows]: logprob of the chosen token (see module docstring)
-    top_ids: jax.Array  # int32 [rows, num_top_logprobs], most probable first
-    top_logprobs: jax.Array  # float32 [rows, num_top_logprobs]
+    top_ids: jax.Array  # int32 [rows, num_top_logprobs], most probable first (all 0 if no row asked)
+    top_logprobs: jax.Array  # float32 [rows, num_top_logprobs] (all -inf if no row asked)
 
 
 # ---------------------------------------------------------------------------------------------
