@@ -11,12 +11,14 @@ Layout of a converted directory::
       params/<group>/          one orbax checkpoint per group: "embed", "layer_0" … "layer_{N-1}", "head"
 
 Groups keep memory bounded: conversion holds at most one group (one decoder layer, or the
-embedding, or norm + LM head) in memory. Each group is a flat dict of string keys, so orbax never
-sees the integer layer indices of the NNX state; `GROUP_KEYS` maps state paths to (group, key).
+embedding, or norm + LM head) in memory. Each group is a flat dict of string keys; `group_key`
+maps each HF tensor (`model.tensors`) to its (group, key).
 
 Loading builds, for every group, an abstract tree of `jax.ShapeDtypeStruct`s carrying the
 sharding from `sharding.param_shardings`, so orbax reads each device's shard directly and no
-full tensor is ever assembled on one device. The whole directory is written under a temporary
+full tensor is ever assembled on one device. The model's stacked layer weights are allocated
+already sharded and filled one restored layer at a time, in place: loading never holds more
+than the model plus one layer. The whole directory is written under a temporary
 name and renamed at the end: an interrupted run leaves nothing that `load` accepts.
 """
 
@@ -28,6 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from jax.sharding import Mesh
 
 from llama_jax.config import DTYPES, LlamaConfig
 from llama_jax.hf_checkpoint import CheckpointError, param_count, state_from_arrays
-from llama_jax.model import abstract_model, weight_specs
+from llama_jax.model import Tensor, abstract_model, tensors, weight_specs
 from llama_jax.sharding import param_shardings
 
 FORMAT = "llama-jax-orbax"
@@ -50,15 +53,15 @@ TOKENIZER_FILE = "tokenizer.model"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-def group_key(path: tuple) -> tuple[str, str]:
-    """(orbax group, key inside the group) of an NNX state path such as ('layers', 3, 'wq')."""
-    if path[0] == "layers":
-        return f"layer_{int(path[1])}", str(path[2])
-    if path == ("embed",):
+def group_key(tensor: Tensor) -> tuple[str, str]:
+    """(orbax group, key inside the group) of one tensor, e.g. layer 3 of ('layers', 'wq') -> ('layer_3', 'wq')."""
+    if tensor.layer is not None:
+        return f"layer_{tensor.layer}", tensor.path[-1]
+    if tensor.path == ("embed",):
         return "embed", "embed"
-    if path in (("norm",), ("lm_head",)):
-        return "head", path[0]
-    raise KeyError(f"no checkpoint group for parameter path {path}")
+    if tensor.path in (("norm",), ("lm_head",)):
+        return "head", tensor.path[0]
+    raise KeyError(f"no checkpoint group for parameter path {tensor.path}")
 
 
 def _checkpointer():
@@ -69,10 +72,10 @@ def _checkpointer():
 
 def write_params(
     params_dir: Path,
-    weights: Iterable[tuple[tuple, np.ndarray]],
-    on_tensor: Callable[[tuple, np.ndarray], None] | None = None,
+    weights: Iterable[tuple[Tensor, np.ndarray]],
+    on_tensor: Callable[[Tensor, np.ndarray], None] | None = None,
 ) -> list[str]:
-    """Write (path, array) pairs, in `weight_specs` order, as one orbax checkpoint per group.
+    """Write (tensor, array) pairs, in `model.tensors` order, as one orbax checkpoint per group.
 
     Holds one group at a time. Returns the group names in write order.
     """
@@ -88,8 +91,8 @@ def write_params(
             ckpt.save(params_dir / current, args=ocp.args.StandardSave(items))
             groups.append(current)
 
-    for path, array in weights:
-        group, key = group_key(path)
+    for tensor, array in weights:
+        group, key = group_key(tensor)
         if group != current:
             flush()
             if group in groups:
@@ -97,7 +100,7 @@ def write_params(
             current, items = group, {}
         items[key] = np.asarray(array)
         if on_tensor is not None:
-            on_tensor(path, items[key])
+            on_tensor(tensor, items[key])
         del array
     flush()
     return groups
@@ -106,13 +109,13 @@ def write_params(
 def save(
     out_dir: str | Path,
     cfg: LlamaConfig,
-    weights: Iterable[tuple[tuple, np.ndarray]],
+    weights: Iterable[tuple[Tensor, np.ndarray]],
     *,
     tokenizer_path: str | Path | None = None,
     generation_config: dict | None = None,
     source: str | None = None,
     force: bool = False,
-    on_tensor: Callable[[tuple, np.ndarray], None] | None = None,
+    on_tensor: Callable[[Tensor, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Write a converted checkpoint to `out_dir` atomically; returns the manifest.
 
@@ -128,21 +131,20 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        specs = weight_specs(cfg)
-        expected = {group_key(p) for p in specs}
+        shapes = {group_key(t): t.shape for t in tensors(cfg)}
         seen: set[tuple[str, str]] = set()
 
-        def track(path: tuple, array: np.ndarray) -> None:
-            spec = specs[path]
-            if tuple(array.shape) != spec.shape:
-                raise CheckpointError(f"parameter {path} has shape {array.shape}, expected {spec.shape}")
-            seen.add(group_key(path))
+        def track(tensor: Tensor, array: np.ndarray) -> None:
+            want = shapes.get(group_key(tensor))
+            if tuple(array.shape) != want:
+                raise CheckpointError(f"tensor {tensor.hf_name} has shape {array.shape}, expected {want}")
+            seen.add(group_key(tensor))
             if on_tensor is not None:
-                on_tensor(path, array)
+                on_tensor(tensor, array)
 
         groups = write_params(tmp / PARAMS_DIR, weights, track)
-        if seen != expected:
-            raise CheckpointError(f"incomplete parameters: {len(expected - seen)} missing")
+        if seen != set(shapes):
+            raise CheckpointError(f"incomplete parameters: {len(set(shapes) - seen)} missing")
         (tmp / CONFIG_FILE).write_text(cfg.to_json())
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
@@ -221,6 +223,24 @@ class LoadedModel:
         return nnx.merge(self.graphdef, self.params)
 
 
+def layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer's slice of a stacked weight (the layer axis is never split)."""
+    if isinstance(stacked, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*stacked.spec[1:]))
+    return stacked
+
+
+def _zeros(shape: tuple[int, ...], dtype: str, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A zero array created already sharded: no device ever holds more than its own shard."""
+    return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@partial(jax.jit, donate_argnums=0)
+def _put_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+    """`stacked[i] = layer`, in place (the stacked buffer is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
+
+
 def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -> LoadedModel:
     """Restore a converted checkpoint, each parameter placed by `sharding.param_shardings`.
 
@@ -240,20 +260,26 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -
     shardings = param_shardings(cfg, mesh)
     specs = weight_specs(cfg)
     targets: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
-    for p, spec in specs.items():
-        group, key = group_key(p)
-        targets.setdefault(group, {})[key] = jax.ShapeDtypeStruct(spec.shape, cfg.dtype, sharding=shardings[p])
+    for t in tensors(cfg):
+        group, key = group_key(t)
+        sharding = layer_sharding(shardings[t.path]) if t.layer is not None else shardings[t.path]
+        targets.setdefault(group, {})[key] = jax.ShapeDtypeStruct(t.shape, cfg.dtype, sharding=sharding)
+    arrays = {p: _zeros(s.shape, cfg.dtype, shardings[p]) for p, s in specs.items() if s.stacked}
     ckpt = _checkpointer()
-    restored: dict[str, dict[str, jax.Array]] = {}
     for group, target in targets.items():
         group_dir = path / PARAMS_DIR / group
         if not group_dir.exists():
             raise CheckpointError(f"{path}: parameter group {group} is missing (incomplete or different model)")
         try:
-            restored[group] = ckpt.restore(group_dir, args=ocp.args.StandardRestore(target))
+            restored = ckpt.restore(group_dir, args=ocp.args.StandardRestore(target))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot restore parameter group {group}: {e}") from e
-    arrays = {p: restored[g][k] for p in specs for g, k in [group_key(p)]}
+        for key, array in restored.items():
+            if group.startswith("layer_"):
+                p = ("layers", key)
+                arrays[p] = _put_layer(arrays[p], array, np.int32(group.removeprefix("layer_")))
+            else:
+                arrays[("embed",) if key == "embed" else (key,)] = array
     graphdef, _ = nnx.split(abstract_model(cfg))
     params = state_from_arrays(cfg, arrays)
     tokenizer = path / TOKENIZER_FILE

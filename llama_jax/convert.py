@@ -148,9 +148,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
                    file=sys.stderr, dynamic_ncols=True)
 
-    def on_tensor(path: tuple, array: np.ndarray) -> None:
+    def on_tensor(tensor, array: np.ndarray) -> None:
         if bar is not None:
-            bar.set_postfix_str(".".join(map(str, path)), refresh=False)
+            bar.set_postfix_str(tensor.hf_name, refresh=False)
             bar.update(array.nbytes)
 
     try:

@@ -1,15 +1,15 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-Queued requests are prefilled together (prompts padded to a length bucket, rows to a power of
-two, up to `max_prefill_tokens`), each inserted into one free slot per choice (which samples its
-first token), and then advanced by `generate` steps that run every busy slot at once. All
-device state lives in one donated `DecodeState`; the set of compiled programs is fixed at
-warm-up (one prefill and one insert per (rows, length) bucket, one generate per (busy slots,
-attention window) bucket), so no request mix ever compiles.
+Queued requests are prefilled together, one row per choice (prompts padded to a length bucket,
+rows to a power of two, up to `max_prefill_tokens`), straight into free decode slots, where each
+row samples its first token; `generate` steps then advance every busy slot at once. All device
+state lives in one donated `DecodeState`, updated in place; the set of compiled programs is
+fixed at warm-up (one prefill per (rows, length) shape, one generate per busy-slot bucket: the
+sum of the buckets, not their product), so no request mix ever compiles.
 
-A background thread schedules: each iteration admits at most one prefill batch (so running
-streams stall for at most one bucketed prefill), then dispatches a generate step before it
-processes the previous step's tokens on the host, so the device never waits for Python.
+A background thread schedules: each iteration admits one prefill batch (so running streams stall
+for about one bucketed prefill), then dispatches a generate step before it processes the
+previous step's tokens on the host, so the device never waits for Python.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import kv_cache, sampling, steps
+from llama_jax import kv_cache, sampling, sharding, steps
+from llama_jax.attention import AttentionConfig
+from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
 from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, SamplingOptions, TokenLogprob, validate)
 from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
-from llama_jax.sharding import shard_cache
+from llama_jax.sharding import cache_sharding, replicated
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ class EngineConfig:
     max_seq_len: int | None = None  # default: the model's context (4096 for Llama 2)
     min_prefill_bucket: int = 16
     max_prefill_tokens: int = 512  # queued prompts are prefilled together up to rows x bucket tokens
-    min_decode_window: int = 128
     max_queue: int = 64
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
+    attention: AttentionConfig | None = None  # default: the fast choice for the platform
+    branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -76,62 +79,105 @@ class DecodeState:
     params: SamplingParams
 
 
-def init_decode_state(model: Llama, slots: int, max_len: int, mesh: Mesh | None = None) -> DecodeState:
-    """Empty slots. On a mesh the KV cache is split like the k/v projections; the rest is replicated."""
+def prefill_shapes(max_slots: int, max_seq_len: int, min_bucket: int, max_tokens: int) -> list[tuple[int, int]]:
+    """The (rows, length) shapes prefill compiles: one row at every length bucket, plus for each
+    larger row bucket the longest length that fits `max_tokens`. Their number is the sum of
+    the row and length buckets, never their product."""
+    buckets = steps.length_buckets(max_seq_len, min(min_bucket, max_seq_len))
+    shapes = [(1, b) for b in buckets]
+    for rows in steps.length_buckets(max_slots, 1)[1:]:
+        fitting = [b for b in buckets if rows * b <= max_tokens]
+        if fitting:
+            shapes.append((rows, fitting[-1]))
+    return shapes
+
+
+def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
+    """Where each part of the state lives: the KV cache split like the k/v projections, the rest replicated."""
+    rep = replicated(mesh)
+    return DecodeState(cache=cache_sharding(cfg, mesh), tokens=rep,
+                       sampler=SamplerState(counts=rep, prompt_mask=rep, step=rep),
+                       params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
+
+
+def empty_state(cfg: LlamaConfig, slots: int, max_len: int) -> DecodeState:
+    """Empty slots: zero cache, neutral sampling rows (trace it under jit to build it in place)."""
     neutral = sampling.make_params(seed=0)
-    state = DecodeState(
-        cache=kv_cache.init_cache(model.cfg, slots, max_len),
+    return DecodeState(
+        cache=kv_cache.init_cache(cfg, slots, max_len),
         tokens=jnp.zeros((slots,), jnp.int32),
-        sampler=sampling.init_state(slots, model.cfg.vocab_size),
-        params=sampling.stack_params([neutral] * slots),
+        sampler=sampling.init_state(slots, cfg.vocab_size),
+        params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots,)), neutral),
     )
-    if mesh is None:  # committed to the device, like every state a step returns: one jit cache entry
-        return jax.device_put(state, jax.devices()[0])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return dataclasses.replace(
-        jax.device_put(state, replicated), cache=shard_cache(state.cache, mesh))
 
 
-def _row(tree, i):
-    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1, axis=0), tree)
+def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None) -> DecodeState:
+    """Empty slots created directly with their shardings: no device ever holds the whole state
+    unless the sharding says so."""
+    return jax.jit(partial(empty_state, cfg, slots, max_len), out_shardings=decode_state_shardings(cfg, mesh))()
 
 
-def _put_row(tree, i, row):
-    return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, i, axis=0), tree, row)
+def _scatter_rows(tree, slots: jax.Array, rows):
+    """`tree[slots[r]] = rows[r]` for every leaf; slots past the end are dropped (padding rows)."""
+    return jax.tree.map(lambda a, r: a.at[slots].set(r.astype(a.dtype), mode="drop"), tree, rows)
 
 
-def insert(state: DecodeState, prefix: KVCache, logits: jax.Array, prompts: jax.Array, row: jax.Array,
-           slot: jax.Array, params: SamplingParams, allowed: jax.Array) -> tuple[DecodeState, SampleResult]:
-    """Put prompt `row` of a prefill batch (cache, last-token `logits` [rows, vocab], padded
-    `prompts` [rows, bucket]) into `slot` with its sampling row, and sample its first token there
-    (among the `allowed` [1, vocab] tokens). `row` and `slot` are traced: one program per batch shape."""
-    cache = kv_cache.insert(prefix, state.cache, slot, row)
-    all_params = sampling.set_row(state.params, slot, params)
-    length = jax.lax.dynamic_index_in_dim(prefix.lengths, row, keepdims=False)
-    sampler = sampling.reset_row(state.sampler, slot, jax.lax.dynamic_index_in_dim(prompts, row, keepdims=False), length)
-    result, row_state = sampling.sample(_row(logits, row), _row(all_params, slot), _row(sampler, slot), allowed)
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, lengths: jax.Array,
+            slots: jax.Array, rows: SamplingParams, allowed: jax.Array, *, attn: AttentionConfig,
+            branch_free: bool) -> tuple[DecodeState, SampleResult]:
+    """Prefill padded prompts `[R, bucket]` straight into decode slots `slots` `[R]` and sample
+    each row's first token there (with its sampling row, among its `allowed` `[R, vocab]` tokens).
+
+    The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
+    slot index past the end marks a padding row, which writes nothing anywhere."""
+    model: Llama = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, cache = model(tokens, positions, state.cache, lengths, rows=slots, logits_at=jnp.maximum(lengths - 1, 0),
+                          mode="prefill", attn=attn)
+    logits = replicate(logits, attn.mesh)
+    fresh = sampling.prompt_state(tokens, lengths, model.cfg.vocab_size)
+    result, sampled = sampling.sample(logits, rows, fresh, allowed, branch_free=branch_free)
     return DecodeState(
         cache=cache,
-        tokens=state.tokens.at[slot].set(result.tokens[0]),
-        sampler=_put_row(sampler, slot, row_state),
-        params=all_params,
+        tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
+        sampler=_scatter_rows(state.sampler, slots, sampled),
+        params=_scatter_rows(state.params, slots, rows),
     ), result
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
-             *, rows: int, kv_len: int) -> tuple[DecodeState, SampleResult]:
+             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; a busy slot
-    attends over the first `kv_len` positions, so the cost follows the real context."""
+    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; each busy slot
+    reads its own keys in place up to its length, so the cost follows the real context."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
-    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], kv_len=kv_len)
-    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows])
+    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
+    logits = replicate(logits, attn.mesh)
+    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows],
+                                      branch_free=branch_free)
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[:rows].set(result.tokens),
         sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
         params=state.params,
     ), result
+
+
+def replicate(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Gather the LM head's vocab-sharded logits once, on purpose, before the replicated sampler."""
+    return logits if mesh is None else jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+
+
+def reset(state: DecodeState) -> DecodeState:
+    """Every slot empty again, in place (jit it with the state donated): zero lengths, counts and
+    tokens, neutral sampling rows. Stale keys stay: lengths mask them."""
+    neutral = sampling.make_params(seed=0)
+    return DecodeState(
+        cache=state.cache.replace(lengths=jnp.zeros_like(state.cache.lengths)),
+        tokens=jnp.zeros_like(state.tokens),
+        sampler=jax.tree.map(jnp.zeros_like, state.sampler),
+        params=jax.tree.map(lambda a, n: jnp.full_like(a, n), state.params, neutral),
+    )
 
 
 @dataclasses.dataclass
@@ -143,7 +189,6 @@ class _Active:
     max_tokens: int
     text: ChoiceText
     stop_ids: frozenset[int]
-    length: int  # tokens in the slot's cache once the in-flight steps land
     constraint: Constraint | None = None
     generated: int = 0
 
@@ -154,36 +199,42 @@ class Engine:
     def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
         """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow.
 
-        `insert` and `generate` are jitted here, bound to this model's graph (no per-call hashing
-        of the static GraphDef) and with the decode state's shardings fixed on output, so a step
-        never hands the next one a differently sharded state (which would recompile)."""
+        `prefill` and `generate` are jitted here, bound to this model's graph (no per-call hashing
+        of the static GraphDef), with the decode state donated and its shardings fixed on output,
+        so a step updates the state in place and never hands the next one a differently sharded
+        state (which would recompile)."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
-        self.max_seq_len = min(config.max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        cfg = model.cfg
+        self.max_seq_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.config = config
         self.graphdef, self.params = nnx.split(model)
-        self.buckets = steps.length_buckets(self.max_seq_len, config.min_prefill_bucket)
-        self.windows = steps.decode_windows(self.max_seq_len, config.min_decode_window)
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
-        self.prefill_shapes = [(rows, bucket) for bucket in self.buckets for rows in self.row_buckets
-                               if rows == 1 or rows * bucket <= config.max_prefill_tokens]
+        self.prefill_shapes = prefill_shapes(config.max_slots, self.max_seq_len, config.min_prefill_bucket,
+                                             config.max_prefill_tokens)
+        attn = config.attention or AttentionConfig.for_platform()
+        self.attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
+        branch_free = (jax.default_backend() != "cpu" if config.branch_free_sampler is None
+                       else config.branch_free_sampler)
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._state = self._fresh_state()
-        shardings = jax.tree.map(lambda a: a.sharding, self._state)
-        self._insert = jax.jit(insert, donate_argnames="state", out_shardings=(shardings, None))
-        self._generate = jax.jit(partial(generate, self.graphdef), static_argnames=("rows", "kv_len"),
-                                 donate_argnames="state", out_shardings=(shardings, None))
+        shardings = decode_state_shardings(cfg, mesh)
+        self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh)
+        self._prefill_rows = jax.jit(partial(prefill, self.graphdef, attn=self.attn, branch_free=branch_free),
+                                     donate_argnames="state", out_shardings=(shardings, None))
+        self._generate = jax.jit(partial(generate, self.graphdef, attn=self.attn, branch_free=branch_free),
+                                 static_argnames="rows", donate_argnames="state", out_shardings=(shardings, None))
+        self._reset = jax.jit(reset, donate_argnums=0, out_shardings=shardings)
         neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
         self._clear_row = jax.jit(lambda params, slot: sampling.set_row(params, slot, neutral),
                                   donate_argnums=0, out_shardings=shardings.params)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
-            np.ones((config.max_slots, model.cfg.vocab_size), bool), shardings.tokens)
+            np.ones((config.max_slots, cfg.vocab_size), bool), shardings.tokens)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -249,28 +300,35 @@ class Engine:
 
     # ---- device steps -------------------------------------------------------------------------
 
-    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
-        """Compile every program serving can need: prefill + insert per (rows, length) bucket,
-        generate per (busy-slot bucket, attention window)."""
-        total, done = len(self.prefill_shapes) + len(self.row_buckets) * len(self.windows), 0
-        row = self._sampling_row(SamplingOptions(seed=0), 0)
-        for rows, bucket in self.prefill_shapes:
-            prefix = self._prefill([[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows)
-            np.asarray(self._insert_row(prefix, rows - 1, 0, row).tokens)
-            done += 1
-            self._report(progress, done, total, f"prefill {rows} x {bucket} tokens")
-        for rows in self.row_buckets:
-            for window in self.windows:
-                self._state, result = self._generate(self.params, self._state, self._everything,
-                                                     rows=rows, kv_len=window)
-                np.asarray(result.tokens)
-                done += 1
-                self._report(progress, done, total, f"decode {rows} slots, window {window}")
-        self._free(0)
-        self._state = self._fresh_state()
+    def programs(self) -> list[tuple[str, dict]]:
+        """Every program serving can run, as (kind, shape): one prefill per (rows, length) shape
+        and one generate per busy-slot bucket."""
+        return ([("prefill", {"rows": r, "bucket": t}) for r, t in self.prefill_shapes]
+                + [("generate", {"rows": r}) for r in self.row_buckets])
 
-    def _fresh_state(self) -> DecodeState:
-        return init_decode_state(self.model, self.config.max_slots, self.max_seq_len, self.mesh)
+    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
+        """Compile (or load from the persistent cache) every program serving can run, then empty the slots."""
+        programs = self.programs()
+        for done, (kind, shape) in enumerate(programs, 1):
+            if kind == "prefill":
+                rows, bucket = shape["rows"], shape["bucket"]
+                prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
+                result = self._run_prefill(prompts, [self.config.max_slots] * rows,  # padding slots: no writes
+                                           [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows)
+                what = f"prefill {rows} x {bucket} tokens"
+            else:
+                self._state, result = self._generate(self.params, self._state, self._everything, rows=shape["rows"])
+                what = f"decode {shape['rows']} slots"
+            np.asarray(result.tokens)
+            self._report(progress, done, len(programs), what)
+        self._state = self._reset(self._state)
+
+    def _replace_state(self) -> None:
+        """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
+        for leaf in jax.tree.leaves(self._state):
+            if not leaf.is_deleted():
+                leaf.delete()
+        self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh)
 
     @staticmethod
     def _report(progress, done: int, total: int, what: str) -> None:
@@ -284,20 +342,27 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e), param=str(e).split()[0]) from None
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[jax.Array, KVCache, np.ndarray]:
-        """Prefill prompts together, padded to a (rows, length) bucket; returns (logits, cache, tokens)."""
-        rows = steps.bucket_for(len(prompts), self.row_buckets)
-        prompts = prompts + [[self.tokenizer.bos_id]] * (rows - len(prompts))  # padding rows: one token
-        tokens, lengths = steps.pad_prompts(prompts, steps.bucket_for(max(map(len, prompts)), self.buckets))
-        logits, cache = steps.prefill(self.graphdef, self.params, tokens, lengths)
-        return logits, cache, tokens
+    def _prefill_shape(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+        """The smallest compiled (rows, length) shape that holds these prompts, if any."""
+        rows, longest = len(prompts), max(map(len, prompts))
+        fitting = [(r, t) for r, t in self.prefill_shapes if r >= rows and t >= longest]
+        return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
 
-    def _insert_row(self, prefix, row: int, slot: int, params: SamplingParams,
-                    constraint: Constraint | None = None) -> SampleResult:
-        """Insert prompt `row` of a prefill batch into `slot`; returns its first sampled token."""
-        logits, cache, tokens = prefix
-        allowed = constraint.allowed()[None] if constraint else np.ones((1, self.model.cfg.vocab_size), bool)
-        self._state, result = self._insert(self._state, cache, logits, tokens, np.int32(row), np.int32(slot), params, allowed)
+    def _run_prefill(self, prompts: list[Sequence[int]], slots: list[int], rows: list[SamplingParams],
+                     constraints: list[Constraint | None]) -> SampleResult:
+        """Prefill prompts straight into their slots (padded to a compiled shape) and sample each
+        one's first token; returns the step's result, row i for prompt i."""
+        n_rows, bucket = self._prefill_shape(prompts)
+        pad = n_rows - len(prompts)
+        tokens, lengths = steps.pad_prompts([*prompts, *[[self.tokenizer.bos_id]] * pad], bucket)
+        vocab = self.model.cfg.vocab_size
+        allowed = np.ones((n_rows, vocab), bool)
+        for i, c in enumerate(constraints):
+            if c is not None:
+                allowed[i] = c.allowed()
+        params = sampling.stack_params([*rows, *[rows[0]] * pad])
+        slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
+        self._state, result = self._prefill_rows(self.params, self._state, tokens, lengths, slot_ids, params, allowed)
         return result
 
     # ---- scheduler ----------------------------------------------------------------------------
@@ -346,7 +411,7 @@ class Engine:
         for active in list(self.slots):
             if active:
                 self._release(active.handle, error)
-        self._state = self._fresh_state()
+        self._replace_state()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -372,64 +437,65 @@ class Engine:
 
     def _take_batch(self, free: int) -> list[RequestHandle]:
         """Pop the queued requests (in order) to prefill together: all their choices fit in the
-        `free` slots and their padded batch in `max_prefill_tokens` (a lone prompt always fits)."""
+        `free` slots and their prompts (one row per choice) in one compiled prefill shape (the
+        first request is always taken; its rows may need several prefills)."""
         batch: list[RequestHandle] = []
         with self._wake:
             while self._queue and sum(h.request.n for h in batch) + self._queue[0].request.n <= free:
                 candidate = [*batch, self._queue[0]]
-                longest = max(len(h.request.prompt) for h in candidate)
-                rows = steps.bucket_for(len(candidate), self.row_buckets)
-                if batch and (rows, steps.bucket_for(longest, self.buckets)) not in self.prefill_shapes:
+                if batch and self._prefill_shape([h.request.prompt for h in candidate for _ in range(h.request.n)]) is None:
                     break
                 batch.append(self._queue.popleft())
         return batch
 
     def _admit(self) -> None:
-        """Prefill the next queued requests together and insert each choice into a free slot."""
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        batch = []
-        for handle in self._take_batch(len(free)):
+        """Prefill the next queued requests straight into free slots, one row per choice."""
+        free = iter([i for i, s in enumerate(self.slots) if s is None])
+        rows: list[tuple[RequestHandle, int, int]] = []  # (handle, choice, slot)
+        for handle in self._take_batch(sum(s is None for s in self.slots)):
             if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
                 for choice in range(handle.request.n):
                     handle.put(Event(choice, finish_reason="length"))
                 handle.put(None)
             else:
-                batch.append(handle)
-        if not batch:
+                rows += [(handle, choice, next(free)) for choice in range(handle.request.n)]
+        group: list[tuple[RequestHandle, int, int]] = []
+        for row in rows:
+            if group and self._prefill_shape([h.request.prompt for h, _, _ in [*group, row]]) is None:
+                self._admit_rows(group)
+                group = []
+            group.append(row)
+        if group:
+            self._admit_rows(group)
+
+    def _admit_rows(self, rows: list[tuple[RequestHandle, int, int]]) -> None:
+        """One prefill for these (handle, choice, slot) rows; each choice then owns its slot."""
+        rows = [r for r in rows if not r[0].cancelled.is_set()]  # an earlier prefill failed (or the client left)
+        if not rows:
             return
+        constraints = [h.request.constraint() if h.request.constraint else None for h, _, _ in rows]
         try:
-            prefix = self._prefill([list(h.request.prompt) for h in batch])
+            result = self._run_prefill([h.request.prompt for h, _, _ in rows], [slot for _, _, slot in rows],
+                                       [h.rows[c] for h, c, _ in rows], constraints)
         except Exception as e:  # a failed prefill fails these requests only
             log.exception("prefill failed")
-            for handle in batch:
+            for handle in {h for h, _, _ in rows}:
                 self._release(handle, f"prefill failed: {e}")
             return
-        free_slots = iter(free)
-        for row, handle in enumerate(batch):
+        owners: list[_Active | None] = [None] * len(self.slots)
+        for (handle, choice, slot), constraint in zip(rows, constraints):
             request = handle.request
             stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
-            try:
-                for choice, slot in zip(range(request.n), free_slots):
-                    if handle.cancelled.is_set():  # an earlier choice failed (or the client left)
-                        break
-                    constraint = request.constraint() if request.constraint else None
-                    first = self._insert_row(prefix, row, slot, handle.rows[choice], constraint)
-                    active = _Active(handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop),
-                                     stop_ids, len(request.prompt), constraint)
-                    self.slots[slot] = active
-                    self._process([active if i == slot else None for i in range(len(self.slots))], first, row_of={slot: 0})
-            except Exception as e:  # a failed insert fails this request only
-                log.exception("insert failed")
-                self._release(handle, f"prefill failed: {e}")
+            owners[slot] = self.slots[slot] = _Active(handle, choice, handle.max_tokens,
+                                                      ChoiceText(self.tokenizer, request.stop), stop_ids, constraint)
+        self._process(owners, result, row_of={slot: i for i, (_, _, slot) in enumerate(rows)})
 
     def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
         """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.
 
         Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
-        the batch; the longest busy context sets the attention window.
+        the batch.
         """
-        longest = max(a.length for a in self.slots if a)
-        window = steps.bucket_for(min(longest + 1, self.max_seq_len), self.windows)
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         allowed = self._everything
         if any(a and a.constraint for a in self.slots):
@@ -444,12 +510,9 @@ class Engine:
             if not any(self.slots):
                 return [None] * len(self.slots), None
             allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
-        self._state, result = self._generate(self.params, self._state, allowed, rows=rows, kv_len=window)
+        self._state, result = self._generate(self.params, self._state, allowed, rows=rows)
         for leaf in jax.tree.leaves(result):
             leaf.copy_to_host_async()
-        for active in self.slots:
-            if active:
-                active.length += 1
         return list(self.slots), result
 
     def _process(self, owners: list[_Active | None], result: SampleResult | None, row_of: dict[int, int] | None = None,

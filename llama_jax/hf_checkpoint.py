@@ -2,7 +2,8 @@
 
 The layout is transformers': `config.json`, `*.safetensors` (sharded, with
 `model.safetensors.index.json`) and `tokenizer.model`. Names and shapes come from
-`model.weight_specs`, the single description of every weight.
+`model.weight_specs`, the single description of every weight; `model.tensors` lists them one HF
+tensor (one layer of a stacked weight) at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llama_jax.config import LlamaConfig, from_hf_config
-from llama_jax.model import Llama, WeightSpec, abstract_model, weight_specs
+from llama_jax.model import Llama, Tensor, abstract_model, tensors, weight_specs
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,8 +62,7 @@ def tensor_index(hf_dir: Path) -> dict[str, Path]:
 
 def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
     """Fail, before any work, on missing, unexpected or misshapen tensors."""
-    specs = weight_specs(cfg)
-    expected = {s.hf_name: s for s in specs.values()}
+    expected = {t.hf_name: t for t in tensors(cfg)}
     ignorable = {n for n in index if n.endswith("rotary_emb.inv_freq")}
     missing = sorted(set(expected) - set(index))
     extra = sorted(set(index) - set(expected) - ignorable)
@@ -82,18 +82,30 @@ def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
                     raise CheckpointError(f"tensor {name} has shape {shape}, expected {want} for this config")
 
 
-def iter_weights(hf_dir: Path, cfg: LlamaConfig, dtype: str | None = None) -> Iterator[tuple[tuple, np.ndarray]]:
-    """Yield (state path, array in our layout and `dtype`) one tensor at a time: bounded memory."""
+def iter_weights(hf_dir: Path, cfg: LlamaConfig, dtype: str | None = None) -> Iterator[tuple[Tensor, np.ndarray]]:
+    """Yield (tensor, array in our layout and `dtype`) one HF tensor at a time: bounded memory."""
     index = tensor_index(hf_dir)
     check_tensors(cfg, index)
     np_dtype = NUMPY_DTYPES[dtype or cfg.dtype]
-    for path, spec in weight_specs(cfg).items():
-        with safe_open(index[spec.hf_name], framework="numpy") as f:
+    for tensor in tensors(cfg):
+        with safe_open(index[tensor.hf_name], framework="numpy") as f:
             try:
-                array = f.get_tensor(spec.hf_name)
+                array = f.get_tensor(tensor.hf_name)
             except Exception as e:
-                raise CheckpointError(f"cannot read tensor {spec.hf_name}: {e} (truncated file?)") from e
-        yield path, np.ascontiguousarray(array.astype(np_dtype))
+                raise CheckpointError(f"cannot read tensor {tensor.hf_name}: {e} (truncated file?)") from e
+        yield tensor, np.ascontiguousarray(array.astype(np_dtype))
+
+
+def stack_weights(cfg: LlamaConfig, weights: Iterator[tuple[Tensor, np.ndarray]]) -> dict[tuple, np.ndarray]:
+    """{state path: array} with each stacked weight assembled from its per-layer tensors (host memory)."""
+    arrays: dict[tuple, np.ndarray] = {}
+    for tensor, array in weights:
+        if tensor.layer is None:
+            arrays[tensor.path] = array
+        else:
+            stacked = arrays.setdefault(tensor.path, np.empty((cfg.n_layers, *array.shape), array.dtype))
+            stacked[tensor.layer] = array
+    return arrays
 
 
 def load_hf_model(hf_dir: str | Path, dtype: str | None = None) -> Llama:
@@ -103,19 +115,19 @@ def load_hf_model(hf_dir: str | Path, dtype: str | None = None) -> Llama:
         raise CheckpointError(f"no config.json in {hf_dir}")
     cfg = from_hf_config(hf_dir / "config.json", dtype=dtype)
     graphdef, _ = nnx.split(abstract_model(cfg))
-    arrays = {path: jnp.asarray(array) for path, array in iter_weights(hf_dir, cfg)}
+    arrays = {path: jnp.asarray(a) for path, a in stack_weights(cfg, iter_weights(hf_dir, cfg)).items()}
     return nnx.merge(graphdef, state_from_arrays(cfg, arrays))
 
 
-def _random_weight(spec: WeightSpec, cfg: LlamaConfig, rng: np.random.Generator) -> np.ndarray:
+def _random_weight(tensor: Tensor, rng: np.random.Generator) -> np.ndarray:
     """Random weights in HF layout, scaled so activations stay O(1) and logits are far from uniform."""
-    shape = spec.shape
+    shape = tensor.shape
     if len(shape) == 1:  # norm weights near one
         return 1.0 + 0.1 * rng.standard_normal(shape, np.float32)
-    if spec.hf_name == "model.embed_tokens.weight":
+    if tensor.hf_name == "model.embed_tokens.weight":
         return rng.standard_normal(shape, np.float32)
-    fan_in = spec.shape[1]
-    scale = 4.0 if spec.hf_name == "lm_head.weight" else 1.0  # logits with std ~4: peaked distributions
+    fan_in = shape[1]
+    scale = 4.0 if tensor.hf_name == "lm_head.weight" else 1.0  # logits with std ~4: peaked distributions
     return rng.standard_normal(shape, np.float32) * np.float32(scale / np.sqrt(fan_in))
 
 
@@ -135,7 +147,7 @@ def write_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = NUMPY_DTYPES[cfg.dtype]
-    specs = list(weight_specs(cfg).values())
+    specs = list(tensors(cfg))
     sizes = [int(np.prod(s.shape)) * np.dtype(np_dtype).itemsize for s in specs]
     shards: list[list[int]] = [[]]
     total = 0
@@ -148,13 +160,13 @@ def write_tiny_checkpoint(
     weight_map = {}
     for k, members in enumerate(shards):
         name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
+        shard = {}
         for i in members:
             rng = np.random.default_rng([seed, i])  # per tensor: independent of the sharding
-            tensors[specs[i].hf_name] = _random_weight(specs[i], cfg, rng).astype(np_dtype)
+            shard[specs[i].hf_name] = _random_weight(specs[i], rng).astype(np_dtype)
             weight_map[specs[i].hf_name] = name
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        del tensors
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        del shard
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))

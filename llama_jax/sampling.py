@@ -24,10 +24,15 @@ Processing order inside `sample`, per row:
 7. sample from softmax(scaled logits) restricted to the kept set: argmax of p / Exp(1) noise
    (the exponential race, i.e. Gumbel-max; one uniform per token from the row's key).
 
-The argmax always survives 4-6, so the kept set is never empty. Thresholds 4 and 5 are found
-without sorting: a bitwise binary search over order-preserving uint32 keys of the float values
-(32 passes over the vocabulary) gives the exact same set as the full-sort definition, up to the
-float32 rounding of the mass sums. Each search runs only when some row of the batch uses it.
+The argmax always survives 4-6, so the kept set is never empty. Two ways to find the thresholds
+of 4 and 5, the same set up to the float32 rounding of the mass sums, chosen by `branch_free`:
+
+* CPU (default): without sorting, a bitwise binary search over order-preserving uint32 keys of
+  the float values (32 passes over the vocabulary, 8-23x faster than a sort there). Each search,
+  the noise and the top-20 logprobs run only when some row of the batch uses them (`lax.cond`).
+* GPU/TPU (`branch_free=True`): one descending sort per row, a cumulative sum, and no control
+  flow at all: every step is the same straight-line program, so the device never waits on the
+  host for a predicate and the step stays one graph of a few kernels.
 
 Keys: the key for step t of choice i of a request is
 ``fold_in(fold_in(wrap_key_data([seed_hi, seed_lo], threefry2x32), i), t)`` where
@@ -198,6 +203,17 @@ def set_row(params: SamplingParams, i: jax.Array | int, row: SamplingParams) -> 
     return jax.tree.map(lambda a, r: a.at[i].set(jnp.asarray(r, a.dtype)), params, row)
 
 
+def prompt_state(prompts: jax.Array, lengths: jax.Array, vocab: int) -> SamplerState:
+    """Fresh penalty state for rows starting on `prompts` `[rows, T]` (ids past `lengths` or
+    outside the vocabulary ignored): no counts, step 0, the prompt mask set."""
+    ids = jnp.asarray(prompts, jnp.int32)
+    valid = (jnp.arange(ids.shape[1])[None] < lengths[:, None]) & (ids >= 0) & (ids < vocab)
+    rows = jnp.arange(ids.shape[0])[:, None]
+    mask = jnp.zeros((ids.shape[0], vocab), bool).at[rows, jnp.where(valid, ids, vocab)].set(True, mode="drop")
+    return SamplerState(counts=jnp.zeros((ids.shape[0], vocab), jnp.int32), prompt_mask=mask,
+                        step=jnp.zeros((ids.shape[0],), jnp.int32))
+
+
 @jax.jit
 def reset_row(
     state: SamplerState, i: jax.Array | int, prompt_ids: jax.Array, prompt_len: jax.Array | int
@@ -207,15 +223,8 @@ def reset_row(
     prompt_ids is padded to any fixed length (one compile per padded length); ids past
     prompt_len or outside the vocabulary are ignored.
     """
-    vocab = state.counts.shape[1]
-    ids = jnp.asarray(prompt_ids, jnp.int32)
-    valid = (jnp.arange(ids.shape[0]) < prompt_len) & (ids >= 0) & (ids < vocab)
-    mask = jnp.zeros((vocab,), bool).at[jnp.where(valid, ids, vocab)].set(True, mode="drop")
-    return SamplerState(
-        counts=state.counts.at[i].set(0),
-        prompt_mask=state.prompt_mask.at[i].set(mask),
-        step=state.step.at[i].set(0),
-    )
+    fresh = prompt_state(jnp.asarray(prompt_ids)[None], jnp.asarray(prompt_len)[None], state.counts.shape[1])
+    return jax.tree.map(lambda a, r: a.at[i].set(r[0]), state, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +290,28 @@ def truncation_mask(
     return keep & (p >= min_p[:, None])
 
 
+def truncation_mask_sorted(
+    scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
+) -> jax.Array:
+    """`truncation_mask` from one descending sort per row, with no control flow (the GPU path)."""
+    vocab = scaled.shape[-1]
+    finite = scaled > -jnp.inf
+    desc = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    use_k = (top_k > 0)[:, None]
+    keep = finite & (~use_k | (scaled >= kth))
+
+    top = desc[:, :1]
+    p = jnp.exp(scaled - top)  # unnormalised, max is 1; the same values as the sorted ones below
+    p_desc = jnp.where(~use_k | (desc >= kth), jnp.exp(desc - top), 0.0)  # top_k survivors, still descending
+    mass = jnp.cumsum(p_desc, axis=-1)
+    target = top_p[:, None] * mass[:, -1:]
+    first = jnp.argmax(mass >= target, axis=-1)  # the shortest descending prefix with mass >= top_p
+    p_cut = jnp.take_along_axis(p_desc, first[:, None], axis=-1)
+    keep &= (top_p >= 1)[:, None] | (p >= p_cut)
+    return keep & (p >= min_p[:, None])
+
+
 def _token_keys(params: SamplingParams, step: jax.Array) -> jax.Array:
     """One PRNG key per row from (seed, choice, step) only."""
 
@@ -308,7 +339,7 @@ def _exponential_noise(keys: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(lambda k: -jnp.log(jax.random.uniform(k, (vocab,), minval=tiny, maxval=1.0)))(keys)
 
 
-@partial(jax.jit, static_argnames=("num_top_logprobs",))
+@partial(jax.jit, static_argnames=("num_top_logprobs", "branch_free"))
 def sample(
     logits: jax.Array,
     params: SamplingParams,
@@ -316,11 +347,13 @@ def sample(
     allowed_mask: jax.Array | None = None,
     *,
     num_top_logprobs: int = MAX_TOP_LOGPROBS,
+    branch_free: bool = False,
 ) -> tuple[SampleResult, SamplerState]:
     """Sample one token per row of logits [rows, vocab]; returns the result and the advanced state.
 
-    Compiles once per (shapes, mask given or not, num_top_logprobs); parameter values never
-    recompile. The new state counts the sampled tokens and has step + 1 in every row.
+    Compiles once per (shapes, mask given or not, num_top_logprobs, branch_free); parameter
+    values never recompile. The new state counts the sampled tokens and has step + 1 in every
+    row. `branch_free` selects the sort-based, control-flow-free path for accelerators.
     """
     x = logits.astype(jnp.float32)
     rows = x.shape[0]
@@ -335,16 +368,23 @@ def sample(
 
     def draw() -> jax.Array:
         scaled = x / jnp.where(greedy, 1.0, params.temperature)[:, None]
-        keep = truncation_mask(scaled, params.top_k, params.top_p, params.min_p)
+        mask_fn = truncation_mask_sorted if branch_free else truncation_mask
+        keep = mask_fn(scaled, params.top_k, params.top_p, params.min_p)
         weights = jnp.where(keep, jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True)), 0.0)
         return _argmax(weights / _exponential_noise(_token_keys(params, state.step), x.shape[1]))
 
-    argmax = _argmax(x)  # an all-greedy batch skips the noise and truncation (half the sampler's time)
-    tokens = jnp.where(greedy, argmax, lax.cond(jnp.all(greedy), lambda: argmax, draw)).astype(jnp.int32)
+    def top() -> tuple[jax.Array, jax.Array]:
+        return tuple(lax.top_k(logprobs, num_top_logprobs))
 
-    top_logprobs, top_ids = lax.cond(  # the top-20 search is skipped when no row reports alternatives
-        jnp.any(params.top_logprobs > 0), lambda: tuple(lax.top_k(logprobs, num_top_logprobs)),
-        lambda: (jnp.full((rows, num_top_logprobs), -jnp.inf), jnp.zeros((rows, num_top_logprobs), jnp.int32)))
+    argmax = _argmax(x)
+    if branch_free:
+        tokens = jnp.where(greedy, argmax, draw()).astype(jnp.int32)
+        top_logprobs, top_ids = top()
+    else:  # an all-greedy batch skips the noise and truncation (half the sampler's time on CPU)
+        tokens = jnp.where(greedy, argmax, lax.cond(jnp.all(greedy), lambda: argmax, draw)).astype(jnp.int32)
+        top_logprobs, top_ids = lax.cond(  # the top-20 search is skipped when no row reports alternatives
+            jnp.any(params.top_logprobs > 0), top,
+            lambda: (jnp.full((rows, num_top_logprobs), -jnp.inf), jnp.zeros((rows, num_top_logprobs), jnp.int32)))
     result = SampleResult(
         tokens=tokens,
         logprobs=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],

@@ -4,8 +4,9 @@ Megatron-style tensor parallelism over a 1-D mesh axis "tp":
 
 * column-parallel q/k/v/gate/up: their output dimension ("heads", "kv_heads", "ffn") is split;
 * row-parallel o/down: their input dimension ("heads", "ffn") is split, XLA adds the all-reduce;
-* vocab-parallel embedding and LM head: the "vocab" dimension is split;
-* norms (and the "embed" dimension everywhere) are replicated.
+* the LM head is vocab-parallel (its "vocab" rows are split); the embedding table is split along
+  its columns ("table_embed"), so a token lookup is local and only the looked-up rows are gathered;
+* norms, the stacked "layers" axis and the "embed" dimension everywhere else are replicated.
 
 Every weight's logical axes come from `model.weight_specs`; `LOGICAL_AXIS_RULES` maps them to mesh
 axes. That dict is the only place the partitioning is decided.
@@ -31,8 +32,10 @@ TP = "tp"
 
 # Logical axis (from model.weight_specs) -> mesh axis; None means replicated.
 LOGICAL_AXIS_RULES: dict[str, str | None] = {
-    "vocab": TP,  # vocab-parallel embedding and LM head
+    "vocab": TP,  # vocab-parallel LM head
+    "table_embed": TP,  # the embedding table's columns
     "embed": None,  # the residual stream is replicated
+    "layers": None,  # stacked layer weights: every device holds its slice of every layer
     "heads": TP,  # column-parallel q, row-parallel o
     "kv_heads": TP,  # column-parallel k/v and the KV cache (replicated when tp does not divide n_kv_heads)
     "ffn": TP,  # column-parallel gate/up, row-parallel down
@@ -48,6 +51,8 @@ def _units(cfg: LlamaConfig, axis: str) -> int:
     return {
         "vocab": cfg.vocab_size,
         "embed": cfg.dim,
+        "table_embed": cfg.dim,
+        "layers": cfg.n_layers,
         "heads": cfg.n_heads,
         "kv_heads": cfg.n_kv_heads,
         "ffn": cfg.ffn_dim,
@@ -130,27 +135,22 @@ def shard_params(cfg: LlamaConfig, params, mesh: Mesh | None):
     return nnx.from_flat_state({p: v.replace(jax.device_put(v[...], shardings[p])) for p, v in flat})
 
 
-def _cache_specs(n_kv_heads: int, tp: int) -> tuple[PartitionSpec, PartitionSpec]:
-    heads = TP if tp > 1 and n_kv_heads % tp == 0 else None
-    return PartitionSpec(None, heads, None, None), PartitionSpec()
-
-
 def cache_sharding(cfg: LlamaConfig, mesh: Mesh | None) -> KVCache:
-    """A KVCache-shaped tree of shardings: `[rows, kv_heads, max_len, head_dim]` buffers split on
-    kv_heads over tp (replicated when tp does not divide n_kv_heads), lengths replicated."""
+    """A KVCache-shaped tree of shardings: `[layers, rows, kv_heads, max_len, head_dim]` buffers
+    split on kv_heads over tp (replicated when tp does not divide n_kv_heads), lengths replicated."""
     if mesh is None:
         single = SingleDeviceSharding(jax.devices()[0])
-        return KVCache(k=(single,) * cfg.n_layers, v=(single,) * cfg.n_layers, lengths=single)
-    kv_spec, rep = _cache_specs(cfg.n_kv_heads, tp_size(mesh))
-    kv = NamedSharding(mesh, kv_spec)
-    return KVCache(k=(kv,) * cfg.n_layers, v=(kv,) * cfg.n_layers, lengths=NamedSharding(mesh, rep))
+        return KVCache(k=single, v=single, lengths=single)
+    heads = TP if tp_size(mesh) > 1 and cfg.n_kv_heads % tp_size(mesh) == 0 else None
+    kv = NamedSharding(mesh, PartitionSpec(None, None, heads, None, None))
+    return KVCache(k=kv, v=kv, lengths=replicated(mesh))
 
 
-def shard_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
-    """Place a KV cache on the mesh (kv-heads axis on tp where it divides, as `cache_sharding`)."""
-    if mesh is None:
-        return jax.device_put(cache, SingleDeviceSharding(jax.devices()[0]))
-    kv_spec, rep = _cache_specs(cache.k[0].shape[1], tp_size(mesh))
-    kv = NamedSharding(mesh, kv_spec)
-    n = len(cache.k)
-    return jax.device_put(cache, KVCache(k=(kv,) * n, v=(kv,) * n, lengths=NamedSharding(mesh, rep)))
+def replicated(mesh: Mesh | None) -> Sharding:
+    """Every device holds the whole array (the first device when there is no mesh)."""
+    return SingleDeviceSharding(jax.devices()[0]) if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def shard_cache(cache: KVCache, cfg: LlamaConfig, mesh: Mesh | None) -> KVCache:
+    """Place an existing KV cache on the mesh as `cache_sharding` says (tests, small caches)."""
+    return jax.device_put(cache, cache_sharding(cfg, mesh))

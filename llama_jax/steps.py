@@ -1,9 +1,10 @@
-"""Jitted model steps with static shapes: bucketed prefill, decode for all rows, cache insert.
+"""Jitted model steps with static shapes: bucketed prefill (into a fresh cache or straight into
+decode rows) and decode for the first rows of a cache.
 
 Each function takes the model's `GraphDef` (static, hashable) and its parameter `State`
 (traced), merges them at trace time, and runs the forward. Prompt lengths are padded to a
 bucket and the true lengths are traced, so the set of compiled programs is fixed: one per
-prefill bucket, one per decode attention window, one insert. Decode caches are donated.
+prefill (rows, bucket) shape and one per decode row count. Caches are donated: written in place.
 """
 
 from __future__ import annotations
@@ -16,29 +17,21 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import kv_cache
+from llama_jax.attention import PREFILL_QUERY_BLOCK, AttentionConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
 
+__all__ = ["PREFILL_QUERY_BLOCK", "bucket_for", "decode_step", "greedy_generate", "length_buckets", "pad_prompts",
+           "prefill", "prefill_into"]
 
-PREFILL_QUERY_BLOCK = 128  # prefill attention runs in causal query blocks of this many tokens
 
-
-def length_buckets(max_len: int, smallest: int = 16, midpoints: bool = False) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to `max_len` (which is always the last bucket); with
-    `midpoints`, also 1.5x each power of two."""
+def length_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to `max_len` (which is always the last bucket)."""
     buckets, b = [], smallest
     while b < max_len:
         buckets.append(b)
-        if midpoints and b * 3 // 2 < max_len:
-            buckets.append(b * 3 // 2)
         b *= 2
     return (*buckets, max_len)
-
-
-def decode_windows(max_len: int, smallest: int = 128) -> tuple[int, ...]:
-    """Attention windows of decode steps: two per octave, so a step reads at most 1.5x the keys
-    it needs (and copies no more of the cache) instead of 2x, for twice the compiled programs."""
-    return length_buckets(max_len, min(smallest, max_len), midpoints=True)
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
@@ -57,41 +50,45 @@ def pad_prompts(prompts: list[list[int]], bucket: int, pad_id: int = 0) -> tuple
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
-@partial(jax.jit, static_argnums=0)
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, KVCache]:
+def _prefill(model: Llama, cache: KVCache, tokens: jax.Array, lengths: jax.Array, rows: jax.Array,
+             attn: AttentionConfig) -> tuple[jax.Array, KVCache]:
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return model(tokens, positions, cache, lengths, rows=rows, logits_at=jnp.maximum(lengths - 1, 0),
+                 mode="prefill", attn=attn)
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="attn")
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
+            *, attn: AttentionConfig = AttentionConfig()) -> tuple[jax.Array, KVCache]:
     """Run padded prompts `[B, bucket]` with true `lengths` `[B]` through a fresh bucket-sized cache.
 
-    Returns the logits at each prompt's last true token `[B, V]` and the prompts' cache, ready to
-    `insert` into decode slots.
+    Returns the logits at each prompt's last true token `[B, V]` and the prompts' cache.
     """
     model: Llama = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    cache = kv_cache.init_cache(model.cfg, b, t)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return model(tokens, positions, cache, lengths, logits_at=lengths - 1, causal_block=PREFILL_QUERY_BLOCK)
+    return _prefill(model, kv_cache.init_cache(model.cfg, b, t), tokens, lengths, jnp.arange(b), attn)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames="kv_len", donate_argnames="cache")
-def decode_step(
-    graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array, *, kv_len: int | None = None
-) -> tuple[jax.Array, KVCache]:
+@partial(jax.jit, static_argnums=0, static_argnames="attn", donate_argnames="cache")
+def prefill_into(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
+                 rows: jax.Array, *, attn: AttentionConfig = AttentionConfig()) -> tuple[jax.Array, KVCache]:
+    """Prefill padded prompts `[B, bucket]` straight into cache rows `rows` `[B]` (a row index past
+    the cache writes nothing: padding rows). Returns last-token logits `[B, V]` and the cache."""
+    model: Llama = nnx.merge(graphdef, params)
+    return _prefill(model, cache, tokens, lengths, rows, attn)
+
+
+@partial(jax.jit, static_argnums=0, static_argnames="attn", donate_argnames="cache")
+def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tokens: jax.Array,
+                *, attn: AttentionConfig = AttentionConfig()) -> tuple[jax.Array, KVCache]:
     """One token `[B]` for each of the first B rows of the cache, each at its own position
-    `cache.lengths[b]`.
-
-    Attention reads the first `kv_len` cache entries: every row's length must be below it.
-    Returns logits `[B, V]` and the cache with each row one longer (rows at the end of the
-    cache stay there: their last entry is overwritten).
-    """
+    `cache.lengths[b]`. Returns logits `[B, V]` and the cache with each row one longer (a row
+    at the end of the cache stays there: its last entry is overwritten)."""
     model: Llama = nnx.merge(graphdef, params)
     positions = jnp.minimum(cache.lengths[: tokens.shape[0]], cache.max_len - 1)[:, None]
-    logits, cache = model(tokens[:, None], positions, cache, kv_len=kv_len)
+    logits, cache = model(tokens[:, None], positions, cache, mode="decode", attn=attn)
     return logits[:, 0], cache
-
-
-@partial(jax.jit, donate_argnames="cache")
-def insert(prefix: KVCache, cache: KVCache, slot: jax.Array, row: jax.Array) -> KVCache:
-    """Copy prefill row `row` into decode slot `slot` (both traced: one compile serves all)."""
-    return kv_cache.insert(prefix, cache, slot, row)
 
 
 def greedy_generate(model: Llama, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
@@ -100,10 +97,9 @@ def greedy_generate(model: Llama, prompt: list[int], max_new_tokens: int, stop_i
     max_len = model.cfg.max_seq_len
     if len(prompt) + max_new_tokens > max_len:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {max_len}")
-    bucket = bucket_for(len(prompt), length_buckets(max_len))
-    tokens, lengths = pad_prompts([prompt], bucket)
-    logits, prefix = prefill(graphdef, params, tokens, lengths)
-    cache = insert(prefix, kv_cache.init_cache(model.cfg, 1, max_len), jnp.int32(0), jnp.int32(0))
+    tokens, lengths = pad_prompts([prompt], bucket_for(len(prompt), length_buckets(max_len)))
+    cache = kv_cache.init_cache(model.cfg, 1, max_len)
+    logits, cache = prefill_into(graphdef, params, cache, tokens, lengths, np.zeros(1, np.int32))
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(jnp.argmax(logits[0]))

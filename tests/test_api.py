@@ -42,7 +42,7 @@ def model(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def live(model, tokenizer_path):
-    config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32, min_decode_window=32)
+    config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32)
     engine = Engine(model, Tokenizer(tokenizer_path), config).start()
     server = LiveServer(create_app(engine, ServerSettings(price_input_per_mtok=PRICE_IN,
                                                           price_output_per_mtok=PRICE_OUT)), engine)

@@ -47,7 +47,7 @@ SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": {"type"
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint, tokenizer_path):
-    config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32, min_decode_window=32)
+    config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32)
     engine = Engine(load_hf_model(tiny_checkpoint("tiny-gqa")), Tokenizer(tokenizer_path), config).start()
     yield engine
     engine.stop()

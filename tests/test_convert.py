@@ -92,7 +92,7 @@ def test_default_dtype_is_the_checkpoints_own_and_dtype_flag(tiny_checkpoint, tm
     hf = tiny_checkpoint("tiny-mha", dtype="float16")
     assert main([str(hf), str(tmp_path / "own"), "--quiet"]) == 0
     own = checkpoint.load(tmp_path / "own")
-    assert own.cfg.dtype == "float16" and own.params["layers"][0]["wq"][...].dtype == jnp.float16
+    assert own.cfg.dtype == "float16" and own.params["layers"]["wq"][...].dtype == jnp.float16
     assert main([str(hf), str(tmp_path / "bf16"), "--quiet", "--dtype", "bfloat16"]) == 0
     bf16 = checkpoint.load(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["dtype"] == "bfloat16"

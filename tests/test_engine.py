@@ -30,7 +30,7 @@ def tokenizer(tokenizer_path):
 
 @pytest.fixture(scope="module")
 def engine(model, tokenizer):
-    with Engine(model, tokenizer, EngineConfig(max_slots=8, max_seq_len=MAX_LEN, min_decode_window=32)) as e:
+    with Engine(model, tokenizer, EngineConfig(max_slots=8, max_seq_len=MAX_LEN)) as e:
         yield e
 
 
@@ -88,24 +88,24 @@ def test_stop_token_ends_with_stop(engine):
     assert ids(out) == tokens[:4] and out.choices[0].finish_reason == "stop"
 
 
-def test_n_choices_share_one_prefill(engine, monkeypatch):
-    calls = []
-    real = steps.prefill
-    monkeypatch.setattr(steps, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+def _spy_prefill_shapes(engine, monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, length) shape of every prefill the engine runs from now on."""
+    shapes = []
+    real = engine._prefill_rows
+    monkeypatch.setattr(engine, "_prefill_rows", lambda params, state, tokens, *a: shapes.append(tokens.shape)
+                        or real(params, state, tokens, *a))
+    return shapes
+
+
+def test_n_choices_are_prefilled_in_one_call(engine, monkeypatch):
+    shapes = _spy_prefill_shapes(engine, monkeypatch)
     request = Request(prompt=[1, 450, 4996, 17354], max_tokens=16, n=3, sampling=SamplingOptions(seed=7))
     out = engine.submit(request).result()
-    assert len(calls) == 1
+    assert shapes == [(4, 128)], "one row per choice, padded to the 4-row shape, in one prefill"
     choices = [tuple(ids(out, i)) for i in range(3)]
     assert len(set(choices)) == 3, "each choice has its own key stream"
     again = engine.submit(request).result()
     assert [tuple(ids(again, i)) for i in range(3)] == choices
-
-
-def _spy_prefill_shapes(monkeypatch) -> list[tuple[int, int]]:
-    shapes = []
-    real = steps.prefill
-    monkeypatch.setattr(steps, "prefill", lambda g, p, tokens, lengths: shapes.append(tokens.shape) or real(g, p, tokens, lengths))
-    return shapes
 
 
 def test_queued_requests_share_one_prefill_and_match_alone(engine, monkeypatch):
@@ -114,11 +114,12 @@ def test_queued_requests_share_one_prefill_and_match_alone(engine, monkeypatch):
                         sampling=SamplingOptions(temperature=0.8, seed=i, repetition_penalty=1.2))
                 for i, n in enumerate([1, 2, 1, 1])]
     alone = [engine.submit(r).result() for r in requests]
-    shapes = _spy_prefill_shapes(monkeypatch)
+    shapes = _spy_prefill_shapes(engine, monkeypatch)
     with engine._wake:  # hold the scheduler off while the requests queue up
         handles = [engine.submit(r) for r in requests]
     together = [h.result() for h in handles]
-    assert shapes == [(4, steps.bucket_for(max(len(r.prompt) for r in requests), engine.buckets))]
+    assert max(len(r.prompt) for r in requests) <= 64 and engine.config.max_prefill_tokens == 512
+    assert shapes == [(8, 64)], "five rows (one per choice) in the 8-row shape that fits the budget"
     for a, t, r in zip(alone, together, requests):
         assert [ids(t, c) for c in range(r.n)] == [ids(a, c) for c in range(r.n)]
 
@@ -126,7 +127,7 @@ def test_queued_requests_share_one_prefill_and_match_alone(engine, monkeypatch):
 def test_prefill_batches_stay_within_the_token_budget(engine, monkeypatch):
     assert engine.config.max_prefill_tokens == 512 and MAX_LEN == 128
     rng = np.random.default_rng(12)
-    shapes = _spy_prefill_shapes(monkeypatch)
+    shapes = _spy_prefill_shapes(engine, monkeypatch)
     with engine._wake:
         handles = [engine.submit(Request(prompt=random_prompt(rng, 70, 100), max_tokens=3)) for _ in range(6)]
     for h in handles:
@@ -204,7 +205,7 @@ class ExplodingTokenizer(Tokenizer):
 
 def test_a_failing_request_does_not_stop_the_others(model, tokenizer_path):
     tokenizer = ExplodingTokenizer(tokenizer_path)
-    with Engine(model, tokenizer, EngineConfig(max_slots=4, max_seq_len=MAX_LEN, min_decode_window=32)) as engine:
+    with Engine(model, tokenizer, EngineConfig(max_slots=4, max_seq_len=MAX_LEN)) as engine:
         prompt = [1, 450, 4996]
         doomed = engine.generate([prompt], max_tokens=8, sampling=SamplingOptions(temperature=0))[0]
         tokenizer.bad_id = ids(doomed)[4]
@@ -245,9 +246,9 @@ def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, toke
     sharded = nnx.merge(graphdef, shard_params(model.cfg, params, mesh))
     prompts = [[1, 450, 4996, 17354], [1, 15043, 29991, 1724, 338]]
     expected = [ids(c) for c in engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
-    config = EngineConfig(max_slots=2, max_seq_len=MAX_LEN, min_decode_window=32)
+    config = EngineConfig(max_slots=2, max_seq_len=MAX_LEN)
     with Engine(sharded, tokenizer, config, mesh=mesh) as tp_engine:
-        assert tp_engine._state.cache.k[0].sharding.spec[1] == "tp"  # KV heads split over the mesh
+        assert tp_engine._state.cache.k.sharding.spec[2] == "tp"  # KV heads split over the mesh
         got = [ids(c) for c in tp_engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
         with CompileCounter() as counter:  # the sharded state keeps its placement from step to step
             for _ in range(2):
@@ -304,7 +305,7 @@ from llama_jax.config import preset
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.tokenizer import Tokenizer
-config = EngineConfig(max_slots=2, max_seq_len=64, min_decode_window=32, compilation_cache_dir=sys.argv[1])
+config = EngineConfig(max_slots=2, max_seq_len=64, compilation_cache_dir=sys.argv[1])
 Engine(init_model(preset("tiny-gqa")), Tokenizer(sys.argv[2]), config).start().stop()
 print(events["/jax/compilation_cache/cache_hits"], events["/jax/compilation_cache/cache_misses"])
 """

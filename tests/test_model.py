@@ -84,80 +84,80 @@ def test_bfloat16_close_to_hf_bfloat16(tiny_checkpoint, shape):
 
 
 def test_cache_decode_equals_full_forward(tiny_checkpoint):
-    """Prefill a prefix, then decode token by token: each step's logits equal the full forward's."""
+    """Prefill a prefix into one row of a decode cache, then decode token by token: each step's
+    logits equal the full forward's."""
     model = load_hf_model(tiny_checkpoint("tiny-gqa"))
     graphdef, params = nnx.split(model)
     full = full_forward(model, PROMPT)
     tokens, lengths = steps.pad_prompts([PROMPT[:5]], 16)
     logits, prefix = steps.prefill(graphdef, params, tokens, lengths)
     np.testing.assert_allclose(np.asarray(logits[0]), full[4], rtol=0, atol=1e-5 * np.abs(full).max())
-    cache = steps.insert(prefix, init_cache(model.cfg, 2, 64), jnp.int32(1), jnp.int32(0))
+    logits, cache = steps.prefill_into(graphdef, params, init_cache(model.cfg, 2, 64), tokens, lengths,
+                                       np.array([1], np.int32))
+    np.testing.assert_allclose(np.asarray(logits[0]), full[4], rtol=0, atol=1e-5 * np.abs(full).max())
     for pos in range(5, len(PROMPT)):
         batch = jnp.array([0, PROMPT[pos]], jnp.int32)  # row 0 is an idle slot
-        logits, cache = steps.decode_step(graphdef, params, cache, batch, kv_len=32)
+        logits, cache = steps.decode_step(graphdef, params, cache, batch)
         np.testing.assert_allclose(np.asarray(logits[1]), full[pos], rtol=0, atol=1e-5 * np.abs(full).max())
     assert int(cache.lengths[1]) == len(PROMPT)
 
 
+SLOTS = [(2, 0), (0, 1), (3, 2), (1, 3)]  # (slot, prompt): scrambled
+
+
 def test_rows_are_independent(tiny_checkpoint):
-    """A row's logits do not depend on the other rows of the batch, their lengths or contents."""
+    """A row's logits do not depend on the other rows of the batch, their lengths or contents,
+    nor on the stale keys an earlier occupant left in its slot (NaN included)."""
     model = load_hf_model(tiny_checkpoint("tiny-mha"))
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 32000, n).tolist() for n in (3, 17, 9, 30)]
     alone = [steps.prefill(graphdef, params, *steps.pad_prompts([p], 32))[0][0] for p in prompts]
-    together, prefix = steps.prefill(graphdef, params, *steps.pad_prompts(prompts, 32))
+    together, _ = steps.prefill(graphdef, params, *steps.pad_prompts(prompts, 32))
     for a, b in zip(alone, together):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
 
-    cache = init_cache(model.cfg, 4, 64)
-    for slot, row in [(2, 0), (0, 1), (3, 2), (1, 3)]:  # scrambled slots
-        cache = steps.insert(prefix, cache, jnp.int32(slot), jnp.int32(row))
-    mixed, _ = steps.decode_step(graphdef, params, cache, jnp.array([7, 8, 5, 6], jnp.int32), kv_len=64)
-    for slot, row in [(2, 0), (0, 1), (3, 2), (1, 3)]:
-        single = init_cache(model.cfg, 1, 64)
-        single = steps.insert(prefix, single, jnp.int32(0), jnp.int32(row))
-        one, _ = steps.decode_step(graphdef, params, single, jnp.array([[7, 8, 5, 6][slot]], jnp.int32), kv_len=64)
+    stale = init_cache(model.cfg, 4, 64)
+    stale = stale.replace(k=stale.k.at[:, :, :, 40:].set(jnp.nan), v=stale.v.at[:, :, :, 40:].set(jnp.nan))
+    order = [p for _, p in SLOTS]
+    _, cache = steps.prefill_into(graphdef, params, stale, *steps.pad_prompts([prompts[p] for p in order], 32),
+                                  np.array([s for s, _ in SLOTS], np.int32))
+    mixed, _ = steps.decode_step(graphdef, params, cache, jnp.array([7, 8, 5, 6], jnp.int32))
+    assert np.isfinite(np.asarray(mixed)).all(), "stale NaN keys past a row's length must not leak in"
+    for slot, row in SLOTS:
+        tokens, lengths = steps.pad_prompts([prompts[row]], 32)
+        _, single = steps.prefill_into(graphdef, params, init_cache(model.cfg, 1, 64), tokens, lengths,
+                                       np.zeros(1, np.int32))
+        one, _ = steps.decode_step(graphdef, params, single, jnp.array([[7, 8, 5, 6][slot]], jnp.int32))
         np.testing.assert_allclose(np.asarray(mixed[slot]), np.asarray(one[0]), rtol=0, atol=1e-4)
 
 
-def test_buckets_and_decode_windows():
+def test_buckets():
     assert steps.length_buckets(2048) == (16, 32, 64, 128, 256, 512, 1024, 2048)
     assert steps.length_buckets(100, 16) == (16, 32, 64, 100)
-    windows = steps.decode_windows(4096)
-    assert windows == (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-    for needed in range(129, 4097):  # a step never reads more than 1.5x the keys it needs
-        assert needed <= steps.bucket_for(needed, windows) <= 1.5 * needed
-    assert steps.decode_windows(100) == (100,)
 
 
 def test_no_compiles_after_warmup(tiny_checkpoint):
-    """Warm every prefill bucket, the insert and the decode windows; then no prompt length,
-    slot or batch content compiles anything."""
+    """Warm every prefill bucket and the decode step; then no prompt length, slot, context
+    length or batch content compiles anything."""
     model = load_hf_model(tiny_checkpoint("tiny-gqa"))
     graphdef, params = nnx.split(model)
     max_len = 128
     buckets = steps.length_buckets(max_len)
-    windows = steps.decode_windows(max_len, smallest=32)
     slots = 4
 
     def serve(prompt: list[int], slot: int, cache, rng):
-        bucket = steps.bucket_for(len(prompt), buckets)
-        _, prefix = steps.prefill(graphdef, params, *steps.pad_prompts([prompt], bucket))
-        cache = steps.insert(prefix, cache, jnp.int32(slot), jnp.int32(0))
+        tokens, lengths = steps.pad_prompts([prompt], steps.bucket_for(len(prompt), buckets))
+        _, cache = steps.prefill_into(graphdef, params, cache, tokens, lengths, np.array([slot], np.int32))
         for _ in range(3):
-            window = steps.bucket_for(int(np.max(np.asarray(cache.lengths))) + 1, windows)
-            tokens = rng.integers(3, 32000, slots).astype(np.int32)
-            _, cache = steps.decode_step(graphdef, params, cache, tokens, kv_len=window)
+            _, cache = steps.decode_step(graphdef, params, cache, rng.integers(3, 32000, slots).astype(np.int32))
         return cache
 
     rng = np.random.default_rng(1)
     with CompileCounter() as warmup:
         for bucket in buckets:
             serve([5] * (bucket - 3), 0, init_cache(model.cfg, slots, max_len), rng)
-        for window in windows:
-            steps.decode_step(graphdef, params, init_cache(model.cfg, slots, max_len), np.zeros(slots, np.int32), kv_len=window)
-    assert warmup.count >= len(buckets) + len(windows), "the counter must see the warm-up compiles"
+    assert warmup.count >= len(buckets) + 1, "the counter must see the warm-up compiles"
 
     with CompileCounter() as counter:
         cache = init_cache(model.cfg, slots, max_len)

@@ -13,8 +13,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import sampling as S
+from llama_jax import sampling
 from llama_jax.compiles import CompileCounter
+
+
+class _BranchFree:
+    """`sampling` with the accelerator path: sort-based truncation, no control flow."""
+
+    def __getattr__(self, name):
+        if name == "sample":
+            return lambda *a, **k: sampling.sample(*a, branch_free=True, **k)
+        if name == "truncation_mask":
+            return sampling.truncation_mask_sorted
+        return getattr(sampling, name)
+
+
+S = sampling  # rebound per test by the `path` fixture: every test runs on both sampler paths
+
+
+@pytest.fixture(autouse=True, params=["cpu-path", "branch-free"])
+def path(request):
+    """Run each test against the CPU path (bisection, lax.cond) and the branch-free GPU path."""
+    global S
+    S = sampling if request.param == "cpu-path" else _BranchFree()
+    yield request.param
+    S = sampling
 
 # scipy.stats.chi2.isf(1e-6, df): a chi-square statistic above this happens with p <= 1e-6.
 CHI2_CRITICAL_1E6 = {2: 27.631, 3: 30.665, 4: 33.377, 5: 35.888, 6: 38.2, 7: 40.522}
@@ -353,7 +376,7 @@ def test_temperature_zero_is_argmax_whatever_the_knobs():
     np.testing.assert_array_equal(result.tokens[1:], want[1:])
 
 
-def test_top_logprobs_only_when_a_row_asks():
+def test_top_logprobs_only_when_a_row_asks(path):
     rng = np.random.default_rng(6)
     logits = rng.normal(0, 3, (3, 50)).astype(np.float32)
     state = S.init_state(3, 50)
@@ -362,7 +385,10 @@ def test_top_logprobs_only_when_a_row_asks():
     np.testing.assert_array_equal(result.top_ids[1], np.argsort(-want)[:4])
     np.testing.assert_allclose(result.top_logprobs[1], np.sort(want)[::-1][:4], rtol=1e-5)
     result, _ = S.sample(jnp.asarray(logits), batch_params(top_logprobs=[0, 0, 0]), state, num_top_logprobs=4)
-    assert np.all(np.isneginf(result.top_logprobs)), "no row asked: the search is skipped"
+    if path == "cpu-path":
+        assert np.all(np.isneginf(result.top_logprobs)), "no row asked: the search is skipped"
+    else:  # branch-free: always computed (cheaper on a GPU than a branch), the same values
+        np.testing.assert_allclose(result.top_logprobs[1], np.sort(want)[::-1][:4], rtol=1e-5)
     np.testing.assert_allclose(result.logprobs, np.take_along_axis(
         logits - np.log(np.exp(logits).sum(-1, keepdims=True)), np.asarray(result.tokens)[:, None], -1)[:, 0], rtol=1e-5)
 

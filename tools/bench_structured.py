@@ -113,8 +113,7 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int, factory=None
 
 
 def bench_engine(model, tokenizer: Tokenizer, concurrency: list[int], max_tokens: int, repeats: int) -> dict:
-    config = EngineConfig(max_slots=max(concurrency), max_seq_len=model.cfg.max_seq_len, min_prefill_bucket=32,
-                          min_decode_window=min(128, model.cfg.max_seq_len))
+    config = EngineConfig(max_slots=max(concurrency), max_seq_len=model.cfg.max_seq_len, min_prefill_bucket=32)
     engine = Engine(model, tokenizer, config).start()
     prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Describe a person as JSON."}])
     vocab = model.cfg.vocab_size

@@ -1,0 +1,232 @@
+"""Attention, one entry point per use, each with an implementation chosen per platform.
+
+* `prefill_attention`: a fresh prompt (query i at position i, keys are the prompt's own).
+  CPU: XLA in causal query blocks. GPU: cuDNN flash attention (`jax.nn.dot_product_attention`)
+  with the prompts' true lengths; its causal mask is top-left aligned, which is right only for
+  queries that start at position 0, so suffixes at an offset go through `cached_attention`.
+* `decode_attention`: one new token per row against the stacked KV cache, read in place up to
+  each row's length, never copied out as a window. CPU: a loop over key blocks whose trip count
+  follows the longest row (plain XLA, online softmax). GPU: a Pallas (Triton) kernel that reads
+  the layer and row it needs straight out of the stacked cache, split over the key axis.
+* `cached_attention`: any queries at any positions against the cache with an explicit mask (for
+  scoring chunks and suffix prefills): reads the whole layer, off the serving hot path.
+
+All score arithmetic is float32; values beyond a row's length are zeroed before they meet a
+probability, so a stale NaN in an idle part of the cache can never leak in through 0 x NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+PREFILL_QUERY_BLOCK = 128  # XLA prefill runs causal query blocks of this many tokens
+_MASKED = -1e30  # finite: exp(_MASKED - m) is exactly 0 and never NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which implementation each attention entry point uses; static (part of the compiled program).
+
+    `prefill`: "xla" or "cudnn"; `decode`: "xla" or "pallas" (with `interpret` the Pallas kernel
+    runs on any backend, for tests); `block` is the key block of the decode loop; `splits` how
+    many programs share one row's keys in the Pallas kernel (parallelism at batch 1). `mesh`:
+    the tensor-parallel mesh, over which the kernels run per device on their own KV heads.
+    """
+
+    prefill: str = "xla"
+    decode: str = "xla"
+    block: int = 256
+    splits: int = 8
+    interpret: bool = False
+    mesh: Mesh | None = None
+
+    @staticmethod
+    def for_platform(platform: str | None = None) -> AttentionConfig:
+        """The fast choice for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
+        platform = platform or jax.default_backend()
+        if platform in ("gpu", "cuda", "rocm"):
+            return AttentionConfig(prefill="cudnn", decode="pallas", block=64, splits=8)
+        return AttentionConfig()
+
+
+def _group(q: jax.Array, kv_heads: int) -> jax.Array:
+    """`[B, T, H, D]` -> `[B, T, KV, G, D]`: query heads grouped onto their KV head (no repeat of k/v)."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reference GQA: q `[B, T, H, D]`, k/v `[B, KV, S, D]`, mask `[B, T, S]` -> `[B, T, H, D]`."""
+    b, t, h, d = q.shape
+    scores = jnp.einsum("btkgd,bksd->bkgts", _group(q, k.shape[1]), k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * d**-0.5, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    visible = jnp.any(mask, axis=1)  # [B, S]: keys some query sees; the rest may be stale
+    v = jnp.where(visible[:, None, :, None], v, 0).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, d)
+
+
+def causal_mask(lengths: jax.Array, t: int) -> jax.Array:
+    """`[B, T, T]`: query i sees key j iff j <= i and j < the row's length (a fresh prompt)."""
+    i = jnp.arange(t)
+    return (i[None, None, :] <= i[None, :, None]) & (i[None, None, :] < lengths[:, None, None])
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                      config: AttentionConfig) -> jax.Array:
+    """Causal attention of fresh prompts: q `[B, T, H, D]`, k/v `[B, T, KV, D]`, true `lengths` `[B]`."""
+    if config.prefill == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    t = q.shape[1]
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, D]
+    mask = causal_mask(lengths, t)
+    block = PREFILL_QUERY_BLOCK
+    # Query block s reads only the keys up to its end: half the work of one dense call, and a
+    # score block small enough to stay in cache (3x faster attention at 1024 tokens on CPU).
+    return jnp.concatenate(
+        [masked_attention(q[:, s:s + block], k[:, :, :s + block], v[:, :, :s + block], mask[:, s:s + block, :s + block])
+         for s in range(0, t, block)], axis=1)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                     lengths: jax.Array, config: AttentionConfig) -> jax.Array:
+    """One query per row: q `[B, H, D]` against layer `layer` of the stacked cache
+    `[L, slots, KV, S, D]`, rows `0..B-1`, keys `0..lengths[b]-1` (the new token included)."""
+    if config.decode == "pallas":
+        kernel = functools.partial(_decode_pallas, config=config)
+        tp = 1 if config.mesh is None else config.mesh.shape.get("tp", 1)
+        if tp > 1:  # a custom kernel is not partitioned by XLA: run it per device on its own heads
+            if k_cache.shape[2] % tp:  # KV heads replicated over tp: no per-device split of the kernel
+                return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block)
+            heads, cache = PartitionSpec(None, "tp", None), PartitionSpec(None, None, "tp", None, None)
+            kernel = jax.shard_map(kernel, mesh=config.mesh, in_specs=(heads, cache, cache, PartitionSpec(), PartitionSpec()),
+                                   out_specs=heads, check_vma=False)
+        return kernel(q, k_cache, v_cache, layer, lengths)
+    return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block)
+
+
+def key_block(max_len: int, block: int) -> int:
+    """The largest power-of-two block <= `block` that divides `max_len` (or `max_len` itself)."""
+    while block > 16 and max_len % block:
+        block //= 2
+    return block if max_len % block == 0 else max_len
+
+
+def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int) -> jax.Array:
+    """Online softmax over key blocks; the trip count follows the longest row, so a step's cost
+    follows the real context and one program serves every context length."""
+    b, h, d = q.shape
+    kv, max_len = k_cache.shape[2], k_cache.shape[3]
+    block = key_block(max_len, block)
+    qg = (q.reshape(b, kv, h // kv, d).astype(jnp.float32) * d**-0.5).astype(q.dtype)
+
+    def body(j, carry):
+        m, l, o = carry
+        start = j * block
+        kb = lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
+        vb = lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
+        valid = (start + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
+        s = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32)
+        s = jnp.where(valid[:, None, None], s, _MASKED)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        vb = jnp.where(valid[:, None, :, None], vb, 0).astype(vb.dtype)
+        pv = jnp.einsum("bkgs,bksd->bkgd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
+
+    g = h // kv
+    init = (jnp.full((b, kv, g), _MASKED, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
+            jnp.zeros((b, kv, g, d), jnp.float32))
+    n_blocks = (jnp.max(lengths) + block - 1) // block
+    _, l, o = lax.fori_loop(0, n_blocks, body, init)
+    return (o / l[..., None]).reshape(b, h, d).astype(q.dtype)
+
+
+def _decode_kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+                   block: int, split_len: int, slots: int, kv_heads: int, groups: int):
+    """One (row, KV head, key split): online softmax over this split's blocks below the row's length.
+
+    k_ref/v_ref are the whole cache flattened to `[L * slots * KV, S, D]`: the row of keys is
+    picked by index inside the kernel, so nothing is sliced or copied out of the cache.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = (layer_ref[0] * slots + b) * kv_heads + h
+    length = lengths_ref[b]
+    q = q_ref[...].astype(jnp.float32)  # [Gp, D], pre-scaled, zero rows past `groups`
+    start = split * split_len
+    n_blocks = pl.cdiv(jnp.clip(length - start, 0, split_len), block)
+
+    def body(j, carry):
+        m, l, o = carry
+        pos = start + j * block
+        k = k_ref[row, pl.ds(pos, block), :].astype(jnp.float32)  # [block, D]
+        v = v_ref[row, pl.ds(pos, block), :]
+        valid = (pos + jnp.arange(block)) < length
+        s = jnp.where(valid[None, :], plgpu.dot(q, k, trans_b=True), _MASKED)  # [Gp, block]
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[:, None])
+        corr = jnp.exp(m - m_new)
+        v = jnp.where(valid[:, None], v.astype(jnp.float32), 0.0)
+        return m_new, l * corr + p.sum(axis=-1), o * corr[:, None] + plgpu.dot(p, v)
+
+    gp, d = q.shape
+    init = (jnp.full((gp,), _MASKED, jnp.float32), jnp.zeros((gp,), jnp.float32), jnp.zeros((gp, d), jnp.float32))
+    m, l, o = lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConfig) -> jax.Array:
+    """Split-K flash decoding in Pallas over the stacked cache; partial results merged in XLA."""
+    from jax.experimental import pallas as pl
+
+    b, h, d = q.shape
+    n_layers, slots, kv, max_len, _ = k_cache.shape
+    g = h // kv
+    gp = max(16, 1 << (g - 1).bit_length())  # tensor-core dots need >= 16 rows: pad the group
+    splits = config.splits if max_len % config.splits == 0 else 1
+    split_len = max_len // splits
+    block = key_block(split_len, config.block)
+    qg = (q.reshape(b, kv, g, d).astype(jnp.float32) * d**-0.5)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0))).astype(q.dtype)
+    flat = (n_layers * slots * kv, max_len, d)
+    whole = pl.BlockSpec()  # the whole array: the kernel indexes the layer and row it reads
+    kernel = functools.partial(_decode_kernel, block=block, split_len=split_len, slots=slots, kv_heads=kv, groups=g)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(b, kv, splits),
+        in_specs=[whole, whole, pl.BlockSpec((None, None, gp, d), lambda i, j, s: (i, j, 0, 0)), whole, whole],
+        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda i, j, s: (s, i, j, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda i, j, s: (s, i, j, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda i, j, s: (s, i, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, kv, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, kv, gp), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, kv, gp), jnp.float32)],
+        interpret=config.interpret,
+        name="decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), qg,
+      k_cache.reshape(flat), v_cache.reshape(flat))
+    m_all = m.max(axis=0)
+    corr = jnp.exp(m - m_all[None])  # splits past a row's length hold m = _MASKED and l = 0
+    out = (o * corr[..., None]).sum(0) / ((l * corr).sum(0)[..., None])
+    return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                     rows: jax.Array, mask: jax.Array) -> jax.Array:
+    """q `[B, T, H, D]` against cache rows `rows` `[B]` of layer `layer`, with an explicit mask `[B, T, S]`."""
+    k = jnp.take(k_cache[layer], rows, axis=0, mode="clip")
+    v = jnp.take(v_cache[layer], rows, axis=0, mode="clip")
+    return masked_attention(q, k, v, mask)
