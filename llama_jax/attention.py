@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from llama_jax.kv_cache import from_bits
+
 PREFILL_QUERY_BLOCK = 128  # XLA prefill runs causal query blocks of this many tokens
 _MASKED = -1e30  # finite: exp(_MASKED - m) is exactly 0 and never NaN
 
@@ -130,8 +132,8 @@ def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int) -> jax.Array:
     def body(j, carry):
         m, l, o = carry
         start = j * block
-        kb = lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
-        vb = lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0]
+        kb = from_bits(lax.dynamic_slice(k_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0], q.dtype)
+        vb = from_bits(lax.dynamic_slice(v_cache, (layer, 0, 0, start, 0), (1, b, kv, block, d))[0], q.dtype)
         valid = (start + jnp.arange(block))[None, :] < lengths[:, None]  # [B, block]
         s = jnp.einsum("bkgd,bksd->bkgs", qg, kb, preferred_element_type=jnp.float32)
         s = jnp.where(valid[:, None, None], s, _MASKED)
@@ -151,7 +153,7 @@ def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int) -> jax.Array:
 
 
 def _decode_kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   block: int, split_len: int, slots: int, kv_heads: int, groups: int):
+                   block: int, split_len: int, slots: int, kv_heads: int, dtype):
     """One (row, KV head, key split): online softmax over this split's blocks below the row's length.
 
     k_ref/v_ref are the whole cache flattened to `[L * slots * KV, S, D]`: the row of keys is
@@ -170,8 +172,8 @@ def _decode_kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_
     def body(j, carry):
         m, l, o = carry
         pos = start + j * block
-        k = k_ref[row, pl.ds(pos, block), :].astype(jnp.float32)  # [block, D]
-        v = v_ref[row, pl.ds(pos, block), :]
+        k = from_bits(k_ref[row, pl.ds(pos, block), :], dtype).astype(jnp.float32)  # [block, D]
+        v = from_bits(v_ref[row, pl.ds(pos, block), :], dtype)
         valid = (pos + jnp.arange(block)) < length
         s = jnp.where(valid[None, :], plgpu.dot(q, k, trans_b=True), _MASKED)  # [Gp, block]
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -203,7 +205,7 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0))).astype(q.dtype)
     flat = (n_layers * slots * kv, max_len, d)
     whole = pl.BlockSpec()  # the whole array: the kernel indexes the layer and row it reads
-    kernel = functools.partial(_decode_kernel, block=block, split_len=split_len, slots=slots, kv_heads=kv, groups=g)
+    kernel = functools.partial(_decode_kernel, block=block, split_len=split_len, slots=slots, kv_heads=kv, dtype=q.dtype)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, kv, splits),
@@ -227,6 +229,6 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
                      rows: jax.Array, mask: jax.Array) -> jax.Array:
     """q `[B, T, H, D]` against cache rows `rows` `[B]` of layer `layer`, with an explicit mask `[B, T, S]`."""
-    k = jnp.take(k_cache[layer], rows, axis=0, mode="clip")
-    v = jnp.take(v_cache[layer], rows, axis=0, mode="clip")
+    k = from_bits(jnp.take(k_cache[layer], rows, axis=0, mode="clip"), q.dtype)
+    v = from_bits(jnp.take(v_cache[layer], rows, axis=0, mode="clip"), q.dtype)
     return masked_attention(q, k, v, mask)

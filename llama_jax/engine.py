@@ -33,7 +33,7 @@ from llama_jax import kv_cache, sampling, sharding, steps
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import Llama
+from llama_jax.model import Llama, storage_params
 from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, SamplingOptions, TokenLogprob, validate)
 from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
@@ -79,17 +79,24 @@ class DecodeState:
     params: SamplingParams
 
 
-def prefill_shapes(max_slots: int, max_seq_len: int, min_bucket: int, max_tokens: int) -> list[tuple[int, int]]:
+def prefill_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[int, int]]:
     """The (rows, length) shapes prefill compiles: one row at every length bucket, plus for each
-    larger row bucket the longest length that fits `max_tokens`. Their number is the sum of
-    the row and length buckets, never their product."""
-    buckets = steps.length_buckets(max_seq_len, min(min_bucket, max_seq_len))
+    larger row bucket the longest length that fits `max_prefill_tokens`. Their number is the sum
+    of the row and length buckets, never their product."""
+    buckets = steps.length_buckets(max_seq_len, min(config.min_prefill_bucket, max_seq_len))
     shapes = [(1, b) for b in buckets]
-    for rows in steps.length_buckets(max_slots, 1)[1:]:
-        fitting = [b for b in buckets if rows * b <= max_tokens]
+    for rows in steps.length_buckets(config.max_slots, 1)[1:]:
+        fitting = [b for b in buckets if rows * b <= config.max_prefill_tokens]
         if fitting:
             shapes.append((rows, fitting[-1]))
     return shapes
+
+
+def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
+    """Every program serving runs, as (kind, shape): one prefill per (rows, length) shape and one
+    generate per busy-slot bucket. Warm-up compiles exactly these."""
+    return ([("prefill", {"rows": r, "bucket": t}) for r, t in prefill_shapes(config, max_seq_len)]
+            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)])
 
 
 def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
@@ -180,6 +187,33 @@ def reset(state: DecodeState) -> DecodeState:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The engine's two jitted device programs for one model graph and serving shape, with the
+    decode state donated and its shardings fixed on output (so a step updates the state in place
+    and never hands the next one a differently placed state, which would recompile)."""
+
+    prefill: Callable  # (params, state, tokens, lengths, slots, rows, allowed) -> (state, result)
+    generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    shardings: DecodeState
+    attn: AttentionConfig
+    branch_free: bool
+
+    @staticmethod
+    def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
+        attn = config.attention or AttentionConfig.for_platform()
+        attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
+        branch_free = jax.default_backend() != "cpu" if config.branch_free_sampler is None else config.branch_free_sampler
+        shardings = decode_state_shardings(cfg, mesh)
+        static = dict(attn=attn, branch_free=branch_free)
+        return Programs(
+            prefill=jax.jit(partial(prefill, graphdef, **static), donate_argnames="state",
+                            out_shardings=(shardings, None)),
+            generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
+                             out_shardings=(shardings, None)),
+            shardings=shardings, attn=attn, branch_free=branch_free)
+
+
 @dataclasses.dataclass
 class _Active:
     """Host-side bookkeeping of one choice running in a slot."""
@@ -198,37 +232,27 @@ class Engine:
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
         """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow.
-
-        `prefill` and `generate` are jitted here, bound to this model's graph (no per-call hashing
-        of the static GraphDef), with the decode state donated and its shardings fixed on output,
-        so a step updates the state in place and never hands the next one a differently sharded
-        state (which would recompile)."""
+        The device programs are jitted here once (`Programs`), bound to this model's graph."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         cfg = model.cfg
         self.max_seq_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.config = config
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self.params = storage_params(cfg, params)  # on CPU, 16-bit weights as bits: a one-time copy
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
-        self.prefill_shapes = prefill_shapes(config.max_slots, self.max_seq_len, config.min_prefill_bucket,
-                                             config.max_prefill_tokens)
-        attn = config.attention or AttentionConfig.for_platform()
-        self.attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
-        branch_free = (jax.default_backend() != "cpu" if config.branch_free_sampler is None
-                       else config.branch_free_sampler)
+        self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        shardings = decode_state_shardings(cfg, mesh)
+        programs = Programs.build(self.graphdef, cfg, config, mesh)
+        shardings = programs.shardings
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh)
-        self._prefill_rows = jax.jit(partial(prefill, self.graphdef, attn=self.attn, branch_free=branch_free),
-                                     donate_argnames="state", out_shardings=(shardings, None))
-        self._generate = jax.jit(partial(generate, self.graphdef, attn=self.attn, branch_free=branch_free),
-                                 static_argnames="rows", donate_argnames="state", out_shardings=(shardings, None))
+        self._prefill_rows, self._generate = programs.prefill, programs.generate
         self._reset = jax.jit(reset, donate_argnums=0, out_shardings=shardings)
         neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
         self._clear_row = jax.jit(lambda params, slot: sampling.set_row(params, slot, neutral),
@@ -300,15 +324,9 @@ class Engine:
 
     # ---- device steps -------------------------------------------------------------------------
 
-    def programs(self) -> list[tuple[str, dict]]:
-        """Every program serving can run, as (kind, shape): one prefill per (rows, length) shape
-        and one generate per busy-slot bucket."""
-        return ([("prefill", {"rows": r, "bucket": t}) for r, t in self.prefill_shapes]
-                + [("generate", {"rows": r}) for r in self.row_buckets])
-
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
         """Compile (or load from the persistent cache) every program serving can run, then empty the slots."""
-        programs = self.programs()
+        programs = program_shapes(self.config, self.max_seq_len)
         for done, (kind, shape) in enumerate(programs, 1):
             if kind == "prefill":
                 rows, bucket = shape["rows"], shape["bucket"]

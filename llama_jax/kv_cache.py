@@ -50,28 +50,45 @@ def cache_shape(cfg: LlamaConfig, rows: int, max_len: int) -> tuple[int, ...]:
     return (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
 
 
-def init_cache(cfg: LlamaConfig, rows: int, max_len: int, dtype: jnp.dtype | str | None = None) -> KVCache:
-    """A zeroed cache for `rows` sequences of up to `max_len` tokens each."""
-    shape, dtype = cache_shape(cfg, rows, max_len), dtype or cfg.dtype
+def storage_dtype(dtype) -> jnp.dtype:
+    """How the cache stores keys of `dtype`: as `to_bits` patterns on CPU for 16-bit floats (no
+    upcast of the whole buffer around each step), as themselves elsewhere."""
+    cpu16 = jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize == 2
+    return jnp.dtype(jnp.uint16) if cpu16 else jnp.dtype(dtype)
+
+
+def init_cache(cfg: LlamaConfig, rows: int, max_len: int) -> KVCache:
+    """A zeroed cache for `rows` sequences of up to `max_len` tokens each (see `storage_dtype`)."""
+    shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((rows,), jnp.int32))
 
 
-def abstract_cache(cfg: LlamaConfig, rows: int, max_len: int, dtype: str | None = None, sharding=None) -> KVCache:
-    """The cache as ShapeDtypeStructs (with `sharding`, a KVCache of shardings, if given): for AOT compiles."""
-    shape, dtype = cache_shape(cfg, rows, max_len), dtype or cfg.dtype
-    s = sharding or KVCache(k=None, v=None, lengths=None)
-    return KVCache(k=jax.ShapeDtypeStruct(shape, dtype, sharding=s.k), v=jax.ShapeDtypeStruct(shape, dtype, sharding=s.v),
-                   lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=s.lengths))
+def to_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as its uint16 bit patterns (other arrays unchanged).
+
+    XLA's CPU backend computes every 16-bit float op in float32 (float normalization), and then
+    hoists the convert of a loop-invariant operand out of the layer loop: the whole stacked
+    weights and cache would be upcast at once (60 GB of temporaries at 7B). Carried and sliced as
+    integers, only the one layer or key block in use is ever converted.
+    """
+    floating16 = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if floating16 else x
+
+
+def from_bits(x: jax.Array, dtype) -> jax.Array:
+    """Undo `to_bits`: uint16 bit patterns back to the 16-bit float `dtype` (others unchanged)."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
 
 
 def write(buffer: jax.Array, layer: jax.Array, new: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:
     """Write `new[b]` (`[T, heads, head_dim]`) into layer `layer`, row `rows[b]` of the stacked
-    buffer at `positions[b]` (`[B, T]`).
+    buffer (float, or its `to_bits` patterns) at `positions[b]` (`[B, T]`).
 
     One in-place scatter (the buffer is donated or loop-carried); rows or positions out of range
     are dropped, which is how padding rows of a prefill batch write nothing.
     """
-    return buffer.at[layer, rows[:, None], :, positions].set(new.astype(buffer.dtype), mode="drop")
+    new = to_bits(new) if buffer.dtype == jnp.uint16 else new.astype(buffer.dtype)
+    return buffer.at[layer, rows[:, None], :, positions].set(new, mode="drop")
 
 
 def attention_mask(q_positions: jax.Array, lengths: jax.Array, kv_len: int) -> jax.Array:

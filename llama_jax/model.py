@@ -28,11 +28,12 @@ from flax import nnx
 from llama_jax import attention
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache, attention_mask, write
+from llama_jax.kv_cache import KVCache, attention_mask, from_bits, to_bits, write
 
 Path = tuple[str, ...]
 LAYER_HF = "model.layers.{layer}."
 MODES = ("cached", "prefill", "decode")
+LM_HEAD_CHUNKS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,23 @@ def _init_param(spec: WeightSpec, rngs: nnx.Rngs, dtype: str) -> nnx.Param:
 def linear(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """`x @ w.T` for a weight stored `[out, in]`."""
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def constrain(x: jax.Array, mesh, last: str | None = None) -> jax.Array:
+    """Pin `x`'s layout on the mesh: replicated, or with its last axis split over mesh axis `last`."""
+    spec = jax.sharding.PartitionSpec(*([None] * (x.ndim - 1)), last)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def chunked_linear(x: jax.Array, w_bits: jax.Array, dtype, chunks: int) -> jax.Array:
+    """`linear(x, w)` in float32 over `chunks` row blocks of `w` (given as `to_bits` patterns, rows
+    divisible by `chunks`), so a 16-bit matrix is upcast one block at a time on CPU."""
+    rows = w_bits.shape[0]
+    if rows % chunks:
+        return linear(x, from_bits(w_bits, dtype), jnp.float32)
+    blocks = w_bits.reshape(chunks, rows // chunks, -1)
+    out = jax.lax.map(lambda blk: linear(x, from_bits(blk, dtype), jnp.float32), blocks)  # [chunks, ..., rows/chunks]
+    return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], rows)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -234,22 +252,47 @@ class Llama(nnx.Module):
         mask = attention_mask(positions, lengths, cache.max_len) if mode == "cached" else None
         step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask)
 
+        # On CPU, 16-bit weights and caches go through the loop as bit patterns (see
+        # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack.
+        bits = to_bits if cpu16(cfg) else (lambda a: a)  # no-op on arrays already in that form
+
         def body(carry, xs):
             x, k_cache, v_cache = carry
             w, layer = xs
+            w = {name: from_bits(a, cfg.dtype) for name, a in w.items()}
             x, k_cache, v_cache = decoder_layer(step, w, layer, x, k_cache, v_cache)
             return (x, k_cache, v_cache), (x if return_hidden else None)
 
-        x0 = jnp.take(self.embed[...], tokens, axis=0)
+        x0 = from_bits(jnp.take(bits(self.embed[...]), tokens, axis=0), cfg.dtype)
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        (x, k, v), hidden = jax.lax.scan(body, (x0, cache.k, cache.v), (self.layers.stacked(), layer_ids))
+        weights = jax.tree.map(bits, self.layers.stacked())
+        (x, k, v), hidden = jax.lax.scan(body, (x0, bits(cache.k), bits(cache.v)), (weights, layer_ids))
+        k, v = from_bits(k, cache.k.dtype), from_bits(v, cache.v.dtype)
         if return_hidden:
             hidden = jnp.concatenate([x0[None], hidden], axis=0)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
-        logits = linear(rms_norm(x, self.norm[...], cfg.norm_eps), self.lm_head[...], jnp.float32)
+        x = rms_norm(x, from_bits(self.norm[...], cfg.dtype), cfg.norm_eps)
+        if attn.mesh is not None:  # vocab-parallel head, on purpose: replicated x, logits split by vocab
+            x = constrain(x, attn.mesh)
+            logits = constrain(linear(x, from_bits(self.lm_head[...], cfg.dtype), jnp.float32), attn.mesh, "tp")
+        elif cpu16(cfg):  # in vocab chunks: one chunk of the head upcast at a time
+            logits = chunked_linear(x, bits(self.lm_head[...]), cfg.dtype, LM_HEAD_CHUNKS)
+        else:
+            logits = linear(x, from_bits(self.lm_head[...], cfg.dtype), jnp.float32)
         cache = KVCache(k=k, v=v, lengths=cache.lengths.at[rows].set(lengths, mode="drop"))
         return (logits, cache, hidden) if return_hidden else (logits, cache)
+
+
+def cpu16(cfg: LlamaConfig) -> bool:
+    """True where 16-bit weights and caches are kept as bit patterns (see `kv_cache.to_bits`)."""
+    return jax.default_backend() == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2
+
+
+def storage_params(cfg: LlamaConfig, params: nnx.State) -> nnx.State:
+    """Parameters in the form the jitted steps run fastest on: on CPU, 16-bit floats as their bit
+    patterns (a one-time copy), so a step never converts the whole model; elsewhere unchanged."""
+    return jax.tree.map(to_bits, params) if cpu16(cfg) else params
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -1,0 +1,169 @@
+"""Capacity planning without weights: compile the serving programs ahead of time from abstract
+shapes and read what they need from the compiler.
+
+`plan(cfg, config, mesh)` lowers every program warm-up would compile (`engine.program_shapes`)
+on `jax.ShapeDtypeStruct`s that carry the real shardings, compiles them for this machine's
+backend, and reports per-device bytes: weights and KV cache (from the shardings, exact) and the
+largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
+70B plan at tp 8 runs on a laptop (`--xla_force_host_platform_device_count` gives the devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama_jax import sampling
+from llama_jax.config import LlamaConfig
+from llama_jax.engine import DecodeState, EngineConfig, Programs, empty_state, program_shapes
+from llama_jax.model import abstract_model, storage_params
+from llama_jax.sharding import param_shardings
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One AOT-compiled serving program and what the compiler says it needs (per device)."""
+
+    name: str
+    compiled: jax.stages.Compiled
+    seconds: float
+
+    @property
+    def memory(self):
+        return self.compiled.memory_analysis()
+
+
+def per_device_bytes(abstract) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory)."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    shardings = param_shardings(cfg, mesh)
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s), state)  # the dtypes the engine runs with
+    flat = nnx.to_flat_state(stored)
+    return graphdef, nnx.from_flat_state({
+        p: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p]))
+        for p, v in flat})
+
+
+def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: DecodeState) -> DecodeState:
+    """The decode state as sharded ShapeDtypeStructs."""
+    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _rows_params(rows: int) -> sampling.SamplingParams:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows,), np.asarray(a).dtype), sampling.make_params(seed=0))
+
+
+def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None,
+                     progress: Callable[[str, float], None] | None = None,
+                     select: Callable[[str, dict], bool] | None = None) -> list[Compiled]:
+    """AOT-compile every serving program (or those `select(kind, shape)` picks) for this backend
+    from abstract shapes."""
+    max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    graphdef, params = abstract_params(cfg, mesh)
+    programs = Programs.build(graphdef, cfg, config, mesh)
+    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    out = []
+    for kind, shape in program_shapes(config, max_len):
+        if select is not None and not select(kind, shape):
+            continue
+        start = time.perf_counter()
+        if kind == "prefill":
+            r, t = shape["rows"], shape["bucket"]
+            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), _rows_params(r),
+                                             jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_))
+            name = f"prefill {r} x {t}"
+        else:
+            allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
+            lowered = programs.generate.lower(params, state, allowed, rows=shape["rows"])
+            name = f"generate {shape['rows']} slots"
+        compiled = Compiled(name, lowered.compile(), time.perf_counter() - start)
+        out.append(compiled)
+        if progress:
+            progress(name, compiled.seconds)
+    return out
+
+
+def slot_bytes(cfg: LlamaConfig, max_len: int, tp_kv: int) -> int:
+    """Per-device bytes one decode slot adds: its keys and values, plus its sampler row."""
+    kv = 2 * cfg.n_layers * (cfg.n_kv_heads // tp_kv) * max_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return kv + cfg.vocab_size * (4 + 1) + 64
+
+
+def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memory: int | None = None,
+         progress: Callable[[str, float], None] | None = None) -> dict:
+    """What serving this model with this config needs per device, and how many slots fit `memory`.
+
+    Returns `{"programs", "compile_s", "devices", "per_device_bytes": {"weights", "kv_cache",
+    "temp"}, "max_slots_that_fit", "programs_detail"}`; `max_slots_that_fit` is None without `memory`.
+    """
+    max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    compiled = compile_programs(cfg, config, mesh, progress)
+    _, params = abstract_params(cfg, mesh)
+    shardings = Programs.build(nnx.split(abstract_model(cfg))[0], cfg, config, mesh).shardings
+    state = abstract_state(cfg, config.max_slots, max_len, shardings)
+    weights = per_device_bytes(params)
+    kv = per_device_bytes((state.cache.k, state.cache.v))
+    temp = max(c.memory.temp_size_in_bytes for c in compiled)
+    tp = 1 if mesh is None else mesh.size
+    tp_kv = tp if cfg.n_kv_heads % tp == 0 else 1
+    fit = None
+    if memory is not None:
+        fit = max(0, int((memory - weights - temp) // slot_bytes(cfg, max_len, tp_kv)))
+    return {
+        "programs": len(compiled),
+        "compile_s": round(sum(c.seconds for c in compiled), 2),
+        "devices": tp,
+        "per_device_bytes": {"weights": weights, "kv_cache": kv, "temp": temp},
+        "max_slots_that_fit": fit,
+        "programs_detail": [{"name": c.name, "compile_s": round(c.seconds, 2),
+                             "temp": c.memory.temp_size_in_bytes, "alias": c.memory.alias_size_in_bytes}
+                            for c in compiled],
+    }
+
+
+def device_memory_free(device: jax.Device | None = None) -> int | None:
+    """Bytes still free for this process on a device: the allocator's limit minus its use on an
+    accelerator, the host's available memory on CPU (None where neither can be read)."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '512MiB', '1.5T' or a plain byte count -> bytes."""
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+             "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read {text!r} as a size (e.g. 80GiB, 24GB, 512MiB)")
+    return int(float(num) * units[unit])
