@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from llama_jax import cli as engine_cli
+from llama_jax.cli import resolve_dtype
 
 DEMO_MODEL_NAME = "llama-jax-demo"
 DEMO_MAX_SEQ_LEN = 1024  # the demo's context when --max-seq-len is not given: warm-up in half the time
@@ -28,7 +29,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="a directory written by convert-weights (default: build once and serve the demo model)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-slots", type=int, default=8, help="concurrent sequences decoded together (default 8)")
+    p.add_argument("--max-slots", type=_slots, default=8,
+                   help="concurrent sequences decoded together (default 8); auto: as many as fit the device's "
+                        "free memory after the weights (the arithmetic of `llama-jax plan`)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weights and KV cache dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU, where "
+                        "16-bit math is emulated and slower)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
@@ -47,6 +53,19 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compilation-cache-dir", type=Path, default=_cache_root() / "xla",
                    help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s)")
     p.set_defaults(run=serve)
+
+
+def _slots(text: str) -> int | str:
+    """--max-slots: a positive integer or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def _cache_root() -> Path:
@@ -98,11 +117,20 @@ def serve(args: argparse.Namespace) -> int:
         _say("no --checkpoint: serving the built-in demo model (random weights, gibberish replies)")
         path = demo_checkpoint()
     _say(f"loading {path}")
-    loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None)
+    loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype))
     if loaded.tokenizer_path is None:
         _say(f"error: {path} has no tokenizer.model")
         return 1
-    config = EngineConfig(max_slots=args.max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
+    max_slots = args.max_slots
+    if max_slots == "auto":
+        from llama_jax.plan import auto_slots
+
+        max_slots, used = auto_slots(loaded.cfg, max_seq_len, loaded.mesh)
+        why = ("free device memory unknown: the default" if used is None else
+               f"{used['free'] / 2**30:.1f} GiB free, {used['temp'] / 2**30:.2f} GiB of temporaries, "
+               f"{used['per_slot'] / 2**20:.0f} MiB per slot of {used['max_len']} tokens")
+        _say(f"--max-slots auto: {max_slots} slots ({why})")
+    config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir))
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,

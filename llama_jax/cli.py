@@ -1,4 +1,5 @@
-"""Engine-side commands: `generate` (stream a chat reply in the terminal) and `make-tiny-checkpoint`.
+"""Engine-side commands: `generate` (stream a chat reply in the terminal), `make-tiny-checkpoint`
+and `plan` (what a serving config needs per device, compiled ahead of time without weights).
 
 These need only JAX. The `llama-jax` console script (api/cli.py) adds `serve` on top of them, so
 this package never imports the HTTP server.
@@ -10,7 +11,75 @@ import argparse
 import sys
 from pathlib import Path
 
-from llama_jax.config import PRESETS, preset
+from llama_jax.config import DTYPES, PRESETS, preset
+
+
+def resolve_dtype(dtype: str | None) -> str | None:
+    """`auto` is bfloat16 on an accelerator and float32 on CPU (where 16-bit is slower); None keeps the model's."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`llama-jax plan`: re-runs itself over fake CPU devices when --tp exceeds the visible ones."""
+    import json
+    import os
+    import subprocess
+
+    import jax
+
+    from llama_jax import checkpoint, plan, sharding
+    from llama_jax.engine import EngineConfig
+
+    if args.tp > len(jax.devices()):
+        if os.environ.get("LLAMA_JAX_PLAN_CHILD"):
+            print(f"llama-jax plan: error: --tp {args.tp} but only {len(jax.devices())} devices", file=sys.stderr)
+            return 1
+        env = dict(os.environ, JAX_PLATFORMS="cpu", LLAMA_JAX_PLAN_CHILD="1",
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.tp}")
+        flags = {"--preset": args.preset, "--checkpoint": args.checkpoint, "--dtype": args.dtype, "--tp": args.tp,
+                 "--max-slots": args.max_slots, "--max-seq-len": args.max_seq_len,
+                 "--max-prefill-tokens": args.max_prefill_tokens, "--memory": args.memory}
+        argv = [str(a) for flag, value in flags.items() if value is not None for a in (flag, value)]
+        return subprocess.run([sys.executable, "-m", "llama_jax.cli", "plan", *argv, *(["--json"] if args.json else [])],
+                              env=env).returncode
+    cfg = preset(args.preset) if args.preset else checkpoint.read_config(args.checkpoint)
+    dtype = resolve_dtype(args.dtype)
+    cfg = cfg.replace(dtype=dtype) if dtype else cfg
+    try:
+        mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
+        if mesh is not None:
+            sharding.check_tp(cfg, args.tp)
+        memory = plan.parse_bytes(args.memory) if args.memory else None
+    except ValueError as e:
+        print(f"llama-jax plan: error: {e}", file=sys.stderr)
+        return 1
+    if memory is None and jax.default_backend() != "cpu":
+        memory = plan.device_memory_free()
+    config = EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
+                          max_prefill_tokens=args.max_prefill_tokens)
+    say = (lambda *a: None) if args.json else (lambda name, s: print(f"  compiled {name} ({s:.1f} s)", file=sys.stderr))
+    report = plan.plan(cfg, config, mesh, memory, progress=say)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "programs_detail"}))
+        return 0
+    per = report["per_device_bytes"]
+    print(f"{args.preset or args.checkpoint}, {cfg.dtype}, tp {report['devices']}, {args.max_slots} slots x "
+          f"{config.max_seq_len or cfg.max_seq_len} tokens, on {jax.default_backend()}")
+    print(f"  programs: {report['programs']}, compiled in {report['compile_s']:.1f} s")
+    print(f"  per device: weights {_human(per['weights'])}, KV cache {_human(per['kv_cache'])}, "
+          f"largest program's temporaries {_human(per['temp'])}")
+    if report["max_slots_that_fit"] is not None:
+        print(f"  slots that fit {_human(memory)}: {report['max_slots_that_fit']}")
+    return 0
+
 
 
 def add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +108,23 @@ def add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
                       help="a SentencePiece tokenizer.model: sets the vocabulary size and is copied alongside")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=run_make_tiny)
+
+    plan = subparsers.add_parser(
+        "plan", help="what a serve config needs per device: compiled ahead of time from shapes, no weights",
+        description="Compile every program `serve` would compile, from abstract shapes on this machine, and "
+                    "report per-device weights, KV cache and temporaries, and how many slots fit a memory size.")
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a model shape, e.g. llama-2-70b")
+    source.add_argument("--checkpoint", type=Path, help="a directory written by convert-weights (its config only)")
+    plan.add_argument("--dtype", choices=["auto", *DTYPES], default=None,
+                      help="weights and cache dtype (default: the preset's or checkpoint's; auto: bf16 on GPU/TPU, f32 on CPU)")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (fake CPU devices when more than visible)")
+    plan.add_argument("--max-slots", type=int, default=8)
+    plan.add_argument("--max-seq-len", type=int, default=None)
+    plan.add_argument("--max-prefill-tokens", type=int, default=512)
+    plan.add_argument("--memory", help="memory per device, e.g. 80GiB: report how many slots fit")
+    plan.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    plan.set_defaults(run=run_plan)
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:

@@ -167,3 +167,25 @@ def parse_bytes(text: str) -> int:
     if unit not in units or not num:
         raise ValueError(f"cannot read {text!r} as a size (e.g. 80GiB, 24GB, 512MiB)")
     return int(float(num) * units[unit])
+
+
+MAX_AUTO_SLOTS = 256
+
+
+def auto_slots(cfg: LlamaConfig, max_seq_len: int | None, mesh: Mesh | None,
+               free: int | None = None) -> tuple[int, dict | None]:
+    """How many decode slots fit the device's free memory (weights already loaded): the largest
+    programs' temporaries at 8 slots come off the top (less 5% headroom for the allocator), then
+    each slot costs its KV and sampler row. Returns (slots, the numbers it used, or None when
+    the free memory cannot be read and the default of 8 is kept)."""
+    max_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    free = device_memory_free() if free is None else free
+    if free is None:
+        return 8, None
+    probe = EngineConfig(max_slots=8, max_seq_len=max_len)
+    largest = lambda kind, shape: shape == ({"rows": 8} if kind == "generate" else {"rows": 1, "bucket": max_len})
+    temp = max(c.memory.temp_size_in_bytes for c in compile_programs(cfg, probe, mesh, select=largest))
+    tp = 1 if mesh is None else mesh.size
+    per_slot = slot_bytes(cfg, max_len, tp if cfg.n_kv_heads % tp == 0 else 1)
+    slots = max(1, min(int((free * 0.95 - temp) // per_slot), MAX_AUTO_SLOTS))
+    return slots, {"free": free, "temp": temp, "per_slot": per_slot, "max_len": max_len}

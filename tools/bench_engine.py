@@ -84,27 +84,28 @@ def bench_engine(model, args) -> dict:
 
 
 def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> dict:
-    """One generate step at a 128-token context, with max_seq_len 4096 vs 256: the attention
-    window (not the cache size) should set the cost. The two are timed alternately, so drift in
-    the machine's speed hits both alike."""
-    from llama_jax.engine import generate, init_decode_state
-    from llama_jax.steps import bucket_for, decode_windows
+    """One generate step at a 128-token context, with max_seq_len 4096 vs 256: decode reads each
+    row's keys up to its length, so the context (not the cache size) should set the cost. The two
+    are timed alternately, so drift in the machine's speed hits both alike."""
+    from llama_jax.engine import Programs, init_decode_state
 
     graphdef, params = nnx.split(model)
-    jitted = jax.jit(partial(generate, graphdef), static_argnames=("rows", "kv_len"), donate_argnames="state")
     allowed = jnp.ones((slots, model.cfg.vocab_size), bool)
-    states, windows, samples = {}, {}, {256: [], 4096: []}
+    states, programs, samples = {}, {}, {256: [], 4096: []}
     for max_len in samples:
-        state = init_decode_state(model, slots, max_len)
+        config = EngineConfig(max_slots=slots, max_seq_len=max_len)
+        programs[max_len] = Programs.build(graphdef, model.cfg, config, None).generate
+        state = init_decode_state(model.cfg, slots, max_len)
         states[max_len] = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
-        windows[max_len] = bucket_for(context + 1, decode_windows(max_len))
     for i in range(iters + 3):
         for max_len in samples:
             start = time.perf_counter()
-            states[max_len], result = jitted(params, states[max_len], allowed, rows=slots, kv_len=windows[max_len])
+            states[max_len], result = programs[max_len](params, states[max_len], allowed, rows=slots)
             result.tokens.block_until_ready()
             if i >= 3:  # the first calls compile and warm the caches
                 samples[max_len].append(time.perf_counter() - start)
+            states[max_len] = dataclasses.replace(  # stay at the same context
+                states[max_len], cache=states[max_len].cache.replace(lengths=states[max_len].cache.lengths - 1))
     times = {max_len: statistics.median(s) for max_len, s in samples.items()}
     return {"step_ms_ctx128_max256": round(1000 * times[256], 2), "step_ms_ctx128_max4096": round(1000 * times[4096], 2),
             "window_cost_ratio": round(times[4096] / times[256], 3)}

@@ -1,0 +1,239 @@
+"""One command for the GPU day: random bf16 Llama-2-7B weights built on the device, the real
+engine warmed up, and one table of what matters, in a few minutes from a cold start.
+
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on the H100/H200, 7B bf16
+    python tools/gpu_check.py --preset tiny-gqa --max-seq-len 256    # the same path on CPU (tests)
+
+Needs only jax/flax/orbax/safetensors/sentencepiece (the GPU image): no Litestar, no torch, no
+weights on disk. Steps, each printed as it ends:
+1. the kernels checked against the XLA path on this device (Pallas decode, cuDNN prefill);
+   a kernel that fails or disagrees is reported and the engine falls back to XLA for it;
+2. random weights on the device and a measured device copy bandwidth (the decode ceiling is
+   weight bytes / bandwidth);
+3. warm-up of every serving program, per program, with the persistent compilation cache;
+4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens,
+   aggregate tok/s at 8 and 32 concurrent requests of `--context` tokens, peak device memory.
+Writes the table as JSON to `--out` (default $OUT/gpu_check.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_engine import prompt, run_concurrent, ttft  # noqa: E402
+from llama_jax import attention  # noqa: E402
+from llama_jax.attention import AttentionConfig  # noqa: E402
+from llama_jax.config import preset  # noqa: E402
+from llama_jax.engine import Engine, EngineConfig, enable_compilation_cache  # noqa: E402
+from llama_jax.model import abstract_model, init_model  # noqa: E402
+
+
+class StandInTokenizer:
+    """Token ids only, for a run without a tokenizer.model: every id decodes to one letter."""
+
+    bos_id, eos_id, unk_id = 1, 2, 0
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + ord(c) % (self.vocab_size - 3) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join("a" for i in ids if i > 2)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return "a"
+
+    def is_byte(self, token_id: int) -> bool:
+        return False
+
+    def is_control(self, token_id: int) -> bool:
+        return token_id <= 2
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def check_kernels(platform: str) -> AttentionConfig:
+    """Run the platform's kernels next to the XLA path at a small shape; keep those that agree."""
+    chosen = AttentionConfig.for_platform(platform)
+    interpret = platform == "cpu"  # the Pallas kernel runs interpreted on CPU: same code, slow
+    rng = np.random.default_rng(0)
+    b, h, kv, d, layers, slots, max_len = 4, 8, 2, 128, 2, 4, 512
+    q = jnp.asarray(rng.normal(size=(b, h, d)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(layers, slots, kv, max_len, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(layers, slots, kv, max_len, d)), jnp.bfloat16)
+    lengths = jnp.array([1, 100, 300, 512], jnp.int32)
+    want = attention.decode_attention(q, k, v, jnp.int32(1), lengths, AttentionConfig())
+    decode = "xla"
+    try:
+        pallas = AttentionConfig(decode="pallas", block=64, splits=4, interpret=interpret)
+        got = jax.jit(lambda *a: attention.decode_attention(*a, pallas))(q, k, v, jnp.int32(1), lengths)
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+        say(f"kernel check: Pallas decode attention max |diff| vs XLA = {err:.2e}")
+        decode = "pallas" if err < 3e-2 else "xla"
+    except Exception as e:  # noqa: BLE001 - report, then serve with the XLA path
+        say(f"kernel check: Pallas decode attention FAILED ({type(e).__name__}: {str(e)[:300]}): using XLA")
+    prefill = "xla"
+    if chosen.prefill == "cudnn":
+        t = 256
+        qp = jnp.asarray(rng.normal(size=(2, t, h, d)), jnp.bfloat16)
+        kp = jnp.asarray(rng.normal(size=(2, t, kv, d)), jnp.bfloat16)
+        vp = jnp.asarray(rng.normal(size=(2, t, kv, d)), jnp.bfloat16)
+        plens = jnp.array([t, 77], jnp.int32)
+        ref = attention.prefill_attention(qp, kp, vp, plens, AttentionConfig())
+        try:
+            got = jax.jit(lambda *a: attention.prefill_attention(*a, AttentionConfig(prefill="cudnn")))(qp, kp, vp, plens)
+            valid = (jnp.arange(t)[None, :] < plens[:, None])[..., None, None]
+            err = float(jnp.max(jnp.where(valid, jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)), 0)))
+            say(f"kernel check: cuDNN prefill attention max |diff| vs XLA = {err:.2e}")
+            prefill = "cudnn" if err < 3e-2 else "xla"
+        except Exception as e:  # noqa: BLE001
+            say(f"kernel check: cuDNN prefill attention FAILED ({type(e).__name__}: {str(e)[:300]}): using XLA")
+    if platform == "cpu":  # checked interpreted; the engine keeps the CPU's own XLA paths
+        return chosen
+    return dataclasses.replace(chosen, decode=decode, prefill=prefill)
+
+
+def random_params(cfg, seed: int = 0) -> nnx.State:
+    """Random weights created on the device by one jitted program (nothing on the host)."""
+    return jax.jit(lambda: nnx.split(init_model(cfg, seed))[1])()
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from timing a large copy (read + write)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(iters):
+        y = f(x)
+    y.block_until_ready()
+    seconds = (time.perf_counter() - start) / iters
+    del x, y
+    return 2 * nbytes / seconds
+
+
+def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> float:
+    """Seconds per raw generate step at `rows` busy slots holding `context` tokens."""
+    state = engine._state
+    engine._state = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths.at[:rows].set(context)))
+    for i in range(steps + 3):
+        if i == 3:
+            jax.block_until_ready(engine._state)
+            start = time.perf_counter()
+        engine._state, result = engine._generate(engine.params, engine._state, engine._everything, rows=rows)
+    result.tokens.block_until_ready()
+    seconds = (time.perf_counter() - start) / steps
+    engine._state = engine._reset(engine._state)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-2-7b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--context", type=int, default=1024, help="tokens of context per concurrent request")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--tokenizer", type=Path, default=None, help="a Llama 2 tokenizer.model (optional)")
+    ap.add_argument("--compilation-cache", default=str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
+    args = ap.parse_args(argv)
+
+    enable_compilation_cache(args.compilation_cache)
+    device = jax.devices()[0]
+    platform = jax.default_backend()
+    cfg = preset(args.preset).replace(dtype=args.dtype)
+    result: dict = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
+                    "preset": args.preset, "dtype": cfg.dtype, "date": time.strftime("%Y-%m-%d")}
+    say(f"{result['device']} ({platform}), jax {jax.__version__}, {args.preset} {cfg.dtype}")
+    t0 = time.perf_counter()
+    attn = check_kernels(platform)
+    result["kernels"] = {"decode": attn.decode, "prefill": attn.prefill}
+
+    params = random_params(cfg)
+    jax.block_until_ready(params)
+    weight_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    bandwidth = copy_bandwidth(min(2 << 30, max(weight_bytes, 1 << 24)))
+    result.update(weight_gb=round(weight_bytes / 1e9, 2), copy_bandwidth_gb_s=round(bandwidth / 1e9, 1))
+    say(f"weights {weight_bytes / 1e9:.2f} GB on the device; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+    if args.tokenizer:
+        from llama_jax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(args.tokenizer)
+    else:
+        tokenizer = StandInTokenizer(cfg.vocab_size)
+    model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
+    config = EngineConfig(max_slots=args.slots, max_seq_len=min(args.max_seq_len, cfg.max_seq_len),
+                          min_prefill_bucket=128, max_prefill_tokens=1024, max_queue=max(64, 2 * args.slots),
+                          attention=attn)
+    engine = Engine(model, tokenizer, config)
+    per_program = []
+    start = time.perf_counter()
+
+    def progress(done: int, total: int, what: str) -> None:
+        per_program.append((what, round(time.perf_counter() - start - sum(s for _, s in per_program), 2)))
+        say(f"warm-up {done}/{total}: {what} ({per_program[-1][1]:.1f} s)")
+
+    engine.start(progress=progress)
+    result.update(programs=len(per_program), warmup_s=round(time.perf_counter() - start, 1),
+                  warmup_per_program_s=dict(per_program))
+    try:
+        rng = np.random.default_rng(0)
+        step = decode_steps(engine, 1, 128)
+        ceiling = bandwidth / weight_bytes
+        result.update(batch1_step_ms=round(1000 * step, 3), batch1_decode_tok_s=round(1 / step, 1),
+                      ceiling_tok_s=round(ceiling, 1), pct_of_ceiling=round(100 / step / ceiling, 1))
+        say(f"batch 1 decode: {1 / step:.1f} tok/s ({100 / step / ceiling:.0f}% of {ceiling:.0f} tok/s ceiling)")
+        wall, n = run_concurrent(engine, [prompt(rng, 128)], args.decode_tokens)
+        result["batch1_engine_tok_s"] = round(n / wall, 1)
+        for length in (128, 1024):
+            if length < config.max_seq_len:
+                times = [ttft(engine, prompt(rng, length)) for _ in range(5)]
+                result[f"ttft_ms_{length}"] = round(1000 * statistics.median(times), 1)
+                say(f"TTFT at {length} tokens: {result[f'ttft_ms_{length}']} ms")
+        context = min(args.context, config.max_seq_len - args.decode_tokens)
+        for c in args.concurrency:
+            if c <= args.slots:
+                wall, n = run_concurrent(engine, [prompt(rng, context) for _ in range(c)], args.decode_tokens)
+                result[f"aggregate_tok_s_{c}"] = round(n / wall, 1)
+                result[f"step_ms_{c}x{context}"] = round(1000 * decode_steps(engine, c, context), 2)
+                say(f"{c} concurrent x {context} tokens: {result[f'aggregate_tok_s_{c}']} tok/s "
+                    f"(raw step {result[f'step_ms_{c}x{context}']} ms)")
+    finally:
+        engine.stop()
+    stats = device.memory_stats() or {}
+    result["peak_device_gb"] = round(stats.get("peak_bytes_in_use", 0) / 1e9, 2) if stats else None
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    table = [(k, v) for k, v in result.items() if k != "warmup_per_program_s"]
+    width = max(len(k) for k, _ in table)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in table), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
