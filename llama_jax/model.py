@@ -177,7 +177,8 @@ class Llama(nnx.Module):
         kv_len: int | None = None,
         logits_at: jax.Array | None = None,
         causal_block: int | None = None,
-    ) -> tuple[jax.Array, KVCache]:
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, jax.Array]:
         """Run `tokens` `[B, T]` at `positions` `[B, T]` (contiguous per row) against the first B
         rows of `cache` (it may hold more: idle decode slots cost nothing).
 
@@ -189,6 +190,9 @@ class Llama(nnx.Module):
 
         `causal_block` (static) declares a fresh prefill: positions are `0..T-1` in every row and
         `kv_len` is T, so attention can run in causal query blocks of that size.
+
+        `return_hidden` (static) also returns the residual stream `[n_layers + 1, B, T, dim]`:
+        after the embedding and after each decoder layer, before the final norm (a logit lens).
         """
         cfg = self.cfg
         kv_len = kv_len or cache.max_len
@@ -196,16 +200,18 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
         mask = attention_mask(positions, lengths, kv_len)
-        ks, vs = [], []
+        ks, vs, hidden = [], [], [x]
         for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v):
             x, k_buf, v_buf = layer(x, cos, sin, positions, mask, k_buf, v_buf, kv_len, causal_block)
             ks.append(k_buf)
             vs.append(v_buf)
+            hidden.append(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
         logits = linear(x, self.lm_head[...], jnp.float32)
-        return logits, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths.at[: tokens.shape[0]].set(lengths))
+        new_cache = KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths.at[: tokens.shape[0]].set(lengths))
+        return (logits, new_cache, jnp.stack(hidden)) if return_hidden else (logits, new_cache)
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
