@@ -414,7 +414,8 @@ class Engine:
                         break
                     constraint = request.constraint() if request.constraint else None
                     first = self._insert_row(prefix, row, slot, handle.rows[choice], constraint)
-                    active = _Active(handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop),
+                    active = _Active(handle, choice, handle.max_tokens,
+                                     ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
                                      stop_ids, len(request.prompt), constraint)
                     self.slots[slot] = active
                     self._process([active if i == slot else None for i in range(len(self.slots))], first, row_of={slot: 0})
