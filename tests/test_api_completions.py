@@ -4,8 +4,11 @@ generated logprobs are checked against Hugging Face on the same weights."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -16,11 +19,11 @@ from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.tokenizer import Tokenizer
-from test_api import error_of
+from test_api import KEYS, error_of, model, strict  # noqa: F401 (model and strict are fixtures)
 from test_model import hf_model
 from test_scoring import hf_log_softmax
 
-MODEL = "meta-llama/Llama-2-7b-chat-hf"
+MODEL = "meta-llama/Llama-2-7b-chat-hf"  # the servers' default name
 PRICE_IN, PRICE_OUT = 0.5, 1.5
 TEXT = "The quick brown fox jumps over the lazy dog"
 
@@ -147,3 +150,22 @@ def test_bad_requests_get_openai_errors(live, body, status, param, code):
     assert response.status_code == status, response.text
     error = error_of(response)
     assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_the_limits_of_chat_apply(strict):
+    """API keys (401), the queue (429 + Retry-After), the body limit (413) and warm-up (503)."""
+    with pytest.raises(openai.AuthenticationError):
+        strict.client(key="wrong").completions.create(model=MODEL, prompt="hi")
+    with pytest.raises(openai.RateLimitError) as e:
+        strict.client(key=KEYS[0]).completions.create(model=MODEL, prompt=["hi", "there"])
+    assert e.value.response.headers["retry-after"] == "3" and strict.engine.queue_depth == 0
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000})
+    r = httpx.post(strict.url + "/v1/completions", content=big, headers={"Authorization": f"Bearer {KEYS[0]}"})
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
+    strict.engine.ready = False
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            strict.client(key=KEYS[0]).completions.create(model=MODEL, prompt="hi")
+        assert e.value.status_code == 503 and e.value.code == "model_not_ready"
+    finally:
+        strict.engine.ready = True

@@ -64,3 +64,16 @@ def test_hidden_states_are_hfs_residual_stream(path):
     last = rms_norm(hidden[-1], model.norm[...], model.cfg.norm_eps)
     assert np.abs(np.asarray(last[0]) - ref[-1][0].numpy()).max() <= 1e-4
     np.testing.assert_allclose(linear(last, model.lm_head[...], jnp.float32), logits, rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_bound_the_programs_memory(path):
+    """XLA's own accounting: scoring 256 tokens in chunks of 32 needs less scratch memory than the
+    [T, vocab] float32 logits alone would take, while one 256-token chunk needs more."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(load_hf_model(path))
+    tokens, lengths = np.ones((1, 256), np.int32), np.array([256], np.int32)
+    temp = {chunk: scoring._score_padded.lower(graphdef, params, tokens, lengths, chunk=chunk, top_k=5)
+            .compile().memory_analysis().temp_size_in_bytes for chunk in (32, 256)}
+    whole = 256 * 32000 * 4
+    assert temp[32] < whole / 2 < whole < temp[256]
