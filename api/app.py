@@ -97,15 +97,19 @@ def _error_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
 
 
-@post(CHAT_PATHS, status_code=200, guards=[require_api_key], operation_class=_ChatOperation,
-      summary="Create a chat completion",
-      description="OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
-                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.",
-      responses={200: ResponseSpec(ChatCompletion, description="chat.completion (or an SSE stream of chunks)",
-                                   generate_examples=False),
-                 400: _error_spec("invalid request (param names the field)"), 401: _error_spec("bad or missing key"),
-                 404: _error_spec("model_not_found"), 413: _error_spec("body too large"),
-                 429: _error_spec("queue full; see Retry-After"), 503: _error_spec("warming up")})
+def completion_route(paths: list[str], reply: type, summary: str, description: str, **options: Any) -> Callable:
+    """The POST decorator of a completion endpoint: API-key guard, its reply and error bodies in OpenAPI."""
+    errors = {400: "invalid request (param names the field)", 401: "bad or missing key", 404: "model_not_found",
+              413: "body too large", 429: "queue full; see Retry-After", 503: "warming up"}
+    return post(paths, status_code=200, guards=[require_api_key], summary=summary, description=description,
+                responses={200: ResponseSpec(reply, description=f"{reply.__name__} (or an SSE stream of chunks)",
+                                             generate_examples=False),
+                           **{status: _error_spec(text) for status, text in errors.items()}}, **options)
+
+
+@completion_route(CHAT_PATHS, ChatCompletion, "Create a chat completion",
+                  "OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
+                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.", operation_class=_ChatOperation)
 async def chat_completions(request: Request) -> Response:
     """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
     ctx = _ctx(request)

@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, Response, post
-from litestar.openapi import ResponseSpec
+from litestar import Request, Response
 from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api import schemas
-from api.app import (DONE, ServerContext, _ctx, _error_spec, _Reply, require_api_key, require_model, require_ready,
-                     submit, unless_disconnected)
+from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, require_model, require_ready, submit,
+                     unless_disconnected)
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.schemas import ChatCompletionRequest, Usage, encode, sse
@@ -287,15 +286,10 @@ def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer) -> EngineReq
         top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids))
 
 
-@post(COMPLETION_PATHS, status_code=200, guards=[require_api_key], summary="Create a completion (legacy API)",
-      description="OpenAI's legacy completions: a raw prompt (no chat template), `echo` and prompt `logprobs`. "
+@completion_route(COMPLETION_PATHS, TextCompletion, "Create a completion (legacy API)",
+                  "OpenAI's legacy completions: a raw prompt (no chat template), `echo` and prompt `logprobs`. "
                   "With `stream: true` the body is `text/event-stream`: `data: {text_completion}` events, "
-                  "then `data: [DONE]`.",
-      responses={200: ResponseSpec(TextCompletion, description="text_completion (or an SSE stream of them)",
-                                   generate_examples=False),
-                 400: _error_spec("invalid request (param names the field)"), 401: _error_spec("bad or missing key"),
-                 404: _error_spec("model_not_found"), 413: _error_spec("body too large"),
-                 429: _error_spec("queue full; see Retry-After"), 503: _error_spec("warming up")})
+                  "then `data: [DONE]`.")
 async def completions(request: Request) -> Response:
     """Check everything that can fail, submit every prompt to the engine, then answer (or stream)."""
     ctx = _ctx(request)
