@@ -19,7 +19,7 @@ from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.tokenizer import Tokenizer
-from test_api import KEYS, error_of, model, strict  # noqa: F401 (model and strict are fixtures)
+from test_api import KEYS, error_of, model, strict, wait_idle  # noqa: F401 (model and strict are fixtures)
 from test_model import hf_model
 from test_scoring import hf_log_softmax
 
@@ -122,6 +122,15 @@ def test_streaming_matches_the_plain_reply(live):
         assert sum((c.logprobs.text_offset for c in mine), []) == choice.logprobs.text_offset
         assert [c.finish_reason for c in mine][-1] == choice.finish_reason and mine[0].text in ("Hello", "Goodbye")
     assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+
+
+def test_a_client_that_leaves_frees_the_slots_of_every_prompt(live):
+    body = {"model": MODEL, "prompt": ["Hello", "Goodbye"], "n": 2, "max_tokens": 100, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+        assert live.engine.busy_slots > 0
+    wait_idle(live.engine)
 
 
 @pytest.mark.parametrize("body, status, param, code", [

@@ -22,7 +22,7 @@ from conftest import REPO_ROOT
 from llama_jax.convert import convert
 from test_model import hf_model
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed: `pip install lm-eval` (~470 MB, 40 packages, "
+pytest.importorskip("lm_eval", reason="lm-eval is not installed: `pip install -e '.[eval]'` (~500 MB, 40 packages, "
                                       "~1 min from a local index); see docs/serving.md")
 
 TASK_DIR = Path(__file__).parent / "lm_eval"
