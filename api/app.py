@@ -11,8 +11,8 @@ import dataclasses
 import hmac
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
@@ -34,6 +34,7 @@ from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletion
 from api.settings import ServerSettings
 from llama_jax import structured
 from llama_jax.request import Event, QueueFullError, RequestError, RequestHandle
+from llama_jax.request import Request as EngineRequest
 from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
@@ -42,6 +43,7 @@ CHAT_PATHS = ["/v1/chat/completions", "/v1/openai/chat/completions"]
 MODELS_PATHS = ["/v1/models", "/v1/openai/models"]
 MODEL_PATHS = ["/v1/models/{model_id:path}", "/v1/openai/models/{model_id:path}"]
 DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -95,26 +97,26 @@ def _error_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
 
 
-@post(CHAT_PATHS, status_code=200, guards=[require_api_key], operation_class=_ChatOperation,
-      summary="Create a chat completion",
-      description="OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
-                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.",
-      responses={200: ResponseSpec(ChatCompletion, description="chat.completion (or an SSE stream of chunks)",
-                                   generate_examples=False),
-                 400: _error_spec("invalid request (param names the field)"), 401: _error_spec("bad or missing key"),
-                 404: _error_spec("model_not_found"), 413: _error_spec("body too large"),
-                 429: _error_spec("queue full; see Retry-After"), 503: _error_spec("warming up")})
+def completion_route(paths: list[str], reply: type, summary: str, description: str, **options: Any) -> Callable:
+    """The POST decorator of a completion endpoint: API-key guard, its reply and error bodies in OpenAPI."""
+    errors = {400: "invalid request (param names the field)", 401: "bad or missing key", 404: "model_not_found",
+              413: "body too large", 429: "queue full; see Retry-After", 503: "warming up"}
+    return post(paths, status_code=200, guards=[require_api_key], summary=summary, description=description,
+                responses={200: ResponseSpec(reply, description=f"{reply.__name__} (or an SSE stream of chunks)",
+                                             generate_examples=False),
+                           **{status: _error_spec(text) for status, text in errors.items()}}, **options)
+
+
+@completion_route(CHAT_PATHS, ChatCompletion, "Create a chat completion",
+                  "OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
+                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.", operation_class=_ChatOperation)
 async def chat_completions(request: Request) -> Response:
     """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
-    if not ctx.engine.ready:
-        raise APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
-                       headers={"Retry-After": str(max(ctx.settings.retry_after_s, 1))})
+    require_ready(ctx)
     body = schemas.decode(await request.body())
-    if body.model != ctx.settings.model_name:
-        raise APIError(404, f"The model `{body.model}` does not exist. This server serves "
-                            f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
+    require_model(ctx, body.model)
     tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
     tools_system = structured.tools_system_prompt(tools, mode, function, parallel) if tools else None
@@ -132,18 +134,38 @@ async def chat_completions(request: Request) -> Response:
         budget = max_tokens if max_tokens is not None else ctx.engine.max_seq_len - len(prompt)
         model = getattr(ctx.engine, "model", None)
         constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
-    try:
-        handle = ctx.engine.submit(schemas.engine_request(body, prompt, constraint), loop=asyncio.get_running_loop())
-    except RequestError as e:
-        raise APIError(400, str(e), param=e.param, code=e.code) from None
-    except QueueFullError as e:
-        raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
-                       headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
+    handle = submit(ctx, schemas.engine_request(body, prompt, constraint))
     reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
     if body.stream:
         return Stream(reply.chunks(), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+
+
+def require_ready(ctx: ServerContext) -> None:
+    """503 with Retry-After while the engine warms up."""
+    if not ctx.engine.ready:
+        raise APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
+                       headers={"Retry-After": str(max(ctx.settings.retry_after_s, 1))})
+
+
+def require_model(ctx: ServerContext, model: str) -> None:
+    """404 unless the request names the served model."""
+    if model != ctx.settings.model_name:
+        raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                            f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
+
+
+def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[str, str] | None = None) -> RequestHandle:
+    """Queue a request on the engine (from the event loop); its refusals as 400 (the engine's
+    field names mapped through `rename`) or 429 with Retry-After."""
+    try:
+        return ctx.engine.submit(engine_request, loop=asyncio.get_running_loop())
+    except RequestError as e:
+        raise APIError(400, str(e), param=(rename or {}).get(e.param, e.param), code=e.code) from None
+    except QueueFullError as e:
+        raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
+                       headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
 
 
 def _grammar(tokenizer, body: ChatCompletionRequest, tools: list[structured.ToolSpec], mode: str,
@@ -227,18 +249,9 @@ class _Reply:
 
     async def complete(self, receive: Callable) -> ChatCompletion:
         """Wait for every choice; cancel the engine request if the client disconnects first."""
-        events = asyncio.ensure_future(self._events())
-        gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not events.done():  # nobody will read the answer; 499 is for the logs and metrics
-                raise APIError(499, "The client closed the request.", code="client_closed_request")
-            return events.result()
+            return await unless_disconnected(self._events(), receive, self.handle.cancel)
         finally:
-            gone.cancel()
-            if not events.done():
-                events.cancel()
-                self.handle.cancel()
             self.timer.finish(self.prompt_tokens)
 
     async def _events(self) -> ChatCompletion:
@@ -299,6 +312,22 @@ class _Reply:
             self.timer.finish(self.prompt_tokens)
 
 
+async def unless_disconnected(work: Awaitable[T], receive: Callable, cancel: Callable[[], None]) -> T:
+    """The result of `work`, or (after `cancel()`) a 499 if the client disconnects first."""
+    events = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not events.done():  # nobody will read the answer; 499 is for the logs and metrics
+            raise APIError(499, "The client closed the request.", code="client_closed_request")
+        return events.result()
+    finally:
+        gone.cancel()
+        if not events.done():
+            events.cancel()
+            cancel()
+
+
 async def _disconnected(receive: Callable) -> None:
     """Return once the ASGI server reports that the client went away (the body is already read)."""
     while (await receive())["type"] != "http.disconnect":
@@ -344,9 +373,11 @@ async def _count_response(message: Message, scope: Scope) -> None:
 
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
+    from api.completions import completions  # it uses this module's helpers
+
     ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()))
     return Litestar(
-        route_handlers=[chat_completions, list_models, retrieve_model, health, metrics],
+        route_handlers=[chat_completions, completions, list_models, retrieve_model, health, metrics],
         state=State({STATE_KEY: ctx}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[_count_response],

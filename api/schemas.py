@@ -152,16 +152,21 @@ def _validation_error(e: msgspec.ValidationError) -> APIError:
     return invalid(f"Invalid value for {where}: {detail}.", param, code)
 
 
-def decode(body: bytes) -> ChatCompletionRequest:
-    """Parse and type/range-check a request body; APIError 400 on malformed JSON or a bad field."""
+def decode_struct(body: bytes, type: type[Struct]) -> Any:
+    """Parse and type/range-check a request body as `type`; APIError 400 on malformed JSON or a bad field."""
     if not body.strip():
         raise invalid("The request body is empty; expected a JSON object.", None, "invalid_json")
     try:
-        request = msgspec.json.decode(body, type=ChatCompletionRequest)
+        return msgspec.json.decode(body, type=type)
     except msgspec.ValidationError as e:
         raise _validation_error(e) from None
     except msgspec.DecodeError as e:
         raise invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+
+
+def decode(body: bytes) -> ChatCompletionRequest:
+    """A checked chat request: `decode_struct`, then `check`."""
+    request = decode_struct(body, ChatCompletionRequest)
     check(request)
     return request
 
@@ -254,12 +259,10 @@ def messages_for_template(r: ChatCompletionRequest) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(m) for m in r.messages]
 
 
-def engine_request(r: ChatCompletionRequest, prompt: list[int],
-                   constraint: Callable[[], Constraint] | None = None) -> Request:
-    """The engine request for a validated API request and its templated prompt ids (and, for
-    structured output, its constraint factory)."""
+def sampling_options(r: Any) -> SamplingOptions:
+    """The sampling fields of a validated request (chat or legacy completions), defaults for nulls."""
     defaults = SamplingOptions()
-    sampling = SamplingOptions(
+    return SamplingOptions(
         temperature=defaults.temperature if r.temperature is None else r.temperature,
         top_p=defaults.top_p if r.top_p is None else r.top_p,
         min_p=defaults.min_p if r.min_p is None else r.min_p,
@@ -269,9 +272,15 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int],
         frequency_penalty=defaults.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
         seed=r.seed,
     )
+
+
+def engine_request(r: ChatCompletionRequest, prompt: list[int],
+                   constraint: Callable[[], Constraint] | None = None) -> Request:
+    """The engine request for a validated API request and its templated prompt ids (and, for
+    structured output, its constraint factory)."""
     return Request(
         prompt=prompt,
-        sampling=sampling,
+        sampling=sampling_options(r),
         max_tokens=r.max_tokens if r.max_tokens is not None else r.max_completion_tokens,
         stop=tuple([r.stop] if isinstance(r.stop, str) else r.stop or ()),
         n=r.n or 1,

@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llama_jax.model import Llama
+    from llama_jax.tokenizer import Tokenizer
 
 DEMO_VERSION = 2  # bump whenever the converted format or the demo shape changes
 DEMO_VOCAB = 2000
+CHECKPOINT_ENV = "LLAMA_JAX_CHECKPOINT"  # the notebooks' real weights, when set
 
 
 def default_cache_dir() -> Path:
@@ -50,3 +56,15 @@ def demo_checkpoint(cache_dir: Path | None = None) -> Path:
                                        seed=0, tokenizer_path=tokenizer)
         convert(hf_dir, out, force=True, progress=False)
     return out
+
+
+def notebook_model() -> tuple[Llama, Tokenizer]:
+    """The model and tokenizer the notebooks run on: the converted checkpoint at
+    $LLAMA_JAX_CHECKPOINT when set (real weights), else the random demo model."""
+    from llama_jax import checkpoint
+    from llama_jax.tokenizer import Tokenizer
+
+    loaded = checkpoint.load(os.environ.get(CHECKPOINT_ENV) or demo_checkpoint())
+    if loaded.tokenizer_path is None:
+        raise FileNotFoundError(f"{os.environ.get(CHECKPOINT_ENV)} has no tokenizer.model")
+    return loaded.model, Tokenizer(loaded.tokenizer_path)

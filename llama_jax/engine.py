@@ -504,8 +504,9 @@ class Engine:
         for (handle, choice, slot), constraint in zip(rows, constraints):
             request = handle.request
             stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
-            owners[slot] = self.slots[slot] = _Active(handle, choice, handle.max_tokens,
-                                                      ChoiceText(self.tokenizer, request.stop), stop_ids, constraint)
+            owners[slot] = self.slots[slot] = _Active(
+                handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
+                stop_ids, constraint)
         self._process(owners, result, row_of={slot: i for i, (_, _, slot) in enumerate(rows)})
 
     def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:

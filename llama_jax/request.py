@@ -72,6 +72,7 @@ class Request:
     n: int = 1
     top_logprobs: int = 0  # alternatives reported per token (0..20); logprobs of chosen tokens always come
     constraint: Callable[[], Constraint] | None = None  # a fresh automaton per choice
+    continues_prompt: bool = False  # the text continues the prompt's (raw completions): a leading space stays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +185,8 @@ class ChoiceText:
     """Turns one choice's tokens into text deltas, holding back any tail that could still grow
     into a stop string; reports when a stop string completes (the stop string is not emitted)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        self._detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], after_text: bool = False):
+        self._detok = IncrementalDetokenizer(tokenizer, after_text)
         self._stop = [s for s in stop if s]
         self._held = ""
 

@@ -249,13 +249,14 @@ class IncrementalDetokenizer:
 
     _MAX_PENDING_BYTES = 3  # a UTF-8 sequence is at most 4 bytes, so at most 3 can be waiting
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        """Start an empty stream; the first visible piece will lose its leading space, like a full decode."""
+    def __init__(self, tokenizer: Tokenizer, after_text: bool = False) -> None:
+        """Start an empty stream; the first visible piece will lose its leading space, like a full
+        decode, unless `after_text` says the stream continues visible text (a raw completion)."""
         self._tokenizer = tokenizer
         self._anchor = next(i for i in reversed(tokenizer.encode("a")) if not tokenizer.is_byte(i))
         self._anchor_len = len(tokenizer.decode([self._anchor]))
         self._window: list[int] = []  # ids whose text is not settled yet (at most 3 bytes between calls)
-        self._after_visible = False  # whether a non-control id precedes the window
+        self._after_visible = after_text  # whether a non-control id precedes the window
         self._deltas: list[str] = []
 
     @property

@@ -326,7 +326,7 @@ def test_malformed_json_is_a_400(live, raw):
 def test_litestar_errors_are_openai_shaped(live):
     r = httpx.get(live.url + "/v1/chat/completions")
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
-    r = httpx.post(live.url + "/v1/completions", json={})
+    r = httpx.post(live.url + "/v1/embeddings", json={})
     assert r.status_code == 404 and error_of(r)["code"] == "unknown_url"
 
 

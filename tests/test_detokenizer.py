@@ -142,3 +142,12 @@ def test_stream_matches_full_decode(tokenizer: Tokenizer, whitespace_ids: list[i
     assert "".join(deltas) == full
     if REPLACEMENT not in full:
         assert not any(REPLACEMENT in d for d in deltas)
+
+
+def test_a_stream_after_text_keeps_its_leading_space(tokenizer_path):
+    """A raw completion continues its prompt's text: its first piece keeps the space a fresh stream drops."""
+    tok = Tokenizer(tokenizer_path)
+    ids = tok.encode("Hello world")
+    for after_text, expected in ((False, "Hello world"), (True, " Hello world")):
+        detok = IncrementalDetokenizer(tok, after_text)
+        assert "".join(detok.add(i) for i in ids) + detok.flush() == expected
