@@ -45,7 +45,7 @@ def tokenizer(tokenizer_path):
 
 @pytest.fixture(scope="module")
 def live(path, tokenizer):
-    config = EngineConfig(max_slots=4, max_seq_len=128, min_prefill_bucket=32, min_decode_window=32)
+    config = EngineConfig(max_slots=4, max_seq_len=128, min_prefill_bucket=32)
     engine = Engine(load_hf_model(path), tokenizer, config).start(warmup=False)  # compiles what the tests use
     server = LiveServer(create_app(engine, ServerSettings(price_input_per_mtok=PRICE_IN,
                                                           price_output_per_mtok=PRICE_OUT)), engine)
