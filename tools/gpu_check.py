@@ -71,26 +71,32 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def check_kernels(platform: str) -> AttentionConfig:
-    """Run the platform's kernels next to the XLA path at a small shape; keep those that agree."""
+def check_kernels(platform: str, cfg, slots: int, max_len: int) -> AttentionConfig:
+    """Run the platform's kernels next to the XLA path, decode on a cache of the engine's own
+    size (large offsets included: the last layer and slot); keep the kernels that agree."""
     chosen = AttentionConfig.for_platform(platform)
     interpret = platform == "cpu"  # the Pallas kernel runs interpreted on CPU: same code, slow
-    rng = np.random.default_rng(0)
-    b, h, kv, d, layers, slots, max_len = 4, 8, 2, 128, 2, 4, 512
-    q = jnp.asarray(rng.normal(size=(b, h, d)), jnp.bfloat16)
-    k = jnp.asarray(rng.normal(size=(layers, slots, kv, max_len, d)), jnp.bfloat16)
-    v = jnp.asarray(rng.normal(size=(layers, slots, kv, max_len, d)), jnp.bfloat16)
-    lengths = jnp.array([1, 100, 300, 512], jnp.int32)
-    want = attention.decode_attention(q, k, v, jnp.int32(1), lengths, AttentionConfig())
+    h, kv, d, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    b = min(4, slots)
+    keys = jax.random.split(jax.random.key(0), 3)
+    shape = (layers, slots, kv, max_len, d)
+    q = jax.random.normal(keys[0], (b, h, d), jnp.bfloat16)
+    k = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))(keys[1])
+    v = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))(keys[2])
+    lengths = jnp.array([1, max_len // 3, max_len - 7, max_len][-b:], jnp.int32)
+    last = jnp.int32(layers - 1)
+    want = jax.jit(lambda *a: attention.decode_attention(*a, AttentionConfig()))(q, k, v, last, lengths)
     decode = "xla"
     try:
-        pallas = AttentionConfig(decode="pallas", block=64, splits=4, interpret=interpret)
-        got = jax.jit(lambda *a: attention.decode_attention(*a, pallas))(q, k, v, jnp.int32(1), lengths)
+        pallas = dataclasses.replace(chosen, decode="pallas", interpret=interpret)
+        got = jax.jit(lambda *a: attention.decode_attention(*a, pallas))(q, k, v, last, lengths)
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
         say(f"kernel check: Pallas decode attention max |diff| vs XLA = {err:.2e}")
         decode = "pallas" if err < 3e-2 else "xla"
     except Exception as e:  # noqa: BLE001 - report, then serve with the XLA path
         say(f"kernel check: Pallas decode attention FAILED ({type(e).__name__}: {str(e)[:300]}): using XLA")
+    del k, v
+    rng = np.random.default_rng(0)
     prefill = "xla"
     if chosen.prefill == "cudnn":
         t = 256
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "preset": args.preset, "dtype": cfg.dtype, "date": time.strftime("%Y-%m-%d")}
     say(f"{result['device']} ({platform}), jax {jax.__version__}, {args.preset} {cfg.dtype}")
     t0 = time.perf_counter()
-    attn = check_kernels(platform)
+    max_len = min(args.max_seq_len, cfg.max_seq_len)
+    attn = check_kernels(platform, cfg, args.slots, max_len)
     result["kernels"] = {"decode": attn.decode, "prefill": attn.prefill}
 
     params = random_params(cfg)
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tokenizer = StandInTokenizer(cfg.vocab_size)
     model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
-    config = EngineConfig(max_slots=args.slots, max_seq_len=min(args.max_seq_len, cfg.max_seq_len),
+    config = EngineConfig(max_slots=args.slots, max_seq_len=max_len,
                           min_prefill_bucket=128, max_prefill_tokens=1024, max_queue=max(64, 2 * args.slots),
                           attention=attn)
     engine = Engine(model, tokenizer, config)
