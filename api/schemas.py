@@ -18,7 +18,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api.errors import APIError, invalid
 from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions, TokenLogprob
-from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from llama_jax.structured import ToolSpec
 from llama_jax.tokenizer import Tokenizer
 
@@ -125,8 +125,15 @@ class ChatCompletionRequest(Struct, kw_only=True):
                                       ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     user: Annotated[str, _doc("end-user id; informational")] | None = None
     seed: Annotated[int, _doc("0 <= seed < 2^63; default: random", ge=0, le=2**63 - 1)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-MAX_BIAS, le=MAX_BIAS)]],
+                          _doc(f"token id (a string of digits) -> bias in [-100, 100] added to its logit; "
+                               f"at most {MAX_LOGIT_BIAS} tokens", max_length=MAX_LOGIT_BIAS)] | None = None
+    functions: Annotated[Any, _doc("legacy; refused with a 400: use tools")] | None = None
+    function_call: Annotated[Any, _doc("legacy; refused with a 400: use tool_choice")] | None = None
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting levels of a JSON schema (a real one rarely has 10)
+_TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _AT = re.compile(r" - at `\$(.*)`$")
 
@@ -162,6 +169,8 @@ def decode(body: bytes) -> ChatCompletionRequest:
         raise _validation_error(e) from None
     except msgspec.DecodeError as e:
         raise invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+    except RecursionError:  # msgspec's own limit (~1000 levels), also inside ignored fields
+        raise invalid("The JSON body of your request is nested too deeply.", None, "invalid_json") from None
     check(request)
     return request
 
@@ -170,6 +179,8 @@ def _check_schema(schema: Any, param: str) -> None:
     """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)."""
     if not isinstance(schema, dict):
         raise invalid("A JSON schema must be an object.", param, "invalid_schema")
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:  # jsonschema and the grammar compiler recurse
+        raise invalid(f"The schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param, "invalid_schema")
     if not isinstance(schema.get("$schema", ""), str):
         raise invalid("`$schema` must be a string (a metaschema URI).", param, "invalid_schema")
     if not isinstance(schema.get("x-guidance", {}), dict):
@@ -181,6 +192,18 @@ def _check_schema(schema: Any, param: str) -> None:
         where = "/".join(str(p) for p in e.absolute_path)
         raise invalid(f"Invalid schema{f' at /{where}' if where else ''}: {e.message}", param,
                       "invalid_schema") from None
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        node, d = level.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            depth = max(depth, d)
+            level.extend((child, d + 1) for child in children)
+    return depth
 
 
 def tool_mode(r: ChatCompletionRequest) -> tuple[str, str | None]:
@@ -199,10 +222,23 @@ def tool_specs(r: ChatCompletionRequest) -> list[ToolSpec]:
 
 def check(r: ChatCompletionRequest) -> None:
     """Rules beyond types and ranges (OpenAI's, where OpenAI has one)."""
+    for legacy, modern in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(r, legacy) is not None:
+            raise invalid(f"'{legacy}' is deprecated and not supported by this server; use '{modern}' instead "
+                          f"(the replies then carry 'tool_calls').", legacy, "unsupported_parameter")
+    for key in r.logit_bias or ():
+        if not _TOKEN_ID.match(key):
+            raise invalid(f"Invalid key {key!r} in 'logit_bias': keys must be token ids (strings of digits).",
+                          "logit_bias")
+    call_ids: set[str] = set()
     for i, m in enumerate(r.messages):
         if m.role == "tool" and not m.tool_call_id:
             raise invalid("A message with role 'tool' needs a 'tool_call_id'.", f"messages[{i}].tool_call_id",
                           "missing_required_parameter")
+        if m.role == "tool" and m.tool_call_id not in call_ids:
+            raise invalid(f"A message with role 'tool' must answer a tool call of an earlier assistant message; "
+                          f"no earlier call has the id {m.tool_call_id!r}.", f"messages[{i}].tool_call_id")
+        call_ids.update(c.id for c in m.tool_calls or () if c.id)
         if m.tool_calls and m.role != "assistant":
             raise invalid("Only assistant messages may have 'tool_calls'.", f"messages[{i}].tool_calls")
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
@@ -268,6 +304,7 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int],
         presence_penalty=defaults.presence_penalty if r.presence_penalty is None else r.presence_penalty,
         frequency_penalty=defaults.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
         seed=r.seed,
+        logit_bias=tuple((int(k), v) for k, v in (r.logit_bias or {}).items()),
     )
     return Request(
         prompt=prompt,
