@@ -11,12 +11,14 @@ import dataclasses
 import hmac
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.exceptions import InternalServerException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -33,7 +35,7 @@ from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletion
                          ToolCallOut, encode, sse)
 from api.settings import ServerSettings
 from llama_jax import structured
-from llama_jax.request import Event, QueueFullError, RequestError, RequestHandle
+from llama_jax.request import EngineError, Event, QueueFullError, RequestError, RequestHandle
 from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
@@ -53,6 +55,8 @@ class ServerContext:
     metrics: Metrics
     token_text: TokenText
     created: int
+    draining: bool = False  # set by the serve command's shutdown (api.shutdown): new requests get 503
+    handles: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # accepted requests, for the drain
 
 
 def _ctx(connection: ASGIConnection) -> ServerContext:
@@ -62,10 +66,12 @@ def _ctx(connection: ASGIConnection) -> ServerContext:
 # ------------------------------------------------------------------------------------ auth
 
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard: `Authorization: Bearer <key>` must match a configured key (constant-time compare)."""
-    keys = _ctx(connection).settings.api_keys
-    if not keys:
+def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """App-wide guard: `Authorization: Bearer <key>` must match a configured key (constant-time
+    compare) on every route but /health, and /metrics when `metrics_public` says so."""
+    settings = _ctx(connection).settings
+    keys = settings.api_keys
+    if not keys or handler.opt.get("public") or (handler.opt.get("metrics") and settings.metrics_public):
         return
     scheme, _, token = connection.headers.get("authorization", "").partition(" ")
     token = token.strip()
@@ -91,27 +97,53 @@ class _ChatOperation(Operation):
             required=True, description="OpenAI chat-completions request; unknown fields are ignored.")
 
 
+def unavailable(ctx: ServerContext) -> APIError | None:
+    """The 503 a chat request gets while the server cannot serve it (warming up, failed, shutting down)."""
+    retry = {"Retry-After": str(max(ctx.settings.retry_after_s, 1))}
+    if ctx.draining:
+        return APIError(503, "The server is shutting down and accepts no new requests; retry on another "
+                             "instance or in a moment.", code="server_shutting_down", headers=retry)
+    if error := getattr(ctx.engine, "error", None):
+        return APIError(503, f"The engine has failed and cannot serve requests: {error}", code="engine_failed")
+    if not ctx.engine.ready:
+        return APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
+                        headers=retry)
+    return None
+
+
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """The whole request body; 408 when it does not arrive in time, 499 when the client leaves mid-upload."""
+    try:
+        return await asyncio.wait_for(request.body(), timeout_s)
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.",
+                       code="request_timeout") from None
+    except InternalServerException:  # Litestar's way of saying the client disconnected mid-body
+        raise APIError(499, "The client closed the request while sending it.",
+                       code="client_closed_request") from None
+
+
 def _error_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
 
 
-@post(CHAT_PATHS, status_code=200, guards=[require_api_key], operation_class=_ChatOperation,
+@post(CHAT_PATHS, status_code=200, operation_class=_ChatOperation,
       summary="Create a chat completion",
       description="OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
                   "`data: {chat.completion.chunk}` events, then `data: [DONE]`.",
       responses={200: ResponseSpec(ChatCompletion, description="chat.completion (or an SSE stream of chunks)",
                                    generate_examples=False),
                  400: _error_spec("invalid request (param names the field)"), 401: _error_spec("bad or missing key"),
-                 404: _error_spec("model_not_found"), 413: _error_spec("body too large"),
-                 429: _error_spec("queue full; see Retry-After"), 503: _error_spec("warming up")})
+                 404: _error_spec("model_not_found"), 408: _error_spec("the body arrived too slowly"),
+                 413: _error_spec("body too large"), 429: _error_spec("queue full; see Retry-After"),
+                 503: _error_spec("warming up, failed, or shutting down")})
 async def chat_completions(request: Request) -> Response:
     """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
-    if not ctx.engine.ready:
-        raise APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
-                       headers={"Retry-After": str(max(ctx.settings.retry_after_s, 1))})
-    body = schemas.decode(await request.body())
+    if error := unavailable(ctx):
+        raise error
+    body = schemas.decode(await _read_body(request, ctx.settings.body_timeout_s))
     if body.model != ctx.settings.model_name:
         raise APIError(404, f"The model `{body.model}` does not exist. This server serves "
                             f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
@@ -139,6 +171,9 @@ async def chat_completions(request: Request) -> Response:
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
                        headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
+    except EngineError:  # stopped (shutting down) or failed since the check above
+        raise unavailable(ctx) or APIError(503, "The engine is stopped.", code="engine_failed") from None
+    ctx.handles.add(handle)
     reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
     if body.stream:
         return Stream(reply.chunks(), media_type="text/event-stream",
@@ -221,8 +256,10 @@ class _Reply:
     def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
-    @staticmethod
-    def _engine_error(event: Event) -> APIError:
+    def _engine_error(self, event: Event) -> APIError:
+        if self.ctx.draining:  # the shutdown's drain timeout ended this request
+            return APIError(503, "The server is shutting down; this request was ended before it finished.",
+                            code="server_shutting_down")
         return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
 
     async def complete(self, receive: Callable) -> ChatCompletion:
@@ -267,7 +304,8 @@ class _Reply:
     async def chunks(self) -> AsyncIterator[bytes]:
         """SSE body: a role chunk per choice, content chunks as tokens arrive, a finish chunk per
         choice, the usage chunk when asked for, then [DONE]. An engine failure after the headers
-        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE])."""
+        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE]); a
+        request ended by the shutdown gets that event and then [DONE]."""
         finished = False
         try:
             for i in range(self.handle.request.n):
@@ -275,6 +313,8 @@ class _Reply:
             async for event in self.handle:
                 if event.error:
                     yield sse(encode(self._engine_error(event).body()))
+                    if self.ctx.draining:
+                        yield DONE
                     return
                 self.timer.tokens(event.choice, len(event.tokens))
                 logprobs = self._logprobs(event)
@@ -308,13 +348,13 @@ async def _disconnected(receive: Callable) -> None:
 # ------------------------------------------------------------------------------------ other routes
 
 
-@get(MODELS_PATHS, guards=[require_api_key], summary="List the served model")
+@get(MODELS_PATHS, summary="List the served model")
 async def list_models(request: Request) -> ModelList:
     ctx = _ctx(request)
     return ModelList("list", [Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")])
 
 
-@get(MODEL_PATHS, guards=[require_api_key], summary="Retrieve the served model")
+@get(MODEL_PATHS, summary="Retrieve the served model")
 async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     ctx = _ctx(request)
     model_id = model_id.lstrip("/")
@@ -323,13 +363,15 @@ async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     return Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")
 
 
-@get("/health", summary="200 once warmed up, 503 before")
+@get("/health", summary="200 once warmed up; 503 while warming up, failed or shutting down", opt={"public": True})
 async def health(request: Request) -> Response[dict[str, str]]:
-    ready = bool(_ctx(request).engine.ready)
-    return Response({"status": "ok" if ready else "warming up"}, status_code=200 if ready else 503)
+    error = unavailable(_ctx(request))
+    status = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
+              "server_shutting_down": "shutting down"}[error and error.code]
+    return Response({"status": status}, status_code=503 if error else 200)
 
 
-@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False, opt={"metrics": True})
 async def metrics(request: Request) -> Response[bytes]:
     m = _ctx(request).metrics
     return Response(m.render(), media_type=m.content_type)
@@ -348,6 +390,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     return Litestar(
         route_handlers=[chat_completions, list_models, retrieve_model, health, metrics],
         state=State({STATE_KEY: ctx}),
+        guards=[require_api_key],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[_count_response],
         request_max_body_size=settings.max_body_bytes,
