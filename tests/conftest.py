@@ -60,8 +60,8 @@ def demo_engine(demo_checkpoint_dir):
     from llama_jax.tokenizer import Tokenizer
 
     loaded = checkpoint.load(demo_checkpoint_dir)
-    config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32, min_decode_window=32,
-                          max_prefill_tokens=128)
+    config = EngineConfig(max_slots=8, max_seq_len=512, min_prefill_bucket=32, min_decode_window=64,
+                          max_prefill_tokens=128)  # 512: the demo's 2000 pieces make tool prompts ~250 tokens
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config).start()
     yield engine
     engine.stop()
