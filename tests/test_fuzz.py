@@ -15,6 +15,7 @@ from api.settings import ServerSettings
 from live_server import LiveServer
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"
+STATUSES: list[int] = []  # every generated case's status, for the count check below
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,13 @@ def test_no_generated_request_gets_a_5xx(case):
         if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
             case.body["max_tokens"] = 16  # not the whole context: the point is the status, not the text
     response = case.call(timeout=120)
+    STATUSES.append(response.status_code)
     assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+
+def test_the_fuzzing_ran_a_few_hundred_cases():
+    """Runs after the generated tests (file order): they really ran, and some reached the engine."""
+    assert len(STATUSES) >= 200 and STATUSES.count(200) >= 20 and max(STATUSES) < 500, sorted(set(STATUSES))
