@@ -15,7 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from llama_jax import cli as engine_cli
+
+if TYPE_CHECKING:
+    from api.shutdown import DrainingServer
+    from llama_jax.engine import Engine
 
 DEMO_MODEL_NAME = "llama-jax-demo"
 DEMO_MAX_SEQ_LEN = 1024  # the demo's context when --max-seq-len is not given: warm-up in half the time
@@ -90,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     with sock:
         try:
-            server, engine = _server(args, sock)
+            server, engine = _server(args)
         except KeyboardInterrupt:
             _say("interrupted while loading")
             return 130
@@ -106,7 +112,7 @@ def bind(host: str, port: int) -> socket.socket:
                                 backlog=2048)
 
 
-def _server(args: argparse.Namespace, sock: socket.socket):
+def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     """The model, its (not yet started) engine and the draining uvicorn server around the app."""
     import uvicorn
 
@@ -147,7 +153,7 @@ def _server(args: argparse.Namespace, sock: socket.socket):
     return server, engine
 
 
-def _run(server, engine, sock: socket.socket) -> int:
+def _run(server: DrainingServer, engine: Engine, sock: socket.socket) -> int:
     """Serve until a signal has drained the app; warm-up runs meanwhile and stops early on a signal."""
     stopping, failed = threading.Event(), threading.Event()
     server.on_signal = stopping.set

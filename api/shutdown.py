@@ -14,10 +14,14 @@ import time
 import weakref
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from llama_jax.request import RequestHandle
+
+if TYPE_CHECKING:
+    from api.app import ServerContext
 
 POLL_S = 0.05
 
@@ -27,7 +31,7 @@ def live(handles: weakref.WeakSet[RequestHandle]) -> int:
     return sum(1 for h in list(handles) if h.unfinished > 0 and not h.cancelled.is_set())
 
 
-def drain(ctx, timeout_s: float) -> tuple[int, int, float]:
+def drain(ctx: ServerContext, timeout_s: float) -> tuple[int, int, float]:
     """Stop admitting, wait up to `timeout_s` for the accepted requests, then stop the engine (ending
     the rest). `ctx` is the app's ServerContext. Returns (requests at the start, requests ended
     unfinished, seconds waited)."""
@@ -45,7 +49,7 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's Server, but a signal drains the app (`drain`) before uvicorn's own shutdown, instead
     of cutting every open response after uvicorn's fixed grace period."""
 
-    def __init__(self, config: uvicorn.Config, ctx, drain_timeout_s: float, say: Callable[[str], None],
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext, drain_timeout_s: float, say: Callable[[str], None],
                  on_signal: Callable[[], None] = lambda: None):
         super().__init__(config)
         self.ctx, self.drain_timeout_s, self.say, self.on_signal = ctx, drain_timeout_s, say, on_signal
