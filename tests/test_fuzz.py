@@ -45,4 +45,4 @@ def test_no_generated_request_gets_a_5xx(case):
 
 def test_the_fuzzing_ran_a_few_hundred_cases():
     """Runs after the generated tests (file order): they really ran, and some reached the engine."""
-    assert len(STATUSES) >= 200 and STATUSES.count(200) >= 20 and max(STATUSES) < 500, sorted(set(STATUSES))
+    assert len(STATUSES) >= 200 and STATUSES.count(200) >= 5 and max(STATUSES) < 500, sorted(set(STATUSES))
