@@ -17,6 +17,7 @@ from api.app import create_app
 from api.schemas import MAX_SCHEMA_DEPTH, TokenText
 from api.settings import ServerSettings
 from live_server import LiveServer
+from llama_jax import checkpoint
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.request import SamplingOptions
@@ -208,6 +209,27 @@ def test_an_engine_whose_recovery_fails_is_not_ready_and_fails_requests(demo_eng
         assert httpx.get(server.url + "/health").json() == {"status": "failed"} and not engine.ready
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": HELLO})
         assert error_of(r, 503)["code"] == "engine_failed"
+    finally:
+        server.stop()
+        engine.stop()
+
+
+def test_an_impossible_constraint_is_a_400_not_a_fake_stop(demo_checkpoint_dir, tmp_path):
+    """The demo model with its DEMO_VERSION 2 tokenizer (on which no JSON can be emitted) used to
+    answer '{ "' with finish_reason stop; now the request is refused before it is queued."""
+    from test_structured import old_demo_tokenizer
+
+    model = checkpoint.load(demo_checkpoint_dir).model
+    engine = Engine(model, old_demo_tokenizer(tmp_path), EngineConfig(max_slots=1, max_seq_len=64))
+    engine.start(warmup=False)
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}  # needs a '"'
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client().chat.completions.create(model=MODEL, messages=HELLO, response_format=fmt, max_tokens=20)
+        assert e.value.code == "invalid_schema" and "cannot be satisfied" in e.value.message
+        assert e.value.param == "response_format.json_schema.schema"
     finally:
         server.stop()
         engine.stop()
