@@ -11,12 +11,14 @@ import dataclasses
 import hmac
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.exceptions import InternalServerException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -33,7 +35,7 @@ from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletion
                          ToolCallOut, encode, sse)
 from api.settings import ServerSettings
 from llama_jax import structured
-from llama_jax.request import Event, QueueFullError, RequestError, RequestHandle
+from llama_jax.request import EngineError, Event, QueueFullError, RequestError, RequestHandle
 from llama_jax.request import Request as EngineRequest
 from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
@@ -55,6 +57,8 @@ class ServerContext:
     metrics: Metrics
     token_text: TokenText
     created: int
+    draining: bool = False  # set by the serve command's shutdown (api.shutdown): new requests get 503
+    handles: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # accepted requests, for the drain
 
 
 def _ctx(connection: ASGIConnection) -> ServerContext:
@@ -64,10 +68,12 @@ def _ctx(connection: ASGIConnection) -> ServerContext:
 # ------------------------------------------------------------------------------------ auth
 
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard: `Authorization: Bearer <key>` must match a configured key (constant-time compare)."""
-    keys = _ctx(connection).settings.api_keys
-    if not keys:
+def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """App-wide guard: `Authorization: Bearer <key>` must match a configured key (constant-time
+    compare) on every route but /health, and /metrics when `metrics_public` says so."""
+    settings = _ctx(connection).settings
+    keys = settings.api_keys
+    if not keys or handler.opt.get("public") or (handler.opt.get("metrics") and settings.metrics_public):
         return
     scheme, _, token = connection.headers.get("authorization", "").partition(" ")
     token = token.strip()
@@ -93,15 +99,43 @@ class _ChatOperation(Operation):
             required=True, description="OpenAI chat-completions request; unknown fields are ignored.")
 
 
+def unavailable(ctx: ServerContext) -> APIError | None:
+    """The 503 a chat request gets while the server cannot serve it (warming up, failed, shutting down)."""
+    retry = {"Retry-After": str(max(ctx.settings.retry_after_s, 1))}
+    if ctx.draining:
+        return APIError(503, "The server is shutting down and accepts no new requests; retry on another "
+                             "instance or in a moment.", code="server_shutting_down", headers=retry)
+    if error := getattr(ctx.engine, "error", None):
+        return APIError(503, f"The engine has failed and cannot serve requests: {error}", code="engine_failed")
+    if not ctx.engine.ready:
+        return APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
+                        headers=retry)
+    return None
+
+
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """The whole request body; 408 when it does not arrive in time, 499 when the client leaves mid-upload."""
+    try:
+        return await asyncio.wait_for(request.body(), timeout_s)
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.",
+                       code="request_timeout") from None
+    except InternalServerException:  # Litestar's way of saying the client disconnected mid-body
+        raise APIError(499, "The client closed the request while sending it.",
+                       code="client_closed_request") from None
+
+
 def _error_spec(description: str) -> ResponseSpec:
     return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
 
 
 def completion_route(paths: list[str], reply: type, summary: str, description: str, **options: Any) -> Callable:
-    """The POST decorator of a completion endpoint: API-key guard, its reply and error bodies in OpenAPI."""
+    """The POST decorator of a completion endpoint: its reply and error bodies in OpenAPI (the API
+    key is checked app-wide by `require_api_key`)."""
     errors = {400: "invalid request (param names the field)", 401: "bad or missing key", 404: "model_not_found",
-              413: "body too large", 429: "queue full; see Retry-After", 503: "warming up"}
-    return post(paths, status_code=200, guards=[require_api_key], summary=summary, description=description,
+              408: "the body arrived too slowly", 413: "body too large", 429: "queue full; see Retry-After",
+              503: "warming up, failed, or shutting down"}
+    return post(paths, status_code=200, summary=summary, description=description,
                 responses={200: ResponseSpec(reply, description=f"{reply.__name__} (or an SSE stream of chunks)",
                                              generate_examples=False),
                            **{status: _error_spec(text) for status, text in errors.items()}}, **options)
@@ -115,7 +149,7 @@ async def chat_completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode(await request.body())
+    body = schemas.decode(await read_body(request, ctx))
     require_model(ctx, body.model)
     tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
@@ -143,10 +177,14 @@ async def chat_completions(request: Request) -> Response:
 
 
 def require_ready(ctx: ServerContext) -> None:
-    """503 with Retry-After while the engine warms up."""
-    if not ctx.engine.ready:
-        raise APIError(503, "The model is still warming up; retry in a moment.", code="model_not_ready",
-                       headers={"Retry-After": str(max(ctx.settings.retry_after_s, 1))})
+    """503 while the server cannot serve (warming up, failed, shutting down): see `unavailable`."""
+    if error := unavailable(ctx):
+        raise error
+
+
+async def read_body(request: Request, ctx: ServerContext) -> bytes:
+    """The request body within the server's body timeout (408/499 otherwise)."""
+    return await _read_body(request, ctx.settings.body_timeout_s)
 
 
 def require_model(ctx: ServerContext, model: str) -> None:
@@ -160,12 +198,16 @@ def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[st
     """Queue a request on the engine (from the event loop); its refusals as 400 (the engine's
     field names mapped through `rename`) or 429 with Retry-After."""
     try:
-        return ctx.engine.submit(engine_request, loop=asyncio.get_running_loop())
+        handle = ctx.engine.submit(engine_request, loop=asyncio.get_running_loop())
     except RequestError as e:
         raise APIError(400, str(e), param=(rename or {}).get(e.param, e.param), code=e.code) from None
     except QueueFullError as e:
         raise APIError(429, f"The server is at capacity ({e}); retry after {ctx.settings.retry_after_s} s.",
                        headers={"Retry-After": str(ctx.settings.retry_after_s)}) from None
+    except EngineError:  # stopped (shutting down) or failed since the readiness check
+        raise unavailable(ctx) or APIError(503, "The engine is stopped.", code="engine_failed") from None
+    ctx.handles.add(handle)  # the drain waits for it
+    return handle
 
 
 def _grammar(tokenizer, body: ChatCompletionRequest, tools: list[structured.ToolSpec], mode: str,
@@ -243,8 +285,10 @@ class _Reply:
     def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
-    @staticmethod
-    def _engine_error(event: Event) -> APIError:
+    def _engine_error(self, event: Event) -> APIError:
+        if self.ctx.draining:  # the shutdown's drain timeout ended this request
+            return APIError(503, "The server is shutting down; this request was ended before it finished.",
+                            code="server_shutting_down")
         return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
 
     async def complete(self, receive: Callable) -> ChatCompletion:
@@ -280,7 +324,8 @@ class _Reply:
     async def chunks(self) -> AsyncIterator[bytes]:
         """SSE body: a role chunk per choice, content chunks as tokens arrive, a finish chunk per
         choice, the usage chunk when asked for, then [DONE]. An engine failure after the headers
-        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE])."""
+        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE]); a
+        request ended by the shutdown gets that event and then [DONE]."""
         finished = False
         try:
             for i in range(self.handle.request.n):
@@ -288,6 +333,8 @@ class _Reply:
             async for event in self.handle:
                 if event.error:
                     yield sse(encode(self._engine_error(event).body()))
+                    if self.ctx.draining:
+                        yield DONE
                     return
                 self.timer.tokens(event.choice, len(event.tokens))
                 logprobs = self._logprobs(event)
@@ -337,13 +384,13 @@ async def _disconnected(receive: Callable) -> None:
 # ------------------------------------------------------------------------------------ other routes
 
 
-@get(MODELS_PATHS, guards=[require_api_key], summary="List the served model")
+@get(MODELS_PATHS, summary="List the served model")
 async def list_models(request: Request) -> ModelList:
     ctx = _ctx(request)
     return ModelList("list", [Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")])
 
 
-@get(MODEL_PATHS, guards=[require_api_key], summary="Retrieve the served model")
+@get(MODEL_PATHS, summary="Retrieve the served model")
 async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     ctx = _ctx(request)
     model_id = model_id.lstrip("/")
@@ -352,13 +399,15 @@ async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     return Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")
 
 
-@get("/health", summary="200 once warmed up, 503 before")
+@get("/health", summary="200 once warmed up; 503 while warming up, failed or shutting down", opt={"public": True})
 async def health(request: Request) -> Response[dict[str, str]]:
-    ready = bool(_ctx(request).engine.ready)
-    return Response({"status": "ok" if ready else "warming up"}, status_code=200 if ready else 503)
+    error = unavailable(_ctx(request))
+    status = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
+              "server_shutting_down": "shutting down"}[error and error.code]
+    return Response({"status": status}, status_code=503 if error else 200)
 
 
-@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False, opt={"metrics": True})
 async def metrics(request: Request) -> Response[bytes]:
     m = _ctx(request).metrics
     return Response(m.render(), media_type=m.content_type)
@@ -379,6 +428,7 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     return Litestar(
         route_handlers=[chat_completions, completions, list_models, retrieve_model, health, metrics],
         state=State({STATE_KEY: ctx}),
+        guards=[require_api_key],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[_count_response],
         request_max_body_size=settings.max_body_bytes,

@@ -9,13 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from llama_jax import cli as engine_cli
 from llama_jax.cli import resolve_dtype
+
+if TYPE_CHECKING:
+    from api.shutdown import DrainingServer
+    from llama_jax.engine import Engine
 
 DEMO_MODEL_NAME = "llama-jax-demo"
 DEMO_MAX_SEQ_LEN = 1024  # the demo's context when --max-seq-len is not given: warm-up in half the time
@@ -50,6 +57,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--price-output-per-mtok", type=float, default=0.0,
                    help="$ per million completion tokens, for usage.estimated_cost (default 0)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body that takes longer to arrive is a 408 (default 30)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long accepted requests may still run before they are ended "
+                        "(default 30); new ones get 503 meanwhile")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without an API key (for a Prometheus scraper) even with --api-key")
     p.add_argument("--compilation-cache-dir", type=Path, default=_cache_root() / "xla",
                    help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s)")
     p.set_defaults(run=serve)
@@ -92,11 +106,38 @@ def curl_example(base_url: str, model: str, needs_key: bool) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load the model, start uvicorn at once (/health says 503), warm up in a thread, then say how to call it."""
+    """Bind the port, load the model, serve at once (/health says 503), warm up in a thread, then say
+    how to call it. Start-up failures are one line and exit code 1; SIGTERM/SIGINT drain (api.shutdown)."""
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        _say(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return 1
+    with sock:
+        try:
+            server, engine = _server(args)
+        except KeyboardInterrupt:
+            _say("interrupted while loading")
+            return 130
+        except Exception as e:  # noqa: BLE001 - a bad checkpoint, option or device: one line, no traceback
+            _say(f"error: {e}")
+            return 1
+        return _run(server, engine, sock)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so a taken port fails cleanly."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                backlog=2048)
+
+
+def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
+    """The model, its (not yet started) engine and the draining uvicorn server around the app."""
     import uvicorn
 
-    from api.app import create_app
+    from api.app import STATE_KEY, create_app
     from api.settings import DEFAULT_MODEL_NAME, ServerSettings, api_keys_from
+    from api.shutdown import DrainingServer
     from llama_jax import checkpoint
     from llama_jax.engine import Engine, EngineConfig
     from llama_jax.sharding import make_mesh
@@ -106,7 +147,7 @@ def serve(args: argparse.Namespace) -> int:
         model_name=args.model_name or (DEFAULT_MODEL_NAME if args.checkpoint else DEMO_MODEL_NAME),
         api_keys=api_keys_from(args.api_key),
         price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
-        max_body_bytes=args.max_body_bytes)
+        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public)
     max_seq_len = args.max_seq_len
     if args.checkpoint:
         path = args.checkpoint
@@ -119,8 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     _say(f"loading {path}")
     loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype))
     if loaded.tokenizer_path is None:
-        _say(f"error: {path} has no tokenizer.model")
-        return 1
+        raise ValueError(f"{path} has no tokenizer.model")
     max_slots = args.max_slots
     if max_slots == "auto":
         from llama_jax.plan import auto_slots
@@ -133,43 +173,60 @@ def serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir))
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port,
-                                           log_level="info", timeout_graceful_shutdown=5))
-    failed = threading.Event()
-    threading.Thread(target=_warm_up, args=(engine, server, settings, failed), name="llama-jax-warmup",
-                     daemon=True).start()
+    app = create_app(engine, settings)
+    # the drain has finished every response before uvicorn's own grace period starts
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                    timeout_graceful_shutdown=5)
+    server = DrainingServer(uvicorn_config, app.state[STATE_KEY], args.drain_timeout, _say)
+    return server, engine
+
+
+def _run(server: DrainingServer, engine: Engine, sock: socket.socket) -> int:
+    """Serve until a signal has drained the app; warm-up runs meanwhile and stops early on a signal."""
+    stopping, failed = threading.Event(), threading.Event()
+    server.on_signal = stopping.set
+    warm_up = threading.Thread(target=_warm_up, args=(engine, server, sock, stopping, failed),
+                               name="llama-jax-warmup", daemon=True)
+    warm_up.start()
     try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn already shut down gracefully; no traceback for Ctrl+C
-        pass
+        server.run(sockets=[sock])
     finally:
+        stopping.set()
+        warm_up.join()  # at most one more program compiles: never exit with XLA busy in a thread
         engine.stop()
     return 1 if failed.is_set() else 0
+
+
+class _WarmupCancelled(Exception):
+    """Raised from the warm-up progress callback once the server is shutting down."""
 
 
 def _say(message: str) -> None:
     print(f"llama-jax: {message}", file=sys.stderr, flush=True)
 
 
-def _warm_up(engine, server, settings, failed: threading.Event) -> None:
+def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, failed: threading.Event) -> None:
     """Compile everything (one progress line per program), then print the URL and a curl."""
     start = time.time()
+    settings = server.ctx.settings
 
     def progress(done: int, total: int, what: str) -> None:
         _say(f"warm-up {done}/{total}: compiled {what} ({time.time() - start:.1f} s)")
+        if stopping.is_set():
+            raise _WarmupCancelled
 
     try:
         engine.start(warmup=True, progress=progress)
+    except _WarmupCancelled:
+        return
     except Exception as e:  # noqa: BLE001 - report and stop serving rather than 503 forever
         _say(f"warm-up failed: {e!r}")
         failed.set()
         server.should_exit = True
         return
-    while not server.started and not server.should_exit:
-        time.sleep(0.05)
-    if server.should_exit:
+    if stopping.is_set():
         return
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    host, port = sock.getsockname()[:2]
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{host}:{port}"
     _say(f"ready in {time.time() - start:.1f} s: model {settings.model_name!r} at {base}/v1 "

@@ -24,8 +24,8 @@ from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api import schemas
-from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, require_model, require_ready, submit,
-                     unless_disconnected)
+from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
+                     submit, unless_disconnected)
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.schemas import ChatCompletionRequest, Usage, encode, sse
@@ -295,7 +295,7 @@ async def completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode_struct(await request.body(), CompletionRequest)
+    body = schemas.decode_struct(await read_body(request, ctx), CompletionRequest)
     check(body)
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)

@@ -14,11 +14,12 @@ from typing import Annotated, Any, Literal
 
 import jsonschema
 import msgspec
+import numpy as np
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api.errors import APIError, invalid
 from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions, TokenLogprob
-from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from llama_jax.structured import ToolSpec
 from llama_jax.tokenizer import Tokenizer
 
@@ -125,8 +126,18 @@ class ChatCompletionRequest(Struct, kw_only=True):
                                       ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     user: Annotated[str, _doc("end-user id; informational")] | None = None
     seed: Annotated[int, _doc("0 <= seed < 2^63; default: random", ge=0, le=2**63 - 1)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-MAX_BIAS, le=MAX_BIAS)]],
+                          _doc(f"token id (a string of digits) -> bias in [-100, 100] added to its logit; "
+                               f"at most {MAX_LOGIT_BIAS} tokens", max_length=MAX_LOGIT_BIAS)] | None = None
+    functions: Annotated[Any, _doc("legacy; refused with a 400: use tools")] | None = None
+    function_call: Annotated[Any, _doc("legacy; refused with a 400: use tool_choice")] | None = None
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting levels of a JSON schema (a real one rarely has 10)
+MAX_JSON_DEPTH = 128  # nesting levels of a request body: room for such a schema inside `tools`
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _AT = re.compile(r" - at `\$(.*)`$")
 
@@ -156,12 +167,17 @@ def decode_struct(body: bytes, type: type[Struct]) -> Any:
     """Parse and type/range-check a request body as `type`; APIError 400 on malformed JSON or a bad field."""
     if not body.strip():
         raise invalid("The request body is empty; expected a JSON object.", None, "invalid_json")
+    if body_depth(body) > MAX_JSON_DEPTH:  # before decoding: deep input must not reach recursive code
+        raise invalid(f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.", None,
+                      "invalid_json")
     try:
         return msgspec.json.decode(body, type=type)
     except msgspec.ValidationError as e:
         raise _validation_error(e) from None
     except msgspec.DecodeError as e:
         raise invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+    except RecursionError:  # defensive: the depth check above should have refused it
+        raise invalid("The JSON body of your request is nested too deeply.", None, "invalid_json") from None
 
 
 def decode(body: bytes) -> ChatCompletionRequest:
@@ -175,6 +191,8 @@ def _check_schema(schema: Any, param: str) -> None:
     """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)."""
     if not isinstance(schema, dict):
         raise invalid("A JSON schema must be an object.", param, "invalid_schema")
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:  # jsonschema and the grammar compiler recurse
+        raise invalid(f"The schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param, "invalid_schema")
     if not isinstance(schema.get("$schema", ""), str):
         raise invalid("`$schema` must be a string (a metaschema URI).", param, "invalid_schema")
     if not isinstance(schema.get("x-guidance", {}), dict):
@@ -186,6 +204,27 @@ def _check_schema(schema: Any, param: str) -> None:
         where = "/".join(str(p) for p in e.absolute_path)
         raise invalid(f"Invalid schema{f' at /{where}' if where else ''}: {e.message}", param,
                       "invalid_schema") from None
+
+
+def body_depth(body: bytes) -> int:
+    """The deepest bracket nesting of raw JSON text, strings skipped (C-speed: regex, translate, numpy)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.where(np.isin(np.frombuffer(brackets, np.uint8), np.frombuffer(b"[{", np.uint8)), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    depth, level = 0, [(value, 1)]
+    while level:
+        node, d = level.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            depth = max(depth, d)
+            level.extend((child, d + 1) for child in children)
+    return depth
 
 
 def tool_mode(r: ChatCompletionRequest) -> tuple[str, str | None]:
@@ -204,10 +243,23 @@ def tool_specs(r: ChatCompletionRequest) -> list[ToolSpec]:
 
 def check(r: ChatCompletionRequest) -> None:
     """Rules beyond types and ranges (OpenAI's, where OpenAI has one)."""
+    for legacy, modern in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(r, legacy) is not None:
+            raise invalid(f"'{legacy}' is deprecated and not supported by this server; use '{modern}' instead "
+                          f"(the replies then carry 'tool_calls').", legacy, "unsupported_parameter")
+    for key in r.logit_bias or ():
+        if not _TOKEN_ID.match(key):
+            raise invalid(f"Invalid key {key!r} in 'logit_bias': keys must be token ids (strings of digits).",
+                          "logit_bias")
+    call_ids: set[str] = set()
     for i, m in enumerate(r.messages):
         if m.role == "tool" and not m.tool_call_id:
             raise invalid("A message with role 'tool' needs a 'tool_call_id'.", f"messages[{i}].tool_call_id",
                           "missing_required_parameter")
+        if m.role == "tool" and m.tool_call_id not in call_ids:
+            raise invalid(f"A message with role 'tool' must answer a tool call of an earlier assistant message; "
+                          f"no earlier call has the id {m.tool_call_id!r}.", f"messages[{i}].tool_call_id")
+        call_ids.update(c.id for c in m.tool_calls or () if c.id)
         if m.tool_calls and m.role != "assistant":
             raise invalid("Only assistant messages may have 'tool_calls'.", f"messages[{i}].tool_calls")
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
@@ -271,6 +323,7 @@ def sampling_options(r: Any) -> SamplingOptions:
         presence_penalty=defaults.presence_penalty if r.presence_penalty is None else r.presence_penalty,
         frequency_penalty=defaults.frequency_penalty if r.frequency_penalty is None else r.frequency_penalty,
         seed=r.seed,
+        logit_bias=tuple((int(k), v) for k, v in (r.logit_bias or {}).items()),
     )
 
 

@@ -25,6 +25,8 @@ class ServerSettings:
     price_output_per_mtok: float = 0.0
     max_body_bytes: int = 1 << 20  # a 4096-token chat is ~16 KB of JSON; 1 MiB is generous
     retry_after_s: int = 1  # the Retry-After header of a 429 (queue full)
+    body_timeout_s: float = 30.0  # a request body slower than this is a 408 (a slow upload holds a connection)
+    metrics_public: bool = False  # serve /metrics without a key (for a scraper), even with api_keys
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -33,8 +35,8 @@ class ServerSettings:
             raise ValueError("API keys must not be empty strings")
         if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
             raise ValueError("prices must be >= 0")
-        if self.max_body_bytes < 1 or self.retry_after_s < 0:
-            raise ValueError("max_body_bytes must be >= 1 and retry_after_s >= 0")
+        if self.max_body_bytes < 1 or self.retry_after_s < 0 or not self.body_timeout_s > 0:
+            raise ValueError("max_body_bytes must be >= 1, retry_after_s >= 0 and body_timeout_s > 0")
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Dollars for one request at the configured per-million-token prices."""

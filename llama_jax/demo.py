@@ -1,7 +1,10 @@
 """The built-in demo model, so `llama-jax serve` works on a fresh machine with no weights.
 
 It is a small random-weight Llama with a SentencePiece tokenizer trained here on the package's
-own source text (the real Llama 2 tokenizer is the user's, never shipped). Built once through the
+own source text (the real Llama 2 tokenizer is the user's, never shipped), with Llama 2's
+normalisation options, so that text encodes the way structured output expects: "\n" and other
+unseen characters are byte-fallback pieces, whitespace is kept as is, and only the one dummy-prefix
+"▁" is added. Built once through the
 real path (HF layout → convert-weights) and cached; its replies are gibberish by design.
 """
 
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     from llama_jax.model import Llama
     from llama_jax.tokenizer import Tokenizer
 
-DEMO_VERSION = 2  # bump whenever the converted format or the demo shape changes
+DEMO_VERSION = 3  # bump whenever the converted format or the demo shape changes
 DEMO_VOCAB = 2000
 CHECKPOINT_ENV = "LLAMA_JAX_CHECKPOINT"  # the notebooks' real weights, when set
 
@@ -27,7 +30,9 @@ def default_cache_dir() -> Path:
 
 
 def train_demo_tokenizer(out_prefix: Path) -> Path:
-    """Train a byte-fallback BPE SentencePiece model (Llama's special ids) on this package's text."""
+    """Train a byte-fallback BPE SentencePiece model on this package's text, with Llama 2's special
+    ids and normaliser options (identity rules, whitespace kept, digits split), so the demo path
+    tokenizes like the real one."""
     import sentencepiece as spm
 
     package = Path(__file__).parent
@@ -35,7 +40,8 @@ def train_demo_tokenizer(out_prefix: Path) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=DEMO_VOCAB, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        add_dummy_prefix=True, minloglevel=2,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, minloglevel=2,
     )
     return out_prefix.with_suffix(".model")
 

@@ -237,7 +237,10 @@ class Engine:
             enable_compilation_cache(config.compilation_cache_dir)
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         cfg = model.cfg
-        self.max_seq_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        if config.max_seq_len is not None and config.max_seq_len > cfg.max_seq_len:  # never clamp silently
+            raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context of "
+                             f"{cfg.max_seq_len} tokens")
+        self.max_seq_len = config.max_seq_len or cfg.max_seq_len
         self.config = config
         self.graphdef, params = nnx.split(model)
         self.params = storage_params(cfg, params)  # on CPU, 16-bit weights as bits: a one-time copy
@@ -245,6 +248,7 @@ class Engine:
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
         self.slots: list[_Active | None] = [None] * config.max_slots
         self.ready = False
+        self.error: str | None = None  # why the scheduler stopped for good, if it failed
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -401,12 +405,19 @@ class Engine:
                 pending = self._iterate(pending)
             except Exception as e:  # a bug or a device error: fail what is running, keep serving
                 log.exception("engine step failed")
-                self._fail_running(f"engine step failed: {e}")
                 pending = None
+                try:
+                    self._fail_running(f"engine step failed: {e}")
+                except Exception as fatal:  # recovery failed too: stop for good rather than hang every request
+                    log.exception("engine recovery failed; the engine stops")
+                    self.error, self.ready = f"engine recovery failed: {fatal}", False
+                    with self._wake:
+                        self._stopping = True
+                    break
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for handle in {a.handle for a in self.slots if a} | set(queued):
-            handle.put(Event(choice=0, error="the engine stopped"))
+            handle.put(Event(choice=0, error=self.error or "the engine stopped"))
             handle.put(None)
 
     def _iterate(self, pending):
@@ -474,6 +485,7 @@ class Engine:
             if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
                 for choice in range(handle.request.n):
                     handle.put(Event(choice, finish_reason="length"))
+                handle.unfinished = 0
                 handle.put(None)
             else:
                 rows += [(handle, choice, next(free)) for choice in range(handle.request.n)]

@@ -45,13 +45,14 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
 
 
 class Constraint(Protocol):
     """Restricts one choice's tokens step by step (structured output): a grammar automaton."""
 
     def allowed(self) -> np.ndarray:
-        """bool [vocab]: the tokens that may come next."""
+        """bool [vocab]: the tokens that may come next; raises when none can (the engine fails the choice)."""
 
     def advance(self, token_id: int) -> None:
         """Consume the sampled token."""
@@ -240,6 +241,8 @@ def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
         raise RequestError(f"n must be in [1, {MAX_CHOICES}]", param="n")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed", param="stop")
+    if any(not 0 <= token < vocab_size for token, _ in request.sampling.logit_bias):
+        raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     return max_tokens

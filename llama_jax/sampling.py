@@ -6,6 +6,8 @@ again whatever the values.
 
 Processing order inside `sample`, per row:
 
+0. logit_bias (OpenAI's): each (token id, bias) pair of the row is added to that token's logit
+   (`apply_logit_bias`), so -100 all but bans a token and +100 all but forces it.
 1. allowed_mask: disallowed tokens get -inf. A row with no allowed token ignores its mask and
    is decoded greedily (argmax of its unmasked, penalised logits).
 2. penalties (`apply_penalties`): repetition (HF/CTRL, over prompt and generated tokens:
@@ -53,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import jax
@@ -63,6 +65,8 @@ from jax import lax
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs is at most 20
 MAX_TOP_K = 999
+MAX_LOGIT_BIAS = 300  # (token, bias) pairs per request; each row carries exactly this many
+MAX_BIAS = 100.0  # OpenAI's logit_bias values are in [-100, 100]
 MIN_TEMPERATURE = 1e-5  # below this, temperature is greedy (and x / T cannot overflow)
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1  # OpenAI seeds are int64
 
@@ -83,6 +87,12 @@ class SamplingParams:
     seed_lo: jax.Array  # uint32, low word
     choice: jax.Array  # uint32, index of the choice within the request (0..n-1)
     top_logprobs: jax.Array  # int32, [0, 20]: alternatives the row reports; none in the batch = no top-k
+    # logit_bias as a fixed-size sparse pair, [MAX_LOGIT_BIAS] per row, padded with (0, 0.0): a
+    # request biases a handful of tokens, so this costs 2.4 KB per row and one scatter of
+    # rows x 300 per step, where a dense [vocab] row would cost 128 KB per slot and a full add; the
+    # shape never depends on the request, so no bias ever recompiles.
+    bias_ids: jax.Array  # int32 [MAX_LOGIT_BIAS]: token ids
+    bias_values: jax.Array  # float32 [MAX_LOGIT_BIAS]: in [-100, 100], 0 for padding
 
 
 @jax.tree_util.register_dataclass
@@ -136,11 +146,13 @@ def make_params(
     seed: int | None = None,
     choice: int = 0,
     top_logprobs: int = 0,
+    logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (),
 ) -> SamplingParams:
     """One row of host (numpy) scalars from API values; raises ValueError naming a bad field.
 
     `seed=None` draws a random seed. `choice` is the index of the choice when the request asks
-    for n > 1 (each choice gets its own key stream from the same seed).
+    for n > 1 (each choice gets its own key stream from the same seed). `logit_bias`: (token id,
+    bias) pairs; ids are checked against the vocabulary by the caller (`request.validate`).
     """
     _check("temperature", temperature, 0.0, 2.0)
     _check("top_p", top_p, 0.0, 1.0, lo_open=True)
@@ -162,6 +174,7 @@ def make_params(
     if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)):
         raise ValueError(f"top_logprobs must be an integer, got {top_logprobs!r}")
     _check("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
+    bias_ids, bias_values = _bias_arrays(logit_bias)
     seed64 = int(seed) % 2**64  # two's complement for negative seeds
     f32 = np.float32
     return SamplingParams(
@@ -176,7 +189,26 @@ def make_params(
         seed_lo=np.uint32(seed64 & 0xFFFFFFFF),
         choice=np.uint32(choice),
         top_logprobs=np.int32(top_logprobs),
+        bias_ids=bias_ids,
+        bias_values=bias_values,
     )
+
+
+def _bias_arrays(logit_bias: Mapping[int, float] | Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """logit_bias pairs as the padded (ids, values) arrays of one row; ValueError names the field."""
+    pairs = list(logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    ids = np.zeros(MAX_LOGIT_BIAS, np.int32)
+    values = np.zeros(MAX_LOGIT_BIAS, np.float32)
+    for k, (token, bias) in enumerate(pairs):
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < 2**31:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        ids[k] = token
+        values[k] = _check(f"logit_bias[{token}]", bias, -MAX_BIAS, MAX_BIAS)
+    if len(set(ids[: len(pairs)].tolist())) < len(pairs):
+        raise ValueError("logit_bias lists a token more than once")
+    return ids, values
 
 
 def stack_params(rows: Sequence[SamplingParams]) -> SamplingParams:
@@ -240,6 +272,12 @@ def apply_penalties(logits: jax.Array, params: SamplingParams, state: SamplerSta
     x = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
     additive = params.presence_penalty[:, None] * generated + params.frequency_penalty[:, None] * counts
     return x - additive
+
+
+def apply_logit_bias(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """logits [rows, vocab] plus each row's sparse bias (padding adds 0.0 to token 0)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, params.bias_ids].add(params.bias_values, mode="drop")
 
 
 def _sortable(x: jax.Array) -> jax.Array:
@@ -355,7 +393,7 @@ def sample(
     values never recompile. The new state counts the sampled tokens and has step + 1 in every
     row. `branch_free` selects the sort-based, control-flow-free path for accelerators.
     """
-    x = logits.astype(jnp.float32)
+    x = apply_logit_bias(logits.astype(jnp.float32), params)
     rows = x.shape[0]
     dead = jnp.zeros((rows,), bool)
     if allowed_mask is not None:

@@ -232,9 +232,14 @@ class Grammar:
         self.vocab = vocabulary(tokenizer)
         self.lark = lark
         self._matcher = _compiled(self.vocab, lark, param)
+        scratch = self._matcher.deep_copy()
+        plan = _closing_plan(scratch, self.vocab)
+        if _dead_end(scratch, plan, self.vocab):
+            raise StructuredOutputError("The schema cannot be satisfied: no sequence of this model's tokens "
+                                        "completes it.", param)
         # how much one token can lengthen the closing plan, roughly: the shortest complete output,
         # also from "{" (for tools auto, whose shortest output is text)
-        shortest = len(_closing_plan(self._matcher.deep_copy(), self.vocab))
+        shortest = len(plan)
         brace = self._matcher.deep_copy()
         if brace.try_consume_tokens(self.vocab.encode("{")) == 1:
             shortest = max(shortest, 1 + len(_closing_plan(brace, self.vocab)))
@@ -365,6 +370,15 @@ def _closing_plan(m: llguidance.LLMatcher, vocab: Vocabulary, string: tuple[bool
     return plan
 
 
+def _dead_end(m: llguidance.LLMatcher, plan: list[int], vocab: Vocabulary) -> bool:
+    """Whether a closing plan ended in an error, or short of PLAN_CAP where nothing is allowed,
+    rather than at a complete output: the grammar cannot be completed with this vocabulary."""
+    if m.is_error():  # e.g. a forced text whose tokenization the grammar then rejects
+        return True
+    complete = m.is_stopped() or (bool(plan) and plan[-1] == vocab.eos_id)
+    return not complete and len(plan) < PLAN_CAP
+
+
 def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
     """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) as bool[n]."""
     return np.unpackbits(bits.view(np.uint8), bitorder="little", count=n).view(bool)
@@ -419,8 +433,8 @@ class GrammarConstraint:
         return self._plan + [self.vocab.eos_id] * self._plan_eos
 
     def allowed(self) -> np.ndarray:
-        if self.matcher.is_error():  # cannot happen while the engine honours the mask: end the choice
-            return self._only(self.vocab.eos_id)
+        if self.matcher.is_error():  # the engine did not honour the mask: fail the choice, never a fake "stop"
+            raise StructuredOutputError(f"the output left its grammar: {_short(self.matcher.get_error())}")
         if self.forced:
             return self._only(self.forced[0])
         soft = False
@@ -442,8 +456,8 @@ class GrammarConstraint:
             return safe if safe.any() else self._only(plan[0])
         if self.generated == 0 and self.vocab.space_byte is not None and allowed.sum() > 1:
             allowed[self.vocab.space_byte] = False
-        if not allowed.any():  # defensive: never hand the sampler an empty row
-            allowed[self.vocab.eos_id] = True
+        if not allowed.any():  # a dead end: no token continues the output, so it can never be valid
+            raise StructuredOutputError("the output cannot be completed: no token of this model continues it")
         return allowed
 
     def advance(self, token_id: int) -> None:

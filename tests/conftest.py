@@ -41,3 +41,27 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_dir(tmp_path_factory) -> Path:
+    """The built-in demo model (random weights, its own trained tokenizer), built once per session."""
+    from llama_jax.demo import demo_checkpoint
+
+    return demo_checkpoint(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_checkpoint_dir):
+    """A warmed-up engine on the demo model, shared by the tests that need `llama-jax serve`'s default
+    model (structured output, fuzzing, logit_bias); small prefill batches keep its warm-up short."""
+    from llama_jax import checkpoint
+    from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.tokenizer import Tokenizer
+
+    loaded = checkpoint.load(demo_checkpoint_dir)
+    config = EngineConfig(max_slots=8, max_seq_len=512, min_prefill_bucket=32,
+                          max_prefill_tokens=128)  # 512: the demo's 2000 pieces make tool prompts ~250 tokens
+    engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config).start()
+    yield engine
+    engine.stop()

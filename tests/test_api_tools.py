@@ -1,7 +1,10 @@
 """Structured output and tool calls end to end (issue 7): uvicorn serving a real Engine on the tiny
 random-weight model, called with the real `openai` client. Random weights are the hardest case for
 a constraint (they never close a string on their own), so every JSON reply below is complete and
-valid only because the grammar and the token budget make it so."""
+valid only because the grammar and the token budget make it so.
+
+Every test runs twice: on the real Llama 2 tokenizer and on the demo model `llama-jax serve` serves
+without a checkpoint (its own small tokenizer), which must behave the same (issue 13)."""
 
 from __future__ import annotations
 
@@ -45,10 +48,14 @@ TOOLS = [WEATHER, CLOCK]
 SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": {"type": "object", "maxProperties": 0}}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint, tokenizer_path):
+@pytest.fixture(scope="module", params=["llama2-tokenizer", "demo-model"])
+def engine(request, tiny_checkpoint):
+    if request.param == "demo-model":
+        yield request.getfixturevalue("demo_engine")  # shared for the session: stopped there
+        return
+    tokenizer = Tokenizer(request.getfixturevalue("tokenizer_path"))
     config = EngineConfig(max_slots=8, max_seq_len=256, min_prefill_bucket=32)
-    engine = Engine(load_hf_model(tiny_checkpoint("tiny-gqa")), Tokenizer(tokenizer_path), config).start()
+    engine = Engine(load_hf_model(tiny_checkpoint("tiny-gqa")), tokenizer, config).start()
     yield engine
     engine.stop()
 
@@ -110,7 +117,7 @@ def reassemble(chunks) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str 
 # ------------------------------------------------------------------------------------ JSON mode
 
 
-def test_json_object_is_valid_for_50_seeds(server):
+def test_json_object_is_valid_for_50_seeds(server, engine):
     budgets = [1 + (seed * 37) % 150 for seed in range(50)]
     outs = create_all(server, [dict(messages=HELLO, response_format={"type": "json_object"}, seed=seed,
                                     max_tokens=budget) for seed, budget in zip(range(50), budgets)])
@@ -119,7 +126,8 @@ def test_json_object_is_valid_for_50_seeds(server):
         assert choice.finish_reason == "stop" and out.usage.completion_tokens <= budget
         assert isinstance(json.loads(choice.message.content), dict), choice.message.content
         assert choice.message.tool_calls is None
-    assert len({o.choices[0].message.content for o in outs}) > 40  # the model still chooses
+    # the model still chooses (the demo's random weights mostly pick its one-token "{}" piece)
+    assert len({o.choices[0].message.content for o in outs}) > (40 if engine.tokenizer.vocab_size == 32000 else 1)
 
 
 def test_json_schema_validates_for_50_seeds(server):

@@ -460,3 +460,29 @@ def test_compiles_once_for_any_parameter_values():
             jax.block_until_ready(S.sample(logits, params, state, allowed))
             jax.block_until_ready(S.sample(logits, params, state))
     assert compiles.count == 0
+
+
+def test_logit_bias_steers_every_step_and_never_recompiles():
+    """OpenAI's logit_bias: +100 forces a token, -100 bans it, under greedy and sampled rows alike;
+    the bias is a fixed-size traced field, so new biases reuse the compiled sampler."""
+    vocab = 50
+    logits = jnp.zeros((3, vocab)).at[:, 7].set(5.0)
+    state = S.init_state(3, vocab)
+
+    def tokens(*biases):
+        rows = [S.make_params(temperature=t, seed=1, logit_bias=b) for t, b in zip((0.0, 1.0, 0.0), biases)]
+        return S.sample(logits, S.stack_params(rows), state)[0].tokens.tolist()
+
+    assert tokens({}, {}, {}) == [7, 7, 7]
+    with CompileCounter() as compiles:
+        assert tokens({3: 100}, {3: 100.0}, {7: -100})[:2] == [3, 3]
+        assert tokens({}, {}, {7: -100})[2] != 7
+        assert tokens({i: 0.5 for i in range(S.MAX_LOGIT_BIAS)}, [(7, -100), (9, 100)], {})[1:] == [9, 7]
+    assert compiles.count == 0
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {1: -101}, {-1: 1}, {"1": 1}, {1: True}, [(1, 1), (1, 2)],
+                                  {i: 1 for i in range(S.MAX_LOGIT_BIAS + 1)}])
+def test_bad_logit_bias_is_a_value_error_naming_it(bias):
+    with pytest.raises(ValueError, match="^logit_bias"):
+        S.make_params(logit_bias=bias)

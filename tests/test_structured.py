@@ -5,6 +5,7 @@ on its own), so every output must still be complete and valid within its budget.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -217,3 +218,73 @@ def test_bad_schemas_name_the_field(tokenizer):
     assert e.value.param == "tools[1].function.parameters"
     with pytest.raises(ValueError):
         S.tools_lark([WEATHER], "none")
+
+
+# ------------------------------------------------------------------------------------ demo tokenizer (issue 13)
+
+STRUCTURAL = ["\n", '\n"', '{"a": 1}', " lead", "\n\nx", "x  y", "  two", "123", '"', "😀"]
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(demo_checkpoint_dir) -> Tokenizer:
+    return Tokenizer(demo_checkpoint_dir / "tokenizer.model")
+
+
+def test_demo_tokenizer_encodes_like_llama(demo_tokenizer, tokenizer):
+    """Newlines and unseen characters are byte pieces, whitespace is kept, one dummy-prefix "▁"; the
+    forced-text encoding structured output relies on is exact, as on Llama 2."""
+    for text in STRUCTURAL:
+        assert demo_tokenizer.decode(demo_tokenizer.encode(text)) == text == tokenizer.decode(tokenizer.encode(text))
+        ids = S.vocabulary(demo_tokenizer).encode(text)
+        assert b"".join(S.vocabulary(demo_tokenizer).pieces[i] for i in ids).decode() == text
+    assert [demo_tokenizer.id_to_piece(i) for i in demo_tokenizer.encode("\n")] == ["\u2581", "<0x0A>"] == \
+        [tokenizer.id_to_piece(i) for i in tokenizer.encode("\n")]
+
+
+@pytest.mark.parametrize("kind", ["json_object", "json_schema", "tools"])
+def test_demo_tokenizer_random_walks_finish_valid(demo_tokenizer, kind):
+    """The same worst-case walks as on Llama 2's vocabulary, on the demo's 2000 pieces."""
+    grammar = {"json_object": lambda: S.json_grammar(demo_tokenizer, None),
+               "json_schema": lambda: S.json_grammar(demo_tokenizer, PERSON),
+               "tools": lambda: S.tools_grammar(demo_tokenizer, [WEATHER, CLOCK], "required")}[kind]()
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        budget = int(rng.integers(80, 150))
+        tokens, finish = walk(grammar.constraint(budget), budget, rng, eos=demo_tokenizer.eos_id)
+        text = demo_tokenizer.decode(tokens)
+        assert finish == "stop", (budget, text)
+        value = json.loads(text)
+        if kind == "json_schema":
+            jsonschema.validate(value, PERSON)
+        if kind == "tools":
+            assert S.parse_tool_calls(text).complete and value["tool_calls"]
+
+
+def old_demo_tokenizer(tmp_path) -> Tokenizer:
+    """The demo tokenizer as DEMO_VERSION 2 trained it (SentencePiece's default normaliser: "\\n" encodes
+    to nothing), on which the JSON grammars can never emit a bare '"'."""
+    import sentencepiece as spm
+
+    from llama_jax import demo
+
+    lines = [line for f in sorted(Path(demo.__file__).parent.glob("*.py")) for line in f.read_text().splitlines()
+             if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "old"),
+                                   vocab_size=demo.DEMO_VOCAB, model_type="bpe", byte_fallback=True, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
+    return Tokenizer(tmp_path / "old.model")
+
+
+def test_an_unsatisfiable_grammar_is_refused_up_front(tmp_path):
+    """Never a fake "stop": a grammar no token sequence completes fails when it is built (a 400)."""
+    old = old_demo_tokenizer(tmp_path)
+    with pytest.raises(S.StructuredOutputError, match="cannot be satisfied") as e:
+        S.json_grammar(old, PERSON, "response_format.json_schema.schema")
+    assert e.value.param == "response_format.json_schema.schema"
+
+
+def test_a_dead_end_raises_instead_of_forcing_eos(tokenizer):
+    constraint = S.json_grammar(tokenizer, None).constraint(None)
+    constraint.advance(tokenizer.encode("hello")[0])  # not JSON: the matcher is now in error
+    with pytest.raises(S.StructuredOutputError, match="left its grammar"):
+        constraint.allowed()
