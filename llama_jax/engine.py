@@ -114,7 +114,7 @@ def empty_state(cfg: LlamaConfig, slots: int, max_len: int) -> DecodeState:
         cache=kv_cache.init_cache(cfg, slots, max_len),
         tokens=jnp.zeros((slots,), jnp.int32),
         sampler=sampling.init_state(slots, cfg.vocab_size),
-        params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots,)), neutral),
+        params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
     )
 
 
@@ -183,7 +183,7 @@ def reset(state: DecodeState) -> DecodeState:
         cache=state.cache.replace(lengths=jnp.zeros_like(state.cache.lengths)),
         tokens=jnp.zeros_like(state.tokens),
         sampler=jax.tree.map(jnp.zeros_like, state.sampler),
-        params=jax.tree.map(lambda a, n: jnp.full_like(a, n), state.params, neutral),
+        params=jax.tree.map(lambda a, n: jnp.broadcast_to(jnp.asarray(n, a.dtype), a.shape), state.params, neutral),
     )
 
 

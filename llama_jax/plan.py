@@ -70,7 +70,8 @@ def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: Decode
 
 
 def _rows_params(rows: int) -> sampling.SamplingParams:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows,), np.asarray(a).dtype), sampling.make_params(seed=0))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows, *np.shape(a)), np.asarray(a).dtype),
+                        sampling.make_params(seed=0))
 
 
 def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None,
