@@ -40,7 +40,7 @@ MAX_LOGPROBS = 5  # the legacy API's `logprobs` is at most 5
 MAX_PROMPTS = 32  # prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "user", "seed")  # declared (and checked) as in chat
+           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias")  # declared (and checked) as in chat
 
 # POST /v1/completions. null means the default; unknown fields are ignored.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
@@ -51,7 +51,6 @@ CompletionRequest = msgspec.defstruct("CompletionRequest", [
     ("logprobs", Annotated[int, Meta(ge=0, le=MAX_LOGPROBS, description="0..5 alternatives per token")] | None, None),
     ("best_of", int | None, None),
     ("suffix", str | None, None),
-    ("logit_bias", dict[str, float] | None, None),
     *((f.name, f.type, f.default) for f in msgspec.structs.fields(ChatCompletionRequest) if f.name in _SHARED),
 ], kw_only=True)
 
@@ -69,8 +68,7 @@ def check(r: Any) -> None:
         raise invalid("'suffix' is not supported: Llama 2 has no fill-in-the-middle.", "suffix", "unsupported_parameter")
     if r.best_of is not None and r.best_of != (r.n or 1):
         raise invalid("'best_of' is supported only equal to 'n'.", "best_of", "unsupported_parameter")
-    if r.logit_bias:
-        raise invalid("'logit_bias' is not supported on /v1/completions yet.", "logit_bias", "unsupported_parameter")
+    schemas.check_logit_bias(r)
 
 
 def prompt_items(prompt: str | list[Any]) -> list[str | list[int]]:

@@ -241,16 +241,22 @@ def tool_specs(r: ChatCompletionRequest) -> list[ToolSpec]:
     return [ToolSpec(t.function.name, t.function.description, t.function.parameters) for t in r.tools or ()]
 
 
+def check_logit_bias(r: Any) -> None:
+    """OpenAI's `logit_bias` keys are token ids written as strings of digits (ids past the
+    vocabulary are the engine's 400)."""
+    for key in r.logit_bias or ():
+        if not _TOKEN_ID.match(key):
+            raise invalid(f"Invalid key {key!r} in 'logit_bias': keys must be token ids (strings of digits).",
+                          "logit_bias")
+
+
 def check(r: ChatCompletionRequest) -> None:
     """Rules beyond types and ranges (OpenAI's, where OpenAI has one)."""
     for legacy, modern in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(r, legacy) is not None:
             raise invalid(f"'{legacy}' is deprecated and not supported by this server; use '{modern}' instead "
                           f"(the replies then carry 'tool_calls').", legacy, "unsupported_parameter")
-    for key in r.logit_bias or ():
-        if not _TOKEN_ID.match(key):
-            raise invalid(f"Invalid key {key!r} in 'logit_bias': keys must be token ids (strings of digits).",
-                          "logit_bias")
+    check_logit_bias(r)
     call_ids: set[str] = set()
     for i, m in enumerate(r.messages):
         if m.role == "tool" and not m.tool_call_id:

@@ -133,6 +133,16 @@ def test_a_client_that_leaves_frees_the_slots_of_every_prompt(live):
     wait_idle(live.engine)
 
 
+def test_logit_bias_steers_completions_as_in_chat(live):
+    client = live.client()
+    greedy = dict(model=MODEL, prompt=TEXT, max_tokens=4, temperature=0, logprobs=0)
+    plain = client.completions.create(**greedy).choices[0]
+    forced = client.completions.create(**greedy, logit_bias={"450": 100}).choices[0]
+    tokens = forced.logprobs.tokens
+    assert len(tokens) == 4 and len(set(tokens)) == 1 and forced.text == tokens[0] * 4
+    assert tokens != plain.logprobs.tokens
+
+
 @pytest.mark.parametrize("body, status, param, code", [
     ({"model": MODEL}, 400, "prompt", "missing_required_parameter"),
     ({"model": MODEL, "prompt": []}, 400, "prompt", "invalid_type"),
@@ -146,7 +156,8 @@ def test_a_client_that_leaves_frees_the_slots_of_every_prompt(live):
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
-    ({"model": MODEL, "prompt": "hi", "logit_bias": {"50256": -100}}, 400, "logit_bias", "unsupported_parameter"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias", "invalid_value"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias[...]", "invalid_value"),
     ({"model": MODEL, "prompt": "hi", "temperature": 3}, 400, "temperature", "invalid_value"),
     ({"model": MODEL, "prompt": "hi", "n": 5}, 400, "n", "invalid_value"),
     ({"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "stop", "invalid_value"),

@@ -202,7 +202,7 @@ def test_an_engine_whose_recovery_fails_is_not_ready_and_fails_requests(demo_eng
             raise RuntimeError("device lost")
 
         monkeypatch.setattr(engine, "_iterate", broken)
-        monkeypatch.setattr(engine, "_fresh_state", broken)
+        monkeypatch.setattr(engine, "_replace_state", broken)
         with pytest.raises(openai.InternalServerError) as e:
             server.client().with_options(timeout=20).chat.completions.create(model=MODEL, messages=HELLO)
         assert e.value.code == "engine_error" and "device lost" in e.value.message

@@ -76,7 +76,7 @@ def test_make_tiny_checkpoint_command(tmp_path, tokenizer_path, capsys):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == 3 * 9 + 3
     model = load_hf_model(out)
-    assert model.layers[2].wk[...].shape == (32, 96)  # [out, in]
+    assert model.layers.wk[...].shape == (3, 32, 96)  # [layers, out, in]
     again = tmp_path / "again"
     cli_main(["make-tiny-checkpoint", str(again), "--layers", "3", "--dim", "96", "--heads", "6",
               "--kv-heads", "2", "--vocab-from", str(tokenizer_path), "--seed", "7"])
