@@ -196,8 +196,6 @@ class Programs:
     prefill: Callable  # (params, state, tokens, lengths, slots, rows, allowed) -> (state, result)
     generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
     shardings: DecodeState
-    attn: AttentionConfig
-    branch_free: bool
 
     @staticmethod
     def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
@@ -211,7 +209,7 @@ class Programs:
                             out_shardings=(shardings, None)),
             generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
                              out_shardings=(shardings, None)),
-            shardings=shardings, attn=attn, branch_free=branch_free)
+            shardings=shardings)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from llama_jax import sampling
 from llama_jax.config import LlamaConfig
-from llama_jax.engine import DecodeState, EngineConfig, Programs, empty_state, program_shapes
+from llama_jax.engine import DecodeState, EngineConfig, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.model import abstract_model, storage_params
 from llama_jax.sharding import param_shardings
 
@@ -121,8 +121,7 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     compiled = compile_programs(cfg, config, mesh, progress)
     _, params = abstract_params(cfg, mesh)
-    shardings = Programs.build(nnx.split(abstract_model(cfg))[0], cfg, config, mesh).shardings
-    state = abstract_state(cfg, config.max_slots, max_len, shardings)
+    state = abstract_state(cfg, config.max_slots, max_len, decode_state_shardings(cfg, mesh))
     weights = per_device_bytes(params)
     kv = per_device_bytes((state.cache.k, state.cache.v))
     temp = max(c.memory.temp_size_in_bytes for c in compiled)

@@ -12,7 +12,7 @@ import pytest
 
 from llama_jax import plan, sharding
 from llama_jax.config import preset
-from llama_jax.engine import EngineConfig, program_shapes
+from llama_jax.engine import EngineConfig, decode_state_shardings, program_shapes
 
 GiB = 1 << 30
 
@@ -57,7 +57,7 @@ def test_7b_every_cache_buffer_is_donated_in_place(decode_7b):
     aliased = {int(p) for p in re.findall(r"\{\d+\}: \((\d+), \{\}", header)}
     n_params = len(jax.tree.leaves(plan.abstract_params(cfg, None)[1]))
     n_state = len(jax.tree.leaves(plan.abstract_state(cfg, config.max_slots, cfg.max_seq_len,
-                                                      plan.Programs.build(None, cfg, config, None).shardings)))
+                                                      decode_state_shardings(cfg, None))))
     assert set(range(n_params, n_params + n_state)) <= aliased, "every decode-state buffer (k and v first) is donated"
 
 
@@ -80,7 +80,7 @@ def test_70b_tp8_per_device_weights_and_kv_are_an_eighth(tp8_70b):
     compiled = compile_one(cfg, config, mesh, "generate", rows=8)
     memory = compiled.memory
     state = plan.abstract_state(cfg, config.max_slots, cfg.max_seq_len,
-                                plan.Programs.build(graphdef, cfg, config, mesh).shardings)
+                                decode_state_shardings(cfg, mesh))
     kv = plan.per_device_bytes((state.cache.k, state.cache.v))
     assert kv == kv_total // 8
     # What the compiled SPMD program takes per device is the same eighth (plus small replicated state).
