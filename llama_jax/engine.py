@@ -55,6 +55,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
     attention: AttentionConfig | None = None  # default: the fast choice for the platform
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
+    split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -107,21 +108,23 @@ def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
                        params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
 
 
-def empty_state(cfg: LlamaConfig, slots: int, max_len: int) -> DecodeState:
-    """Empty slots: zero cache, neutral sampling rows (trace it under jit to build it in place)."""
+def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False) -> DecodeState:
+    """Empty slots: zero cache (stacked or `split` per layer), neutral sampling rows (trace it
+    under jit to build it in place)."""
     neutral = sampling.make_params(seed=0)
     return DecodeState(
-        cache=kv_cache.init_cache(cfg, slots, max_len),
+        cache=kv_cache.init_cache(cfg, slots, max_len, split),
         tokens=jnp.zeros((slots,), jnp.int32),
         sampler=sampling.init_state(slots, cfg.vocab_size),
         params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
     )
 
 
-def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None) -> DecodeState:
+def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None,
+                      split: bool = False) -> DecodeState:
     """Empty slots created directly with their shardings: no device ever holds the whole state
     unless the sharding says so."""
-    return jax.jit(partial(empty_state, cfg, slots, max_len), out_shardings=decode_state_shardings(cfg, mesh))()
+    return jax.jit(partial(empty_state, cfg, slots, max_len, split), out_shardings=decode_state_shardings(cfg, mesh))()
 
 
 def _scatter_rows(tree, slots: jax.Array, rows):
@@ -233,7 +236,7 @@ class Engine:
         The device programs are jitted here once (`Programs`), bound to this model's graph."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
-        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.tokenizer, self.mesh = tokenizer, mesh
         cfg = model.cfg
         if config.max_seq_len is not None and config.max_seq_len > cfg.max_seq_len:  # never clamp silently
             raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context of "
@@ -241,7 +244,9 @@ class Engine:
         self.max_seq_len = config.max_seq_len or cfg.max_seq_len
         self.config = config
         self.graphdef, params = nnx.split(model)
-        self.params = storage_params(cfg, params)  # on CPU, 16-bit weights as bits: a one-time copy
+        self.split = kv_cache.split_layers() if config.split_layers is None else config.split_layers
+        self.params = storage_params(cfg, params, self.split)  # a one-time copy on CPU (split, 16-bit as bits)
+        self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
         self.slots: list[_Active | None] = [None] * config.max_slots
@@ -253,7 +258,7 @@ class Engine:
         self._stopping = False
         programs = Programs.build(self.graphdef, cfg, config, mesh)
         shardings = programs.shardings
-        self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh)
+        self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split)
         self._prefill_rows, self._generate = programs.prefill, programs.generate
         self._reset = jax.jit(reset, donate_argnums=0, out_shardings=shardings)
         neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
@@ -348,7 +353,7 @@ class Engine:
         for leaf in jax.tree.leaves(self._state):
             if not leaf.is_deleted():
                 leaf.delete()
-        self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh)
+        self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.split)
 
     @staticmethod
     def _report(progress, done: int, total: int, what: str) -> None:

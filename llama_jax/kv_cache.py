@@ -1,5 +1,10 @@
-"""Static-shape KV cache: keys and values of every layer stacked in one buffer each, every row
-written at its own positions.
+"""Static-shape KV cache: keys and values of every layer, every row written at its own positions.
+
+Two layouts of the layers, the same arithmetic: *stacked*, one `[n_layers, ...]` buffer for k and
+one for v (accelerators: the model scans over layers, indexing the layer in place), or *split*,
+a tuple of one-layer stacks `[1, ...]`, one buffer per layer (CPU: XLA's CPU backend copies a
+layer out of a stacked buffer before using it, so there each layer gets its own buffer). Every
+function below takes a buffer and a layer index into it, so it serves both.
 
 Every row (a decode slot, or one prompt of a prefill batch) has its own length; attention masks
 are built from those lengths, so one row's result never depends on what other rows hold. Shapes
@@ -21,7 +26,8 @@ from llama_jax.config import LlamaConfig
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values `[n_layers, rows, n_kv_heads, max_len, head_dim]` and valid lengths `[rows]`.
+    """Keys and values `[n_layers, rows, n_kv_heads, max_len, head_dim]` (or `split`: a tuple of
+`n_layers` buffers `[1, rows, ...]`) and valid lengths `[rows]`.
 
     Layers first, so the scan over layers indexes one layer with a scalar; heads before positions,
     so one (row, head)'s keys are contiguous: attention is a batched matmul with leading batch
@@ -34,12 +40,16 @@ class KVCache:
     lengths: jax.Array
 
     @property
+    def split(self) -> bool:
+        return isinstance(self.k, tuple)
+
+    @property
     def rows(self) -> int:
-        return self.k.shape[1]
+        return layer_buffer(self.k, 0)[0].shape[1]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return layer_buffer(self.k, 0)[0].shape[3]
 
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
@@ -57,10 +67,30 @@ def storage_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.uint16) if cpu16 else jnp.dtype(dtype)
 
 
-def init_cache(cfg: LlamaConfig, rows: int, max_len: int) -> KVCache:
-    """A zeroed cache for `rows` sequences of up to `max_len` tokens each (see `storage_dtype`)."""
+def init_cache(cfg: LlamaConfig, rows: int, max_len: int, split: bool = False) -> KVCache:
+    """A zeroed cache for `rows` sequences of up to `max_len` tokens each (see `storage_dtype`),
+    stacked or `split` into one buffer per layer."""
     shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype)
+    if split:
+        zeros = lambda: tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((rows,), jnp.int32))
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((rows,), jnp.int32))
+
+
+def split_layers(platform: str | None = None) -> bool:
+    """The layout that runs fastest on a backend: split on CPU, stacked on accelerators (where a
+    layer of a stacked buffer is a pointer offset and the layer scan compiles once for any depth)."""
+    return (platform or jax.default_backend()) == "cpu"
+
+
+def unstack(stack: jax.Array) -> tuple[jax.Array, ...]:
+    """A stacked `[n_layers, ...]` array as a tuple of one-layer stacks `[1, ...]`: separate buffers."""
+    return tuple(stack[i:i + 1] for i in range(stack.shape[0]))
+
+
+def layer_buffer(stack: jax.Array | tuple[jax.Array, ...], layer: int) -> tuple[jax.Array, int]:
+    """The buffer that holds layer `layer` of a stacked or split stack, and the layer's index in it."""
+    return (stack[layer], 0) if isinstance(stack, (tuple, list)) else (stack, layer)
 
 
 def to_bits(x: jax.Array) -> jax.Array:

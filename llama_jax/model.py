@@ -3,7 +3,9 @@ SwiGLU MLP, and an explicit static-shape KV cache passed in and returned.
 
 The decoder layers' weights are stacked along a leading layer axis and run by `jax.lax.scan`:
 one traced layer, so compile time and program size do not grow with depth (80 layers compile
-like one), and the stacked KV cache is carried through the loop and updated in place.
+like one), and the stacked KV cache is carried through the loop and updated in place. On CPU the
+engine splits weights and cache into one buffer per layer (`storage_params(split=True)`,
+`kv_cache` explains why) and the layers run as a Python loop: the same layer function, unrolled.
 
 NNX keeps the module readable as plain Python objects; the serving path uses it functionally:
 `nnx.split` once, then jitted steps that `merge` at trace time, so the hot path is a pure function
@@ -28,7 +30,7 @@ from flax import nnx
 from llama_jax import attention
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache, attention_mask, from_bits, to_bits, write
+from llama_jax.kv_cache import KVCache, attention_mask, from_bits, layer_buffer, to_bits, unstack, write
 
 Path = tuple[str, ...]
 LAYER_HF = "model.layers.{layer}."
@@ -190,16 +192,51 @@ def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax
     return x, k_cache, v_cache
 
 
+def _run_layers(step: _Step, weights: dict, k, v, x: jax.Array, return_hidden: bool):
+    """Every decoder layer over `x`: scanned when weights and cache are stacked, else a Python loop
+    over the split buffers. Returns (x, k, v, residual stream after each layer or None)."""
+    def layer_weights(i):
+        return {name: from_bits(a[i][0] if isinstance(a, tuple) else a[i], step.cfg.dtype) for name, a in weights.items()}
+
+    if not any(isinstance(a, tuple) for a in (k, v, *weights.values())):
+        def body(carry, xs):
+            x, k, v = carry
+            w, layer = xs
+            w = {name: from_bits(a, step.cfg.dtype) for name, a in w.items()}
+            x, k, v = decoder_layer(step, w, layer, x, k, v)
+            return (x, k, v), (x if return_hidden else None)
+
+        (x, k, v), hidden = jax.lax.scan(body, (x, k, v), (weights, jnp.arange(step.cfg.n_layers, dtype=jnp.int32)))
+        return x, k, v, hidden
+    k, v, hidden = list(k) if isinstance(k, tuple) else k, list(v) if isinstance(v, tuple) else v, []
+    for i in range(step.cfg.n_layers):
+        (kb, layer), (vb, _) = layer_buffer(k, i), layer_buffer(v, i)
+        x, kb, vb = decoder_layer(step, layer_weights(i), layer, x, kb, vb)
+        k, v = _put_layer(k, i, kb), _put_layer(v, i, vb)
+        hidden.append(x)
+    k, v = tuple(k) if isinstance(k, list) else k, tuple(v) if isinstance(v, list) else v
+    return x, k, v, (jnp.stack(hidden) if return_hidden else None)
+
+
+def _put_layer(stack, i: int, buffer: jax.Array):
+    """Put back the buffer `layer_buffer` took layer `i` from (a list of split buffers, or the stack)."""
+    if isinstance(stack, list):
+        stack[i] = buffer
+        return stack
+    return buffer
+
+
 class Layers(nnx.Module):
-    """The decoder layers' weights, each stacked along a leading `n_layers` axis."""
+    """The decoder layers' weights, each stacked along a leading `n_layers` axis (or, after
+    `storage_params(split=True)`, a tuple of one-layer stacks `[1, ...]`)."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         for path, spec in weight_specs(cfg).items():
             if spec.stacked:
                 setattr(self, path[-1], _init_param(spec, rngs, cfg.dtype))
 
-    def stacked(self) -> dict[str, jax.Array]:
-        return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
+    def weights(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
+        return {name: value.get_value() for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
 
 class Llama(nnx.Module):
@@ -212,6 +249,11 @@ class Llama(nnx.Module):
         self.layers = Layers(cfg, rngs=rngs)
         self.norm = _init_param(specs[("norm",)], rngs, cfg.dtype)
         self.lm_head = _init_param(specs[("lm_head",)], rngs, cfg.dtype)
+
+    @property
+    def split(self) -> bool:
+        """True when the layer weights are one buffer per layer (`storage_params(split=True)`)."""
+        return isinstance(self.layers.wq.get_value(), tuple)
 
     def __call__(
         self,
@@ -256,18 +298,11 @@ class Llama(nnx.Module):
         # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack.
         bits = to_bits if cpu16(cfg) else (lambda a: a)  # no-op on arrays already in that form
 
-        def body(carry, xs):
-            x, k_cache, v_cache = carry
-            w, layer = xs
-            w = {name: from_bits(a, cfg.dtype) for name, a in w.items()}
-            x, k_cache, v_cache = decoder_layer(step, w, layer, x, k_cache, v_cache)
-            return (x, k_cache, v_cache), (x if return_hidden else None)
-
         x0 = from_bits(jnp.take(bits(self.embed[...]), tokens, axis=0), cfg.dtype)
-        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        weights = jax.tree.map(bits, self.layers.stacked())
-        (x, k, v), hidden = jax.lax.scan(body, (x0, bits(cache.k), bits(cache.v)), (weights, layer_ids))
-        k, v = from_bits(k, cache.k.dtype), from_bits(v, cache.v.dtype)
+        weights = jax.tree.map(bits, self.layers.weights())
+        x, k, v, hidden = _run_layers(step, weights, jax.tree.map(bits, cache.k), jax.tree.map(bits, cache.v), x0,
+                                      return_hidden)
+        k, v = (jax.tree.map(lambda a, old: from_bits(a, old.dtype), new, old) for new, old in ((k, cache.k), (v, cache.v)))
         if return_hidden:
             hidden = jnp.concatenate([x0[None], hidden], axis=0)
         if logits_at is not None:
@@ -289,10 +324,16 @@ def cpu16(cfg: LlamaConfig) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2
 
 
-def storage_params(cfg: LlamaConfig, params: nnx.State) -> nnx.State:
+def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False) -> nnx.State:
     """Parameters in the form the jitted steps run fastest on: on CPU, 16-bit floats as their bit
-    patterns (a one-time copy), so a step never converts the whole model; elsewhere unchanged."""
-    return jax.tree.map(to_bits, params) if cpu16(cfg) else params
+    patterns, so a step never converts the whole model; with `split`, each stacked layer weight
+    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy."""
+    params = jax.tree.map(to_bits, params) if cpu16(cfg) else params
+    if not split:
+        return params
+    flat = nnx.to_flat_state(params)
+    split_one = lambda v: v if isinstance(v.get_value(), tuple) else v.replace(unstack(v.get_value()))  # idempotent
+    return nnx.from_flat_state({p: split_one(v) if p[0] == "layers" else v for p, v in flat})
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

@@ -6,6 +6,8 @@ on `jax.ShapeDtypeStruct`s that carry the real shardings, compiles them for this
 backend, and reports per-device bytes: weights and KV cache (from the shardings, exact) and the
 largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
 70B plan at tp 8 runs on a laptop (`--xla_force_host_platform_device_count` gives the devices).
+The programs are compiled in the accelerators' layout (stacked layers, scanned); a CPU engine
+splits the layers into one buffer each, which holds the same bytes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import asyncio
 import random
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -272,7 +273,9 @@ def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, toke
     expected = [ids(c) for c in engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
     config = EngineConfig(max_slots=2, max_seq_len=MAX_LEN)
     with Engine(sharded, tokenizer, config, mesh=mesh) as tp_engine:
-        assert tp_engine._state.cache.k.sharding.spec[2] == "tp"  # KV heads split over the mesh
+        layers = jax.tree.leaves((tp_engine._state.cache.k, tp_engine._state.cache.v))
+        assert all(b.sharding.spec[2] == "tp" for b in layers)  # KV heads split over the mesh, every layer
+        assert all(w.sharding.spec[1] == "tp" for w in jax.tree.leaves(tp_engine.params["layers"]["wq"]))
         got = [ids(c) for c in tp_engine.generate(prompts, max_tokens=12, sampling=SamplingOptions(temperature=0))]
         with CompileCounter() as counter:  # the sharded state keeps its placement from step to step
             for _ in range(2):
