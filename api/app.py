@@ -280,7 +280,8 @@ class _Reply:
 
     def _usage(self) -> schemas.Usage:
         done = self.timer.completion_tokens
-        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done))
+        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+                             self.handle.cached_tokens)
 
     def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None

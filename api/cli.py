@@ -45,6 +45,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt in full (default: reuse the keys of prefixes the slots still hold)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
@@ -171,7 +173,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
                f"{used['per_slot'] / 2**20:.0f} MiB per slot of {used['max_len']} tokens")
         _say(f"--max-slots auto: {max_slots} slots ({why})")
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                          max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir))
+                          max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
+                          prefix_cache=args.prefix_cache)
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
     app = create_app(engine, settings)
     # the drain has finished every response before uvicorn's own grace period starts

@@ -207,7 +207,8 @@ class _Run:
 
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
-        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done))
+        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+                             sum(h.cached_tokens for h in self.handles))
 
     def cancel(self) -> None:
         for handle in self.handles:

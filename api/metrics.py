@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -35,12 +36,30 @@ class Metrics:
         Gauge("llama_jax_slots", "Decode slots in total.", registry=r).set_function(lambda: engine.config.max_slots)
         Gauge("llama_jax_ready", "1 once warm-up is done and requests are served.",
               registry=r).set_function(lambda: float(bool(engine.ready)))
+        r.register(_PrefixCacheCollector(engine.prefix))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def timer(self) -> TokenTimer:
         return TokenTimer(self)
+
+
+class _PrefixCacheCollector:
+    """The engine's prefix-cache counters and occupancy, read at scrape time."""
+
+    def __init__(self, prefix) -> None:
+        self._prefix = prefix
+
+    def collect(self):
+        p = self._prefix
+        yield CounterMetricFamily("llama_jax_prefix_cache_hits", "Prompts (one per choice) that reused a cached prefix.",
+                                  value=p.hits)
+        yield CounterMetricFamily("llama_jax_prefix_cache_reused_tokens", "Prompt tokens taken from the prefix cache "
+                                  "instead of being prefilled.", value=p.reused_tokens)
+        yield GaugeMetricFamily("llama_jax_prefix_cache_slots", "Slots holding a reusable prefix.", value=p.cached_slots)
+        yield GaugeMetricFamily("llama_jax_prefix_cache_tokens", "Tokens whose keys the slots hold for reuse.",
+                                value=p.cached_tokens)
 
 
 class TokenTimer:

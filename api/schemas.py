@@ -408,11 +408,16 @@ class Choice(Struct):
     finish_reason: str | None
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # prompt tokens whose keys the prefix cache held (not prefilled again)
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     estimated_cost: float
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ChatCompletion(Struct):
@@ -485,8 +490,9 @@ class ModelList(Struct):
     data: list[Model]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cost: float) -> Usage:
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost)
+def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0) -> Usage:
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost,
+                 PromptTokensDetails(cached_tokens))
 
 
 _encoder = msgspec.json.Encoder()

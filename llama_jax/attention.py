@@ -1,9 +1,11 @@
 """Attention, one entry point per use, each with an implementation chosen per platform.
 
-* `prefill_attention`: a fresh prompt (query i at position i, keys are the prompt's own).
-  CPU: XLA in causal query blocks. GPU: cuDNN flash attention (`jax.nn.dot_product_attention`)
-  with the prompts' true lengths; its causal mask is top-left aligned, which is right only for
-  queries that start at position 0, so suffixes at an offset go through `cached_attention`.
+* `prompt_attention`: prompts, or prompt suffixes after a cached prefix (queries at positions
+  start..start+T-1). A batch of fresh prompts takes `prefill_attention`: CPU: XLA in causal query
+  blocks; GPU: cuDNN flash attention (`jax.nn.dot_product_attention`) with the true lengths, whose
+  causal mask is top-left aligned, right only for queries starting at position 0. A batch with a
+  suffix takes `suffix_attention`: an XLA loop over the cache rows' key blocks up to each query
+  block's last position (the prefix's keys are in the cache, the suffix's were just written).
 * `decode_attention`: one new token per row against the stacked KV cache, read in place up to
   each row's length, never copied out as a window. CPU: a loop over key blocks whose trip count
   follows the longest row (plain XLA, online softmax). GPU: a Pallas (Triton) kernel that reads
@@ -95,6 +97,60 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
     return jnp.concatenate(
         [masked_attention(q[:, s:s + block], k[:, :, :s + block], v[:, :, :s + block], mask[:, s:s + block, :s + block])
          for s in range(0, t, block)], axis=1)
+
+
+def prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     layer: jax.Array | int, rows: jax.Array, starts: jax.Array, lengths: jax.Array,
+                     config: AttentionConfig) -> jax.Array:
+    """Queries `[B, T, H, D]` at positions `starts[b] + i` with their own keys `k`/`v` `[B, T, KV, D]`,
+    already written into cache rows `rows` of layer `layer`; `lengths` `[B]` counts the prefix too."""
+    fresh = lambda: prefill_attention(q, k, v, lengths - starts, config)
+    suffix = lambda: suffix_attention(q, k_cache, v_cache, layer, rows, starts, lengths, config.block)
+    return lax.cond(jnp.all(starts == 0), fresh, suffix)
+
+
+def suffix_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int,
+                     rows: jax.Array, starts: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
+    """Causal attention of queries `[B, T, H, D]` at positions `starts[b] + i` over cache rows
+    `rows` (keys `0..lengths[b]-1`): per query block, an online softmax over the key blocks up to
+    its last position, each block gathered from the rows' keys (nothing else is read)."""
+    b, t, h, d = q.shape
+    kv, max_len = k_cache.shape[2], k_cache.shape[3]
+    g, block = h // kv, key_block(max_len, block)
+    qg = (_group(q, kv).astype(jnp.float32) * d**-0.5).astype(q.dtype)  # [B, T, KV, G, D]
+
+    def read(cache, start):  # [B, KV, block, D]: each row's keys from `start`
+        return jax.vmap(lambda r: lax.dynamic_slice(cache, (layer, r, 0, start, 0), (1, 1, kv, block, d))[0, 0])(rows)
+
+    out = []
+    for s in range(0, t, PREFILL_QUERY_BLOCK):
+        qb = qg[:, s:s + PREFILL_QUERY_BLOCK]
+        tq = qb.shape[1]
+        q_pos = starts[:, None] + s + jnp.arange(tq)  # [B, tq]
+        last = jnp.minimum(jnp.max(q_pos[:, -1]), jnp.max(lengths) - 1)
+
+        def body(j, carry, qb=qb, q_pos=q_pos):
+            m, l, o = carry
+            start = j * block
+            k_pos = start + jnp.arange(block)
+            kb, vb = from_bits(read(k_cache, start), q.dtype), from_bits(read(v_cache, start), q.dtype)
+            valid = (k_pos[None, None] <= q_pos[:, :, None]) & (k_pos[None, None] < lengths[:, None, None])
+            sc = jnp.einsum("btkgd,bksd->bkgts", qb, kb, preferred_element_type=jnp.float32)
+            sc = jnp.where(valid[:, None, None], sc, _MASKED)
+            m_new = jnp.maximum(m, sc.max(-1))
+            p = jnp.exp(sc - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            vb = jnp.where((k_pos[None] < lengths[:, None])[:, None, :, None], vb, 0).astype(vb.dtype)
+            pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return m_new, l * corr + p.sum(-1), o * corr[..., None] + pv
+
+        init = (jnp.full((b, kv, g, tq), _MASKED, jnp.float32), jnp.zeros((b, kv, g, tq), jnp.float32),
+                jnp.zeros((b, kv, g, tq, d), jnp.float32))
+        # block 0 holds key 0, visible to every query: the running max is real after it
+        _, l, o = lax.fori_loop(0, last // block + 1, body, init)
+        o = o / jnp.maximum(l, 1e-30)[..., None]
+        out.append(jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, tq, h, d))
+    return jnp.concatenate(out, axis=1).astype(q.dtype)
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,

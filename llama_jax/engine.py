@@ -34,6 +34,7 @@ from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama, storage_params
+from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, SamplingOptions, TokenLogprob, validate)
 from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
@@ -56,6 +57,7 @@ class EngineConfig:
     attention: AttentionConfig | None = None  # default: the fast choice for the platform
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
+    prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -95,9 +97,10 @@ def prefill_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[int, in
 
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
     """Every program serving runs, as (kind, shape): one prefill per (rows, length) shape and one
-    generate per busy-slot bucket. Warm-up compiles exactly these."""
+    generate per busy-slot bucket, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
     return ([("prefill", {"rows": r, "bucket": t}) for r, t in prefill_shapes(config, max_seq_len)]
-            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)])
+            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
+            + [("copy", {})])
 
 
 def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
@@ -132,20 +135,23 @@ def _scatter_rows(tree, slots: jax.Array, rows):
     return jax.tree.map(lambda a, r: a.at[slots].set(r.astype(a.dtype), mode="drop"), tree, rows)
 
 
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, lengths: jax.Array,
-            slots: jax.Array, rows: SamplingParams, allowed: jax.Array, *, attn: AttentionConfig,
-            branch_free: bool) -> tuple[DecodeState, SampleResult]:
-    """Prefill padded prompts `[R, bucket]` straight into decode slots `slots` `[R]` and sample
-    each row's first token there (with its sampling row, among its `allowed` `[R, vocab]` tokens).
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
+            lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
+            *, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+    """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
+    `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
+    suffix is given), and sample each row's first token there (with its sampling row, among its
+    `allowed` `[R, vocab]` tokens; `prompt_mask` marks the whole prompt's ids, prefix included).
 
     The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
     slot index past the end marks a padding row, which writes nothing anywhere."""
     model: Llama = nnx.merge(graphdef, params)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, cache = model(tokens, positions, state.cache, lengths, rows=slots, logits_at=jnp.maximum(lengths - 1, 0),
-                          mode="prefill", attn=attn)
+    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    logits, cache = model(tokens, positions, state.cache, starts + lengths, rows=slots,
+                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn)
     logits = replicate(logits, attn.mesh)
-    fresh = sampling.prompt_state(tokens, lengths, model.cfg.vocab_size)
+    zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
+    fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
     result, sampled = sampling.sample(logits, rows, fresh, allowed, branch_free=branch_free)
     return DecodeState(
         cache=cache,
@@ -173,6 +179,16 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allo
     ), result
 
 
+def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
+    """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
+    cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
+    def copy(buffer):
+        return jax.lax.fori_loop(0, buffer.shape[0], lambda l, b: b.at[l, slot].set(b[l, source]), buffer)
+
+    return KVCache(k=jax.tree.map(copy, cache.k), v=jax.tree.map(copy, cache.v),
+                   lengths=cache.lengths.at[slot].set(cache.lengths[source]))
+
+
 def replicate(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
     """Gather the LM head's vocab-sharded logits once, on purpose, before the replicated sampler."""
     return logits if mesh is None else jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
@@ -196,8 +212,9 @@ class Programs:
     decode state donated and its shardings fixed on output (so a step updates the state in place
     and never hands the next one a differently placed state, which would recompile)."""
 
-    prefill: Callable  # (params, state, tokens, lengths, slots, rows, allowed) -> (state, result)
+    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed) -> (state, result)
     generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    copy: Callable  # (cache, source, slot) -> cache
     shardings: DecodeState
 
     @staticmethod
@@ -212,6 +229,7 @@ class Programs:
                             out_shardings=(shardings, None)),
             generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
                              out_shardings=(shardings, None)),
+            copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
             shardings=shardings)
 
 
@@ -226,6 +244,7 @@ class _Active:
     stop_ids: frozenset[int]
     constraint: Constraint | None = None
     generated: int = 0
+    ids: list[int] = dataclasses.field(default_factory=list)  # prompt and sampled tokens: what the slot computes
 
 
 class Engine:
@@ -259,7 +278,8 @@ class Engine:
         programs = Programs.build(self.graphdef, cfg, config, mesh)
         shardings = programs.shardings
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split)
-        self._prefill_rows, self._generate = programs.prefill, programs.generate
+        self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
+        self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._reset = jax.jit(reset, donate_argnums=0, out_shardings=shardings)
         neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
         self._clear_row = jax.jit(lambda params, slot: sampling.set_row(params, slot, neutral),
@@ -338,13 +358,16 @@ class Engine:
             if kind == "prefill":
                 rows, bucket = shape["rows"], shape["bucket"]
                 prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
-                result = self._run_prefill(prompts, [self.config.max_slots] * rows,  # padding slots: no writes
+                result = self._run_prefill(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
                                            [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows)
                 what = f"prefill {rows} x {bucket} tokens"
-            else:
+            elif kind == "generate":
                 self._state, result = self._generate(self.params, self._state, self._everything, rows=shape["rows"])
                 what = f"decode {shape['rows']} slots"
-            np.asarray(result.tokens)
+            else:
+                self._copy_slot(0, 0)
+                result, what = None, "slot copy"
+            jax.block_until_ready((self._state, result))
             self._report(progress, done, len(programs), what)
         self._state = self._reset(self._state)
 
@@ -354,6 +377,10 @@ class Engine:
             if not leaf.is_deleted():
                 leaf.delete()
         self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.split)
+        self.prefix.forget()
+
+    def _copy_slot(self, source: int, slot: int) -> None:
+        self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
     @staticmethod
     def _report(progress, done: int, total: int, what: str) -> None:
@@ -373,21 +400,27 @@ class Engine:
         fitting = [(r, t) for r, t in self.prefill_shapes if r >= rows and t >= longest]
         return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
 
-    def _run_prefill(self, prompts: list[Sequence[int]], slots: list[int], rows: list[SamplingParams],
-                     constraints: list[Constraint | None]) -> SampleResult:
-        """Prefill prompts straight into their slots (padded to a compiled shape) and sample each
-        one's first token; returns the step's result, row i for prompt i."""
-        n_rows, bucket = self._prefill_shape(prompts)
+    def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
+                     rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
+        """Prefill prompts straight into their slots, each from its `start` (the tokens before it
+        are in the slot already), padded to a compiled shape, and sample each one's first token;
+        returns the step's result, row i for prompt i."""
+        suffixes = [p[start:] for p, start in zip(prompts, starts)]
+        n_rows, bucket = self._prefill_shape(suffixes)
         pad = n_rows - len(prompts)
-        tokens, lengths = steps.pad_prompts([*prompts, *[[self.tokenizer.bos_id]] * pad], bucket)
+        tokens, lengths = steps.pad_prompts([*suffixes, *[[self.tokenizer.bos_id]] * pad], bucket)
         vocab = self.model.cfg.vocab_size
         allowed = np.ones((n_rows, vocab), bool)
-        for i, c in enumerate(constraints):
+        prompt_mask = np.zeros((n_rows, vocab), bool)
+        for i, (prompt, c) in enumerate(zip(prompts, constraints)):
+            prompt_mask[i, np.asarray(prompt)] = True
             if c is not None:
                 allowed[i] = c.allowed()
         params = sampling.stack_params([*rows, *[rows[0]] * pad])
         slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
-        self._state, result = self._prefill_rows(self.params, self._state, tokens, lengths, slot_ids, params, allowed)
+        start_ids = np.array([*starts, *[0] * pad], np.int32)
+        self._state, result = self._prefill_rows(self.params, self._state, tokens, start_ids, lengths, slot_ids, params,
+                                                 prompt_mask, allowed)
         return result
 
     # ---- scheduler ----------------------------------------------------------------------------
@@ -435,7 +468,9 @@ class Engine:
         return dispatched
 
     def _free(self, slot: int) -> None:
-        self.slots[slot] = None
+        active, self.slots[slot] = self.slots[slot], None
+        if active is not None:  # the slot keeps its keys: all but the last sampled token's
+            self.prefix.hold(slot, active.ids[:-1])
         self._state = dataclasses.replace(self._state, params=self._clear_row(self._state.params, np.int32(slot)))
 
     def _fail_running(self, error: str) -> None:
@@ -469,60 +504,71 @@ class Engine:
 
     def _take_batch(self, free: int) -> list[RequestHandle]:
         """Pop the queued requests (in order) to prefill together: all their choices fit in the
-        `free` slots and their prompts (one row per choice) in one compiled prefill shape (the
-        first request is always taken; its rows may need several prefills)."""
+        `free` slots and their prompts (one row per choice; the part not cached) in one compiled
+        prefill shape (the first request is always taken; its rows may need several prefills)."""
         batch: list[RequestHandle] = []
         with self._wake:
             while self._queue and sum(h.request.n for h in batch) + self._queue[0].request.n <= free:
                 candidate = [*batch, self._queue[0]]
-                if batch and self._prefill_shape([h.request.prompt for h in candidate for _ in range(h.request.n)]) is None:
+                suffixes = [h.request.prompt[self.prefix.reusable(h.request.prompt):] for h in candidate]
+                if batch and self._prefill_shape([s for h, s in zip(candidate, suffixes) for _ in range(h.request.n)]) is None:
                     break
                 batch.append(self._queue.popleft())
         return batch
 
     def _admit(self) -> None:
-        """Prefill the next queued requests straight into free slots, one row per choice."""
-        free = iter([i for i, s in enumerate(self.slots) if s is None])
-        rows: list[tuple[RequestHandle, int, int]] = []  # (handle, choice, slot)
-        for handle in self._take_batch(sum(s is None for s in self.slots)):
+        """Prefill the next queued requests straight into free slots, one row per choice, each
+        from the longest prefix some slot holds (copied into its slot first if need be)."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        rows: list[tuple[RequestHandle, int, int, int]] = []  # (handle, choice, slot, start)
+        for handle in self._take_batch(len(free)):
             if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
                 for choice in range(handle.request.n):
                     handle.put(Event(choice, finish_reason="length"))
                 handle.unfinished = 0
                 handle.put(None)
-            else:
-                rows += [(handle, choice, next(free)) for choice in range(handle.request.n)]
-        group: list[tuple[RequestHandle, int, int]] = []
+                continue
+            for choice in range(handle.request.n):
+                placement = self.prefix.place(handle.request.prompt, free)
+                for source, slot in placement.copies:
+                    self._copy_slot(source, slot)
+                free.remove(placement.slot)
+                rows.append((handle, choice, placement.slot, placement.start))
+            handle.cached_tokens = rows[-handle.request.n][3]
+        group: list[tuple[RequestHandle, int, int, int]] = []
         for row in rows:
-            if group and self._prefill_shape([h.request.prompt for h, _, _ in [*group, row]]) is None:
+            if group and self._prefill_shape([h.request.prompt[start:] for h, _, _, start in [*group, row]]) is None:
                 self._admit_rows(group)
                 group = []
             group.append(row)
         if group:
             self._admit_rows(group)
 
-    def _admit_rows(self, rows: list[tuple[RequestHandle, int, int]]) -> None:
-        """One prefill for these (handle, choice, slot) rows; each choice then owns its slot."""
+    def _admit_rows(self, rows: list[tuple[RequestHandle, int, int, int]]) -> None:
+        """One prefill for these (handle, choice, slot, start) rows; each choice then owns its slot."""
         rows = [r for r in rows if not r[0].cancelled.is_set()]  # an earlier prefill failed (or the client left)
         if not rows:
             return
-        constraints = [h.request.constraint() if h.request.constraint else None for h, _, _ in rows]
+        constraints = [h.request.constraint() if h.request.constraint else None for h, _, _, _ in rows]
         try:
-            result = self._run_prefill([h.request.prompt for h, _, _ in rows], [slot for _, _, slot in rows],
-                                       [h.rows[c] for h, c, _ in rows], constraints)
+            result = self._run_prefill([h.request.prompt for h, _, _, _ in rows], [start for *_, start in rows],
+                                       [slot for _, _, slot, _ in rows], [h.rows[c] for h, c, _, _ in rows], constraints)
         except Exception as e:  # a failed prefill fails these requests only
             log.exception("prefill failed")
-            for handle in {h for h, _, _ in rows}:
+            for _, _, slot, _ in rows:
+                self.prefix.forget(slot)
+            for handle in {h for h, _, _, _ in rows}:
                 self._release(handle, f"prefill failed: {e}")
             return
         owners: list[_Active | None] = [None] * len(self.slots)
-        for (handle, choice, slot), constraint in zip(rows, constraints):
+        for (handle, choice, slot, _), constraint in zip(rows, constraints):
             request = handle.request
             stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
+            self.prefix.hold(slot, request.prompt)
             owners[slot] = self.slots[slot] = _Active(
                 handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
-                stop_ids, constraint)
-        self._process(owners, result, row_of={slot: i for i, (_, _, slot) in enumerate(rows)})
+                stop_ids, constraint, ids=list(request.prompt))
+        self._process(owners, result, row_of={slot: i for i, (_, _, slot, _) in enumerate(rows)})
 
     def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
         """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.
@@ -576,6 +622,7 @@ class Engine:
         k = active.handle.request.top_logprobs
         info = TokenLogprob(token, logprob, tuple(zip(top_ids[:k].tolist(), top_lp[:k].tolist())))
         active.generated += 1
+        active.ids.append(token)
         if active.constraint:
             active.constraint.advance(token)
         if token in active.stop_ids:

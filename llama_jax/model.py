@@ -181,7 +181,8 @@ def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax
     k_cache = write(k_cache, layer, k, step.rows, step.positions)
     v_cache = write(v_cache, layer, v, step.rows, step.positions)
     if step.mode == "prefill":
-        o = attention.prefill_attention(q, k, v, step.lengths, step.attn)
+        o = attention.prompt_attention(q, k, v, k_cache, v_cache, layer, step.rows, step.positions[:, 0],
+                                       step.lengths, step.attn)
     elif step.mode == "decode":
         o = attention.decode_attention(q[:, 0], k_cache, v_cache, layer, step.lengths, step.attn)[:, None]
     else:
@@ -278,7 +279,8 @@ class Llama(nnx.Module):
         residual stream `[n_layers + 1, B, T, dim]` after the embedding and after each layer.
 
         `mode` (static) picks the attention: "cached" (any positions, explicit mask over the whole
-        cache), "prefill" (fresh prompts at positions 0..T-1: causal over their own keys) or
+        cache), "prefill" (prompts, or suffixes after a prefix already in the cache rows: causal,
+        see `attention.prompt_attention`) or
         "decode" (T = 1, the first B rows: the cache is read in place up to each row's length).
         """
         cfg = self.cfg

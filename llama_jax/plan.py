@@ -93,9 +93,12 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
         start = time.perf_counter()
         if kind == "prefill":
             r, t = shape["rows"], shape["bucket"]
-            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), _rows_params(r),
-                                             jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_))
+            mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_)
+            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r), mask, mask)
             name = f"prefill {r} x {t}"
+        elif kind == "copy":
+            lowered = programs.copy.lower(state.cache, i32(), i32())
+            name = "slot copy"
         else:
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
             lowered = programs.generate.lower(params, state, allowed, rows=shape["rows"])

@@ -108,6 +108,7 @@ class Completion:
 
     choices: list[Choice]
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (first choice)
 
     @property
     def completion_tokens(self) -> int:
@@ -133,6 +134,7 @@ class RequestHandle:
         self.request = request
         self.id = next(_ids)
         self.prompt_tokens = len(request.prompt)
+        self.cached_tokens = 0  # set by the engine at admission, before the first event
         self.unfinished = request.n  # choices still generating (engine thread only)
         self.max_tokens = 0  # set by the engine when it accepts the request
         self.rows: list = []  # the sampling row of each choice, likewise
@@ -173,12 +175,14 @@ class RequestHandle:
         completion = Completion([Choice() for _ in range(self.request.n)], self.prompt_tokens)
         for event in self:
             self._collect(completion, event)
+        completion.cached_tokens = self.cached_tokens
         return completion
 
     async def aresult(self) -> Completion:
         completion = Completion([Choice() for _ in range(self.request.n)], self.prompt_tokens)
         async for event in self:
             self._collect(completion, event)
+        completion.cached_tokens = self.cached_tokens
         return completion
 
 

@@ -392,7 +392,8 @@ def check_completion_shape(body: dict) -> None:
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
     assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
     u = body["usage"]
-    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost"}
+    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated_cost", "prompt_tokens_details"}
+    assert set(u["prompt_tokens_details"]) == {"cached_tokens"} and 0 <= u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["estimated_cost"] > 0
 
 

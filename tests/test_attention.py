@@ -78,6 +78,52 @@ def test_prefill_attention_is_causal_within_each_length():
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_suffix_attention_reads_the_prefix_from_the_cache(dtype, atol):
+    """Queries at offsets (a suffix after a cached prefix) against cache rows picked by index:
+    equal to the dense masked reference, stale NaN past each row's length never leaking."""
+    kv, groups, t = 2, 4, 150  # two query blocks
+    rng = np.random.default_rng(4)
+    _, k, v, _ = case(kv, groups, jnp.float32, seed=5, stale_nan=False)
+    rows, starts = jnp.array([3, 0, 2]), jnp.array([0, 60, 100], jnp.int32)
+    lengths = starts + jnp.array([150, 90, 20], jnp.int32)
+    k, v = np.array(k), np.array(v)
+    for row, n in zip(np.asarray(rows), np.asarray(lengths)):
+        k[:, row, :, n:] = np.nan
+        v[:, row, :, n:] = np.nan
+    q = jnp.asarray(rng.normal(size=(3, t, kv * groups, D)), dtype)
+    k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+    got = jax.jit(lambda *a: attention.suffix_attention(*a, block=64))(q, k, v, jnp.int32(1), rows, starts, lengths)
+    pos = starts[:, None] + jnp.arange(t)
+    mask = (jnp.arange(MAX_LEN)[None, None] <= pos[:, :, None]) & (jnp.arange(MAX_LEN)[None, None] < lengths[:, None, None])
+    clean = lambda a: jnp.nan_to_num(a[1][rows].astype(jnp.float32))
+    want = attention.masked_attention(q.astype(jnp.float32), clean(k), clean(v), mask)
+    valid = np.asarray(pos < lengths[:, None])
+    assert np.isfinite(np.asarray(got.astype(jnp.float32))[valid]).all()
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32))[valid], np.asarray(want)[valid], atol=atol)
+
+
+def test_prompt_attention_takes_the_fresh_path_only_when_every_start_is_zero():
+    """A fresh batch equals `prefill_attention` on its own keys; one suffix in the batch switches
+    the whole batch to the cache-reading path, which agrees on the fresh rows."""
+    rng = np.random.default_rng(6)
+    kv, g, t = 2, 2, 40
+    q = jnp.asarray(rng.normal(size=(2, t, kv * g, D)), jnp.float32)
+    new_k = jnp.asarray(rng.normal(size=(2, t, kv, D)), jnp.float32)
+    new_v = jnp.asarray(rng.normal(size=(2, t, kv, D)), jnp.float32)
+    cache_k, cache_v = (jnp.zeros((1, 2, kv, MAX_LEN, D)).at[0, :, :, :t].set(jnp.swapaxes(a, 1, 2)) for a in (new_k, new_v))
+    rows, lengths = jnp.arange(2), jnp.array([40, 25], jnp.int32)
+    run = jax.jit(lambda starts: attention.prompt_attention(q, new_k, new_v, cache_k, cache_v, 0, rows, starts,
+                                                            lengths, AttentionConfig(block=32)))
+    fresh = run(jnp.zeros(2, jnp.int32))
+    want = attention.prefill_attention(q, new_k, new_v, lengths, AttentionConfig())
+    valid = np.arange(t)[None] < np.asarray(lengths)[:, None]
+    np.testing.assert_allclose(np.asarray(fresh)[valid], np.asarray(want)[valid], atol=2e-6)
+    mixed = run(jnp.array([0, 5], jnp.int32))  # row 1 now has 5 cached keys before it: a different result
+    np.testing.assert_allclose(np.asarray(mixed)[0], np.asarray(want)[0], atol=2e-6)
+    assert not np.allclose(np.asarray(mixed)[1, :20], np.asarray(want)[1, :20])
+
+
 def test_platform_choices():
     assert AttentionConfig.for_platform("gpu") == AttentionConfig(prefill="cudnn", decode="pallas", block=64, splits=8)
     assert AttentionConfig.for_platform("cpu") == AttentionConfig()

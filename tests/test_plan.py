@@ -29,7 +29,7 @@ def test_plan_reports_programs_bytes_and_fit(capsys):
     cfg = preset("tiny-gqa")
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
     assert set(report) == {"programs", "compile_s", "devices", "per_device_bytes", "max_slots_that_fit"}
-    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 6
+    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 7
     assert report["devices"] == 1 and report["compile_s"] > 0
     per = report["per_device_bytes"]
     assert per["weights"] == param_count(cfg) * 4

@@ -27,9 +27,10 @@ def cache_bytes_per_device(cfg, config, tp_kv: int) -> int:
 
 
 def test_default_gpu_serve_config_compiles_few_programs():
-    """Warm-up grows with row buckets plus length buckets: 9 + 3 prefill shapes, 4 generate."""
+    """Warm-up grows with row buckets plus length buckets: 9 + 3 prefill shapes, 4 generate, and
+    the prefix cache's slot copy."""
     shapes = program_shapes(EngineConfig(), preset("llama-2-7b").max_seq_len)
-    assert len(shapes) == 16 <= 24
+    assert len(shapes) == 17 <= 24 and shapes[-1] == ("copy", {})
     assert [s for k, s in shapes if k == "generate"] == [{"rows": r} for r in (1, 2, 4, 8)]
 
 

@@ -1,0 +1,108 @@
+"""Which decode slot holds the keys of which tokens: the host side of prefix caching.
+
+A finished request leaves its slot's KV in place: its prompt and its reply (all but the last
+sampled token, whose keys were never computed). A new prompt that starts with tokens some slot
+holds reuses them, and only its suffix is prefilled, at its true positions. Matching is on token
+ids, as far as they agree (a reply re-tokenised from its text need not equal the generated ids).
+
+A request always runs in the lowest free slot, because the busy slots' highest index sets the
+decode batch. A prefix held elsewhere is copied into it first (one slot's keys: far cheaper than
+a prefill), and what that slot held is first moved to the least recently used free slot, so the
+idle slots keep the most recently used prefixes. The memory is the slots' own: nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+MIN_REUSE = 16  # shorter matches are not worth a copy
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one prompt goes: its slot, how many leading tokens it reuses, and the slot-to-slot
+    copies (source, destination) to run first, in order."""
+
+    slot: int
+    start: int
+    copies: tuple[tuple[int, int], ...] = ()
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """The number of leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PrefixCache:
+    """Per-slot record of the token ids whose keys and values a slot holds, with LRU order.
+
+    A slot's record only lists positions no later step overwrites: for a busy slot its prompt,
+    for an idle one what its last request left. The cache's last position is never listed (an
+    idle slot's ignored decode keeps rewriting it).
+    """
+
+    def __init__(self, slots: int, max_len: int, enabled: bool = True):
+        self.enabled, self.max_len = enabled, max_len
+        self._held = [np.zeros(0, np.int32) for _ in range(slots)]
+        self._used = [0] * slots
+        self._clock = 0
+        self.hits = 0  # placements that reused a prefix
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to them
+
+    def place(self, prompt: list[int] | np.ndarray, free: list[int]) -> Placement:
+        """Place `prompt` in the lowest of the `free` slots, reusing the longest prefix any slot
+        holds (at least one token is always left to prefill)."""
+        prompt = np.asarray(prompt, np.int32)
+        slot, copies, start, source = min(free), [], 0, None
+        if self.enabled:
+            matches = [(min(common_prefix(prompt, held), len(prompt) - 1), s == slot, s)
+                       for s, held in enumerate(self._held)]
+            start, _, source = max(matches)
+            if start < MIN_REUSE:
+                start, source = 0, None
+            spares = [s for s in free if s not in (slot, source)]
+            if len(self._held[slot]) >= MIN_REUSE and source != slot and spares:
+                spare = min(spares, key=lambda s: (len(self._held[s]) > 0, self._used[s]))
+                if not len(self._held[spare]) or self._used[spare] < self._used[slot]:
+                    copies.append((slot, spare))  # keep what the slot held, evicting the oldest
+                    self._held[spare], self._used[spare] = self._held[slot], self._used[slot]
+            if source is not None and source != slot:
+                copies.append((source, slot))
+        if start:
+            self.hits += 1
+            self.reused_tokens += start
+        self._clock += 1
+        self._used[slot] = self._clock
+        self._held[slot] = prompt[:start]  # until its prefill is done, only the reused prefix is sure
+        return Placement(slot, start, tuple(copies))
+
+    def reusable(self, prompt: list[int] | np.ndarray) -> int:
+        """How many leading tokens of `prompt` a placement would reuse now (for batching decisions)."""
+        if not self.enabled:
+            return 0
+        prompt = np.asarray(prompt, np.int32)
+        start = max(min(common_prefix(prompt, held), len(prompt) - 1) for held in self._held)
+        return start if start >= MIN_REUSE else 0
+
+    def hold(self, slot: int, tokens: list[int] | np.ndarray) -> None:
+        """Record that `slot` holds the keys of `tokens` at positions 0..len-1."""
+        self._clock += 1
+        self._used[slot] = self._clock
+        self._held[slot] = np.asarray(tokens, np.int32)[: self.max_len - 1] if self.enabled else np.zeros(0, np.int32)
+
+    def forget(self, slot: int | None = None) -> None:
+        """`slot`'s contents are unknown (a failed step), or every slot's with None (fresh state)."""
+        for s in range(len(self._held)) if slot is None else [slot]:
+            self._held[s] = np.zeros(0, np.int32)
+
+    @property
+    def cached_slots(self) -> int:
+        return sum(len(h) > 0 for h in self._held)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(len(h) for h in self._held)
