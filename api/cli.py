@@ -42,6 +42,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="weights and KV cache dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU, where "
                         "16-bit math is emulated and slower)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: quantize a float checkpoint's matrices to int8 (per-channel scales) while loading, "
+                        "streamed one layer at a time; an int8 checkpoint (convert-weights --quantize int8) needs "
+                        "no flag. On CPU the int8 matmuls also quantize their inputs per row (see docs/serving.md)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
@@ -160,7 +164,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         _say("no --checkpoint: serving the built-in demo model (random weights, gibberish replies)")
         path = demo_checkpoint()
     _say(f"loading {path}")
-    loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype))
+    loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype),
+                             quantization=args.quantize)
     if loaded.tokenizer_path is None:
         raise ValueError(f"{path} has no tokenizer.model")
     max_slots = args.max_slots

@@ -10,6 +10,10 @@ Layout of a converted directory::
       generation_config.json   copied from the source, when present
       params/<group>/          one orbax checkpoint per group: "embed", "layer_0" … "layer_{N-1}", "head"
 
+An int8 checkpoint (`convert-weights --quantize int8`, see quantize.py) stores each matrix as
+`{"q": int8, "scale": float32}` under its key, records the scheme in config.json
+(`quantization`) and in the manifest, and has format version 3, which older readers refuse.
+
 Groups keep memory bounded: conversion holds at most one group (one decoder layer, or the
 embedding, or norm + LM head) in memory. Each group is a flat dict of string keys; `group_key`
 maps each HF tensor (`model.tensors`) to its (group, key).
@@ -39,13 +43,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax.config import DTYPES, LlamaConfig
+from llama_jax import quantize
+from llama_jax.config import DTYPES, QUANTIZATIONS, LlamaConfig
 from llama_jax.hf_checkpoint import CheckpointError, param_count, state_from_arrays
-from llama_jax.model import Tensor, abstract_model, tensors, weight_specs
+from llama_jax.model import Tensor, abstract_model, is_quantized, tensors, weight_specs
+from llama_jax.quantize import Int8Weight
 from llama_jax.sharding import param_shardings
 
 FORMAT = "llama-jax-orbax"
 FORMAT_VERSION = 2  # 2: matrices stored [out, in]
+QUANTIZED_FORMAT_VERSION = 3  # 3: version 2 with int8 matrices (q, scale); older readers refuse it
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -72,8 +79,8 @@ def _checkpointer():
 
 def write_params(
     params_dir: Path,
-    weights: Iterable[tuple[Tensor, np.ndarray]],
-    on_tensor: Callable[[Tensor, np.ndarray], None] | None = None,
+    weights: Iterable[tuple[Tensor, np.ndarray | Int8Weight]],
+    on_tensor: Callable[[Tensor, np.ndarray | Int8Weight], None] | None = None,
 ) -> list[str]:
     """Write (tensor, array) pairs, in `model.tensors` order, as one orbax checkpoint per group.
 
@@ -98,9 +105,10 @@ def write_params(
             if group in groups:
                 raise ValueError(f"weights of group {group} are not contiguous")
             current, items = group, {}
-        items[key] = np.asarray(array)
+        array = array if quantize.is_int8(array) else np.asarray(array)
+        items[key] = {"q": array.q, "scale": array.scale} if quantize.is_int8(array) else array
         if on_tensor is not None:
-            on_tensor(tensor, items[key])
+            on_tensor(tensor, array)
         del array
     flush()
     return groups
@@ -109,7 +117,7 @@ def write_params(
 def save(
     out_dir: str | Path,
     cfg: LlamaConfig,
-    weights: Iterable[tuple[Tensor, np.ndarray]],
+    weights: Iterable[tuple[Tensor, np.ndarray | Int8Weight]],
     *,
     tokenizer_path: str | Path | None = None,
     generation_config: dict | None = None,
@@ -121,7 +129,8 @@ def save(
 
     Everything goes to `<out_dir>.tmp-<pid>` first, manifest last, and is renamed into place at the
     end (replacing an existing `out_dir` only with `force`). On any failure, including
-    KeyboardInterrupt, the temporary directory is removed.
+    KeyboardInterrupt, the temporary directory is removed. With `cfg.quantization`, every matrix
+    must come as a host `Int8Weight` (numpy q and scale) and every norm as an array.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not force:
@@ -134,10 +143,14 @@ def save(
         shapes = {group_key(t): t.shape for t in tensors(cfg)}
         seen: set[tuple[str, str]] = set()
 
-        def track(tensor: Tensor, array: np.ndarray) -> None:
+        specs = weight_specs(cfg)
+
+        def track(tensor: Tensor, array: np.ndarray | Int8Weight) -> None:
             want = shapes.get(group_key(tensor))
             if tuple(array.shape) != want:
                 raise CheckpointError(f"tensor {tensor.hf_name} has shape {array.shape}, expected {want}")
+            if quantize.is_int8(array) != is_quantized(cfg, specs[tensor.path]):
+                raise CheckpointError(f"tensor {tensor.hf_name}: int8 where the config says otherwise, or the reverse")
             seen.add(group_key(tensor))
             if on_tensor is not None:
                 on_tensor(tensor, array)
@@ -152,9 +165,10 @@ def save(
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2))
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": QUANTIZED_FORMAT_VERSION if cfg.quantization else FORMAT_VERSION,
             "source": source,
             "dtype": cfg.dtype,
+            "quantization": quantize.MANIFEST_ENTRY if cfg.quantization else None,
             "param_count": param_count(cfg),
             "groups": groups,
             "tokenizer": TOKENIZER_FILE if tokenizer_path is not None else None,
@@ -193,7 +207,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         hint = " (an HF checkpoint? convert it with `convert-weights`)" if (path / "config.json").exists() else ""
         raise CheckpointError(f"{path} is not a converted checkpoint: no {MANIFEST_FILE}{hint}")
     manifest = json.loads(file.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
         raise CheckpointError(
             f"{path}: unknown checkpoint format {manifest.get('format')!r} v{manifest.get('format_version')}"
         )
@@ -223,30 +237,52 @@ class LoadedModel:
         return nnx.merge(self.graphdef, self.params)
 
 
-def layer_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+def layer_sharding(stacked: jax.sharding.Sharding | Int8Weight) -> jax.sharding.Sharding | Int8Weight:
     """The sharding of one layer's slice of a stacked weight (the layer axis is never split)."""
+    if quantize.is_int8(stacked):
+        return Int8Weight(layer_sharding(stacked.q), layer_sharding(stacked.scale))
     if isinstance(stacked, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*stacked.spec[1:]))
     return stacked
 
 
-def _zeros(shape: tuple[int, ...], dtype: str, sharding: jax.sharding.Sharding) -> jax.Array:
-    """A zero array created already sharded: no device ever holds more than its own shard."""
+def _zeros(shape: tuple[int, ...], dtype: str, sharding) -> jax.Array | Int8Weight:
+    """A zero array (or, for an Int8Weight of shardings, zero q and scales) created already
+    sharded: no device ever holds more than its own shard."""
+    if quantize.is_int8(sharding):
+        return Int8Weight(_zeros(shape, "int8", sharding.q), _zeros(shape[:-1], "float32", sharding.scale))
     return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
 
 
 @partial(jax.jit, donate_argnums=0)
-def _put_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
-    """`stacked[i] = layer`, in place (the stacked buffer is donated)."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
+def _put_layer(stacked, layer, i: jax.Array):
+    """`stacked[i] = layer` for an array or both arrays of an Int8Weight, in place (donated)."""
+    return jax.tree.map(lambda s, a: jax.lax.dynamic_update_index_in_dim(s, a.astype(s.dtype), i, axis=0), stacked, layer)
 
 
-def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -> LoadedModel:
+def _target(shape: tuple[int, ...], dtype: str, sharding, int8: bool):
+    """What orbax restores one tensor into: an array, or the {"q", "scale"} pair of an int8 one."""
+    if int8:
+        return {"q": jax.ShapeDtypeStruct(shape, np.int8, sharding=sharding.q),
+                "scale": jax.ShapeDtypeStruct(shape[:-1], np.float32, sharding=sharding.scale)}
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.q if quantize.is_int8(sharding) else sharding)
+
+
+def _quantizer(sharding: Int8Weight):
+    """Quantize one restored float matrix on the device, placed as `sharding` says (load time)."""
+    return jax.jit(quantize.quantize, out_shardings=sharding)
+
+
+def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
+         quantization: str | None = None) -> LoadedModel:
     """Restore a converted checkpoint, each parameter placed by `sharding.param_shardings`.
 
     `mesh=None` puts everything on the first device; a ("tp",) mesh from `sharding.make_mesh`
     shards by the tensor-parallel rules, each device reading only its own slices. `dtype` casts
-    on restore (default: the dtype the checkpoint was converted to).
+    on restore (default: the dtype the checkpoint was converted to); int8 matrices stay int8. An
+    int8 checkpoint loads as int8 with no flag. `quantization="int8"` quantizes a float
+    checkpoint while loading, one group at a time (memory: the int8 model plus one group in
+    float32); on an int8 checkpoint it changes nothing.
     """
     import orbax.checkpoint as ocp
 
@@ -257,14 +293,26 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         cfg = cfg.replace(dtype=dtype)
+    if (manifest["format_version"] == QUANTIZED_FORMAT_VERSION) != (cfg.quantization is not None):
+        raise CheckpointError(f"{path}: manifest and config.json disagree on quantization")
+    stored = cfg  # what the files hold
+    if quantization is not None:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        cfg = cfg.replace(quantization=quantization)
     shardings = param_shardings(cfg, mesh)
     specs = weight_specs(cfg)
-    targets: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
+    targets: dict[str, dict[str, Any]] = {}
     for t in tensors(cfg):
         group, key = group_key(t)
         sharding = layer_sharding(shardings[t.path]) if t.layer is not None else shardings[t.path]
-        targets.setdefault(group, {})[key] = jax.ShapeDtypeStruct(t.shape, cfg.dtype, sharding=sharding)
+        int8_on_disk = is_quantized(stored, specs[t.path])
+        # a matrix quantized at load is restored in float32, so the scales see the stored values exactly
+        dtype_on_disk = "float32" if is_quantized(cfg, specs[t.path]) and not int8_on_disk else cfg.dtype
+        targets.setdefault(group, {})[key] = _target(t.shape, dtype_on_disk, sharding, int8_on_disk)
     arrays = {p: _zeros(s.shape, cfg.dtype, shardings[p]) for p, s in specs.items() if s.stacked}
+    quantizers = {p: _quantizer(layer_sharding(sh) if specs[p].stacked else sh)
+                  for p, sh in shardings.items() if is_quantized(cfg, specs[p]) and not is_quantized(stored, specs[p])}
     ckpt = _checkpointer()
     for group, target in targets.items():
         group_dir = path / PARAMS_DIR / group
@@ -275,11 +323,16 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None) -
         except Exception as e:
             raise CheckpointError(f"{path}: cannot restore parameter group {group}: {e}") from e
         for key, array in restored.items():
+            p = ("layers", key) if group.startswith("layer_") else ("embed",) if key == "embed" else (key,)
+            if isinstance(array, dict):
+                array = Int8Weight(array["q"], array["scale"])
+            elif p in quantizers:
+                array = quantizers[p](array)
             if group.startswith("layer_"):
-                p = ("layers", key)
                 arrays[p] = _put_layer(arrays[p], array, np.int32(group.removeprefix("layer_")))
             else:
-                arrays[("embed",) if key == "embed" else (key,)] = array
+                arrays[p] = array
+        del restored
     graphdef, _ = nnx.split(abstract_model(cfg))
     params = state_from_arrays(cfg, arrays)
     tokenizer = path / TOKENIZER_FILE

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llama_jax.config import DTYPES, PRESETS, preset
+from llama_jax.config import DTYPES, PRESETS, QUANTIZATIONS, preset
 
 
 def resolve_dtype(dtype: str | None) -> str | None:
@@ -44,7 +44,8 @@ def run_plan(args: argparse.Namespace) -> int:
             return 1
         env = dict(os.environ, JAX_PLATFORMS="cpu", LLAMA_JAX_PLAN_CHILD="1",
                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.tp}")
-        flags = {"--preset": args.preset, "--checkpoint": args.checkpoint, "--dtype": args.dtype, "--tp": args.tp,
+        flags = {"--preset": args.preset, "--checkpoint": args.checkpoint, "--dtype": args.dtype,
+                 "--quantize": args.quantize, "--tp": args.tp,
                  "--max-slots": args.max_slots, "--max-seq-len": args.max_seq_len,
                  "--max-prefill-tokens": args.max_prefill_tokens, "--memory": args.memory}
         argv = [str(a) for flag, value in flags.items() if value is not None for a in (flag, value)]
@@ -53,6 +54,7 @@ def run_plan(args: argparse.Namespace) -> int:
     cfg = preset(args.preset) if args.preset else checkpoint.read_config(args.checkpoint)
     dtype = resolve_dtype(args.dtype)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
+    cfg = cfg.replace(quantization=args.quantize) if args.quantize else cfg
     try:
         mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
         if mesh is not None:
@@ -71,7 +73,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "programs_detail"}))
         return 0
     per = report["per_device_bytes"]
-    print(f"{args.preset or args.checkpoint}, {cfg.dtype}, tp {report['devices']}, {args.max_slots} slots x "
+    weights = f"{cfg.dtype} with int8 matrices" if cfg.quantization else cfg.dtype
+    print(f"{args.preset or args.checkpoint}, {weights}, tp {report['devices']}, {args.max_slots} slots x "
           f"{config.max_seq_len or cfg.max_seq_len} tokens, on {jax.default_backend()}")
     print(f"  programs: {report['programs']}, compiled in {report['compile_s']:.1f} s")
     print(f"  per device: weights {_human(per['weights'])}, KV cache {_human(per['kv_cache'])}, "
@@ -118,6 +121,9 @@ def add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", type=Path, help="a directory written by convert-weights (its config only)")
     plan.add_argument("--dtype", choices=["auto", *DTYPES], default=None,
                       help="weights and cache dtype (default: the preset's or checkpoint's; auto: bf16 on GPU/TPU, f32 on CPU)")
+    plan.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                      help="int8: plan for int8 matrices with per-channel scales (a --quantize int8 checkpoint or serve); "
+                           "an int8 checkpoint is planned as int8 without it")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (fake CPU devices when more than visible)")
     plan.add_argument("--max-slots", type=int, default=8)
     plan.add_argument("--max-seq-len", type=int, default=None)

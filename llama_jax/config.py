@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8",)  # weight formats besides the model dtype (llama_jax/quantize.py)
 
 
 class UnsupportedModelError(ValueError):
@@ -31,6 +32,7 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     bos_id: int = 1
     eos_id: int = 2
+    quantization: str | None = None  # "int8": matrices stored as int8 with per-channel scales (quantize.py)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -41,6 +43,8 @@ class LlamaConfig:
             raise ValueError("head_dim must be even for rotary embeddings")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
 
     @property
     def head_dim(self) -> int:
@@ -50,7 +54,11 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        """The fields as JSON; `quantization` only when set, so float configs read as before."""
+        fields = dataclasses.asdict(self)
+        if fields["quantization"] is None:
+            del fields["quantization"]
+        return json.dumps(fields, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> LlamaConfig:

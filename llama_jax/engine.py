@@ -58,6 +58,7 @@ class EngineConfig:
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
+    int8_activations: str | None = None  # int8 weights: "int8" (CPU default) or "float" inputs, see quantize.linear
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -264,7 +265,8 @@ class Engine:
         self.config = config
         self.graphdef, params = nnx.split(model)
         self.split = kv_cache.split_layers() if config.split_layers is None else config.split_layers
-        self.params = storage_params(cfg, params, self.split)  # a one-time copy on CPU (split, 16-bit as bits)
+        # a one-time copy on CPU (split, 16-bit as bits); int8 weights get their compute mode
+        self.params = storage_params(cfg, params, self.split, config.int8_activations)
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax import attention
+from llama_jax import attention, quantize
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache, attention_mask, from_bits, layer_buffer, to_bits, unstack, write
@@ -102,16 +102,34 @@ def tensors(cfg: LlamaConfig) -> Iterator[Tensor]:
     yield from (Tensor(p, None, s.hf_name, s.shape) for p, s in specs.items() if not s.stacked and p != ("embed",))
 
 
-def _init_param(spec: WeightSpec, rngs: nnx.Rngs, dtype: str) -> nnx.Param:
-    """Norm weights start at one, matrices at N(0, 0.02) as in Llama's initializer_range."""
+def is_quantized(cfg: LlamaConfig, spec: WeightSpec) -> bool:
+    """True for the weights `cfg.quantization` stores as `quantize.Int8Weight`: every matrix
+    (embedding and LM head included); norms stay in the model dtype."""
+    return cfg.quantization is not None and len(spec.tensor_shape) == 2
+
+
+def _init_param(spec: WeightSpec, rngs: nnx.Rngs, cfg: LlamaConfig) -> nnx.Param:
+    """Norm weights start at one, matrices at N(0, 0.02) as in Llama's initializer_range
+    (quantized from float32 when `cfg.quantization` says so)."""
     if len(spec.tensor_shape) == 1:
-        return nnx.Param(jnp.ones(spec.shape, dtype))
-    return nnx.Param((0.02 * jax.random.normal(rngs.params(), spec.shape, jnp.float32)).astype(dtype))
+        return nnx.Param(jnp.ones(spec.shape, cfg.dtype))
+    w = 0.02 * jax.random.normal(rngs.params(), spec.shape, jnp.float32)
+    return nnx.Param(quantize.quantize(w) if is_quantized(cfg, spec) else w.astype(cfg.dtype))
 
 
-def linear(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """`x @ w.T` for a weight stored `[out, in]`."""
+Weight = jax.Array | quantize.Int8Weight
+
+
+def linear(x: jax.Array, w: Weight, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """`x @ w.T` for a weight stored `[out, in]` (float, or int8: `quantize.linear`)."""
+    if quantize.is_int8(w):
+        return quantize.linear(x, w, out_dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def unbits(w, dtype):
+    """`from_bits` on every array of a weight (an array, or an Int8Weight's q and scale)."""
+    return jax.tree.map(lambda a: from_bits(a, dtype), w)
 
 
 def constrain(x: jax.Array, mesh, last: str | None = None) -> jax.Array:
@@ -197,13 +215,13 @@ def _run_layers(step: _Step, weights: dict, k, v, x: jax.Array, return_hidden: b
     """Every decoder layer over `x`: scanned when weights and cache are stacked, else a Python loop
     over the split buffers. Returns (x, k, v, residual stream after each layer or None)."""
     def layer_weights(i):
-        return {name: from_bits(a[i][0] if isinstance(a, tuple) else a[i], step.cfg.dtype) for name, a in weights.items()}
+        return {name: unbits(a[i][0] if isinstance(a, tuple) else a[i], step.cfg.dtype) for name, a in weights.items()}
 
     if not any(isinstance(a, tuple) for a in (k, v, *weights.values())):
         def body(carry, xs):
             x, k, v = carry
             w, layer = xs
-            w = {name: from_bits(a, step.cfg.dtype) for name, a in w.items()}
+            w = {name: unbits(a, step.cfg.dtype) for name, a in w.items()}
             x, k, v = decoder_layer(step, w, layer, x, k, v)
             return (x, k, v), (x if return_hidden else None)
 
@@ -234,7 +252,7 @@ class Layers(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         for path, spec in weight_specs(cfg).items():
             if spec.stacked:
-                setattr(self, path[-1], _init_param(spec, rngs, cfg.dtype))
+                setattr(self, path[-1], _init_param(spec, rngs, cfg))
 
     def weights(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
         return {name: value.get_value() for name, value in vars(self).items() if isinstance(value, nnx.Param)}
@@ -246,10 +264,10 @@ class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         specs = weight_specs(cfg)
-        self.embed = _init_param(specs[("embed",)], rngs, cfg.dtype)
+        self.embed = _init_param(specs[("embed",)], rngs, cfg)
         self.layers = Layers(cfg, rngs=rngs)
-        self.norm = _init_param(specs[("norm",)], rngs, cfg.dtype)
-        self.lm_head = _init_param(specs[("lm_head",)], rngs, cfg.dtype)
+        self.norm = _init_param(specs[("norm",)], rngs, cfg)
+        self.lm_head = _init_param(specs[("lm_head",)], rngs, cfg)
 
     @property
     def split(self) -> bool:
@@ -300,7 +318,11 @@ class Llama(nnx.Module):
         # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack.
         bits = to_bits if cpu16(cfg) else (lambda a: a)  # no-op on arrays already in that form
 
-        x0 = from_bits(jnp.take(bits(self.embed[...]), tokens, axis=0), cfg.dtype)
+        table = self.embed[...]
+        if quantize.is_int8(table):
+            x0 = quantize.embed(table, tokens, cfg.dtype)
+        else:
+            x0 = from_bits(jnp.take(bits(table), tokens, axis=0), cfg.dtype)
         weights = jax.tree.map(bits, self.layers.weights())
         x, k, v, hidden = _run_layers(step, weights, jax.tree.map(bits, cache.k), jax.tree.map(bits, cache.v), x0,
                                       return_hidden)
@@ -310,13 +332,14 @@ class Llama(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, from_bits(self.norm[...], cfg.dtype), cfg.norm_eps)
+        head = self.lm_head[...]
         if attn.mesh is not None:  # vocab-parallel head, on purpose: replicated x, logits split by vocab
             x = constrain(x, attn.mesh)
-            logits = constrain(linear(x, from_bits(self.lm_head[...], cfg.dtype), jnp.float32), attn.mesh, "tp")
-        elif cpu16(cfg):  # in vocab chunks: one chunk of the head upcast at a time
-            logits = chunked_linear(x, bits(self.lm_head[...]), cfg.dtype, LM_HEAD_CHUNKS)
+            logits = constrain(linear(x, unbits(head, cfg.dtype), jnp.float32), attn.mesh, "tp")
+        elif cpu16(cfg) and not quantize.is_int8(head):  # in vocab chunks: one chunk of the head upcast at a time
+            logits = chunked_linear(x, bits(head), cfg.dtype, LM_HEAD_CHUNKS)
         else:
-            logits = linear(x, from_bits(self.lm_head[...], cfg.dtype), jnp.float32)
+            logits = linear(x, unbits(head, cfg.dtype), jnp.float32)
         cache = KVCache(k=k, v=v, lengths=cache.lengths.at[rows].set(lengths, mode="drop"))
         return (logits, cache, hidden) if return_hidden else (logits, cache)
 
@@ -326,15 +349,28 @@ def cpu16(cfg: LlamaConfig) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2
 
 
-def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False) -> nnx.State:
+def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
+                   int8_activations: str | None = None) -> nnx.State:
     """Parameters in the form the jitted steps run fastest on: on CPU, 16-bit floats as their bit
     patterns, so a step never converts the whole model; with `split`, each stacked layer weight
-    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy."""
+    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy. int8 weights
+    get `int8_activations` ("float" or "int8"; default `quantize.default_activations()`): how
+    their matmuls compute (see `quantize.linear`)."""
     params = jax.tree.map(to_bits, params) if cpu16(cfg) else params
+    if cfg.quantization is not None:
+        mode = int8_activations or quantize.default_activations()
+        params = jax.tree.map(lambda w: quantize.with_activations(w, mode) if quantize.is_int8(w) else w, params,
+                              is_leaf=quantize.is_int8)
     if not split:
         return params
     flat = nnx.to_flat_state(params)
-    split_one = lambda v: v if isinstance(v.get_value(), tuple) else v.replace(unstack(v.get_value()))  # idempotent
+
+    def split_one(v):
+        w = v.get_value()
+        if isinstance(w, tuple):  # idempotent
+            return v
+        return v.replace(tuple(w[i:i + 1] for i in range(w.shape[0])) if quantize.is_int8(w) else unstack(w))
+
     return nnx.from_flat_state({p: split_one(v) if p[0] == "layers" else v for p, v in flat})
 
 

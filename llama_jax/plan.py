@@ -7,7 +7,8 @@ backend, and reports per-device bytes: weights and KV cache (from the shardings,
 largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
 70B plan at tp 8 runs on a laptop (`--xla_force_host_platform_device_count` gives the devices).
 The programs are compiled in the accelerators' layout (stacked layers, scanned); a CPU engine
-splits the layers into one buffer each, which holds the same bytes.
+splits the layers into one buffer each, which holds the same bytes. An int8 config
+(`quantization="int8"`, `plan --quantize int8`) counts its int8 matrices and float32 scales.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import sampling
+from llama_jax import quantize, sampling
 from llama_jax.config import LlamaConfig
 from llama_jax.engine import DecodeState, EngineConfig, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.model import abstract_model, storage_params
@@ -54,14 +55,17 @@ def per_device_bytes(abstract) -> int:
     return total
 
 
-def abstract_params(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None,
+                    int8_activations: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory)."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s), state)  # the dtypes the engine runs with
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s, int8_activations=int8_activations), state)  # as the engine runs
     flat = nnx.to_flat_state(stored)
+    place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
     return graphdef, nnx.from_flat_state({
-        p: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p]))
+        p: v.replace(dataclasses.replace(w, q=place(w.q, shardings[p].q), scale=place(w.scale, shardings[p].scale))
+                     if quantize.is_int8(w := v.get_value()) else place(w, shardings[p]))
         for p, v in flat})
 
 
@@ -82,7 +86,7 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     """AOT-compile every serving program (or those `select(kind, shape)` picks) for this backend
     from abstract shapes."""
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    graphdef, params = abstract_params(cfg, mesh)
+    graphdef, params = abstract_params(cfg, mesh, config.int8_activations)
     programs = Programs.build(graphdef, cfg, config, mesh)
     state = abstract_state(cfg, config.max_slots, max_len, programs.shardings)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)

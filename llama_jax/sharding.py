@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
-from llama_jax.model import weight_specs
+from llama_jax.model import WeightSpec, is_quantized, weight_specs
+from llama_jax.quantize import Int8Weight, scale_axes
 
 TP = "tp"
 
@@ -113,17 +114,23 @@ def partition_spec(cfg: LlamaConfig, axes: tuple[str | None, ...], tp: int) -> P
     return PartitionSpec(*out)
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> dict[tuple, Sharding]:
-    """Sharding of every weight, keyed by its NNX state path (as `model.weight_specs`).
+def param_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> dict[tuple, Sharding | Int8Weight]:
+    """Sharding of every weight, keyed by its NNX state path (as `model.weight_specs`); for an
+    int8 weight, an `Int8Weight` of two shardings: the scales split like the output axis.
 
     With `mesh=None`: everything on the first device.
     """
-    if mesh is None:
-        single = SingleDeviceSharding(jax.devices()[0])
-        return {path: single for path in weight_specs(cfg)}
-    tp = tp_size(mesh)
-    check_tp(cfg, tp, mesh.size)
-    return {path: NamedSharding(mesh, partition_spec(cfg, s.axes, tp)) for path, s in weight_specs(cfg).items()}
+    if mesh is not None:
+        check_tp(cfg, tp_size(mesh), mesh.size)
+
+    def place(spec: WeightSpec) -> Sharding | Int8Weight:
+        if mesh is None:
+            one = SingleDeviceSharding(jax.devices()[0])
+            return Int8Weight(one, one) if is_quantized(cfg, spec) else one
+        named = lambda axes: NamedSharding(mesh, partition_spec(cfg, axes, tp_size(mesh)))
+        return Int8Weight(named(spec.axes), named(scale_axes(spec.axes))) if is_quantized(cfg, spec) else named(spec.axes)
+
+    return {path: place(s) for path, s in weight_specs(cfg).items()}
 
 
 def shard_params(cfg: LlamaConfig, params, mesh: Mesh | None):
