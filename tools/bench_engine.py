@@ -5,6 +5,14 @@ concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
 
     python tools/bench_engine.py                        # CPU shape from the issue, with HF
     python tools/bench_engine.py --preset llama-2-7b --dtype bfloat16 --no-hf --concurrency 1 8 32
+    python tools/bench_engine.py --quantize int8 --concurrency 1 8 --llama-cpp BUILD_DIR
+
+`--quantize int8` adds the int8 engine on the same weights (converted with `convert-weights
+--quantize int8`, loaded with `checkpoint.load`), keys prefixed `int8_`, with its ratios to our
+float32 and to HF. `--llama-cpp BUILD_DIR` adds llama.cpp on the same weights as the CPU peer: the
+HF checkpoint is converted to a Q8_0 GGUF with llama.cpp's own `convert_hf_to_gguf.py` (from
+`--llama-cpp-src`, default BUILD_DIR/..) and `llama-batched-bench` decodes 1 and 8 parallel
+sequences of `--decode-tokens` after `--context`-token prompts.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ def ttft(engine: Engine, p: list[int]) -> float:
 def bench_engine(model, args) -> dict:
     rng = np.random.default_rng(0)
     cfg = EngineConfig(max_slots=max(args.concurrency), max_seq_len=args.max_seq_len,
-                       compilation_cache_dir=args.compilation_cache)
+                       compilation_cache_dir=args.compilation_cache, int8_activations=args.int8_activations)
     engine = Engine(model, Tokenizer(args.tokenizer), cfg)
     t0 = time.perf_counter()
     engine.start(progress=lambda done, total, what: print(
@@ -115,6 +123,32 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
             "window_cost_ratio": round(times[4096] / times[256], 3)}
 
 
+def bench_llama_cpp(hf_dir: Path, tmp: Path, args) -> dict:
+    """llama.cpp Q8_0 on the same weights: convert with its converter, decode with batched-bench."""
+    import re
+    import subprocess
+
+    build = Path(args.llama_cpp)
+    src = Path(args.llama_cpp_src) if args.llama_cpp_src else build.parent
+    gguf = tmp / "model-q8_0.gguf"
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "q8_0",
+                    "--outfile", str(gguf)], check=True, capture_output=True, text=True)
+    binary = next(p for p in (build / "bin" / "llama-batched-bench", build / "llama-batched-bench") if p.exists())
+    cmd = [str(binary), "-m", str(gguf), "-c", str(8 * (args.context + args.decode_tokens) + 64), "-b", "512",
+           "-ub", "512", "-npp", str(args.context), "-ntg", str(args.decode_tokens), "-npl", "1,8",
+           "-t", str(os.cpu_count() or 1), "--no-repack"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0 and "--no-repack" in run.stderr:  # a build without the flag
+        run = subprocess.run(cmd[:-1], capture_output=True, text=True)
+    run.check_returncode()
+    out = {"llama_cpp_command": " ".join(cmd[:1] + ["-m", "model-q8_0.gguf"] + cmd[3:])}
+    for line in run.stdout.splitlines():  # |  PP |  TG |  B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[2] or "x"):
+            out[f"llama_cpp_tok_s_batch{int(cells[2])}"] = float(cells[7])
+    return out
+
+
 def bench_hf(path: Path, args) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -146,27 +180,60 @@ def main() -> None:
     ap.add_argument("--compilation-cache", default=None,
                     help="JAX persistent compilation cache dir: a second run with the same shapes skips compiling")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="a Llama 2 tokenizer.model (32000 pieces)")
+    ap.add_argument("--quantize", choices=["int8"], default=None,
+                    help="also run the int8 engine (a --quantize int8 checkpoint of the same weights)")
+    ap.add_argument("--int8-activations", choices=["float", "int8"], default=None,
+                    help="how the int8 engine's matmuls treat their inputs (default: the platform's, see quantize.py)")
+    ap.add_argument("--no-float", action="store_true", help="with --quantize: skip the float32 engine")
+    ap.add_argument("--llama-cpp", metavar="BUILD_DIR", default=None,
+                    help="a llama.cpp CMake build directory (llama-batched-bench): add llama.cpp Q8_0 as the peer")
+    ap.add_argument("--llama-cpp-src", metavar="SRC_DIR", default=None,
+                    help="the llama.cpp source holding convert_hf_to_gguf.py (default: BUILD_DIR/..)")
     args = ap.parse_args()
 
     cfg = preset(args.preset)
     cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
     result = {"preset": args.preset, "dtype": cfg.dtype, "device": str(jax.devices()[0]), "jax": jax.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.no_hf:  # random weights straight on the device: no disk, no torch
+        path = None
+        if args.no_hf and not (args.quantize or args.llama_cpp):  # random weights straight on the device
             model = init_model(cfg)
-        else:
-            path = write_tiny_checkpoint(Path(tmp) / "hf", cfg, seed=0)
+        else:  # an HF checkpoint on disk: HF, the int8 conversion and llama.cpp read the same weights
+            tokenizer = args.tokenizer if args.llama_cpp else None  # llama.cpp's converter wants one beside
+            path = write_tiny_checkpoint(Path(tmp) / "hf", cfg, seed=0, tokenizer_path=tokenizer)
             model = load_hf_model(path)
-        result.update(bench_engine(model, args))
-        print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, in case a later stage fails
-        result.update(bench_window(model))
+        if not args.no_float:
+            result.update(bench_engine(model, args))
+            print(json.dumps(result), file=sys.stderr, flush=True)  # partial results, in case a later stage fails
+            result.update(bench_window(model))
         del model
+        if args.quantize:
+            from llama_jax import checkpoint
+            from llama_jax.convert import convert
+
+            convert(path, Path(tmp) / "int8", quantization=args.quantize, progress=False)
+            int8 = checkpoint.load(Path(tmp) / "int8").model
+            result.update({f"int8_{k}": v for k, v in bench_engine(int8, args).items()})
+            result["int8_activations"] = args.int8_activations or "platform default"
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            del int8
+        if args.llama_cpp:
+            result.update(bench_llama_cpp(path, Path(tmp), args))
+            print(json.dumps(result), file=sys.stderr, flush=True)
         if not args.no_hf:
             result.update(bench_hf(path, args))
-    if not args.no_hf:
-        result["ratio_batch1"] = round(result["batch1_decode_tok_s"] / result["hf_tok_s_batch1"], 2)
-        if "aggregate_tok_s_8" in result:
-            result["ratio_8_concurrent"] = round(result["aggregate_tok_s_8"] / result["hf_tok_s_batch8"], 2)
+    for prefix in ("", "int8_") if args.quantize else ("",):
+        if f"{prefix}batch1_decode_tok_s" not in result:
+            continue
+        peers = {"hf": ("hf_tok_s_batch1", "hf_tok_s_batch8"), "llama_cpp": ("llama_cpp_tok_s_batch1", "llama_cpp_tok_s_batch8")}
+        if prefix:
+            peers["float32"] = ("batch1_decode_tok_s", "aggregate_tok_s_8")
+        for peer, (one, eight) in peers.items():
+            tag = "" if peer == "hf" and not prefix else f"_vs_{peer}"
+            if one in result:
+                result[f"{prefix}ratio_batch1{tag}"] = round(result[f"{prefix}batch1_decode_tok_s"] / result[one], 2)
+            if eight in result and f"{prefix}aggregate_tok_s_8" in result:
+                result[f"{prefix}ratio_8_concurrent{tag}"] = round(result[f"{prefix}aggregate_tok_s_8"] / result[eight], 2)
     print(json.dumps(result, indent=2))
 
 
