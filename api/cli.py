@@ -163,7 +163,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
 
         _say("no --checkpoint: serving the built-in demo model (random weights, gibberish replies)")
         path = demo_checkpoint()
-    _say(f"loading {path}")
+    _say(f"loading {path}" + (" (quantizing its matrices to int8 while loading)" if args.quantize else ""))
     loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype),
                              quantization=args.quantize)
     if loaded.tokenizer_path is None:

@@ -269,3 +269,16 @@ def test_plan_counts_int8_weights():
     assert 0.25 <= int8 / f32 < 0.251
     tp8 = plan.per_device_bytes(plan.abstract_params(q, sharding.make_mesh(8))[1])
     assert tp8 < int8 / 7.9
+
+
+def test_plan_cli_int8(capsys, converted):
+    """`llama-jax plan --quantize int8`, and an int8 checkpoint planned as int8 with no flag."""
+    from llama_jax import cli
+
+    small = ["--max-slots", "2", "--max-seq-len", "64", "--json"]
+    cfg = preset("tiny-gqa").replace(quantization="int8")
+    assert cli.main(["plan", "--preset", "tiny-gqa", "--quantize", "int8", *small]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_device_bytes"]["weights"] == stored_bytes(cfg)
+    assert cli.main(["plan", "--checkpoint", str(converted("tiny-gqa")[1]), *small]) == 0
+    assert json.loads(capsys.readouterr().out)["per_device_bytes"]["weights"] == stored_bytes(cfg)

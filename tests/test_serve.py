@@ -237,3 +237,16 @@ def test_sigterm_drains_16_streams_then_exits_0(served):
     ended = int(re.search(r"(\d+) ended unfinished", summary[0]).group(1)) if len(summary) == 1 else None
     assert ended in (len(cut), len(cut) + 1), log[-3000:]  # + the plain request, if it was accepted before the signal
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def test_serve_quantize_int8_at_load(env, demo_checkpoint_dir):
+    """`serve --quantize int8` on a float checkpoint: quantized while loading, then a normal reply."""
+    server = Serve(env, "--checkpoint", str(demo_checkpoint_dir), "--quantize", "int8", "--max-slots", "2",
+                   "--max-seq-len", "64", "--max-prefill-tokens", "64")
+    try:
+        assert any("quantizing its matrices to int8" in line for line in server.lines)
+        reply = server.client().chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=HELLO,
+                                                        max_tokens=4)
+        assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens >= 1
+    finally:
+        server.stop()
