@@ -282,3 +282,19 @@ def test_plan_cli_int8(capsys, converted):
     assert report["per_device_bytes"]["weights"] == stored_bytes(cfg)
     assert cli.main(["plan", "--checkpoint", str(converted("tiny-gqa")[1]), *small]) == 0
     assert json.loads(capsys.readouterr().out)["per_device_bytes"]["weights"] == stored_bytes(cfg)
+
+
+def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
+    """tools/gpu_check.py --quantize int8 runs the same path as on the GPU day, here on CPU."""
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import gpu_check
+
+    result = gpu_check.main(["--preset", "tiny-gqa", "--dtype", "float32", "--quantize", "int8", "--max-seq-len", "256",
+                             "--slots", "2", "--concurrency", "2", "--context", "64", "--decode-tokens", "8",
+                             "--tokenizer", str(tokenizer_path), "--compilation-cache", str(tmp_path / "xla")])
+    assert result["quantization"] == "int8" and result["int8_no_whole_matrix_copy"] is True
+    assert result["batch1_decode_tok_s"] > 0

@@ -3,6 +3,7 @@ engine warmed up, and one table of what matters, in a few minutes from a cold st
 
     PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on the H100/H200, 7B bf16
     python tools/gpu_check.py --preset tiny-gqa --max-seq-len 256    # the same path on CPU (tests)
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --quantize int8     # 7B with int8 weights (goal: >= 520 tok/s on an H200)
 
 Needs only jax/flax/orbax/safetensors/sentencepiece (the GPU image): no Litestar, no torch, no
 weights on disk. Steps, each printed as it ends:
@@ -13,6 +14,10 @@ weights on disk. Steps, each printed as it ends:
 3. warm-up of every serving program, per program, with the persistent compilation cache;
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens,
    aggregate tok/s at 8 and 32 concurrent requests of `--context` tokens, peak device memory.
+With `--quantize int8` the weights are int8 with per-channel scales (quantized on the device) and
+step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
+their temporaries (`int8_fusion_check`): no matrix dequantized whole means the convert is fused
+into the dot.
 Writes the table as JSON to `--out` (default $OUT/gpu_check.json when $OUT is set).
 """
 
@@ -152,10 +157,33 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
     return seconds
 
 
+def int8_fusion_check(cfg, config: EngineConfig) -> dict:
+    """Compile the batch-1 decode program ahead of time with int8 and with float weights (no
+    memory) and compare their temporaries: had XLA dequantized a matrix whole, the int8 program
+    would need at least one float copy of the smallest layer matrix more than the float one."""
+    from llama_jax import plan
+    from llama_jax.model import weight_specs
+
+    one_row = lambda kind, shape: kind == "generate" and shape == {"rows": 1}
+    (int8,) = plan.compile_programs(cfg, config, select=one_row)
+    (flt,) = plan.compile_programs(cfg.replace(quantization=None), config, select=one_row)
+    extra = int8.memory.temp_size_in_bytes - flt.memory.temp_size_in_bytes
+    smallest = min(int(np.prod(s.tensor_shape)) for s in weight_specs(cfg).values() if len(s.tensor_shape) == 2)
+    matrix = smallest * jnp.dtype(cfg.dtype).itemsize
+    ok = extra < matrix
+    say(f"int8 decode temporaries {int8.memory.temp_size_in_bytes / 2**20:.1f} MiB vs {flt.memory.temp_size_in_bytes / 2**20:.1f} "
+        f"MiB with {cfg.dtype} weights; one {cfg.dtype} copy of the smallest matrix is {matrix / 2**20:.1f} MiB: "
+        f"{'no matrix dequantized whole' if ok else 'A MATRIX MAY BE DEQUANTIZED WHOLE'}")
+    return {"int8_decode_temp_mib": round(int8.memory.temp_size_in_bytes / 2**20, 2),
+            "float_decode_temp_mib": round(flt.memory.temp_size_in_bytes / 2**20, 2),
+            "smallest_matrix_mib": round(matrix / 2**20, 2), "int8_no_whole_matrix_copy": bool(ok)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-2-7b")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights with per-channel scales")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
@@ -169,9 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     enable_compilation_cache(args.compilation_cache)
     device = jax.devices()[0]
     platform = jax.default_backend()
-    cfg = preset(args.preset).replace(dtype=args.dtype)
+    cfg = preset(args.preset).replace(dtype=args.dtype, quantization=args.quantize)
     result: dict = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
-                    "preset": args.preset, "dtype": cfg.dtype, "date": time.strftime("%Y-%m-%d")}
+                    "preset": args.preset, "dtype": cfg.dtype, "quantization": cfg.quantization,
+                    "date": time.strftime("%Y-%m-%d")}
     say(f"{result['device']} ({platform}), jax {jax.__version__}, {args.preset} {cfg.dtype}")
     t0 = time.perf_counter()
     max_len = min(args.max_seq_len, cfg.max_seq_len)
@@ -195,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = EngineConfig(max_slots=args.slots, max_seq_len=max_len,
                           min_prefill_bucket=128, max_prefill_tokens=1024, max_queue=max(64, 2 * args.slots),
                           attention=attn)
+    if cfg.quantization:
+        result.update(int8_fusion_check(cfg, config))
     engine = Engine(model, tokenizer, config)
     per_program = []
     start = time.perf_counter()
