@@ -122,7 +122,21 @@ def _row_blocks(rows: int, cols: int, block_bytes: int) -> int:
     return next(n for n in range(max(want, 1), rows + 1) if rows % n == 0)
 
 
-def linear(x: jax.Array, w: Int8Weight, out_dtype=None, *, platform: str | None = None) -> jax.Array:
+def _weight_only(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
+    y = _contract(x, w.q.astype(x.dtype), out_dtype)
+    return y * w.scale.astype(y.dtype)
+
+
+def _weight_only_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
+    """`_weight_only` over row blocks of `w`, one converted at a time (XLA's CPU backend)."""
+    rows, cols = w.q.shape
+    n = _row_blocks(rows, cols, CPU_BLOCK_BYTES)
+    blocks = Int8Weight(w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n))
+    y = jax.lax.map(lambda b: _weight_only(x, b, out_dtype), blocks)  # [n, ..., rows / n]
+    return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], rows)
+
+
+def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     """`x @ dequantize(w).T`, computed from the int8 weight without building the float matrix.
 
     "float" activations (weight-only): `dot(x, convert(q)) * scale`. On GPU XLA fuses the convert
@@ -138,14 +152,9 @@ def linear(x: jax.Array, w: Int8Weight, out_dtype=None, *, platform: str | None 
     converts both operands to float).
     """
     if w.activations == "float":
-        rows, cols = w.q.shape
-        if (platform or jax.default_backend()) == "cpu" and rows * cols * 4 > CPU_BLOCK_BYTES:
-            n = _row_blocks(rows, cols, CPU_BLOCK_BYTES)
-            blocks = (w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n))
-            y = jax.lax.map(lambda b: linear(x, Int8Weight(*b), out_dtype, platform="accelerator"), blocks)
-            return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], rows)
-        y = _contract(x, w.q.astype(x.dtype), out_dtype)
-        return y * w.scale.astype(y.dtype)
+        if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
+            return _weight_only_blocked(x, w, out_dtype)
+        return _weight_only(x, w, out_dtype)
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     n = rows.shape[0]
