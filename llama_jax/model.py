@@ -16,6 +16,11 @@ Hugging Face name (for loading). Matrices are stored `[out, in]` as in HF checkp
 transposes at load, and XLA's CPU dots run up to 40% faster at batch 8-32 with the contraction
 on both operands' last axis. Rotary embeddings use the split-halves layout that HF checkpoints
 already have, so q/k weights load without permutation.
+
+With `cfg.quantization = "int8"` every matrix (embedding and LM head included) is a
+`quantize.Int8Weight` (int8 values, per-output-channel scales): `linear` and the embedding
+lookup compute from it directly, and the layer scan, the per-layer split and the shardings
+follow its two arrays.
 """
 
 from __future__ import annotations
