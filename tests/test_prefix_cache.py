@@ -224,11 +224,11 @@ def test_cached_tokens_in_usage_and_metrics_through_the_api(cached):
             metric(server.url, "llama_jax_prefix_cache_reused_tokens_total")
         messages = [{"role": "system", "content": "You answer questions about the sea, briefly and kindly."},
                     {"role": "user", "content": "Why is the sea salty?"}]
-        first = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)
+        first = client.chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=messages, max_tokens=6, temperature=0)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         messages += [{"role": "assistant", "content": first.choices[0].message.content},
                      {"role": "user", "content": "And why is it blue?"}]
-        stream = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, stream=True,
+        stream = client.chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=messages, max_tokens=6, temperature=0, stream=True,
                                                 stream_options={"include_usage": True})
         usage = [c for c in stream][-1].usage
         cached_tokens = usage.prompt_tokens_details.cached_tokens
