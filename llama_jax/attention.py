@@ -45,7 +45,7 @@ class AttentionConfig:
 
     prefill: str = "xla"
     decode: str = "xla"
-    block: int = 256
+    block: int = 64  # CPU: 64-128 keys per block cost 2.4x less than 256 at 8 rows x 128 context
     splits: int = 8
     interpret: bool = False
     mesh: Mesh | None = None

@@ -40,10 +40,6 @@ class KVCache:
     lengths: jax.Array
 
     @property
-    def split(self) -> bool:
-        return isinstance(self.k, tuple)
-
-    @property
     def rows(self) -> int:
         return layer_buffer(self.k, 0)[0].shape[1]
 

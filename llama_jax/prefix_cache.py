@@ -59,11 +59,7 @@ class PrefixCache:
         prompt = np.asarray(prompt, np.int32)
         slot, copies, start, source = min(free), [], 0, None
         if self.enabled:
-            matches = [(min(common_prefix(prompt, held), len(prompt) - 1), s == slot, s)
-                       for s, held in enumerate(self._held)]
-            start, _, source = max(matches)
-            if start < MIN_REUSE:
-                start, source = 0, None
+            start, source = self._match(prompt, prefer=slot)
             spares = [s for s in free if s not in (slot, source)]
             if len(self._held[slot]) >= MIN_REUSE and source != slot and spares:
                 spare = min(spares, key=lambda s: (len(self._held[s]) > 0, self._used[s]))
@@ -82,11 +78,14 @@ class PrefixCache:
 
     def reusable(self, prompt: list[int] | np.ndarray) -> int:
         """How many leading tokens of `prompt` a placement would reuse now (for batching decisions)."""
-        if not self.enabled:
-            return 0
-        prompt = np.asarray(prompt, np.int32)
-        start = max(min(common_prefix(prompt, held), len(prompt) - 1) for held in self._held)
-        return start if start >= MIN_REUSE else 0
+        return self._match(np.asarray(prompt, np.int32))[0] if self.enabled else 0
+
+    def _match(self, prompt: np.ndarray, prefer: int | None = None) -> tuple[int, int | None]:
+        """The longest prefix of `prompt` any slot holds, leaving one token to prefill, and that
+        slot (ties go to `prefer`): (tokens, slot), or (0, None) below MIN_REUSE."""
+        start, _, source = max((min(common_prefix(prompt, held), len(prompt) - 1), s == prefer, s)
+                               for s, held in enumerate(self._held))
+        return (start, source) if start >= MIN_REUSE else (0, None)
 
     def hold(self, slot: int, tokens: list[int] | np.ndarray) -> None:
         """Record that `slot` holds the keys of `tokens` at positions 0..len-1."""

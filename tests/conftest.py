@@ -65,3 +65,19 @@ def demo_engine(demo_checkpoint_dir):
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config).start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """The tiny-gqa random-weight model (HF layout, loaded through the real reader), once per session."""
+    from llama_jax.hf_checkpoint import load_hf_model
+
+    return load_hf_model(tiny_checkpoint("tiny-gqa"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    """The real Llama 2 tokenizer (skips where ../shared lacks it)."""
+    from llama_jax.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_path)

@@ -21,13 +21,8 @@ BF16_LOGPROB_TOLERANCE = 0.1  # nats: chosen-token logprobs of a bf16 request al
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_hf_model(tiny_checkpoint("tiny-gqa"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,4 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     for key in ("batch1_decode_tok_s", "ceiling_tok_s", "ttft_ms_128", "aggregate_tok_s_2", "copy_bandwidth_gb_s"):
         assert result[key] > 0, key
     assert 0 < result["pct_of_ceiling"]
+    assert result["ttft_ms_128_prefix_cached_112"] > 0 and result["prefix_cached_tokens"] == 112  # the next chat turn

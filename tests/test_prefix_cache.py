@@ -11,10 +11,8 @@ from live_server import LiveServer
 
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
-from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.prefix_cache import MIN_REUSE, PrefixCache, common_prefix
 from llama_jax.request import Request, SamplingOptions
-from llama_jax.tokenizer import Tokenizer
 
 MAX_LEN = 256
 SEEDED = SamplingOptions(temperature=0.9, seed=7, repetition_penalty=1.3, presence_penalty=0.4)
@@ -69,29 +67,19 @@ def test_the_last_cache_position_is_never_reused():
 
 # ---- a cached engine against an uncached one ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_hf_model(tiny_checkpoint("tiny-gqa"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_path):
-    return Tokenizer(tokenizer_path)
-
-
 def _config(**kw):
     return EngineConfig(max_slots=4, max_seq_len=MAX_LEN, max_prefill_tokens=256, **kw)
 
 
 @pytest.fixture(scope="module")
-def cached(model, tokenizer):
-    with Engine(model, tokenizer, _config()) as e:
+def cached(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, _config()) as e:
         yield e
 
 
 @pytest.fixture(scope="module")
-def plain(model, tokenizer):
-    with Engine(model, tokenizer, _config(prefix_cache=False)) as e:
+def plain(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, _config(prefix_cache=False)) as e:
         yield e
 
 
@@ -224,11 +212,11 @@ def test_cached_tokens_in_usage_and_metrics_through_the_api(cached):
             metric(server.url, "llama_jax_prefix_cache_reused_tokens_total")
         messages = [{"role": "system", "content": "You answer questions about the sea, briefly and kindly."},
                     {"role": "user", "content": "Why is the sea salty?"}]
-        first = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)
+        first = client.chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=messages, max_tokens=6, temperature=0)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         messages += [{"role": "assistant", "content": first.choices[0].message.content},
                      {"role": "user", "content": "And why is it blue?"}]
-        stream = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, stream=True,
+        stream = client.chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=messages, max_tokens=6, temperature=0, stream=True,
                                                 stream_options={"include_usage": True})
         usage = [c for c in stream][-1].usage
         cached_tokens = usage.prompt_tokens_details.cached_tokens

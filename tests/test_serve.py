@@ -30,6 +30,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
           "required": ["name", "age"]}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NO_EOS = {"2": -100}  # the demo's end of turn banned: a long stream runs to its length (or the drain's cut)
 SMALL = ["--max-slots", "4", "--max-seq-len", "256", "--max-prefill-tokens", "128"]  # a short warm-up
 
 
@@ -178,7 +179,8 @@ def test_structured_output_on_the_demo_model(served):
 
 def stream(url: str, max_tokens: int, first: threading.Event, out: dict) -> None:
     """One raw SSE stream; `first` is set once its first event arrived (it was accepted)."""
-    body = {"model": DEMO, "messages": HELLO, "stream": True, "max_tokens": max_tokens, "seed": max_tokens}
+    body = {"model": DEMO, "messages": HELLO, "stream": True, "max_tokens": max_tokens, "seed": max_tokens,
+            "logit_bias": NO_EOS}
     raw = b""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         out["status"] = r.status_code
@@ -202,7 +204,7 @@ def test_sigterm_drains_16_streams_then_exits_0(served):
     plain: dict = {}
 
     def plain_request() -> None:
-        body = {"model": DEMO, "messages": HELLO, "max_tokens": 200}
+        body = {"model": DEMO, "messages": HELLO, "max_tokens": 200, "logit_bias": NO_EOS}
         plain["r"] = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
 
     threads.append(threading.Thread(target=plain_request))

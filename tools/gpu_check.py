@@ -12,8 +12,9 @@ weights on disk. Steps, each printed as it ends:
 2. random weights on the device and a measured device copy bandwidth (the decode ceiling is
    weight bytes / bandwidth);
 3. warm-up of every serving program, per program, with the persistent compilation cache;
-4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens,
-   aggregate tok/s at 8 and 32 concurrent requests of `--context` tokens, peak device memory.
+4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
+   1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 32
+   concurrent requests of `--context` tokens, peak device memory.
 With `--quantize int8` the weights are int8 with per-channel scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
 their temporaries (`int8_fusion_check`): no matrix dequantized whole means the convert is fused
@@ -46,6 +47,7 @@ from llama_jax.attention import AttentionConfig  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.engine import Engine, EngineConfig, enable_compilation_cache  # noqa: E402
 from llama_jax.model import abstract_model, init_model  # noqa: E402
+from llama_jax.request import Request  # noqa: E402
 
 
 class StandInTokenizer:
@@ -154,6 +156,7 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
     result.tokens.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     engine._state = engine._reset(engine._state)
+    engine.prefix.forget()  # the lengths are zero again: no slot holds what its record says
     return seconds
 
 
@@ -251,6 +254,17 @@ def main(argv: list[str] | None = None) -> dict:
                 times = [ttft(engine, prompt(rng, length)) for _ in range(5)]
                 result[f"ttft_ms_{length}"] = round(1000 * statistics.median(times), 1)
                 say(f"TTFT at {length} tokens: {result[f'ttft_ms_{length}']} ms")
+        total = min(1024, config.max_seq_len // 2)  # the next turn of a chat: 7/8 of the prompt cached
+        base, times = prompt(rng, total * 7 // 8), []
+        for i in range(6):
+            start = time.perf_counter()
+            handle = engine.submit(Request(prompt=base + prompt(rng, total // 8 + 1)[1:], max_tokens=1, stop_token_ids=[]))
+            next(iter(handle))
+            times.append(time.perf_counter() - start)
+            handle.result()
+        key = f"ttft_ms_{total}_prefix_cached_{len(base)}"
+        result.update({key: round(1000 * statistics.median(times[1:]), 1), "prefix_cached_tokens": handle.cached_tokens})
+        say(f"TTFT at {total} tokens, {handle.cached_tokens} of them cached: {result[key]} ms")
         context = min(args.context, config.max_seq_len - args.decode_tokens)
         for c in args.concurrency:
             if c <= args.slots:
