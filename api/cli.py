@@ -45,7 +45,11 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: quantize a float checkpoint's matrices to int8 (per-channel scales) while loading, "
                         "streamed one layer at a time; an int8 checkpoint (convert-weights --quantize int8) needs "
-                        "no flag. On CPU the int8 matmuls also quantize their inputs per row (see docs/serving.md)")
+                        "no flag")
+    p.add_argument("--int8-inputs", choices=["int8", "float"], default=None,
+                   help="how int8 matrices multiply: int8 (each input row quantized too: an int8 x int8 dot, the "
+                        "fastest on CPU and the CPU default) or float (weight-only: the default on GPU/TPU, exact "
+                        "inputs; on CPU no faster than float32). See docs/serving.md")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
@@ -168,6 +172,12 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
                              quantization=args.quantize)
     if loaded.tokenizer_path is None:
         raise ValueError(f"{path} has no tokenizer.model")
+    if args.int8_inputs and loaded.cfg.quantization is None:
+        raise ValueError("--int8-inputs needs int8 weights (--quantize int8, or a --quantize int8 checkpoint)")
+    if loaded.cfg.quantization:
+        from llama_jax.quantize import default_activations
+
+        _say(f"int8 weights, {args.int8_inputs or default_activations()} inputs to their matmuls")
     max_slots = args.max_slots
     if max_slots == "auto":
         from llama_jax.plan import auto_slots
@@ -179,7 +189,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         _say(f"--max-slots auto: {max_slots} slots ({why})")
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
-                          prefix_cache=args.prefix_cache)
+                          prefix_cache=args.prefix_cache, int8_activations=args.int8_inputs)
     engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
     app = create_app(engine, settings)
     # the drain has finished every response before uvicorn's own grace period starts
