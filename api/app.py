@@ -34,10 +34,11 @@ from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletion
                          ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText,
                          ToolCallOut, encode, sse)
 from api.settings import ServerSettings
-from llama_jax import structured
+from llama_jax import structured, tools
 from llama_jax.request import EngineError, Event, QueueFullError, RequestError, RequestHandle
 from llama_jax.request import Request as EngineRequest
-from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
+from llama_jax.structured import Grammar, StructuredOutputError
+from llama_jax.tools import ToolCallParser, ToolSpec
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
 STATE_KEY = "llama_jax"
@@ -151,15 +152,15 @@ async def chat_completions(request: Request) -> Response:
     require_ready(ctx)
     body = schemas.decode(await read_body(request, ctx))
     require_model(ctx, body.model)
-    tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
+    specs, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
-    tools_system = structured.tools_system_prompt(tools, mode, function, parallel) if tools else None
+    tools_system = tools.tools_system_prompt(specs, mode, function, parallel) if specs else None
     try:
         prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body), tools_system)
     except ChatTemplateError as e:
         raise invalid(str(e), "messages") from None
     try:  # compiling can take a while for big schemas (llguidance drops the GIL meanwhile)
-        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, tools, mode, function, parallel)
+        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, specs, mode, function, parallel)
     except StructuredOutputError as e:
         raise invalid(str(e), e.param, "invalid_schema") from None
     constraint = None
@@ -210,12 +211,12 @@ def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[st
     return handle
 
 
-def _grammar(tokenizer, body: ChatCompletionRequest, tools: list[structured.ToolSpec], mode: str,
+def _grammar(tokenizer, body: ChatCompletionRequest, specs: list[ToolSpec], mode: str,
              function: str | None, parallel: bool) -> Grammar | None:
     """The output grammar of a request: the tool-call envelope, a JSON schema, or None (free text)."""
     if mode != "none":
-        structured.check_tools(tokenizer, tools)
-        chosen = [t for t in tools if t.name == function] if function else tools
+        structured.check_tools(tokenizer, specs)
+        chosen = [t for t in specs if t.name == function] if function else specs
         return structured.tools_grammar(tokenizer, chosen, mode, parallel)
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":

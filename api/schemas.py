@@ -20,7 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from api.errors import APIError, invalid
 from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions, TokenLogprob
 from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
-from llama_jax.structured import ToolSpec
+from llama_jax.tools import ToolSpec
 from llama_jax.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------------------------ request
