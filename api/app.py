@@ -2,6 +2,9 @@
 
 `create_app(engine, settings)` does not start or stop the engine: its owner does (the `serve`
 command warms it up in a thread while the app already answers /health with 503).
+
+(Over 400 lines on purpose: a chat request reads top to bottom here, from the route through
+validation and submission to its reply, plain or streamed, whose helpers completions.py shares.)
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Message, Scope
 
-from api import schemas
+from api import responses, schemas
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
-from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                         ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText,
-                         ToolCallOut, encode, sse)
+from api.responses import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
+                           DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText, ToolCallOut,
+                           encode, sse)
+from api.schemas import ChatCompletionRequest
 from api.settings import ServerSettings
 from llama_jax import structured, tools
 from llama_jax.request import EngineError, Event, QueueFullError, RequestError, RequestHandle
@@ -127,7 +131,7 @@ async def _read_body(request: Request, timeout_s: float) -> bytes:
 
 
 def _error_spec(description: str) -> ResponseSpec:
-    return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
+    return ResponseSpec(data_container=responses.ErrorBody, description=description, generate_examples=False)
 
 
 def completion_route(paths: list[str], reply: type, summary: str, description: str, **options: Any) -> Callable:
@@ -279,12 +283,12 @@ class _Reply:
                 deltas.append(Delta(tool_calls=[DeltaToolCall(index, function=DeltaFunction(arguments=fragment))]))
         return deltas
 
-    def _usage(self) -> schemas.Usage:
+    def _usage(self) -> responses.Usage:
         done = self.timer.completion_tokens
-        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+        return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
                              self.handle.cached_tokens)
 
-    def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
+    def _logprobs(self, event: Event) -> responses.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
     def _engine_error(self, event: Event) -> APIError:
@@ -317,7 +321,7 @@ class _Reply:
         return ChatCompletion(self.id, "chat.completion", self.created, self.ctx.settings.model_name, choices,
                               self._usage())
 
-    def _chunk(self, choices: list[ChunkChoice], usage: schemas.Usage | None = None) -> bytes:
+    def _chunk(self, choices: list[ChunkChoice], usage: responses.Usage | None = None) -> bytes:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         chunk = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.ctx.settings.model_name,
                                     choices, usage if include_usage else UNSET)
