@@ -2,6 +2,9 @@
 
 `create_app(engine, settings)` does not start or stop the engine: its owner does (the `serve`
 command warms it up in a thread while the app already answers /health with 503).
+
+(Over 400 lines on purpose: a chat request reads top to bottom here, from the route through
+validation and submission to its reply, plain or streamed, whose helpers completions.py shares.)
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Message, Scope
 
-from api import schemas
+from api import responses, schemas
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
-from api.schemas import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                         ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText,
-                         ToolCallOut, encode, sse)
+from api.responses import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
+                           DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText, ToolCallOut,
+                           encode, sse)
+from api.schemas import ChatCompletionRequest
 from api.settings import ServerSettings
-from llama_jax import structured
+from llama_jax import structured, tools
 from llama_jax.request import EngineError, Event, QueueFullError, RequestError, RequestHandle
 from llama_jax.request import Request as EngineRequest
-from llama_jax.structured import Grammar, StructuredOutputError, ToolCallParser
+from llama_jax.structured import Grammar, StructuredOutputError
+from llama_jax.tools import ToolCallParser, ToolSpec
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
 STATE_KEY = "llama_jax"
@@ -126,7 +131,7 @@ async def _read_body(request: Request, timeout_s: float) -> bytes:
 
 
 def _error_spec(description: str) -> ResponseSpec:
-    return ResponseSpec(data_container=schemas.ErrorBody, description=description, generate_examples=False)
+    return ResponseSpec(data_container=responses.ErrorBody, description=description, generate_examples=False)
 
 
 def completion_route(paths: list[str], reply: type, summary: str, description: str, **options: Any) -> Callable:
@@ -151,15 +156,15 @@ async def chat_completions(request: Request) -> Response:
     require_ready(ctx)
     body = schemas.decode(await read_body(request, ctx))
     require_model(ctx, body.model)
-    tools, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
+    specs, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
-    tools_system = structured.tools_system_prompt(tools, mode, function, parallel) if tools else None
+    tools_system = tools.tools_system_prompt(specs, mode, function, parallel) if specs else None
     try:
         prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body), tools_system)
     except ChatTemplateError as e:
         raise invalid(str(e), "messages") from None
     try:  # compiling can take a while for big schemas (llguidance drops the GIL meanwhile)
-        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, tools, mode, function, parallel)
+        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, specs, mode, function, parallel)
     except StructuredOutputError as e:
         raise invalid(str(e), e.param, "invalid_schema") from None
     constraint = None
@@ -210,12 +215,12 @@ def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[st
     return handle
 
 
-def _grammar(tokenizer, body: ChatCompletionRequest, tools: list[structured.ToolSpec], mode: str,
+def _grammar(tokenizer, body: ChatCompletionRequest, specs: list[ToolSpec], mode: str,
              function: str | None, parallel: bool) -> Grammar | None:
     """The output grammar of a request: the tool-call envelope, a JSON schema, or None (free text)."""
     if mode != "none":
-        structured.check_tools(tokenizer, tools)
-        chosen = [t for t in tools if t.name == function] if function else tools
+        structured.check_tools(tokenizer, specs)
+        chosen = [t for t in specs if t.name == function] if function else specs
         return structured.tools_grammar(tokenizer, chosen, mode, parallel)
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
@@ -278,12 +283,12 @@ class _Reply:
                 deltas.append(Delta(tool_calls=[DeltaToolCall(index, function=DeltaFunction(arguments=fragment))]))
         return deltas
 
-    def _usage(self) -> schemas.Usage:
+    def _usage(self) -> responses.Usage:
         done = self.timer.completion_tokens
-        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+        return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
                              self.handle.cached_tokens)
 
-    def _logprobs(self, event: Event) -> schemas.ChoiceLogprobs | None:
+    def _logprobs(self, event: Event) -> responses.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
     def _engine_error(self, event: Event) -> APIError:
@@ -316,7 +321,7 @@ class _Reply:
         return ChatCompletion(self.id, "chat.completion", self.created, self.ctx.settings.model_name, choices,
                               self._usage())
 
-    def _chunk(self, choices: list[ChunkChoice], usage: schemas.Usage | None = None) -> bytes:
+    def _chunk(self, choices: list[ChunkChoice], usage: responses.Usage | None = None) -> bytes:
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
         chunk = ChatCompletionChunk(self.id, "chat.completion.chunk", self.created, self.ctx.settings.model_name,
                                     choices, usage if include_usage else UNSET)

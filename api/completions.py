@@ -23,12 +23,13 @@ from litestar import Request, Response
 from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from api import schemas
+from api import responses, schemas
 from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
                      submit, unless_disconnected)
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
-from api.schemas import ChatCompletionRequest, Usage, encode, sse
+from api.responses import Usage, encode, sse
+from api.schemas import ChatCompletionRequest
 from llama_jax import scoring
 from llama_jax.request import Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
@@ -207,7 +208,7 @@ class _Run:
 
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
-        return schemas.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+        return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
                              sum(h.cached_tokens for h in self.handles))
 
     def cancel(self) -> None:

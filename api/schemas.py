@@ -1,5 +1,6 @@
-"""The chat-completions wire format: request validation (every seed-page field with its range and
-default, plus what openai clients send) and the OpenAI response/chunk bodies.
+"""The chat-completions request: its wire format and validation (every seed-page field with its
+range and default, plus what openai clients send), and the engine request it becomes. The
+response bodies and SSE framing are responses.py's.
 
 Decoding is msgspec against the Structs below (types and ranges), then `check` adds the rules a
 type cannot say. Every violation is an `APIError` 400 whose `param` names the field (nested ones
@@ -15,16 +16,12 @@ from typing import Annotated, Any, Literal
 import jsonschema
 import msgspec
 import numpy as np
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import Meta, Struct
 
 from api.errors import APIError, invalid
-from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions, TokenLogprob
+from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions
 from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
-from llama_jax.structured import ToolSpec
-from llama_jax.tokenizer import Tokenizer
-
-# ------------------------------------------------------------------------------------ request
-
+from llama_jax.tools import ToolSpec
 
 class FunctionCall(Struct):
     name: str
@@ -362,196 +359,3 @@ def request_json_schema() -> dict[str, Any]:
         return node
 
     return inline(root)
-
-
-# ------------------------------------------------------------------------------------ responses
-
-
-class TopLogprob(Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class ContentLogprob(Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(Struct):
-    content: list[ContentLogprob] | None
-
-
-class FunctionCallOut(Struct):
-    name: str
-    arguments: str  # a JSON object as a string, valid against the function's parameters
-
-
-class ToolCallOut(Struct):
-    id: str
-    type: Literal["function"]
-    function: FunctionCallOut
-
-
-class AssistantMessage(Struct, omit_defaults=True):
-    role: str
-    content: str | None  # null when the reply is tool calls
-    tool_calls: list[ToolCallOut] | UnsetType = UNSET
-
-
-class Choice(Struct):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: str | None
-
-
-class PromptTokensDetails(Struct):
-    cached_tokens: int  # prompt tokens whose keys the prefix cache held (not prefilled again)
-
-
-class Usage(Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    estimated_cost: float
-    prompt_tokens_details: PromptTokensDetails
-
-
-class ChatCompletion(Struct):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class DeltaFunction(Struct, omit_defaults=True):
-    name: str | UnsetType = UNSET
-    arguments: str | UnsetType = UNSET
-
-
-class DeltaToolCall(Struct, omit_defaults=True):
-    """A streamed tool call: first index, id, type and name (arguments ""), then argument fragments."""
-
-    index: int
-    id: str | UnsetType = UNSET
-    type: Literal["function"] | UnsetType = UNSET
-    function: DeltaFunction | UnsetType = UNSET
-
-
-class Delta(Struct, omit_defaults=True):
-    role: str | UnsetType = UNSET
-    content: str | UnsetType = UNSET
-    tool_calls: list[DeltaToolCall] | UnsetType = UNSET
-
-
-class ChunkChoice(Struct):
-    index: int
-    delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(Struct, omit_defaults=True):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None | UnsetType = UNSET  # only with stream_options.include_usage: null, then the totals
-
-
-class ErrorDetail(Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str
-
-
-class ErrorBody(Struct):
-    """Every non-2xx body (and a mid-stream `data:` error event)."""
-
-    error: ErrorDetail
-
-
-class Model(Struct):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(Struct):
-    object: Literal["list"]
-    data: list[Model]
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0) -> Usage:
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost,
-                 PromptTokensDetails(cached_tokens))
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def encode(obj: Struct) -> bytes:
-    """Compact JSON; field order is OpenAI's (id, object, created, model, choices, usage)."""
-    return _encoder.encode(obj)
-
-
-def sse(payload: bytes) -> bytes:
-    """One server-sent event, framed exactly as OpenAI does: `data: ...` and a blank line."""
-    return b"data: " + payload + b"\n\n"
-
-
-# ------------------------------------------------------------------------------------ logprobs
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-class TokenText:
-    """OpenAI's view of a token: `token` text and its UTF-8 `bytes`, cached per id.
-
-    - ordinary pieces: the piece with SentencePiece's "▁" turned into a space (so the first
-      token of a reply keeps the space the decoded text drops);
-    - byte-fallback pieces <0xNN>: bytes [NN], token = those bytes decoded with
-      backslashreplace ("\\xe2" for a lone non-ASCII byte, the character itself for ASCII);
-    - control pieces (<s>, </s>, <unk>): the piece text, bytes null (no text representation).
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
-        self._cache: dict[int, tuple[str, list[int] | None]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, list[int] | None]:
-        if (hit := self._cache.get(token_id)) is not None:
-            return hit
-        piece = self._tokenizer.id_to_piece(token_id)
-        if self._tokenizer.is_control(token_id) or token_id == self._tokenizer.unk_id:
-            out = (piece, None)
-        elif m := _BYTE_PIECE.match(piece):
-            raw = bytes([int(m.group(1), 16)])
-            out = (raw.decode("utf-8", "backslashreplace"), list(raw))
-        else:
-            text = piece.replace("\u2581", " ")
-            out = (text, list(text.encode("utf-8")))
-        self._cache[token_id] = out
-        return out
-
-    def logprobs(self, tokens: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> ChoiceLogprobs:
-        """OpenAI `choices[].logprobs` for these generated tokens."""
-        content = []
-        for t in tokens:
-            token, raw = self(t.token_id)
-            top = [TopLogprob(self(i)[0], _finite(lp), self(i)[1]) for i, lp in t.top]
-            content.append(ContentLogprob(token, _finite(t.logprob), raw, top))
-        return ChoiceLogprobs(content)
-
-
-def _finite(logprob: float) -> float:
-    """JSON has no -inf: clamp to OpenAI's customary floor."""
-    return max(float(logprob), -9999.0)

@@ -1,12 +1,16 @@
-"""Model configuration: one frozen dataclass, presets for Llama 2 and tiny test shapes, and the
-reader for Hugging Face `config.json` files (transformers v4 and v5 spellings)."""
+"""Configuration, one frozen dataclass per concern: the model's (`LlamaConfig`, presets for Llama 2
+and tiny test shapes, the reader for Hugging Face `config.json` files, transformers v4 and v5
+spellings) and the serving engine's (`EngineConfig`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llama_jax.attention import AttentionConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)  # weight formats besides the model dtype (llama_jax/quantize.py)
@@ -170,3 +174,20 @@ def from_hf_config(config: dict[str, Any] | str | Path, dtype: str | None = None
         bos_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
         eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving shape: slots, context, buckets and queue. Everything here fixes a compiled shape."""
+
+    max_slots: int = 8
+    max_seq_len: int | None = None  # default: the model's context (4096 for Llama 2)
+    min_prefill_bucket: int = 16
+    max_prefill_tokens: int = 512  # queued prompts are prefilled together up to rows x bucket tokens
+    max_queue: int = 64
+    compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
+    attention: AttentionConfig | None = None  # default: the fast choice for the platform
+    branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
+    split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
+    prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
+    int8_activations: str | None = None  # int8 weights: "int8" (CPU default) or "float" inputs, see quantize.linear

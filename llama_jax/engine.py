@@ -1,15 +1,16 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-Queued requests are prefilled together, one row per choice (prompts padded to a length bucket,
-rows to a power of two, up to `max_prefill_tokens`), straight into free decode slots, where each
-row samples its first token; `generate` steps then advance every busy slot at once. All device
-state lives in one donated `DecodeState`, updated in place; the set of compiled programs is
-fixed at warm-up (one prefill per (rows, length) shape, one generate per busy-slot bucket: the
-sum of the buckets, not their product), so no request mix ever compiles.
+The scheduler, in token ids and slots: queued requests are prefilled together, one row per
+choice (prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`),
+straight into free decode slots, where each row samples its first token; `generate` steps then
+advance every busy slot at once. The device programs and their state are device.py's; a
+choice's text and constraint are its `RunningChoice`'s (request.py).
 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
 previous step's tokens on the host, so the device never waits for Python.
+
+(Just over 400 lines: one class, the slot table and the queue that every step of it shares.)
 """
 
 from __future__ import annotations
@@ -20,232 +21,26 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from functools import partial
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from llama_jax import kv_cache, sampling, sharding, steps
-from llama_jax.attention import AttentionConfig
-from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache
+from llama_jax import kv_cache, sampling, steps
+from llama_jax.compiles import enable_compilation_cache
+from llama_jax.config import EngineConfig
+from llama_jax.device import Programs, init_decode_state, prefill_shapes, program_shapes, smallest_prefill_shape
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestError, RequestHandle, SamplingOptions, TokenLogprob, validate)
-from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
-from llama_jax.sharding import cache_sharding, replicated
+                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, validate)
+from llama_jax.sampling import SampleResult, SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
+__all__ = ["Engine", "EngineConfig"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Serving shape: slots, context, buckets and queue. Everything here fixes a compiled shape."""
-
-    max_slots: int = 8
-    max_seq_len: int | None = None  # default: the model's context (4096 for Llama 2)
-    min_prefill_bucket: int = 16
-    max_prefill_tokens: int = 512  # queued prompts are prefilled together up to rows x bucket tokens
-    max_queue: int = 64
-    compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
-    attention: AttentionConfig | None = None  # default: the fast choice for the platform
-    branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
-    split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
-    prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
-    int8_activations: str | None = None  # int8 weights: "int8" (CPU default) or "float" inputs, see quantize.linear
-
-
-def enable_compilation_cache(directory: str | Path) -> None:
-    """Persist compiled programs in `directory`, so a restarted server skips compiling.
-
-    JAX reads this setting when it first compiles: call it before anything is jitted.
-    """
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-@partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "sampler", "params"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """Everything the device keeps per slot between steps."""
-
-    cache: KVCache
-    tokens: jax.Array  # int32 [slots]: the last sampled token, the next step's input
-    sampler: SamplerState
-    params: SamplingParams
-
-
-def prefill_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[int, int]]:
-    """The (rows, length) shapes prefill compiles: one row at every length bucket, plus for each
-    larger row bucket the longest length that fits `max_prefill_tokens`. Their number is the sum
-    of the row and length buckets, never their product."""
-    buckets = steps.length_buckets(max_seq_len, min(config.min_prefill_bucket, max_seq_len))
-    shapes = [(1, b) for b in buckets]
-    for rows in steps.length_buckets(config.max_slots, 1)[1:]:
-        fitting = [b for b in buckets if rows * b <= config.max_prefill_tokens]
-        if fitting:
-            shapes.append((rows, fitting[-1]))
-    return shapes
-
-
-def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
-    """Every program serving runs, as (kind, shape): one prefill per (rows, length) shape and one
-    generate per busy-slot bucket, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
-    return ([("prefill", {"rows": r, "bucket": t}) for r, t in prefill_shapes(config, max_seq_len)]
-            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
-            + [("copy", {})])
-
-
-def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
-    """Where each part of the state lives: the KV cache split like the k/v projections, the rest replicated."""
-    rep = replicated(mesh)
-    return DecodeState(cache=cache_sharding(cfg, mesh), tokens=rep,
-                       sampler=SamplerState(counts=rep, prompt_mask=rep, step=rep),
-                       params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
-
-
-def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False) -> DecodeState:
-    """Empty slots: zero cache (stacked or `split` per layer), neutral sampling rows (trace it
-    under jit to build it in place)."""
-    neutral = sampling.make_params(seed=0)
-    return DecodeState(
-        cache=kv_cache.init_cache(cfg, slots, max_len, split),
-        tokens=jnp.zeros((slots,), jnp.int32),
-        sampler=sampling.init_state(slots, cfg.vocab_size),
-        params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
-    )
-
-
-def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None,
-                      split: bool = False) -> DecodeState:
-    """Empty slots created directly with their shardings: no device ever holds the whole state
-    unless the sharding says so."""
-    return jax.jit(partial(empty_state, cfg, slots, max_len, split), out_shardings=decode_state_shardings(cfg, mesh))()
-
-
-def _scatter_rows(tree, slots: jax.Array, rows):
-    """`tree[slots[r]] = rows[r]` for every leaf; slots past the end are dropped (padding rows)."""
-    return jax.tree.map(lambda a, r: a.at[slots].set(r.astype(a.dtype), mode="drop"), tree, rows)
-
-
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
-            lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
-            *, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
-    """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
-    `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
-    suffix is given), and sample each row's first token there (with its sampling row, among its
-    `allowed` `[R, vocab]` tokens; `prompt_mask` marks the whole prompt's ids, prefix included).
-
-    The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
-    slot index past the end marks a padding row, which writes nothing anywhere."""
-    model: Llama = nnx.merge(graphdef, params)
-    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, cache = model(tokens, positions, state.cache, starts + lengths, rows=slots,
-                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn)
-    logits = replicate(logits, attn.mesh)
-    zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
-    fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
-    result, sampled = sampling.sample(logits, rows, fresh, allowed, branch_free=branch_free)
-    return DecodeState(
-        cache=cache,
-        tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
-        sampler=_scatter_rows(state.sampler, slots, sampled),
-        params=_scatter_rows(state.params, slots, rows),
-    ), result
-
-
-def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
-             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
-    """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; each busy slot
-    reads its own keys in place up to its length, so the cost follows the real context."""
-    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
-    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
-    logits = replicate(logits, attn.mesh)
-    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows],
-                                      branch_free=branch_free)
-    return DecodeState(
-        cache=cache,
-        tokens=state.tokens.at[:rows].set(result.tokens),
-        sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
-        params=state.params,
-    ), result
-
-
-def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
-    """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
-    cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
-    def copy(buffer):
-        return jax.lax.fori_loop(0, buffer.shape[0], lambda l, b: b.at[l, slot].set(b[l, source]), buffer)
-
-    return KVCache(k=jax.tree.map(copy, cache.k), v=jax.tree.map(copy, cache.v),
-                   lengths=cache.lengths.at[slot].set(cache.lengths[source]))
-
-
-def replicate(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """Gather the LM head's vocab-sharded logits once, on purpose, before the replicated sampler."""
-    return logits if mesh is None else jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
-
-
-def reset(state: DecodeState) -> DecodeState:
-    """Every slot empty again, in place (jit it with the state donated): zero lengths, counts and
-    tokens, neutral sampling rows. Stale keys stay: lengths mask them."""
-    neutral = sampling.make_params(seed=0)
-    return DecodeState(
-        cache=state.cache.replace(lengths=jnp.zeros_like(state.cache.lengths)),
-        tokens=jnp.zeros_like(state.tokens),
-        sampler=jax.tree.map(jnp.zeros_like, state.sampler),
-        params=jax.tree.map(lambda a, n: jnp.broadcast_to(jnp.asarray(n, a.dtype), a.shape), state.params, neutral),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-    """The engine's two jitted device programs for one model graph and serving shape, with the
-    decode state donated and its shardings fixed on output (so a step updates the state in place
-    and never hands the next one a differently placed state, which would recompile)."""
-
-    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed) -> (state, result)
-    generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
-    copy: Callable  # (cache, source, slot) -> cache
-    shardings: DecodeState
-
-    @staticmethod
-    def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
-        attn = config.attention or AttentionConfig.for_platform()
-        attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
-        branch_free = jax.default_backend() != "cpu" if config.branch_free_sampler is None else config.branch_free_sampler
-        shardings = decode_state_shardings(cfg, mesh)
-        static = dict(attn=attn, branch_free=branch_free)
-        return Programs(
-            prefill=jax.jit(partial(prefill, graphdef, **static), donate_argnames="state",
-                            out_shardings=(shardings, None)),
-            generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
-                             out_shardings=(shardings, None)),
-            copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
-            shardings=shardings)
-
-
-@dataclasses.dataclass
-class _Active:
-    """Host-side bookkeeping of one choice running in a slot."""
-
-    handle: RequestHandle
-    choice: int
-    max_tokens: int
-    text: ChoiceText
-    stop_ids: frozenset[int]
-    constraint: Constraint | None = None
-    generated: int = 0
-    ids: list[int] = dataclasses.field(default_factory=list)  # prompt and sampled tokens: what the slot computes
 
 
 class Engine:
@@ -270,7 +65,7 @@ class Engine:
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
-        self.slots: list[_Active | None] = [None] * config.max_slots
+        self.slots: list[RunningChoice | None] = [None] * config.max_slots
         self.ready = False
         self.error: str | None = None  # why the scheduler stopped for good, if it failed
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -278,16 +73,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         programs = Programs.build(self.graphdef, cfg, config, mesh)
-        shardings = programs.shardings
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
+        self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
-        self._reset = jax.jit(reset, donate_argnums=0, out_shardings=shardings)
-        neutral = sampling.make_params(seed=0)  # idle rows: no top-k/top-p search runs for them
-        self._clear_row = jax.jit(lambda params, slot: sampling.set_row(params, slot, neutral),
-                                  donate_argnums=0, out_shardings=shardings.params)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
-            np.ones((config.max_slots, cfg.vocab_size), bool), shardings.tokens)
+            np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -370,7 +161,9 @@ class Engine:
                 self._copy_slot(0, 0)
                 result, what = None, "slot copy"
             jax.block_until_ready((self._state, result))
-            self._report(progress, done, len(programs), what)
+            log.info("warm-up %d/%d: %s", done, len(programs), what)
+            if progress:
+                progress(done, len(programs), what)
         self._state = self._reset(self._state)
 
     def _replace_state(self) -> None:
@@ -384,12 +177,6 @@ class Engine:
     def _copy_slot(self, source: int, slot: int) -> None:
         self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
-    @staticmethod
-    def _report(progress, done: int, total: int, what: str) -> None:
-        log.info("warm-up %d/%d: %s", done, total, what)
-        if progress:
-            progress(done, total, what)
-
     def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0) -> SamplingParams:
         try:
             return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs)
@@ -397,10 +184,7 @@ class Engine:
             raise RequestError(str(e), param=str(e).split()[0]) from None
 
     def _prefill_shape(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
-        """The smallest compiled (rows, length) shape that holds these prompts, if any."""
-        rows, longest = len(prompts), max(map(len, prompts))
-        fitting = [(r, t) for r, t in self.prefill_shapes if r >= rows and t >= longest]
-        return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
+        return smallest_prefill_shape(self.prefill_shapes, prompts)
 
     def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
                      rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
@@ -432,7 +216,7 @@ class Engine:
             self._wake.notify()
 
     def _run(self) -> None:
-        pending: tuple[list[_Active | None], SampleResult] | None = None
+        pending: tuple[list[RunningChoice | None], SampleResult] | None = None
         while True:
             with self._wake:
                 while not (self._stopping or self._queue or any(self.slots) or pending):
@@ -562,17 +346,17 @@ class Engine:
             for handle in {h for h, _, _, _ in rows}:
                 self._release(handle, f"prefill failed: {e}")
             return
-        owners: list[_Active | None] = [None] * len(self.slots)
+        owners: list[RunningChoice | None] = [None] * len(self.slots)
         for (handle, choice, slot, _), constraint in zip(rows, constraints):
             request = handle.request
             stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
             self.prefix.hold(slot, request.prompt)
-            owners[slot] = self.slots[slot] = _Active(
+            owners[slot] = self.slots[slot] = RunningChoice(
                 handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
                 stop_ids, constraint, ids=list(request.prompt))
         self._process(owners, result, row_of={slot: i for i, (_, _, slot, _) in enumerate(rows)})
 
-    def _dispatch(self) -> tuple[list[_Active | None], SampleResult]:
+    def _dispatch(self) -> tuple[list[RunningChoice | None], SampleResult]:
         """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.
 
         Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
@@ -597,8 +381,8 @@ class Engine:
             leaf.copy_to_host_async()
         return list(self.slots), result
 
-    def _process(self, owners: list[_Active | None], result: SampleResult | None, row_of: dict[int, int] | None = None,
-                 which: Callable[[_Active], bool] = lambda a: True) -> None:
+    def _process(self, owners: list[RunningChoice | None], result: SampleResult | None, row_of: dict[int, int] | None = None,
+                 which: Callable[[RunningChoice], bool] = lambda a: True) -> None:
         """Turn one step's sampled tokens into events for the choices (those `which` selects) that
         still own their slot."""
         if result is None or not any(a and which(a) for a in owners):
@@ -620,23 +404,11 @@ class Engine:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")
 
-    def _advance(self, slot: int, active: _Active, token: int, logprob: float, top_ids, top_lp) -> None:
+    def _advance(self, slot: int, active: RunningChoice, token: int, logprob: float, top_ids, top_lp) -> None:
         k = active.handle.request.top_logprobs
-        info = TokenLogprob(token, logprob, tuple(zip(top_ids[:k].tolist(), top_lp[:k].tolist())))
-        active.generated += 1
-        active.ids.append(token)
-        if active.constraint:
-            active.constraint.advance(token)
-        if token in active.stop_ids:
-            text, finish = active.text.finish(), "stop"
-        else:
-            text, hit = active.text.add(token)
-            complete = active.constraint is not None and active.constraint.done()
-            finish = "stop" if hit or complete else "length" if active.generated >= active.max_tokens else None
-            if finish and not hit:
-                text += active.text.finish()
-        active.handle.put(Event(active.choice, text, (info,), finish))
-        if finish:
+        event = active.step(TokenLogprob(token, logprob, tuple(zip(top_ids[:k].tolist(), top_lp[:k].tolist()))))
+        active.handle.put(event)
+        if event.finish_reason:
             self._free(slot)
             active.handle.unfinished -= 1
             if active.handle.unfinished == 0:

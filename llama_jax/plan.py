@@ -1,7 +1,7 @@
 """Capacity planning without weights: compile the serving programs ahead of time from abstract
 shapes and read what they need from the compiler.
 
-`plan(cfg, config, mesh)` lowers every program warm-up would compile (`engine.program_shapes`)
+`plan(cfg, config, mesh)` lowers every program warm-up would compile (`device.program_shapes`)
 on `jax.ShapeDtypeStruct`s that carry the real shardings, compiles them for this machine's
 backend, and reports per-device bytes: weights and KV cache (from the shardings, exact) and the
 largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax import quantize, sampling
-from llama_jax.config import LlamaConfig
-from llama_jax.engine import DecodeState, EngineConfig, Programs, decode_state_shardings, empty_state, program_shapes
+from llama_jax.config import EngineConfig, LlamaConfig
+from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.model import abstract_model, storage_params
 from llama_jax.sharding import param_shardings
 

@@ -1,6 +1,7 @@
 """What a caller hands the engine and what it gets back: requests, per-choice events, the handle
 that streams them (to plain Python or asyncio), and the text side of one choice (incremental
-detokenizing with stop strings held back until they can no longer match)."""
+detokenizing with stop strings held back until they can no longer match) and of one running
+choice (`RunningChoice`: each sampled token in, the choice's next event out)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ class QueueFullError(RuntimeError):
 class SamplingOptions:
     """Sampling knobs of one request, as the API gives them (validated by `sampling.make_params`)."""
 
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     min_p: float = 0.0
-    top_k: int = 0
+    top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -214,6 +215,39 @@ class ChoiceText:
                     if text.endswith(s[:k])), default=0)
         self._held = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold], False
+
+
+@dataclasses.dataclass
+class RunningChoice:
+    """One choice running in a decode slot, host side: its text, stop ids and constraint, and the
+    token ids its slot computes (prompt and sampled); `step` turns a sampled token into an event."""
+
+    handle: RequestHandle
+    choice: int
+    max_tokens: int
+    text: ChoiceText
+    stop_ids: frozenset[int]
+    constraint: Constraint | None = None
+    generated: int = 0
+    ids: list[int] = dataclasses.field(default_factory=list)
+
+    def step(self, info: TokenLogprob) -> Event:
+        """Take the sampled token `info.token_id`: the event it makes, with a finish_reason once the
+        choice is done (a stop token or string, a complete grammar, or max_tokens)."""
+        token = info.token_id
+        self.generated += 1
+        self.ids.append(token)
+        if self.constraint:
+            self.constraint.advance(token)
+        if token in self.stop_ids:
+            text, finish = self.text.finish(), "stop"
+        else:
+            text, hit = self.text.add(token)
+            complete = self.constraint is not None and self.constraint.done()
+            finish = "stop" if hit or complete else "length" if self.generated >= self.max_tokens else None
+            if finish and not hit:
+                text += self.text.finish()
+        return Event(self.choice, text, (info,), finish)
 
 
 def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:

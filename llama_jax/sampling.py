@@ -4,6 +4,9 @@ One row per decode slot. `SamplingParams` holds the knobs and the key material, 
 the penalty state; both are pytrees of arrays, so `sample` compiles once per shape and never
 again whatever the values.
 
+(Over 400 lines on purpose: one pipeline whose steps share the threshold searches and the key
+scheme below; split up, each piece would have to restate the processing order.)
+
 Processing order inside `sample`, per row:
 
 0. logit_bias (OpenAI's): each (token id, bias) pair of the row is added to that token's logit

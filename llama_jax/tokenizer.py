@@ -5,12 +5,13 @@ Kept free of JAX so the server and tools can import it cheaply.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sentencepiece as spm
+
+from llama_jax import tools
 
 # Meta's Llama 2 chat markers (llama/generation.py).
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -26,6 +27,9 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Load the SentencePiece model file at `path`."""
         self._sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+        # BOS, EOS and unknown ids (1, 2 and 0 for Llama 2) and the number of pieces (32000)
+        self.bos_id, self.eos_id, self.unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
+        self.vocab_size: int = self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without BOS/EOS; "<s>"/"</s>" in text stay plain pieces (no control parsing)."""
@@ -47,25 +51,13 @@ class Tokenizer:
         """Whether the id is a control piece (BOS/EOS), which decodes to ""."""
         return self._sp.is_control(int(token_id))
 
-    @property
-    def bos_id(self) -> int:
-        """Id of the beginning-of-sequence token (1 for Llama 2)."""
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        """Id of the end-of-sequence token (2 for Llama 2)."""
-        return self._sp.eos_id()
-
-    @property
-    def unk_id(self) -> int:
-        """Id of the unknown token (0 for Llama 2)."""
-        return self._sp.unk_id()
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of pieces in the model (32000 for Llama 2)."""
-        return self._sp.get_piece_size()
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a piece stands for: "▁" is a space, a byte-fallback piece <0xNN> is byte NN;
+        None for control and unknown pieces, which have no text."""
+        if self.is_control(token_id) or token_id == self.unk_id:
+            return None
+        piece = self.id_to_piece(token_id)
+        return bytes([int(piece[3:5], 16)]) if self.is_byte(token_id) else piece.replace("\u2581", " ").encode()
 
 
 # --------------------------------------------------------------------------- chat template
@@ -93,49 +85,11 @@ def _content_text(content: Any) -> str:
     raise ChatTemplateError(f"message content must be a string, null or a list of text parts, not {kind}")
 
 
-def _tool_calls_text(tool_calls: Any) -> str:
-    """Render OpenAI assistant tool calls as one line of JSON so the model sees what it called."""
-    if not isinstance(tool_calls, list):
-        raise ChatTemplateError("tool_calls must be a list")
-    calls = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise ChatTemplateError("each tool call needs a function with a name")
-        calls.append({"id": call.get("id"), "name": function["name"], "arguments": function.get("arguments", "")})
-    return "[tool calls]: " + json.dumps(calls, ensure_ascii=False)
-
-
-# Tools mode (the request has `tools`): the model is shown the functions in the system block and
-# asked to call them with this envelope (llama_jax.structured constrains its output to it).
-TOOL_CALLS_KEY = "tool_calls"
-
-
-def render_tool_calls(tool_calls: Any) -> str:
-    """Assistant tool calls exactly as the model is asked to emit them:
-    ``{"tool_calls": [{"name": "f", "arguments": {...}}]}`` (json.dumps separators; arguments that
-    are not valid JSON stay a string)."""
-    if not isinstance(tool_calls, list):
-        raise ChatTemplateError("tool_calls must be a list")
-    calls = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-            raise ChatTemplateError("each tool call needs a function with a name")
-        arguments = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-        except ValueError:
-            pass
-        calls.append({"name": function["name"], "arguments": arguments})
-    return json.dumps({TOOL_CALLS_KEY: calls}, ensure_ascii=False)
-
-
 def _message_text(message: Mapping[str, Any], tool_names: dict[str, str] | None = None) -> str:
     """Text of one non-system message: tool results and assistant tool calls are rendered as plain text.
 
     In tools mode (`tool_names` given: call id -> function name, filled here from assistant
-    calls) calls use `render_tool_calls` and results read "[tool result for <name>]: ...".
+    calls) calls use `tools.render_tool_calls` and results read "[tool result for <name>]: ...".
     """
     text = _content_text(message.get("content"))
     if message["role"] == "tool":
@@ -144,10 +98,11 @@ def _message_text(message: Mapping[str, Any], tool_names: dict[str, str] | None 
             return f"[tool result for {tool_names[call_id]}]: {text}"
         return f"[tool result for call {call_id}]: {text}" if call_id else f"[tool result]: {text}"
     if message["role"] == "assistant" and message.get("tool_calls"):
-        if tool_names is None:
-            calls = _tool_calls_text(message["tool_calls"])
-        else:
-            calls = render_tool_calls(message["tool_calls"])
+        try:
+            calls = (tools.tool_calls_text if tool_names is None else tools.render_tool_calls)(message["tool_calls"])
+        except ValueError as e:
+            raise ChatTemplateError(str(e)) from None
+        if tool_names is not None:
             for call in message["tool_calls"]:
                 if call.get("id"):
                     tool_names[call["id"]] = call["function"]["name"]
@@ -166,7 +121,7 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]], tools_system: str | No
     - the conversation must start with user/tool (after system) and end with user/tool.
     Message text is otherwise used verbatim; only the whole turn is strip()ped later, as in Meta.
 
-    `tools_system` (tools mode, see llama_jax.structured.tools_system_prompt) is appended to the
+    `tools_system` (tools mode, see llama_jax.tools.tools_system_prompt) is appended to the
     system text, and tool calls/results are rendered as the model is told to emit/expect them.
     """
     if not messages:
@@ -276,7 +231,7 @@ class IncrementalDetokenizer:
         for token_id in reversed(self._window[-self._MAX_PENDING_BYTES :]):
             if not self._tokenizer.is_byte(token_id):
                 break
-            values.insert(0, int(self._tokenizer.id_to_piece(token_id)[3:5], 16))
+            values.insert(0, self._tokenizer.token_bytes(token_id)[0])
         for start, value in enumerate(values):
             rest = values[start + 1 :]
             if len(values) - start < _utf8_length(value) and all(0x80 <= b <= 0xBF for b in rest):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from api import schemas
+from api import responses, schemas
 from api.cli import build_parser, curl_example
 from api.errors import APIError
 from api.settings import ServerSettings, api_keys_from
@@ -60,7 +60,7 @@ def test_error_body_shape():
 
 def test_logprob_token_strings(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
-    text = schemas.TokenText(tokenizer)
+    text = responses.TokenText(tokenizer)
     hello = tokenizer.encode("Hello")[-1]
     assert tokenizer.id_to_piece(hello) == "\u2581Hello" and text(hello) == (" Hello", list(b" Hello"))
     newline = next(i for i in range(3, 300) if tokenizer.id_to_piece(i) == "<0x0A>")
@@ -74,9 +74,9 @@ def test_logprob_token_strings(tokenizer_path):
 
 
 def test_chunk_encoding_is_openai_ordered():
-    chunk = schemas.ChatCompletionChunk("chatcmpl-1", "chat.completion.chunk", 1, "m",
-                                        [schemas.ChunkChoice(0, schemas.Delta())])
-    assert schemas.sse(schemas.encode(chunk)) == (
+    chunk = responses.ChatCompletionChunk("chatcmpl-1", "chat.completion.chunk", 1, "m",
+                                          [responses.ChunkChoice(0, responses.Delta())])
+    assert responses.sse(responses.encode(chunk)) == (
         b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
         b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":null}]}\n\n')
 

@@ -17,7 +17,7 @@ import pytest
 
 from api.app import create_app
 from api.settings import ServerSettings
-from llama_jax import structured
+from llama_jax import tools
 from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
@@ -223,8 +223,8 @@ def test_tool_results_render_like_the_calls(client, engine):
     out = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
                                          max_tokens=40, seed=3)
     check_calls(out.choices[0])
-    specs = [structured.ToolSpec("get_weather", "Weather in a city", WEATHER["function"]["parameters"])]
-    system = structured.tools_system_prompt(specs, "required")
+    specs = [tools.ToolSpec("get_weather", "Weather in a city", WEATHER["function"]["parameters"])]
+    system = tools.tools_system_prompt(specs, "required")
     prompt = apply_chat_template(engine.tokenizer, messages, system)
     assert out.usage.prompt_tokens == len(prompt)
     text = engine.tokenizer.decode(prompt)

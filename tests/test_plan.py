@@ -11,7 +11,8 @@ import pytest
 
 from llama_jax import cli, plan
 from llama_jax.config import preset
-from llama_jax.engine import EngineConfig, program_shapes
+from llama_jax.device import program_shapes
+from llama_jax.engine import EngineConfig
 from llama_jax.hf_checkpoint import param_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

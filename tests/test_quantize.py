@@ -220,7 +220,7 @@ def _weight_shaped_f32(hlo: str, cfg) -> list[str]:
 def _cpu_decode(cfg, mode: str | None, rows: int = 8):
     """The CPU engine's own decode program (layers split into one buffer each), compiled from
     abstract shapes: no weight is allocated."""
-    from llama_jax.engine import Programs, empty_state
+    from llama_jax.device import Programs, empty_state
     from llama_jax.model import abstract_model
 
     config = EngineConfig(max_slots=8, max_seq_len=256, int8_activations=mode)

@@ -12,7 +12,8 @@ import pytest
 
 from llama_jax import plan, sharding
 from llama_jax.config import preset
-from llama_jax.engine import EngineConfig, decode_state_shardings, program_shapes
+from llama_jax.device import decode_state_shardings, program_shapes
+from llama_jax.engine import EngineConfig
 
 GiB = 1 << 30
 

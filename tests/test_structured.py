@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from llama_jax import structured as S
-from llama_jax.tokenizer import Tokenizer, apply_chat_template, render_tool_calls, to_meta_dialog
+from llama_jax import tools as T
+from llama_jax import vocabulary as V
+from llama_jax.tokenizer import Tokenizer, apply_chat_template, to_meta_dialog
+from llama_jax.tools import render_tool_calls
 
 PERSON = {
     "type": "object",
@@ -30,11 +33,11 @@ PERSON = {
     "required": ["name", "age", "address"],
     "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}},
 }
-WEATHER = S.ToolSpec("get_weather", "Weather in a city", {
+WEATHER = T.ToolSpec("get_weather", "Weather in a city", {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
                                      "days": {"type": "integer", "minimum": 1}},
     "required": ["city", "unit"]})
-CLOCK = S.ToolSpec("get_time")
+CLOCK = T.ToolSpec("get_time")
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,8 @@ def walk(constraint, budget: int, rng: np.random.Generator, eos: int = 2) -> tup
 
 
 def test_vocabulary_maps_pieces_to_bytes(tokenizer):
-    vocab = S.vocabulary(tokenizer)
-    assert vocab is S.vocabulary(tokenizer) and vocab.size == 32000
+    vocab = V.vocabulary(tokenizer)
+    assert vocab is V.vocabulary(tokenizer) and vocab.size == 32000
     assert vocab.pieces[tokenizer.encode("hello")[0]] == b" hello"  # "▁" is a space
     assert vocab.pieces[3 + 0x0A] == b"\n" and vocab.pieces[tokenizer.eos_id].startswith(b"\xff")
     for text in ['{"a": 1}', " lead", "naïve ünïcode 😀", "\n\nx"]:  # no dummy-prefix space
@@ -135,7 +138,7 @@ def test_tool_envelopes_parse_and_validate(tokenizer, mode, tools, parallel):
             constraint.advance(token)
         tokens, finish = walk(constraint, budget - len(first), rng)
         text = tokenizer.decode(first + tokens)
-        parser = S.parse_tool_calls(text)
+        parser = T.parse_tool_calls(text)
         if parser.mode == "content":
             assert mode == "auto" and not text.startswith("{")
             continue
@@ -158,11 +161,11 @@ def test_rendered_history_is_what_the_grammar_accepts(tokenizer):
     assert rendered == ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}, '
                         '{"name": "get_time", "arguments": {}}]}')
     constraint = S.tools_grammar(tokenizer, [WEATHER, CLOCK], "required").constraint(None)
-    for token in S.vocabulary(tokenizer).encode(rendered):
+    for token in V.vocabulary(tokenizer).encode(rendered):
         assert constraint.allowed()[token]
         constraint.advance(token)
     assert constraint.done()
-    system = S.tools_system_prompt([WEATHER, CLOCK], "auto")
+    system = T.tools_system_prompt([WEATHER, CLOCK], "auto")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": None, "tool_calls": calls},
                 {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
@@ -175,49 +178,17 @@ def test_rendered_history_is_what_the_grammar_accepts(tokenizer):
     assert apply_chat_template(tokenizer, plain) == apply_chat_template(tokenizer, plain, None)
 
 
-def test_system_prompt_modes():
-    auto = S.tools_system_prompt([WEATHER, CLOCK], "auto")
-    assert '"name":"get_weather"' in auto and '"description":"Weather in a city"' in auto
-    assert '{"name":"get_time","parameters":{}}' in auto and "plain text" in auto
-    assert "at least one" in S.tools_system_prompt([WEATHER], "required")
-    assert "Do not call" in S.tools_system_prompt([WEATHER], "none")
-    assert "Call get_weather now" in S.tools_system_prompt([WEATHER, CLOCK], "required", "get_weather", False)
-
-
-def test_parser_streams_names_then_argument_fragments():
-    text = ' {"tool_calls": [{"name": "f", "arguments": {"a": "x}\\"{", "b": [1, {"c": null}]}}, ' \
-           '{"name": "g", "arguments": {}}]}'
-    whole = S.parse_tool_calls(text)
-    assert whole.complete and [(c.name, c.arguments) for c in whole.calls] == [
-        ("f", '{"a": "x}\\"{", "b": [1, {"c": null}]}'), ("g", "{}")]
-    parser, events = S.ToolCallParser(), []
-    for ch in text:
-        events += parser.feed(ch)
-    assert events[0] == ("call", 0, "f") and ("call", 1, "g") in events
-    rebuilt: dict[int, str] = {}
-    for kind, index, value in events:
-        if kind == "arguments":
-            assert index in {i for k, i, _ in events if k == "call"}
-            rebuilt[index] = rebuilt.get(index, "") + value
-    assert rebuilt == {0: whole.calls[0].arguments, 1: "{}"}
-    text_parser = S.ToolCallParser()
-    assert text_parser.feed("  ") == [] and text_parser.feed("Hi") == [("content", "  Hi")]
-    assert text_parser.feed(" there") == [("content", " there")] and not text_parser.calls
-    cut = S.parse_tool_calls('{"tool_calls": [{"name": "f", "arguments": {"a": "x')
-    assert not cut.complete and cut.calls[0].arguments == '{"a": "x' and not cut.calls[0].complete
-
-
 def test_bad_schemas_name_the_field(tokenizer):
     with pytest.raises(S.StructuredOutputError) as e:
         S.json_grammar(tokenizer, {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
                        "response_format.json_schema.schema")
     assert e.value.param == "response_format.json_schema.schema" and "missing" in str(e.value)
     with pytest.raises(S.StructuredOutputError) as e:
-        bad = S.ToolSpec("bad", None, {"type": "object", "properties": {"x": {"type": "strin"}}})
+        bad = T.ToolSpec("bad", None, {"type": "object", "properties": {"x": {"type": "strin"}}})
         S.check_tools(tokenizer, [WEATHER, bad])
     assert e.value.param == "tools[1].function.parameters"
     with pytest.raises(ValueError):
-        S.tools_lark([WEATHER], "none")
+        T.tools_lark([WEATHER], "none")
 
 
 # ------------------------------------------------------------------------------------ demo tokenizer (issue 13)
@@ -235,8 +206,8 @@ def test_demo_tokenizer_encodes_like_llama(demo_tokenizer, tokenizer):
     forced-text encoding structured output relies on is exact, as on Llama 2."""
     for text in STRUCTURAL:
         assert demo_tokenizer.decode(demo_tokenizer.encode(text)) == text == tokenizer.decode(tokenizer.encode(text))
-        ids = S.vocabulary(demo_tokenizer).encode(text)
-        assert b"".join(S.vocabulary(demo_tokenizer).pieces[i] for i in ids).decode() == text
+        ids = V.vocabulary(demo_tokenizer).encode(text)
+        assert b"".join(V.vocabulary(demo_tokenizer).pieces[i] for i in ids).decode() == text
     assert [demo_tokenizer.id_to_piece(i) for i in demo_tokenizer.encode("\n")] == ["\u2581", "<0x0A>"] == \
         [tokenizer.id_to_piece(i) for i in tokenizer.encode("\n")]
 
@@ -257,7 +228,7 @@ def test_demo_tokenizer_random_walks_finish_valid(demo_tokenizer, kind):
         if kind == "json_schema":
             jsonschema.validate(value, PERSON)
         if kind == "tools":
-            assert S.parse_tool_calls(text).complete and value["tool_calls"]
+            assert T.parse_tool_calls(text).complete and value["tool_calls"]
 
 
 def old_demo_tokenizer(tmp_path) -> Tokenizer:

@@ -103,7 +103,7 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     row's keys up to its length, so the context (not the cache size) should set the cost. The two
     are timed alternately, so drift in the machine's speed hits both alike."""
     from llama_jax import kv_cache
-    from llama_jax.engine import Programs, init_decode_state
+    from llama_jax.device import Programs, init_decode_state
     from llama_jax.model import storage_params
 
     graphdef, params = nnx.split(model)

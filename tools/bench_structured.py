@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_jax import structured  # noqa: E402
+from llama_jax import structured, tools, vocabulary  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.engine import Engine, EngineConfig  # noqa: E402
 from llama_jax.model import init_model  # noqa: E402
@@ -41,7 +41,7 @@ PERSON = {"type": "object", "properties": {
     "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string",
                                                                                     "pattern": "^[0-9]{5}$"}},
                 "required": ["city", "zip"]}}, "required": ["name", "age", "address"]}
-WEATHER = structured.ToolSpec("get_weather", "Weather in a city", {
+WEATHER = tools.ToolSpec("get_weather", "Weather in a city", {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
     "required": ["city", "unit"]})
 
@@ -52,7 +52,7 @@ TEXT = {"type": "object", "properties": {"text": {"type": "string"}}, "required"
 def grammars(tokenizer: Tokenizer) -> dict[str, structured.Grammar]:
     return {"json_object": structured.json_grammar(tokenizer, None),
             "json_schema": structured.json_grammar(tokenizer, PERSON),
-            "tools_required": structured.tools_grammar(tokenizer, [WEATHER, structured.ToolSpec("get_time")],
+            "tools_required": structured.tools_grammar(tokenizer, [WEATHER, tools.ToolSpec("get_time")],
                                                        "required")}
 
 
@@ -157,7 +157,7 @@ def main() -> None:
 
     tokenizer = Tokenizer(args.tokenizer)
     t0 = time.perf_counter()
-    structured.vocabulary(tokenizer)
+    vocabulary.vocabulary(tokenizer)
     result = {"preset": args.preset, "device": str(jax.devices()[0]), "jax": jax.__version__,
               "llguidance": llguidance.__version__ if hasattr(llguidance, "__version__") else "?",
               "vocabulary_build_s": round(time.perf_counter() - t0, 3)}

@@ -45,7 +45,8 @@ from bench_engine import prompt, run_concurrent, ttft  # noqa: E402
 from llama_jax import attention  # noqa: E402
 from llama_jax.attention import AttentionConfig  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
-from llama_jax.engine import Engine, EngineConfig, enable_compilation_cache  # noqa: E402
+from llama_jax.compiles import enable_compilation_cache  # noqa: E402
+from llama_jax.engine import Engine, EngineConfig  # noqa: E402
 from llama_jax.model import abstract_model, init_model  # noqa: E402
 from llama_jax.request import Request  # noqa: E402
 

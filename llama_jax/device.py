@@ -1,0 +1,210 @@
+"""The serving engine's device core: the decode state of every slot and the pure jitted programs
+that update it (prefill straight into slots, generate, slot copy, reset, clear a row).
+
+All device state lives in one donated `DecodeState`, updated in place; `Programs.build` jits
+every program once per model graph with the state's shardings fixed on output, and the set of
+shapes they run at is fixed up front (`program_shapes`: one prefill per (rows, length) shape,
+one generate per busy-slot bucket, the sum of the buckets, not their product), so no request mix
+ever compiles. Host-side state (slots, queue, text) is the scheduler's, in engine.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import kv_cache, sampling, sharding, steps
+from llama_jax.attention import AttentionConfig
+from llama_jax.config import EngineConfig, LlamaConfig
+from llama_jax.kv_cache import KVCache
+from llama_jax.model import Llama
+from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
+from llama_jax.sharding import cache_sharding, replicated
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["cache", "tokens", "sampler", "params"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the device keeps per slot between steps."""
+
+    cache: KVCache
+    tokens: jax.Array  # int32 [slots]: the last sampled token, the next step's input
+    sampler: SamplerState
+    params: SamplingParams
+
+
+def prefill_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[int, int]]:
+    """The (rows, length) shapes prefill compiles: one row at every length bucket, plus for each
+    larger row bucket the longest length that fits `max_prefill_tokens`. Their number is the sum
+    of the row and length buckets, never their product."""
+    buckets = steps.length_buckets(max_seq_len, min(config.min_prefill_bucket, max_seq_len))
+    shapes = [(1, b) for b in buckets]
+    for rows in steps.length_buckets(config.max_slots, 1)[1:]:
+        fitting = [b for b in buckets if rows * b <= config.max_prefill_tokens]
+        if fitting:
+            shapes.append((rows, fitting[-1]))
+    return shapes
+
+
+def smallest_prefill_shape(shapes: Sequence[tuple[int, int]], prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+    """The smallest of the compiled (rows, length) `shapes` that holds these prompts, if any."""
+    rows, longest = len(prompts), max(map(len, prompts))
+    fitting = [(r, t) for r, t in shapes if r >= rows and t >= longest]
+    return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
+
+
+def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
+    """Every program serving runs, as (kind, shape): one prefill per (rows, length) shape and one
+    generate per busy-slot bucket, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
+    return ([("prefill", {"rows": r, "bucket": t}) for r, t in prefill_shapes(config, max_seq_len)]
+            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
+            + [("copy", {})])
+
+
+def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
+    """Where each part of the state lives: the KV cache split like the k/v projections, the rest replicated."""
+    rep = replicated(mesh)
+    return DecodeState(cache=cache_sharding(cfg, mesh), tokens=rep,
+                       sampler=SamplerState(counts=rep, prompt_mask=rep, step=rep),
+                       params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
+
+
+def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False) -> DecodeState:
+    """Empty slots: zero cache (stacked or `split` per layer), neutral sampling rows (trace it
+    under jit to build it in place)."""
+    neutral = sampling.make_params(seed=0)
+    return DecodeState(
+        cache=kv_cache.init_cache(cfg, slots, max_len, split),
+        tokens=jnp.zeros((slots,), jnp.int32),
+        sampler=sampling.init_state(slots, cfg.vocab_size),
+        params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
+    )
+
+
+def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None,
+                      split: bool = False) -> DecodeState:
+    """Empty slots created directly with their shardings: no device ever holds the whole state
+    unless the sharding says so."""
+    return jax.jit(partial(empty_state, cfg, slots, max_len, split), out_shardings=decode_state_shardings(cfg, mesh))()
+
+
+def _scatter_rows(tree, slots: jax.Array, rows):
+    """`tree[slots[r]] = rows[r]` for every leaf; slots past the end are dropped (padding rows)."""
+    return jax.tree.map(lambda a, r: a.at[slots].set(r.astype(a.dtype), mode="drop"), tree, rows)
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
+            lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
+            *, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+    """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
+    `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
+    suffix is given), and sample each row's first token there (with its sampling row, among its
+    `allowed` `[R, vocab]` tokens; `prompt_mask` marks the whole prompt's ids, prefix included).
+
+    The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
+    slot index past the end marks a padding row, which writes nothing anywhere."""
+    model: Llama = nnx.merge(graphdef, params)
+    positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    logits, cache = model(tokens, positions, state.cache, starts + lengths, rows=slots,
+                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn)
+    logits = replicate(logits, attn.mesh)
+    zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
+    fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
+    result, sampled = sampling.sample(logits, rows, fresh, allowed, branch_free=branch_free)
+    return DecodeState(
+        cache=cache,
+        tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
+        sampler=_scatter_rows(state.sampler, slots, sampled),
+        params=_scatter_rows(state.params, slots, rows),
+    ), result
+
+
+def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
+             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+    """One decode step and one sampled token for each of the first `rows` slots, among the
+    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; each busy slot
+    reads its own keys in place up to its length, so the cost follows the real context."""
+    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
+    logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
+    logits = replicate(logits, attn.mesh)
+    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows],
+                                      branch_free=branch_free)
+    return DecodeState(
+        cache=cache,
+        tokens=state.tokens.at[:rows].set(result.tokens),
+        sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
+        params=state.params,
+    ), result
+
+
+def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
+    """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
+    cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
+    def copy(buffer):
+        return jax.lax.fori_loop(0, buffer.shape[0], lambda l, b: b.at[l, slot].set(b[l, source]), buffer)
+
+    return KVCache(k=jax.tree.map(copy, cache.k), v=jax.tree.map(copy, cache.v),
+                   lengths=cache.lengths.at[slot].set(cache.lengths[source]))
+
+
+def replicate(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Gather the LM head's vocab-sharded logits once, on purpose, before the replicated sampler."""
+    return logits if mesh is None else jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+
+
+def reset(state: DecodeState) -> DecodeState:
+    """Every slot empty again, in place (jit it with the state donated): zero lengths, counts and
+    tokens, neutral sampling rows. Stale keys stay: lengths mask them."""
+    neutral = sampling.make_params(seed=0)
+    return DecodeState(
+        cache=state.cache.replace(lengths=jnp.zeros_like(state.cache.lengths)),
+        tokens=jnp.zeros_like(state.tokens),
+        sampler=jax.tree.map(jnp.zeros_like, state.sampler),
+        params=jax.tree.map(lambda a, n: jnp.broadcast_to(jnp.asarray(n, a.dtype), a.shape), state.params, neutral),
+    )
+
+
+def clear_row(params: SamplingParams, slot: jax.Array) -> SamplingParams:
+    """Slot `slot`'s sampling row back to neutral (jit it with `params` donated), so an idle slot
+    runs no top-k/top-p search."""
+    return sampling.set_row(params, slot, sampling.make_params(seed=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The engine's jitted device programs for one model graph and serving shape, with the decode
+    state donated and its shardings fixed on output (so a step updates the state in place and
+    never hands the next one a differently placed state, which would recompile)."""
+
+    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed) -> (state, result)
+    generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    copy: Callable  # (cache, source, slot) -> cache
+    reset: Callable  # (state) -> state
+    clear_row: Callable  # (params, slot) -> params
+    shardings: DecodeState
+
+    @staticmethod
+    def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
+        """Jit every program once for `graphdef` on `mesh`, with the platform's attention and
+        sampler unless `config` names them."""
+        attn = config.attention or AttentionConfig.for_platform()
+        attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
+        branch_free = jax.default_backend() != "cpu" if config.branch_free_sampler is None else config.branch_free_sampler
+        shardings = decode_state_shardings(cfg, mesh)
+        static = dict(attn=attn, branch_free=branch_free)
+        return Programs(
+            prefill=jax.jit(partial(prefill, graphdef, **static), donate_argnames="state",
+                            out_shardings=(shardings, None)),
+            generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
+                             out_shardings=(shardings, None)),
+            copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
+            reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
+            clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
+            shardings=shardings)
