@@ -209,7 +209,7 @@ class _Run:
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
         return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                             sum(h.cached_tokens for h in self.handles))
+                               sum(h.cached_tokens for h in self.handles))
 
     def cancel(self) -> None:
         for handle in self.handles:

@@ -32,6 +32,7 @@ from llama_jax.hf_checkpoint import (
     param_count,
     tensor_index,
 )
+from llama_jax.model import is_quantized, weight_specs
 
 PROG = "convert-weights"
 
@@ -110,8 +111,6 @@ def _count(n: int) -> str:
 
 def stored_bytes(cfg: LlamaConfig) -> int:
     """About how many bytes the converted parameters take (int8 matrices: one byte a weight plus scales)."""
-    from llama_jax.model import is_quantized, weight_specs
-
     itemsize = np.dtype(NUMPY_DTYPES[cfg.dtype]).itemsize
     total = 0
     for spec in weight_specs(cfg).values():
@@ -123,8 +122,6 @@ def stored_bytes(cfg: LlamaConfig) -> int:
 def quantized_weights(cfg: LlamaConfig, weights):
     """(tensor, array) pairs with every matrix quantized on the host (`quantize.quantize_np`) and
     norms cast to the model dtype: one tensor in memory at a time."""
-    from llama_jax.model import is_quantized, weight_specs
-
     specs = weight_specs(cfg)
     for tensor, array in weights:
         if is_quantized(cfg, specs[tensor.path]):
@@ -191,8 +188,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
             bar.set_postfix_str(tensor.hf_name, refresh=False)
             bar.update(array.nbytes)
 
-    weights = iter_weights(hf_dir, cfg)
-    if cfg.quantization is not None:  # scales from the source's values, read as float32
+    if cfg.quantization is None:
+        weights = iter_weights(hf_dir, cfg)
+    else:  # scales from the source's values, read as float32
         weights = quantized_weights(cfg, iter_weights(hf_dir, cfg, dtype="float32"))
     try:
         manifest = checkpoint.save(

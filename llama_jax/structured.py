@@ -2,13 +2,15 @@
 
 Grammars (written by grammar.py and tools.py) are compiled by llguidance (a Rust Earley parser +
 lazy lexer; an abi3 wheel with no dependencies) against a token table built from our
-SentencePiece model (vocabulary.py): no HF `tokenizers`/transformers at run time. Each choice gets a `GrammarConstraint` (the engine's
-`Constraint` protocol): `allowed()` is llguidance's token mask for the next step (a few us on the
-Llama 2 vocabulary) narrowed by the budget rule below, `advance()` feeds the sampled token, and
-`done()` is true once the grammar is complete and nothing else may follow.
+SentencePiece model (vocabulary.py): no HF `tokenizers`/transformers at run time. Each choice
+gets a `GrammarConstraint` (the engine's `Constraint` protocol): `allowed()` is llguidance's
+token mask for the next step (a few us on the Llama 2 vocabulary) narrowed by the budget rule
+below, `advance()` feeds the sampled token, and `done()` is true once the grammar is complete
+and nothing else may follow.
 
-SentencePiece drops the leading "▁" of the first piece when decoding, so every grammar starts with an optional single space; the first step never
-allows the <0x20> byte piece (whose space would survive decoding).
+SentencePiece drops the leading "▁" of the first piece when decoding, so every grammar starts
+with an optional single space; the first step never allows the <0x20> byte piece (whose space
+would survive decoding).
 
 Budget ("valid by construction" includes finishing): a model may never close a string on its
 own (random weights pick a closing quote ~1% of the time), so each constraint knows its token
