@@ -6,7 +6,9 @@ Layout of a converted directory::
     OUT_DIR/
       manifest.json            format, source, dtype, parameter count, groups (written last)
       config.json              our LlamaConfig (LlamaConfig.to_json)
-      tokenizer.model          the SentencePiece model, when the source had one
+      tokenizer.model          the SentencePiece model, when the source had one; or
+      tokenizer.json, tokenizer_config.json, chat_template.jinja
+                               a Hugging Face tokenizer and chat template (copied, or built from a GGUF)
       generation_config.json   copied from the source, when present
       params/<group>/          one orbax checkpoint per group: "embed", "layer_0" … "layer_{N-1}", "head"
 
@@ -56,7 +58,7 @@ QUANTIZED_FORMAT_VERSION = 3  # 3: version 2 with int8 matrices (q, scale); olde
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the tokenizer itself, in order of preference
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
@@ -119,7 +121,7 @@ def save(
     cfg: LlamaConfig,
     weights: Iterable[tuple[Tensor, np.ndarray | Int8Weight]],
     *,
-    tokenizer_path: str | Path | None = None,
+    write_tokenizer: Callable[[Path], list[str]] | None = None,
     generation_config: dict | None = None,
     source: str | None = None,
     force: bool = False,
@@ -129,8 +131,10 @@ def save(
 
     Everything goes to `<out_dir>.tmp-<pid>` first, manifest last, and is renamed into place at the
     end (replacing an existing `out_dir` only with `force`). On any failure, including
-    KeyboardInterrupt, the temporary directory is removed. With `cfg.quantization`, every matrix
-    must come as a host `Int8Weight` (numpy q and scale) and every norm as an array.
+    KeyboardInterrupt, the temporary directory is removed. `write_tokenizer(dir)` puts the
+    tokenizer and chat-template files beside the weights and returns their names. With
+    `cfg.quantization`, every matrix must come as a host `Int8Weight` (numpy q and scale) and
+    every norm as an array.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not force:
@@ -159,8 +163,7 @@ def save(
         if seen != set(shapes):
             raise CheckpointError(f"incomplete parameters: {len(set(shapes) - seen)} missing")
         (tmp / CONFIG_FILE).write_text(cfg.to_json())
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+        tokenizer_files = write_tokenizer(tmp) if write_tokenizer is not None else []
         if generation_config is not None:
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2))
         manifest = {
@@ -171,7 +174,7 @@ def save(
             "quantization": quantize.MANIFEST_ENTRY if cfg.quantization else None,
             "param_count": param_count(cfg),
             "groups": groups,
-            "tokenizer": TOKENIZER_FILE if tokenizer_path is not None else None,
+            "tokenizer": tokenizer_files or None,
             "bytes": dir_size(tmp),
             "seconds": round(time.time() - start, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -335,7 +338,7 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
         del restored
     graphdef, _ = nnx.split(abstract_model(cfg))
     params = state_from_arrays(cfg, arrays)
-    tokenizer = path / TOKENIZER_FILE
+    tokenizer = next((path / name for name in TOKENIZER_FILES if (path / name).exists()), None)
     gen_file = path / GENERATION_CONFIG_FILE
     return LoadedModel(
         cfg=cfg,
@@ -343,7 +346,7 @@ def load(path: str | Path, mesh: Mesh | None = None, dtype: str | None = None,
         params=params,
         mesh=mesh,
         path=path,
-        tokenizer_path=tokenizer if tokenizer.exists() else None,
+        tokenizer_path=tokenizer,
         generation_config=json.loads(gen_file.read_text()) if gen_file.exists() else None,
         manifest=manifest,
     )

@@ -20,9 +20,30 @@ class UnsupportedModelError(ValueError):
     """A checkpoint uses a feature this implementation does not have (it would give wrong logits)."""
 
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency scaling as transformers implements it: `linear` divides every frequency by
+    `factor`; `llama3` (Llama 3.1+) divides only the low frequencies, blending in between."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise UnsupportedModelError(f"rope_scaling type {self.kind!r} is not implemented (only {ROPE_SCALINGS})")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape and numerics of a Llama 2 model. `dtype` is the dtype of the weights and activations."""
+    """Shape and numerics of a Llama-architecture model (`LlamaForCausalLM`). `dtype` is the dtype of
+    the weights and activations; `head_dim` 0 means `dim // n_heads`; with `tie_embeddings` the
+    embedding table is also the LM head (one matrix, stored and sharded once)."""
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -37,31 +58,42 @@ class LlamaConfig:
     bos_id: int = 1
     eos_id: int = 2
     quantization: str | None = None  # "int8": matrices stored as int8 with per-channel scales (quantize.py)
+    head_dim: int = 0  # 0: dim // n_heads (Llama 2); set when a checkpoint says otherwise
+    tie_embeddings: bool = False
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if isinstance(self.rope_scaling, dict):  # from JSON
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
+        if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     def replace(self, **changes: Any) -> LlamaConfig:
+        """A copy with `changes`; a derived head_dim follows a new dim or head count."""
+        if "head_dim" not in changes and self.head_dim * self.n_heads == self.dim:
+            changes["head_dim"] = 0
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
-        """The fields as JSON; `quantization` only when set, so float configs read as before."""
+        """The fields as JSON; the newer ones only when they differ from Llama 2's, so Llama 2
+        configs read as before (also by older readers)."""
         fields = dataclasses.asdict(self)
-        if fields["quantization"] is None:
-            del fields["quantization"]
+        defaults = {"quantization": None, "tie_embeddings": False, "rope_scaling": None}
+        for name, default in defaults.items():
+            if fields[name] == default:
+                del fields[name]
+        if fields["head_dim"] == self.dim // self.n_heads:
+            del fields["head_dim"]
         return json.dumps(fields, indent=2)
 
     @classmethod
@@ -80,18 +112,54 @@ class LlamaConfig:
             "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads,
             "hidden_act": "silu",
+            "head_dim": self.head_dim,
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": _hf_rope_scaling(self.rope_scaling),
             "attention_bias": False,
             "mlp_bias": False,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_embeddings,
             "torch_dtype": self.dtype,
             "bos_token_id": self.bos_id,
             "eos_token_id": self.eos_id,
             "pad_token_id": None,
         }
+
+
+def _hf_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    """`rope_scaling` as transformers' config.json spells it."""
+    if scaling is None:
+        return None
+    if scaling.kind == "linear":
+        return {"rope_type": "linear", "factor": scaling.factor}
+    return {"rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_len}
+
+
+def _rope_scaling(spec: dict[str, Any] | None) -> RopeScaling | None:
+    """A transformers `rope_scaling` (v4) or `rope_parameters` (v5) dict as a RopeScaling (None: plain RoPE)."""
+    kind = (spec or {}).get("rope_type") or (spec or {}).get("type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise UnsupportedModelError(f"rope_scaling: type {kind!r} is not implemented (only {ROPE_SCALINGS} and plain RoPE)")
+    if kind == "linear":
+        return RopeScaling("linear", float(spec["factor"]))
+    return RopeScaling("llama3", float(spec["factor"]), float(spec.get("low_freq_factor", 1.0)),
+                       float(spec.get("high_freq_factor", 4.0)), int(spec.get("original_max_position_embeddings", 8192)))
+
+
+# Fields of config.json that change the math and that this implementation does not have.
+_UNSUPPORTED_FLAGS = {
+    "attention_bias": "attention_bias=true (biases on q/k/v/o)",
+    "mlp_bias": "mlp_bias=true (biases on the MLP)",
+    "sliding_window": "sliding_window (sliding-window attention)",
+    "use_sliding_window": "use_sliding_window (sliding-window attention)",
+    "num_local_experts": "num_local_experts (mixture of experts)",
+    "num_experts": "num_experts (mixture of experts)",
+}
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -137,27 +205,15 @@ def from_hf_config(config: dict[str, Any] | str | Path, dtype: str | None = None
     rope_scaling = c.get("rope_scaling")
     if isinstance(rope_params, dict):  # transformers v5
         rope_theta = rope_params.get("rope_theta", rope_theta)
-        if rope_params.get("rope_type", "default") != "default":
-            rope_scaling = rope_params
-    if rope_scaling:
-        kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
-        if kind not in (None, "default"):
-            raise UnsupportedModelError(f"rope scaling {kind!r} is not implemented (only plain RoPE, as in Llama 2)")
-    for flag in ("attention_bias", "mlp_bias"):
+        rope_scaling = rope_params
+    for flag, what in _UNSUPPORTED_FLAGS.items():
         if c.get(flag):
-            raise UnsupportedModelError(f"{flag}=true is not implemented (Llama 2 has no biases)")
-    if c.get("sliding_window") or c.get("use_sliding_window"):
-        raise UnsupportedModelError("sliding-window attention is not implemented (Llama 2 attends to the full context)")
+            raise UnsupportedModelError(f"config.json: {what} is not implemented")
     if c.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"hidden_act {c['hidden_act']!r} is not implemented (Llama uses silu)")
-    if c.get("tie_word_embeddings"):
-        raise UnsupportedModelError("tie_word_embeddings=true is not implemented (Llama 2 has a separate lm_head)")
+        raise UnsupportedModelError(f"config.json: hidden_act {c['hidden_act']!r} is not implemented (Llama uses silu)")
     if c.get("pretraining_tp", 1) not in (1, None):
-        raise UnsupportedModelError("pretraining_tp > 1 is not implemented")
+        raise UnsupportedModelError("config.json: pretraining_tp > 1 is not implemented")
     n_heads = c["num_attention_heads"]
-    if c.get("head_dim") not in (None, c["hidden_size"] // n_heads):
-        raise UnsupportedModelError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads is not implemented")
-
     src_dtype = c.get("dtype") or c.get("torch_dtype") or "float32"
     eos = c.get("eos_token_id", 2)
     return LlamaConfig(
@@ -173,6 +229,9 @@ def from_hf_config(config: dict[str, Any] | str | Path, dtype: str | None = None
         dtype=dtype or str(src_dtype).removeprefix("torch."),
         bos_id=c.get("bos_token_id", 1) if c.get("bos_token_id") is not None else 1,
         eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
+        head_dim=c.get("head_dim") or 0,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope_scaling=_rope_scaling(rope_scaling),
     )
 
 

@@ -1,6 +1,7 @@
-"""`convert-weights`: a Hugging Face Llama checkpoint → a converted orbax checkpoint (see checkpoint.py).
+"""`convert-weights`: a Hugging Face Llama checkpoint or a GGUF file → a converted orbax checkpoint
+(see checkpoint.py), self-contained: the tokenizer and chat template are written beside the weights.
 
-    convert-weights HF_DIR OUT_DIR [--dtype bfloat16|float16|float32] [--quantize int8] [--force] [--quiet]
+    convert-weights HF_DIR|MODEL.gguf OUT_DIR [--dtype bfloat16|float16|float32] [--quantize int8] [--force] [--quiet]
 
 `--quantize int8` stores every matrix as int8 with per-output-channel float32 scales (see
 quantize.py), computed from the source's values in float32: about a quarter of float32's bytes.
@@ -13,10 +14,12 @@ and 2 for bad usage; nothing is left behind on failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from llama_jax.hf_checkpoint import (
     param_count,
     tensor_index,
 )
-from llama_jax.model import is_quantized, weight_specs
+from llama_jax.model import Tensor, is_quantized, weight_specs
 
 PROG = "convert-weights"
 
@@ -44,18 +47,21 @@ class ConvertError(CheckpointError):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Convert a Hugging Face Llama 2 checkpoint (config.json, *.safetensors, tokenizer.model) "
-        "into a llama-jax checkpoint: sharded orbax parameters that load straight onto a device mesh.",
+        description="Convert a Hugging Face Llama checkpoint (config.json, *.safetensors, tokenizer) or a GGUF "
+        "file (llama.cpp's format, dequantized) into a llama-jax checkpoint: sharded orbax parameters that load "
+        "straight onto a device mesh, with the tokenizer and chat template beside them.",
         epilog="Example: convert-weights ~/models/Llama-2-7b-chat-hf ~/models/llama-2-7b-chat-jax. "
         "Memory use stays near one decoder layer; OUT_DIR appears only when the conversion is complete.",
     )
-    p.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face checkpoint directory (safetensors)")
+    p.add_argument("source", metavar="HF_DIR|MODEL.gguf", help="Hugging Face checkpoint directory (safetensors) "
+                   "or a GGUF file")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create")
     p.add_argument(
         "--dtype",
         choices=DTYPES,
         default=None,
-        help="parameter dtype to store (default: the checkpoint's own, e.g. float16 for Llama-2-7b-chat-hf)",
+        help="parameter dtype to store (default: the checkpoint's own, e.g. float16 for Llama-2-7b-chat-hf; "
+        "float32 for a quantized GGUF)",
     )
     p.add_argument(
         "--quantize",
@@ -130,16 +136,24 @@ def quantized_weights(cfg: LlamaConfig, weights):
             yield tensor, np.ascontiguousarray(array.astype(NUMPY_DTYPES[cfg.dtype]))
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, quantization: str | None = None,
-            force: bool = False, progress: bool = True) -> dict:
-    """Validate everything that can be checked up front, then stream the weights into `out_dir`."""
-    hf_dir, out = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir():
-        raise ConvertError(f"{hf_dir} is not a directory")
-    if out.exists() and not force:
-        raise ConvertError(f"{out} already exists (pass --force to replace it)")
-    if out.exists() and (out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents):
-        raise ConvertError(f"refusing to replace {out}: it holds the input checkpoint {hf_dir}")
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "chat_template.jinja", "chat_template.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint to convert: its config, its weights (one tensor at a time), the tokenizer and
+    chat-template files to write beside them, and its generation config."""
+
+    cfg: LlamaConfig
+    weights: Callable[[str | None], Iterator[tuple[Tensor, np.ndarray]]]  # (dtype) -> (tensor, array) pairs
+    write_tokenizer: Callable[[Path], list[str]]  # (dir) -> names of the files written there
+    generation_config: dict | None
+    path: Path
+
+
+def hf_source(hf_dir: Path, dtype: str | None) -> Source:
+    """A Hugging Face checkpoint directory, every tensor and its shape checked before any write."""
     hf_config = _read_hf_config(hf_dir)
     try:
         cfg = from_hf_config(hf_config, dtype=dtype)
@@ -151,23 +165,18 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
         if isinstance(e, UnsupportedModelError):
             raise
         raise ConvertError(f"config.json: {e}") from e
-    if quantization is not None:
-        cfg = cfg.replace(quantization=quantization)
     _check_index(hf_dir)
     check_tensors(cfg, tensor_index(hf_dir))  # missing, extra, misshapen, unreadable: before any write
+    files = [hf_dir / name for name in HF_TOKENIZER_FILES if (hf_dir / name).is_file()]
+    if not any(f.name in checkpoint.TOKENIZER_FILES for f in files):
+        print(f"{PROG}: warning: no tokenizer.model or tokenizer.json in {hf_dir}; the converted model will need "
+              "one given separately", file=sys.stderr)
 
-    total = stored_bytes(cfg)
-    parent = out.absolute().parent
-    probe = parent if parent.exists() else next(p for p in parent.parents if p.exists())
-    free = shutil.disk_usage(probe).free
-    if free < total * 1.02:
-        raise ConvertError(f"not enough disk space under {probe}: need about {_human(total)}, {_human(free)} free")
+    def write_tokenizer(out: Path) -> list[str]:
+        for f in files:
+            shutil.copyfile(f, out / f.name)
+        return [f.name for f in files]
 
-    tokenizer = hf_dir / "tokenizer.model"
-    if not tokenizer.is_file():
-        print(f"{PROG}: warning: no tokenizer.model in {hf_dir}; the converted model will need one given "
-              "separately", file=sys.stderr)
-        tokenizer = None
     gen_file = hf_dir / "generation_config.json"
     generation_config = None
     if gen_file.is_file():
@@ -175,6 +184,61 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
             generation_config = json.loads(gen_file.read_text())
         except json.JSONDecodeError as e:
             raise ConvertError(f"{gen_file} is not valid JSON: {e}") from e
+    return Source(cfg, lambda dt: iter_weights(hf_dir, cfg, dtype=dt), write_tokenizer, generation_config, hf_dir)
+
+
+def gguf_source(file: Path, dtype: str | None) -> Source:
+    """A GGUF file: config and tokenizer from its metadata, weights dequantized tensor by tensor."""
+    from llama_jax import gguf_checkpoint, gguf_vocab
+
+    reader = gguf_checkpoint.open_reader(file)
+    try:
+        cfg = gguf_checkpoint.read_config(reader, dtype)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UnsupportedModelError):
+            raise
+        raise ConvertError(f"{file}: bad metadata: {e}") from e
+    gguf_checkpoint.check_tensors(reader, cfg)
+    eos = gguf_checkpoint.metadata(reader, "tokenizer.ggml.eos_token_id")
+    generation_config = {"bos_token_id": cfg.bos_id, "eos_token_id": eos if eos is not None else cfg.eos_id}
+    return Source(cfg, lambda dt: gguf_checkpoint.iter_weights(reader, cfg, dtype=dt),
+                  lambda out: gguf_vocab.write_tokenizer_files(reader, out), generation_config, file)
+
+
+def open_source(src: str | Path, dtype: str | None = None) -> Source:
+    """A GGUF file or a Hugging Face checkpoint directory, validated up front."""
+    from llama_jax.gguf_checkpoint import is_gguf
+
+    src = Path(src)
+    if is_gguf(src):
+        return gguf_source(src, dtype)
+    if src.is_file():
+        raise ConvertError(f"{src} is neither a GGUF file nor a directory")
+    if not src.is_dir():
+        raise ConvertError(f"{src} is not a directory")
+    return hf_source(src, dtype)
+
+
+def convert(src: str | Path, out_dir: str | Path, *, dtype: str | None = None, quantization: str | None = None,
+            force: bool = False, progress: bool = True) -> dict:
+    """Validate everything that can be checked up front, then stream the weights into `out_dir`.
+    `src` is a Hugging Face checkpoint directory or a GGUF file."""
+    src, out = Path(src), Path(out_dir)
+    if not src.exists():
+        raise ConvertError(f"{src} does not exist")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists (pass --force to replace it)")
+    if out.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents):
+        raise ConvertError(f"refusing to replace {out}: it holds the input checkpoint {src}")
+    source = open_source(src, dtype)
+    cfg = source.cfg if quantization is None else source.cfg.replace(quantization=quantization)
+
+    total = stored_bytes(cfg)
+    parent = out.absolute().parent
+    probe = parent if parent.exists() else next(p for p in parent.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < total * 1.02:
+        raise ConvertError(f"not enough disk space under {probe}: need about {_human(total)}, {_human(free)} free")
 
     bar = None
     if progress and sys.stderr.isatty():
@@ -189,17 +253,17 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
             bar.update(array.nbytes)
 
     if cfg.quantization is None:
-        weights = iter_weights(hf_dir, cfg)
+        weights = source.weights(None)
     else:  # scales from the source's values, read as float32
-        weights = quantized_weights(cfg, iter_weights(hf_dir, cfg, dtype="float32"))
+        weights = quantized_weights(cfg, source.weights("float32"))
     try:
         manifest = checkpoint.save(
             out,
             cfg,
             weights,
-            tokenizer_path=tokenizer,
-            generation_config=generation_config,
-            source=str(hf_dir.resolve()),
+            write_tokenizer=source.write_tokenizer,
+            generation_config=source.generation_config,
+            source=str(source.path.resolve()),
             force=force,
             on_tensor=on_tensor,
         )
@@ -217,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     start = time.time()
     try:
-        manifest = convert(args.hf_dir, args.out_dir, dtype=args.dtype, quantization=args.quantize, force=args.force,
+        manifest = convert(args.source, args.out_dir, dtype=args.dtype, quantization=args.quantize, force=args.force,
                            progress=not args.quiet)
     except (CheckpointError, UnsupportedModelError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -230,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(
-            f"{PROG}: {args.hf_dir} -> {args.out_dir}: {_count(manifest['param_count'])} parameters, "
+            f"{PROG}: {args.source} -> {args.out_dir}: {_count(manifest['param_count'])} parameters, "
             f"{manifest['dtype']}{' with int8 matrices' if manifest.get('quantization') else ''}, "
             f"{_human(manifest['bytes'])}, {time.time() - start:.1f} s"
         )

@@ -64,6 +64,8 @@ def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
     """Fail, before any work, on missing, unexpected or misshapen tensors."""
     expected = {t.hf_name: t for t in tensors(cfg)}
     ignorable = {n for n in index if n.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:  # some tied checkpoints still store the head: a copy of the table
+        ignorable.add("lm_head.weight")
     missing = sorted(set(expected) - set(index))
     extra = sorted(set(index) - set(expected) - ignorable)
     if missing:

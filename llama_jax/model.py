@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llama_jax import attention, quantize
@@ -74,7 +75,8 @@ class Tensor:
 
 
 def weight_specs(cfg: LlamaConfig) -> dict[Path, WeightSpec]:
-    """Every weight of the model keyed by its path in the NNX state, e.g. ('layers', 'wq')."""
+    """Every weight of the model keyed by its path in the NNX state, e.g. ('layers', 'wq'); a model
+    with tied embeddings has no ('lm_head',): its table is the head."""
     d, f, q, kv, n = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_layers
     layer = {
         "attn_norm": ((n, d), ("layers", None), "input_layernorm.weight"),
@@ -87,7 +89,7 @@ def weight_specs(cfg: LlamaConfig) -> dict[Path, WeightSpec]:
         "w_up": ((n, f, d), ("layers", "ffn", "embed"), "mlp.up_proj.weight"),
         "w_down": ((n, d, f), ("layers", "embed", "ffn"), "mlp.down_proj.weight"),
     }
-    return {
+    specs = {
         # The table is split along its columns ("table_embed"), so a token lookup is local on
         # every device (a vocab split would all-gather the table or mask-and-sum the lookup).
         ("embed",): WeightSpec((cfg.vocab_size, d), (None, "table_embed"), "model.embed_tokens.weight"),
@@ -95,6 +97,9 @@ def weight_specs(cfg: LlamaConfig) -> dict[Path, WeightSpec]:
         ("norm",): WeightSpec((d,), (None,), "model.norm.weight"),
         ("lm_head",): WeightSpec((cfg.vocab_size, d), ("vocab", "embed"), "lm_head.weight"),
     }
+    if cfg.tie_embeddings:
+        del specs[("lm_head",)]
+    return specs
 
 
 def tensors(cfg: LlamaConfig) -> Iterator[Tensor]:
@@ -161,10 +166,31 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * y.astype(x.dtype)
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """The `head_dim // 2` rotary frequencies, float32 as transformers computes them, with the
+    config's `rope_scaling` (linear, or Llama 3's low-frequency scaling) applied."""
+    d = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(scaling.factor), inv_freq).astype(np.float32)
+    smooth = ((scaling.original_max_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """cos and sin, `[B, T, head_dim // 2]` in float32, for integer positions `[B, T]`."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -264,7 +290,7 @@ class Layers(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Llama 2 decoder-only transformer."""
+    """Llama decoder-only transformer (Llama 2's layout; any `LlamaForCausalLM`)."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -272,7 +298,13 @@ class Llama(nnx.Module):
         self.embed = _init_param(specs[("embed",)], rngs, cfg)
         self.layers = Layers(cfg, rngs=rngs)
         self.norm = _init_param(specs[("norm",)], rngs, cfg)
-        self.lm_head = _init_param(specs[("lm_head",)], rngs, cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _init_param(specs[("lm_head",)], rngs, cfg)
+
+    @property
+    def head(self) -> Weight:
+        """The LM head's weight: the embedding table itself when embeddings are tied."""
+        return self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
 
     @property
     def split(self) -> bool:
@@ -315,7 +347,7 @@ class Llama(nnx.Module):
         elif mode == "decode":
             raise ValueError("decode runs the first B cache rows: rows must not be given")
         lengths = positions[:, -1] + 1 if lengths is None else lengths
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_angles(positions, rope_frequencies(cfg))
         mask = attention_mask(positions, lengths, cache.max_len) if mode == "cached" else None
         step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask)
 
@@ -337,7 +369,7 @@ class Llama(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
         x = rms_norm(x, from_bits(self.norm[...], cfg.dtype), cfg.norm_eps)
-        head = self.lm_head[...]
+        head = self.head
         if attn.mesh is not None:  # vocab-parallel head, on purpose: replicated x, logits split by vocab
             x = constrain(x, attn.mesh)
             logits = constrain(linear(x, unbits(head, cfg.dtype), jnp.float32), attn.mesh, "tp")

@@ -133,7 +133,7 @@ def test_cli_subprocess_success_and_failure(tiny_checkpoint, tmp_path):
 
 def test_help_and_usage_errors(capsys):
     assert main(["--help"]) == 0
-    assert "HF_DIR OUT_DIR" in capsys.readouterr().out
+    assert "HF_DIR|MODEL.gguf OUT_DIR" in capsys.readouterr().out
     assert main(["a", "b", "--dtype", "int8"]) == 2
     assert "invalid choice" in capsys.readouterr().err
 
@@ -221,8 +221,8 @@ BAD_INPUTS = {
     "shard-missing-from-index": (_lost_shard, "not found in"),
     "architecture": (lambda hf: _edit_config(hf, architectures=["MistralForCausalLM"], model_type="mistral"),
                      "unsupported architecture ['MistralForCausalLM']"),
-    "rope-scaling": (lambda hf: _edit_config(hf, rope_scaling={"type": "linear", "factor": 2.0}),
-                     "rope scaling 'linear' is not implemented"),
+    "rope-scaling": (lambda hf: _edit_config(hf, rope_scaling={"type": "yarn", "factor": 2.0}),
+                     "rope_scaling: type 'yarn' is not implemented"),
     "missing-tensor": (lambda hf: _edit_tensors(hf, lambda t: t.pop("model.layers.0.self_attn.q_proj.weight")),
                        "missing tensors: model.layers.0.self_attn.q_proj.weight"),
     "extra-tensor": (lambda hf: _edit_tensors(hf, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias":
@@ -250,7 +250,10 @@ def test_bad_input_is_refused_cleanly(tiny_checkpoint, tmp_path, capsys, case):
 
 def test_missing_input_directory(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.strip() == f"convert-weights: error: {tmp_path / 'nope'} is not a directory"
+    assert capsys.readouterr().err.strip() == f"convert-weights: error: {tmp_path / 'nope'} does not exist"
+    (tmp_path / "model.bin").write_bytes(b"PK\x03\x04 not a gguf")
+    assert main([str(tmp_path / "model.bin"), str(tmp_path / "out")]) == 1
+    assert "is neither a GGUF file nor a directory" in capsys.readouterr().err
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):

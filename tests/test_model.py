@@ -10,7 +10,8 @@ from transformers import LlamaForCausalLM
 
 from llama_jax import steps
 from llama_jax.compiles import CompileCounter
-from llama_jax.hf_checkpoint import load_hf_model
+from llama_jax.config import RopeScaling, preset
+from llama_jax.hf_checkpoint import load_hf_model, write_tiny_checkpoint
 from llama_jax.kv_cache import init_cache
 
 SHAPES = ["tiny-mha", "tiny-gqa"]
@@ -42,6 +43,33 @@ def test_prefill_logits_match_hf_float32(tiny_checkpoint, shape):
         ref = hf_model(path)(torch.tensor([PROMPT])).logits[0].numpy()
     assert ref.std() > 1.0, "test weights should give peaked, non-uniform logits"
     assert rel_err(ours, ref) <= 1e-5
+
+
+LLAMA_3_STYLE = {  # what Llama 3.x / SmolLM2 / TinyLlama-style checkpoints add to Llama 2's layout
+    "tied": dict(tie_embeddings=True),
+    "head-dim": dict(head_dim=32),  # 8 heads x 32 != dim 64
+    "llama3-rope": dict(rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, original_max_len=64), rope_theta=5e5),
+    "linear-rope": dict(rope_scaling=RopeScaling("linear", 2.0)),
+}
+
+
+@pytest.mark.parametrize("variant", LLAMA_3_STYLE)
+def test_llama_3_style_configs_match_hf(tmp_path, variant):
+    """Tied embeddings, an explicit head_dim and scaled RoPE, on 200 positions (past the
+    scaling's original context), against transformers reading the same config.json."""
+    cfg = preset("tiny-gqa").replace(**LLAMA_3_STYLE[variant])
+    path = write_tiny_checkpoint(tmp_path / variant, cfg, seed=5)
+    model = load_hf_model(path)
+    assert model.cfg == cfg
+    tokens = np.random.default_rng(1).integers(3, cfg.vocab_size, 200).tolist()
+    ours = full_forward(model, tokens)
+    hf = hf_model(path)
+    assert hf.config.tie_word_embeddings == cfg.tie_embeddings
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens])).logits[0].numpy()
+    assert rel_err(ours, ref) <= 2e-5
+    plain = full_forward(load_hf_model(write_tiny_checkpoint(tmp_path / "plain", preset("tiny-gqa"), seed=5)), tokens)
+    assert rel_err(plain, ref) > 1e-3, "the variant must change the logits, or this test proves nothing"
 
 
 def test_blocked_prefill_matches_hf(tiny_checkpoint):
