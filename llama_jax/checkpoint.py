@@ -124,6 +124,7 @@ def save(
     write_tokenizer: Callable[[Path], list[str]] | None = None,
     generation_config: dict | None = None,
     source: str | None = None,
+    name: str | None = None,
     force: bool = False,
     on_tensor: Callable[[Tensor, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
@@ -170,6 +171,7 @@ def save(
             "format": FORMAT,
             "format_version": QUANTIZED_FORMAT_VERSION if cfg.quantization else FORMAT_VERSION,
             "source": source,
+            "name": name,  # the model's own name, e.g. the GGUF's or HF directory's, for serving
             "dtype": cfg.dtype,
             "quantization": quantize.MANIFEST_ENTRY if cfg.quantization else None,
             "param_count": param_count(cfg),

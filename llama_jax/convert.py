@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -205,6 +206,12 @@ def gguf_source(file: Path, dtype: str | None) -> Source:
                   lambda out: gguf_vocab.write_tokenizer_files(reader, out), generation_config, file)
 
 
+def model_name(src: Path) -> str:
+    """A model's own name from its file or directory: a GGUF's quantization suffix dropped
+    (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
+    return re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", src.name.removesuffix(".gguf"), flags=re.IGNORECASE)
+
+
 def open_source(src: str | Path, dtype: str | None = None) -> Source:
     """A GGUF file or a Hugging Face checkpoint directory, validated up front."""
     from llama_jax.gguf_checkpoint import is_gguf
@@ -264,6 +271,7 @@ def convert(src: str | Path, out_dir: str | Path, *, dtype: str | None = None, q
             write_tokenizer=source.write_tokenizer,
             generation_config=source.generation_config,
             source=str(source.path.resolve()),
+            name=model_name(source.path),
             force=force,
             on_tensor=on_tensor,
         )

@@ -103,8 +103,8 @@ def read_config(reader, dtype: str | None = None) -> LlamaConfig:
         n_heads=n_heads,
         n_kv_heads=int(metadata(reader, key("attention.head_count_kv"), n_heads)),
         ffn_dim=int(metadata(reader, key("feed_forward_length"))),
-        norm_eps=float(metadata(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
-        rope_theta=float(metadata(reader, key("rope.freq_base"), 10000.0)),
+        norm_eps=_float32(metadata(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        rope_theta=_float32(metadata(reader, key("rope.freq_base"), 10000.0)),
         max_seq_len=int(metadata(reader, key("context_length"), 4096)),
         dtype=dtype,
         bos_id=int(metadata(reader, "tokenizer.ggml.bos_token_id", 1)),
@@ -113,6 +113,11 @@ def read_config(reader, dtype: str | None = None) -> LlamaConfig:
         tie_embeddings="output.weight" not in names,
         rope_scaling=scaling,
     )
+
+
+def _float32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(f"{float(value):.7g}")
 
 
 def reader_type(tensor) -> str:
