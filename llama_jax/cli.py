@@ -89,7 +89,8 @@ def add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `generate` and `make-tiny-checkpoint` on a subparsers object."""
     gen = subparsers.add_parser("generate", help="stream a chat completion for one prompt in the terminal")
     gen.add_argument("prompt", help="the user message")
-    gen.add_argument("--checkpoint", type=Path, help="a directory written by convert-weights (default: the demo model)")
+    gen.add_argument("--checkpoint", type=Path, help="a directory written by convert-weights, a GGUF file or a Hugging "
+                     "Face model directory (converted once into the cache; default: the demo model)")
     gen.add_argument("--system", help="an optional system message")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -151,10 +152,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from llama_jax import checkpoint
     from llama_jax.demo import demo_checkpoint
     from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.model_store import resolve_checkpoint
     from llama_jax.request import Request, SamplingOptions
     from llama_jax.tokenizer import Tokenizer, apply_chat_template
 
-    loaded = checkpoint.load(args.checkpoint or demo_checkpoint())
+    loaded = checkpoint.load(resolve_checkpoint(args.checkpoint) if args.checkpoint else demo_checkpoint())
     tokenizer = Tokenizer(loaded.tokenizer_path)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     prompt = apply_chat_template(tokenizer, messages)
@@ -177,7 +179,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def build_parser(prog: str = "llama-jax") -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The top-level parser with the engine commands; callers may add more subcommands."""
-    parser = argparse.ArgumentParser(prog=prog, description="Llama 2 inference in JAX.")
+    parser = argparse.ArgumentParser(prog=prog, description="Llama-family inference in JAX.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_engine_commands(subparsers)
     return parser, subparsers
