@@ -169,6 +169,10 @@ PRESETS: dict[str, LlamaConfig] = {
     # Tiny random-weight shapes for tests: real Llama 2 vocabulary, multi-head and grouped-query.
     "tiny-mha": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160, max_seq_len=256, dtype="float32"),
     "tiny-gqa": LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, max_seq_len=256, dtype="float32"),
+    # Llama 3.x's additions at the tiny shape: tied embeddings, head_dim != dim / heads, llama3 RoPE.
+    "tiny-llama3": LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, max_seq_len=256,
+                               dtype="float32", head_dim=16, tie_embeddings=True, rope_theta=5e5,
+                               rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, original_max_len=64)),
     # The built-in demo model and the CPU benchmark shape (issue: ~21 tok/s for HF at batch 1 here).
     "demo": LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=4096, dtype="float32"),
     "cpu-bench": LlamaConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, dtype="float32"),

@@ -139,7 +139,7 @@ _reference: dict = {}
 
 
 @pytest.mark.parametrize("shape,tp", [("tiny-mha", 1), ("tiny-mha", 2), ("tiny-mha", 4),
-                                      ("tiny-gqa", 2), ("tiny-gqa", 4), ("tiny-gqa", 8)])
+                                      ("tiny-gqa", 2), ("tiny-gqa", 4), ("tiny-gqa", 8), ("tiny-llama3", 4)])
 def test_sharded_prefill_and_decode_equal_one_device(converted, shape, tp):
     if shape not in _reference:
         _reference[shape] = run_greedy(checkpoint.load(converted(shape)), None)[:2]
