@@ -7,7 +7,6 @@ it runs); the engine package stays installable with JAX alone.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import socket
 import sys

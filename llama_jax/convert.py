@@ -33,7 +33,6 @@ from llama_jax.hf_checkpoint import (
     CheckpointError,
     check_tensors,
     iter_weights,
-    param_count,
     tensor_index,
 )
 from llama_jax.model import Tensor, is_quantized, weight_specs

