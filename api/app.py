@@ -429,10 +429,12 @@ async def _count_response(message: Message, scope: Scope) -> None:
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
     from api.completions import completions  # it uses this module's helpers
+    from api.playground import playground
 
     ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()))
+    routes = [chat_completions, completions, list_models, retrieve_model, health, metrics]
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, retrieve_model, health, metrics],
+        route_handlers=[*routes, playground] if settings.playground else routes,
         state=State({STATE_KEY: ctx}),
         guards=[require_api_key],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -79,6 +79,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long accepted requests may still run before they are ended "
                         "(default 30); new ones get 503 meanwhile")
+    p.add_argument("--no-playground", dest="playground", action="store_false",
+                   help="do not serve the chat playground page at / (default: served, open without a key; it calls "
+                        "the API with the key typed into it)")
     p.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without an API key (for a Prometheus scraper) even with --api-key")
     p.add_argument("--compilation-cache-dir", type=Path, default=cache_root() / "xla",
@@ -169,7 +172,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         model_name=args.model_name or default_name,
         api_keys=api_keys_from(args.api_key),
         price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
-        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public)
+        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public,
+        playground=args.playground)
     if args.int8_inputs and loaded.cfg.quantization is None:
         raise ValueError("--int8-inputs needs int8 weights (--quantize int8, or a --quantize int8 checkpoint)")
     if loaded.cfg.quantization:

@@ -27,6 +27,7 @@ class ServerSettings:
     retry_after_s: int = 1  # the Retry-After header of a 429 (queue full)
     body_timeout_s: float = 30.0  # a request body slower than this is a 408 (a slow upload holds a connection)
     metrics_public: bool = False  # serve /metrics without a key (for a scraper), even with api_keys
+    playground: bool = True  # serve the chat playground at / (api/playground.py)
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -11,6 +11,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_PATH = REPO_ROOT.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
+SMOLLM2_GGUF = REPO_ROOT.parent / "shared" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,19 @@ def tokenizer(tokenizer_path):
     from llama_jax.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory):
+    """Plain `llama-jax serve`, the README's quick start: the real default model, SmolLM2-135M-Instruct,
+    its GGUF already in the cache (as the first start leaves it; here from ../shared, not downloaded)."""
+    from live_server import ServeProcess
+
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip(f"the real SmolLM2 GGUF is not at {SMOLLM2_GGUF} (it lives in ../shared, never in the repo)")
+    cache = tmp_path_factory.mktemp("quick-start-cache")
+    (cache / "models").mkdir()
+    (cache / "models" / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
+    server = ServeProcess(cache)
+    yield server
+    server.stop()

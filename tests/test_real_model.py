@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import jsonschema
 import numpy as np
-import openai
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,45 +31,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"the real SmolLM2 GGUF is not at {GGUF} (../shared)")
 
 
-def cache_with_the_default_model(root: Path) -> Path:
-    """A llama-jax cache that already holds the default model's GGUF, as the first start leaves it."""
-    (root / "models").mkdir(parents=True)
-    (root / "models" / GGUF.name).symlink_to(GGUF)
-    return root
-
-
-class QuickStart:
-    """`llama-jax serve` with no arguments, on a free loopback port; stderr collected, URL from the ready line."""
-
-    def __init__(self, cache: Path, *args: str):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   LLAMA_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", "0", *args], env=env,
-                                     cwd="/", text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(line.rstrip() for line in self.proc.stderr),
-                         daemon=True).start()
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-        deadline = time.time() + 900
-        while not (ready := [line for line in self.lines if " ready in " in line]):
-            assert self.proc.poll() is None and time.time() < deadline, "\n".join(self.lines[-30:])
-            time.sleep(0.2)
-        self.url = re.search(r"at (http://\S+)/v1 ", ready[0]).group(1)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    server = QuickStart(cache_with_the_default_model(tmp_path_factory.mktemp("cache")))
-    yield server
-    server.stop()
+def served(quick_start):
+    return quick_start
 
 
 @pytest.fixture(scope="module")
