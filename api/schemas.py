@@ -38,7 +38,7 @@ class Message(Struct, kw_only=True):
     """One conversation message. Content: a string, a list of {"type": "text", "text": ...} parts,
     or null for an assistant message that only carries tool_calls."""
 
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant only

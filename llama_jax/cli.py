@@ -154,10 +154,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from llama_jax.engine import Engine, EngineConfig
     from llama_jax.model_store import resolve_checkpoint
     from llama_jax.request import Request, SamplingOptions
-    from llama_jax.tokenizer import Tokenizer, apply_chat_template
+    from llama_jax.tokenizer import apply_chat_template, load_tokenizer
 
     loaded = checkpoint.load(resolve_checkpoint(args.checkpoint) if args.checkpoint else demo_checkpoint())
-    tokenizer = Tokenizer(loaded.tokenizer_path)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     prompt = apply_chat_template(tokenizer, messages)
     config = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len)

@@ -65,12 +65,14 @@ def demo_checkpoint(cache_dir: Path | None = None) -> Path:
 
 
 def notebook_model() -> tuple[Llama, Tokenizer]:
-    """The model and tokenizer the notebooks run on: the converted checkpoint at
-    $LLAMA_JAX_CHECKPOINT when set (real weights), else the random demo model."""
+    """The model and tokenizer the notebooks run on: $LLAMA_JAX_CHECKPOINT when set (a converted
+    checkpoint, a GGUF file or an HF directory: real weights), else the random demo model."""
     from llama_jax import checkpoint
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.model_store import resolve_checkpoint
+    from llama_jax.tokenizer import load_tokenizer
 
-    loaded = checkpoint.load(os.environ.get(CHECKPOINT_ENV) or demo_checkpoint())
+    path = os.environ.get(CHECKPOINT_ENV)
+    loaded = checkpoint.load(resolve_checkpoint(Path(path), say=lambda _: None) if path else demo_checkpoint())
     if loaded.tokenizer_path is None:
-        raise FileNotFoundError(f"{os.environ.get(CHECKPOINT_ENV)} has no tokenizer.model")
-    return loaded.model, Tokenizer(loaded.tokenizer_path)
+        raise FileNotFoundError(f"{path} has no tokenizer")
+    return loaded.model, load_tokenizer(loaded.tokenizer_path)

@@ -129,8 +129,8 @@ class Engine:
         return handle
 
     def generate(self, prompts: Sequence[Sequence[int] | str], **request_fields) -> list[Completion]:
-        """Run prompts (token ids, or text encoded with BOS) to completion: for notebooks and scripts."""
-        ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] if isinstance(p, str) else list(p) for p in prompts]
+        """Run prompts (token ids, or raw text: `tokenizer.prompt_ids`) to completion: for notebooks and scripts."""
+        ids = [self.tokenizer.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
         handles = [self.submit(Request(prompt=p, **request_fields)) for p in ids]
         return [h.result() for h in handles]
 
@@ -349,7 +349,7 @@ class Engine:
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for (handle, choice, slot, _), constraint in zip(rows, constraints):
             request = handle.request
-            stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else (self.tokenizer.eos_id,))
+            stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else self.tokenizer.eos_ids)
             self.prefix.hold(slot, request.prompt)
             owners[slot] = self.slots[slot] = RunningChoice(
                 handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_jax.sampling import MAX_TOP_LOGPROBS
-from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+from llama_jax.tokenizer import Tokenizer, detokenizer
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 4
@@ -70,7 +70,7 @@ class Request:
     sampling: SamplingOptions = SamplingOptions()
     max_tokens: int | None = None
     stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS
+    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS ids
     n: int = 1
     top_logprobs: int = 0  # alternatives reported per token (0..20); logprobs of chosen tokens always come
     constraint: Callable[[], Constraint] | None = None  # a fresh automaton per choice
@@ -192,7 +192,7 @@ class ChoiceText:
     into a stop string; reports when a stop string completes (the stop string is not emitted)."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], after_text: bool = False):
-        self._detok = IncrementalDetokenizer(tokenizer, after_text)
+        self._detok = detokenizer(tokenizer, after_text)
         self._stop = [s for s in stop if s]
         self._held = ""
 

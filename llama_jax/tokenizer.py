@@ -1,17 +1,23 @@
-"""Llama 2 tokenizer: a SentencePiece wrapper, Meta's chat template and a streaming detokenizer.
+"""Tokenizers and chat prompts: the SentencePiece wrapper (Llama 2), `load_tokenizer` for any
+model directory (SentencePiece or a Hugging Face tokenizer.json, see hf_tokenizer.py), Meta's
+Llama 2 chat format, the dispatch to a model's own Jinja template (chat_template.py), and the
+streaming detokenizers.
 
 Kept free of JAX so the server and tools can import it cheaply.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
-from llama_jax import tools
+from llama_jax import chat_template, hf_tokenizer, tools
 
 # Meta's Llama 2 chat markers (llama/generation.py).
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -19,25 +25,50 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 # Separator used when several messages are merged into one turn or one <<SYS>> block.
 MESSAGE_SEPARATOR = "\n\n"
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 
 class Tokenizer:
     """Thin wrapper over a SentencePiece model; BOS/EOS are only ever added by our own code."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Load the SentencePiece model file at `path`."""
+    byte_level = False
+    dummy_prefix = True  # SentencePiece prepends "▁" to the first piece of a text
+    add_bos = True  # raw prompts start with BOS, as HF's Llama tokenizer and Meta do
+    special_tokens: dict[str, str] = {}
+
+    def __init__(self, path: str | os.PathLike[str], chat_template: str | None = None) -> None:
+        """Load the SentencePiece model file at `path` (with the model's Jinja chat template, if it
+        has its own; Llama 2 uses Meta's format, `apply_chat_template`)."""
         self._sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
         # BOS, EOS and unknown ids (1, 2 and 0 for Llama 2) and the number of pieces (32000)
         self.bos_id, self.eos_id, self.unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
+        self.eos_ids = (self.eos_id,)
         self.vocab_size: int = self._sp.get_piece_size()
+        self.chat_template = chat_template
+        if chat_template:
+            self.special_tokens = {"bos_token": self.id_to_piece(self.bos_id), "eos_token": self.id_to_piece(self.eos_id)}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without BOS/EOS; "<s>"/"</s>" in text stay plain pieces (no control parsing)."""
         return self._sp.encode(text, out_type=int, add_bos=False, add_eos=False)
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Text written by a chat template: its "<s>"/"</s>" markers become BOS/EOS ids."""
+        ids: list[int] = []
+        for part in re.split(r"(<s>|</s>)", text):
+            if part in ("<s>", "</s>"):
+                ids.append(self.bos_id if part == "<s>" else self.eos_id)
+            elif part:
+                ids += self.encode(part)
+        return ids
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control ids (BOS/EOS) decode to "" as in SentencePiece."""
         return self._sp.decode([int(i) for i in ids])
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A raw prompt: BOS, then the text's pieces."""
+        return [self.bos_id, *self.encode(text)]
 
     def id_to_piece(self, token_id: int) -> str:
         """The raw SentencePiece piece of an id (e.g. "▁Hello", "<0x0A>", "<s>")."""
@@ -131,10 +162,9 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]], tools_system: str | No
     tool_names: dict[str, str] | None = {} if tools_system is not None else None
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, Mapping) else None
-        if role not in ("system", "user", "assistant", "tool"):
-            expected = "expected system, user, assistant or tool"
-            raise ChatTemplateError(f"message {index}: unknown role {role!r} ({expected})")
-        if role == "system":
+        if role not in ROLES:
+            raise ChatTemplateError(f"message {index}: unknown role {role!r} (expected {', '.join(ROLES)})")
+        if role in ("system", "developer"):
             system_texts.append(_content_text(message.get("content")))
             continue
         side = "assistant" if role == "assistant" else "user"
@@ -157,13 +187,19 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]], tools_system: str | No
     return turns
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                        tools_system: str | None = None) -> list[int]:
-    """Prompt token ids for a chat, identical to Meta's Llama 2 `chat_completion` for the dialogs Meta accepts.
+def apply_chat_template(tokenizer: Tokenizer | hf_tokenizer.HFTokenizer, messages: Sequence[Mapping[str, Any]],
+                        tools_system: str | None = None,
+                        tool_specs: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    """Prompt token ids for a chat: the model's own Jinja template where it has one
+    (`template_prompt`), else Meta's Llama 2 format, identical to Meta's `chat_completion` for the
+    dialogs Meta accepts.
 
     Unlike Meta, text containing "[INST]", "<<SYS>>", "<s>" or "</s>" is not rejected: it is tokenized as
-    plain text, and BOS/EOS ids appear only at turn boundaries. `tools_system`: see `to_meta_dialog`.
+    plain text, and BOS/EOS ids appear only at turn boundaries. `tools_system`: see `to_meta_dialog`;
+    `tool_specs` (OpenAI tools) go to templates that render tools themselves.
     """
+    if tokenizer.chat_template:
+        return template_prompt(tokenizer, messages, tools_system, tool_specs)
     dialog = to_meta_dialog(messages, tools_system)
     ids: list[int] = []
     for prompt, answer in zip(dialog[::2], dialog[1::2]):
@@ -171,6 +207,101 @@ def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
         ids += [tokenizer.bos_id, *tokenizer.encode(turn), tokenizer.eos_id]
     ids += [tokenizer.bos_id, *tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}")]
     return ids
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]], tools_system: str | None = None,
+                      native_tools: bool = False) -> list[dict[str, Any]]:
+    """OpenAI messages as a Jinja template takes them: developer becomes system, content parts are
+    joined; tool calls and results stay structured for a template that renders tools
+    (`native_tools`), else they are text and `tools_system` joins the system message."""
+    if not messages:
+        raise ChatTemplateError("messages must not be empty")
+    out: list[dict[str, Any]] = []
+    tool_names: dict[str, str] | None = {} if tools_system is not None else None
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in ROLES:
+            raise ChatTemplateError(f"message {index}: unknown role {role!r} (expected {', '.join(ROLES)})")
+        role = "system" if role == "developer" else role
+        if native_tools and (role == "tool" or message.get("tool_calls")):
+            out.append(_native_tool_message(message, role))
+        elif role in ("tool", "assistant"):
+            out.append({"role": "user" if role == "tool" else role, "content": _message_text(message, tool_names)})
+        else:
+            out.append({"role": role, "content": _content_text(message.get("content"))})
+    if tools_system is not None and not native_tools:
+        if out[0]["role"] == "system":
+            out[0]["content"] += MESSAGE_SEPARATOR + tools_system
+        else:
+            out.insert(0, {"role": "system", "content": tools_system})
+    return out
+
+
+def _native_tool_message(message: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """A tool result or an assistant's tool calls in transformers' shape (arguments as objects)."""
+    out: dict[str, Any] = {"role": role, "content": _content_text(message.get("content"))}
+    if role == "tool":
+        out["tool_call_id"] = message.get("tool_call_id")
+        return out
+    try:
+        calls = tools.function_calls(message["tool_calls"])
+    except ValueError as e:
+        raise ChatTemplateError(str(e)) from None
+    out["tool_calls"] = []
+    for call_id, function in calls:
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass
+        out["tool_calls"].append({"id": call_id, "type": "function",
+                                  "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def template_prompt(tokenizer, messages: Sequence[Mapping[str, Any]], tools_system: str | None = None,
+                    tool_specs: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    """Prompt ids under the model's own template, with the reply's opening (add_generation_prompt)."""
+    native = bool(tool_specs) and chat_template.takes_tools(tokenizer.chat_template)
+    turns = template_messages(messages, tools_system, native)
+    try:
+        return chat_template.prompt_ids(tokenizer, tokenizer.chat_template, turns, tool_specs if native else None)
+    except chat_template.TemplateError as e:
+        raise ChatTemplateError(str(e)) from None
+
+
+def load_tokenizer(path: str | os.PathLike[str], chat_template_override: str | None = None):
+    """The tokenizer of a model directory (or its tokenizer file): SentencePiece `tokenizer.model`
+    where present (Llama 2 and its kin), else a byte-level BPE `tokenizer.json`; with the model's
+    chat template, or `chat_template_override` (a template's text) instead. A Llama 2 template
+    (`[INST]`) is left to Meta's exact format."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    sp_file = path if path.suffix == ".model" else directory / "tokenizer.model"
+    if sp_file.is_file() and not (path.is_file() and path.name == "tokenizer.json"):
+        config = json.loads((directory / "tokenizer_config.json").read_text()) \
+            if (directory / "tokenizer_config.json").is_file() else {}
+        jinja = directory / "chat_template.jinja"
+        own = jinja.read_text() if jinja.is_file() else hf_tokenizer.template_from_config(config)
+        own = None if own and B_INST in own else own
+        return Tokenizer(sp_file, chat_template_override or own)
+    if not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory} has no tokenizer.model or tokenizer.json")
+    tokenizer = hf_tokenizer.load(directory)
+    if not tokenizer.byte_level:
+        raise ValueError(f"{directory}/tokenizer.json is not byte-level BPE, which is the only kind implemented "
+                         "without a tokenizer.model")
+    if chat_template_override:
+        tokenizer.chat_template = chat_template_override
+    return tokenizer
+
+
+def detokenizer(tokenizer, after_text: bool = False):
+    """The streaming detokenizer for this tokenizer: byte-level (`hf_tokenizer.ByteDetokenizer`)
+    or SentencePiece (`IncrementalDetokenizer`; `after_text`: see there)."""
+    if tokenizer.byte_level:
+        return hf_tokenizer.ByteDetokenizer(tokenizer)
+    return IncrementalDetokenizer(tokenizer, after_text)
 
 
 # --------------------------------------------------------------------------- streaming detokenizer

@@ -1,9 +1,10 @@
-"""Our SentencePiece vocabulary as llguidance sees it (token bytes, special tokens, the
-dummy-prefix-free encoder it tokenizes forced text with), plus the token tables the closing plan
-of structured.py uses. Built once per Tokenizer (~0.1 s) and shared.
+"""A model's vocabulary as llguidance sees it (token bytes, special tokens, an encoder without
+SentencePiece's dummy-prefix space for the text it forces), plus the token tables the closing
+plan of structured.py uses. Built once per tokenizer (~0.1 s) and shared.
 
-Token bytes (`Tokenizer.token_bytes`): "▁" is a space, <0xNN> byte pieces are that byte,
-control/unknown pieces are special (never allowed inside text).
+Token bytes (`token_bytes`): for SentencePiece "▁" is a space and <0xNN> byte pieces are that
+byte; byte-level BPE tokens are their own bytes; control, special and unknown tokens are special
+(never allowed inside text).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ _PROBES = ('@', '.', '0', '-', 'a', ':', 'T', 'Z', '/', '_', 'A', '1', '+', ' ',
 
 
 class Vocabulary:
-    """Our SentencePiece vocabulary as llguidance sees it, plus the token tables the closing plan
-    uses. Built once per Tokenizer by `vocabulary()`."""
+    """A vocabulary as llguidance sees it, plus the token tables the closing plan uses. Built once
+    per tokenizer by `vocabulary()`."""
 
     def __init__(self, tokenizer: Tokenizer):
         n = tokenizer.vocab_size
         self.size, self.eos_id = n, tokenizer.eos_id
         self._sp_encode = tokenizer.encode
+        self._dummy_prefix = tokenizer.dummy_prefix
         self._newline = tokenizer.encode("\n")  # the "\n" prefix trick below
         pieces: list[bytes] = []
         special: list[int] = []
@@ -72,9 +74,9 @@ class Vocabulary:
         self.minimal = [pick[c.encode()] for c in _MINIMAL if c.encode() in pick]
         self.values = self.minimal + [t for t in self.probes if t not in self.minimal]
         # string content that keeps the closing plan as it is: no quote, no backslash, no piece
-        # that leaves a UTF-8 character unfinished
-        self.string_safe = np.array([i not in special and b'"' not in p and b"\\" not in p
-                                     and not (tokenizer.is_byte(i) and p[0] >= 0x80) for i, p in enumerate(pieces)])
+        # that leaves a UTF-8 character unfinished (or starts inside one)
+        self.string_safe = np.array([i not in special and b'"' not in p and b"\\" not in p and _whole_utf8(p)
+                                     for i, p in enumerate(pieces)])
         # fallback preference: longer text first (a real piece before the byte piece of the same
         # text), then structure-opening or escaping tokens, then whitespace only
         score = np.array([len(p) - 0.5 * tokenizer.is_byte(i) for i, p in enumerate(pieces)], np.float32)
@@ -87,14 +89,26 @@ class Vocabulary:
 
     def encode(self, text: bytes | str) -> list[int]:
         """Token ids of text *without* SentencePiece's dummy-prefix space (llguidance uses this to
-        tokenize forced bytes): encode "\\n" + text and drop the ids of the "\\n" prefix."""
+        tokenize forced bytes): encode "\\n" + text and drop the ids of the "\\n" prefix. A BPE
+        vocabulary adds no prefix: plain encode."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
+        if not self._dummy_prefix:
+            return self._sp_encode(text)
         ids = self._sp_encode("\n" + text)
         k = len(self._newline)
         if ids[:k] == self._newline:
             return ids[k:]
         return self._sp_encode(text)  # pragma: no cover - the prefix always survives for Llama 2
+
+
+def _whole_utf8(piece: bytes) -> bool:
+    """Whether a token's bytes are whole UTF-8 characters."""
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _vocabularies: weakref.WeakKeyDictionary[Tokenizer, Vocabulary] = weakref.WeakKeyDictionary()
