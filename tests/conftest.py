@@ -98,3 +98,31 @@ def quick_start(tmp_path_factory):
     server = ServeProcess(cache)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """The tiny-gqa random model, loaded once per module that uses it."""
+    from llama_jax.hf_checkpoint import load_hf_model
+
+    return load_hf_model(tiny_checkpoint("tiny-gqa"))
+
+
+@pytest.fixture(scope="module")
+def strict(model, tokenizer_path):
+    """A live app with API keys, a 4 KiB body limit and no queue, whose engine never runs a step
+    (for the error paths)."""
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from helpers import KEYS
+    from live_server import LiveServer
+    from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.tokenizer import Tokenizer
+
+    config = EngineConfig(max_slots=8, max_seq_len=256, max_queue=0)
+    engine = Engine(model, Tokenizer(tokenizer_path), config).start(warmup=False)
+    server = LiveServer(create_app(engine, ServerSettings(api_keys=KEYS, max_body_bytes=4096, retry_after_s=3)),
+                        engine)
+    yield server
+    server.stop()
+    engine.stop()

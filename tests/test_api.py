@@ -25,19 +25,13 @@ from api.app import create_app
 from api.settings import ServerSettings
 from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
-from llama_jax.hf_checkpoint import load_hf_model
+from helpers import KEYS, error_of, wait_idle
 from llama_jax.request import SamplingOptions
 from llama_jax.tokenizer import Tokenizer, apply_chat_template
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"
 PRICE_IN, PRICE_OUT = 0.5, 1.5
-KEYS = ("key-one", "key-two")
 HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_hf_model(tiny_checkpoint("tiny-gqa"))
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +40,6 @@ def live(model, tokenizer_path):
     engine = Engine(model, Tokenizer(tokenizer_path), config).start()
     server = LiveServer(create_app(engine, ServerSettings(price_input_per_mtok=PRICE_IN,
                                                           price_output_per_mtok=PRICE_OUT)), engine)
-    yield server
-    server.stop()
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def strict(model, tokenizer_path):
-    config = EngineConfig(max_slots=8, max_seq_len=256, max_queue=0)
-    engine = Engine(model, Tokenizer(tokenizer_path), config).start(warmup=False)  # never runs a step
-    server = LiveServer(create_app(engine, ServerSettings(api_keys=KEYS, max_body_bytes=4096, retry_after_s=3)),
-                        engine)
     yield server
     server.stop()
     engine.stop()
@@ -73,20 +56,6 @@ def sse_events(raw: bytes) -> list[bytes]:
     events = raw[:-2].split(b"\n\n")
     assert all(e.startswith(b"data: ") and b"\n" not in e for e in events), raw[:500]
     return [e[len(b"data: "):] for e in events]
-
-
-def wait_idle(engine, timeout: float = 10.0) -> None:
-    deadline = time.time() + timeout
-    while (engine.busy_slots or engine.queue_depth) and time.time() < deadline:
-        time.sleep(0.01)
-    assert engine.busy_slots == 0 and engine.queue_depth == 0
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["code"], str) and body["error"]["message"]
-    return body["error"]
 
 
 # ------------------------------------------------------------------------------------ happy paths

@@ -19,9 +19,7 @@ from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.tokenizer import Tokenizer
-from test_api import KEYS, error_of, model, strict, wait_idle  # noqa: F401 (model and strict are fixtures)
-from test_model import hf_model
-from test_scoring import hf_log_softmax
+from helpers import KEYS, error_of, hf_log_softmax, hf_model, wait_idle
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"  # the servers' default name
 PRICE_IN, PRICE_OUT = 0.5, 1.5

@@ -124,7 +124,5 @@ def test_prompt_attention_takes_the_fresh_path_only_when_every_start_is_zero():
     assert not np.allclose(np.asarray(mixed)[1, :20], np.asarray(want)[1, :20])
 
 
-def test_platform_choices():
-    assert AttentionConfig.for_platform("gpu") == AttentionConfig(prefill="cudnn", decode="pallas", block=64, splits=8)
-    assert AttentionConfig.for_platform("cpu") == AttentionConfig()
+def test_key_block_never_exceeds_the_cache():
     assert attention.key_block(4096, 256) == 256 and attention.key_block(100, 256) == 100

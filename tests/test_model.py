@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import LlamaForCausalLM
 
+from helpers import hf_model
 from llama_jax import steps
 from llama_jax.compiles import CompileCounter
 from llama_jax.config import RopeScaling, preset
@@ -16,10 +16,6 @@ from llama_jax.kv_cache import init_cache
 
 SHAPES = ["tiny-mha", "tiny-gqa"]
 PROMPT = [1, 518, 25580, 29962, 15043, 29991, 1724, 338, 263, 4086, 29973, 518, 29914, 25580, 29962]
-
-
-def hf_model(path, dtype=torch.float32):
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:

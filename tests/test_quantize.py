@@ -288,7 +288,7 @@ def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
     """tools/gpu_check.py --quantize int8 runs the same path as on the GPU day, here on CPU."""
     import sys
 
-    from conftest import REPO_ROOT
+    from live_server import REPO_ROOT
 
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import gpu_check

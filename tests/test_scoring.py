@@ -9,17 +9,12 @@ from llama_jax import scoring
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.kv_cache import init_cache
 from llama_jax.model import linear, rms_norm
-from test_model import hf_model
+from helpers import hf_log_softmax, hf_model
 
 
 @pytest.fixture(scope="module")
 def path(tiny_checkpoint):
     return tiny_checkpoint("tiny-gqa")
-
-
-def hf_log_softmax(hf, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1).numpy()
 
 
 def test_scores_match_hf_log_softmax_over_several_chunks(path):

@@ -21,7 +21,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import REPO_ROOT
+from live_server import REPO_ROOT
 
 SEED_PAGE = REPO_ROOT.parent / "shared" / "seed" / "deepinfra-llama-2-7b-chat-api.txt"
 DEMO = "llama-jax-demo"

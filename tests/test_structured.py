@@ -11,6 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from helpers import CLOCK, WEATHER
 from llama_jax import structured as S
 from llama_jax import tools as T
 from llama_jax import vocabulary as V
@@ -33,11 +34,6 @@ PERSON = {
     "required": ["name", "age", "address"],
     "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}},
 }
-WEATHER = T.ToolSpec("get_weather", "Weather in a city", {
-    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
-                                     "days": {"type": "integer", "minimum": 1}},
-    "required": ["city", "unit"]})
-CLOCK = T.ToolSpec("get_time")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ parser of the envelope. Grammar-constrained envelopes are in test_structured.py.
 from __future__ import annotations
 
 from llama_jax import tools as T
-from test_structured import CLOCK, WEATHER
+from helpers import CLOCK, WEATHER
 
 
 def test_system_prompt_modes():
