@@ -14,7 +14,7 @@ command=$(grep -E "^pip install .* && python -m pytest" "$repo/.ci/run")
 log="$work/log.txt"
 start=$(date +%s)
 (cd "$work/repo" && source "$work/venv/bin/activate" && bash tools/install_browser.sh &&
- eval "$command $(printf '%q ' "$@")") > "$log" 2>&1
+ if [ $# -gt 0 ]; then eval "$command $(printf '%q ' "$@")"; else eval "$command"; fi) > "$log" 2>&1
 status=$?
 end=$(date +%s)
 grep -E "^(=+ )?[0-9]+ (passed|failed)|^FAILED|^ERROR" "$log" | tail -20
