@@ -185,3 +185,37 @@ def test_template_errors_are_chat_template_errors(tmp_path):
         apply_chat_template(strict, [{"role": "assistant", "content": "x"}])
     with pytest.raises(ChatTemplateError, match="does not parse"):
         apply_chat_template(load_tokenizer(folder, "{% for %}"), CONVERSATIONS[0])
+
+
+def test_llama3_style_checkpoint_round_trips_through_convert_weights(tmp_path):
+    """A small random Llama-3-style model (llama3 RoPE, tied embeddings, explicit head_dim, several
+    EOS ids, a tokenizer.json with its template) converted by `convert-weights`: the converted
+    folder is self-contained and equals transformers on the same files."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llama_jax import checkpoint
+    from llama_jax.config import preset
+    from llama_jax.convert import main
+    from llama_jax.hf_checkpoint import write_tiny_checkpoint
+    from llama_jax.kv_cache import init_cache
+
+    folder = llama3_style_folder(tmp_path / "hf")
+    cfg = preset("tiny-llama3").replace(vocab_size=tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+                                        .get_vocab_size(), bos_id=0, eos_id=4)
+    write_tiny_checkpoint(folder, cfg, seed=3)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 4]}))
+    assert main([str(folder), str(tmp_path / "out"), "--quiet"]) == 0
+    loaded = checkpoint.load(tmp_path / "out")
+    assert loaded.cfg == cfg and loaded.manifest["tokenizer"] and loaded.tokenizer_path.name == "tokenizer.json"
+    ours = load_tokenizer(loaded.tokenizer_path)
+    ref_tok = AutoTokenizer.from_pretrained(folder)
+    assert ours.eos_ids == (4, 1)
+    ids = apply_chat_template(ours, CONVERSATIONS[2])
+    assert ids == ref_tok.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=True, return_dict=False)
+    logits, _ = loaded.model(jnp.array([ids]), jnp.arange(len(ids))[None], init_cache(cfg, 1, len(ids)))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.asarray(logits[0]) - ref).max() <= 2e-5 * np.abs(ref).max()
