@@ -333,6 +333,7 @@ print(events["/jax/compilation_cache/cache_hits"], events["/jax/compilation_cach
 """
 
 
+@pytest.mark.slow
 def test_restart_reuses_the_persistent_compilation_cache(tmp_path, tokenizer_path):
     import os
     import subprocess

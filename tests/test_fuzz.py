@@ -42,6 +42,7 @@ def call(case) -> int:
     return response.status_code
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_no_generated_request_gets_a_5xx(case):

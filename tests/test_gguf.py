@@ -120,6 +120,7 @@ def test_smollm2_config_from_gguf_metadata(smollm2):
     assert cfg.dtype == "float32"  # dequantized Q4_1
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_on_the_same_file(smollm2):
     """transformers dequantizes the same GGUF (float32): the two models agree to float error."""
     import torch

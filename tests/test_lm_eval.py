@@ -23,6 +23,8 @@ from live_server import REPO_ROOT
 from llama_jax.convert import convert
 from helpers import hf_model
 
+pytestmark = pytest.mark.slow  # lm-eval against a real server
+
 if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("lm_eval.evaluator") is None:
     pytest.skip("lm-eval is not installed: `pip install -e '.[eval]'` (~500 MB, 40 packages, ~1 min from a local "
                 "index); see docs/serving.md", allow_module_level=True)

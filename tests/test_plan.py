@@ -26,6 +26,7 @@ def run_plan(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_plan_reports_programs_bytes_and_fit(capsys):
     cfg = preset("tiny-gqa")
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
@@ -40,6 +41,7 @@ def test_plan_reports_programs_bytes_and_fit(capsys):
     assert report["max_slots_that_fit"] == (64 * 2**20 - per["weights"] - per["temp"]) // slot
 
 
+@pytest.mark.slow
 def test_plan_at_tp_shards_weights_and_cache(capsys):
     one = run_plan(capsys, "--preset", "tiny-mha", "--dtype", "bfloat16")
     four = run_plan(capsys, "--preset", "tiny-mha", "--dtype", "bfloat16", "--tp", "4")
@@ -48,6 +50,7 @@ def test_plan_at_tp_shards_weights_and_cache(capsys):
     assert one["per_device_bytes"]["weights"] / 4 <= four["per_device_bytes"]["weights"] < one["per_device_bytes"]["weights"] / 2
 
 
+@pytest.mark.slow
 def test_plan_beyond_the_visible_devices_runs_on_fake_ones():
     """With one visible device, --tp 2 re-runs itself over two fake CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(REPO_ROOT))
@@ -80,6 +83,7 @@ def test_auto_slots_is_the_plan_arithmetic():
     assert plan.auto_slots(cfg, 256, None, free=used["per_slot"] // 2)[0] == 1, "always at least one slot"
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import gpu_check

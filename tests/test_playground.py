@@ -23,12 +23,14 @@ ARTIFACTS = Path(os.environ.get("LLAMA_JAX_TEST_ARTIFACTS") or REPO_ROOT / ".art
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: run tools/install_browser.sh")
 
 
 @pytest.fixture(scope="module")
 def browser():
+    """Headless Chromium (Debian's), driven by Playwright; skips, saying what is missing, without them."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: run tools/install_browser.sh")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -56,14 +58,16 @@ def busy_slots(url: str) -> float:
     return sum(float(v) for v in re.findall(r"^llama_jax_busy_slots(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE))
 
 
-def test_the_page_is_one_small_cacheable_file(quick_start):
-    r = httpx.get(quick_start.url + "/", timeout=10)
+def test_the_page_is_one_small_cacheable_file_open_without_a_key(strict):
+    r = httpx.get(strict.url + "/", timeout=10)  # strict has API keys: the page is open, the API is not
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert len(r.content) < 100_000 and b"http://" not in r.content and b"https://" not in r.content  # no CDN
-    again = httpx.get(quick_start.url + "/", headers={"If-None-Match": r.headers["etag"]}, timeout=10)
-    assert again.status_code == 304
+    again = httpx.get(strict.url + "/", headers={"If-None-Match": r.headers["etag"]}, timeout=10)
+    assert again.status_code == 304 and not again.content
+    assert httpx.get(strict.url + "/v1/models", timeout=10).status_code == 401
 
 
+@pytest.mark.slow
 def test_a_message_streams_and_finishes_with_stats(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent === 'SmolLM2-135M-Instruct'")
@@ -80,6 +84,7 @@ def test_a_message_streams_and_finishes_with_stats(browser, quick_start):
     page.close()
 
 
+@pytest.mark.slow
 def test_model_output_is_rendered_as_text_and_code_blocks_as_code(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent !== '…'")
@@ -95,6 +100,7 @@ def test_model_output_is_rendered_as_text_and_code_blocks_as_code(browser, quick
     page.close()
 
 
+@pytest.mark.slow
 def test_stop_cancels_the_request_on_the_server(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent !== '…'")
@@ -113,6 +119,7 @@ def test_stop_cancels_the_request_on_the_server(browser, quick_start):
     page.close()
 
 
+@pytest.mark.slow
 def test_json_schema_gives_valid_json(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent !== '…'")
@@ -132,6 +139,7 @@ def keyed(tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.slow
 def test_a_wrong_api_key_shows_the_401_message_and_the_right_one_works(browser, keyed):
     page = open_page(browser, keyed.url, key="wrong-key")
     page.wait_for_function("document.getElementById('model').textContent.includes('Incorrect API key')")
@@ -149,6 +157,7 @@ def test_a_wrong_api_key_shows_the_401_message_and_the_right_one_works(browser, 
     page.close()
 
 
+@pytest.mark.slow
 def test_no_playground_flag(tmp_path):
     server = ServeProcess(tmp_path, "--demo", "--no-playground", "--max-slots", "1", "--max-seq-len", "128",
                           "--max-prefill-tokens", "64")

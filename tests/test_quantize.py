@@ -271,6 +271,7 @@ def test_plan_counts_int8_weights():
     assert tp8 < int8 / 7.9
 
 
+@pytest.mark.slow
 def test_plan_cli_int8(capsys, converted):
     """`llama-jax plan --quantize int8`, and an int8 checkpoint planned as int8 with no flag."""
     from llama_jax import cli
@@ -284,6 +285,7 @@ def test_plan_cli_int8(capsys, converted):
     assert json.loads(capsys.readouterr().out)["per_device_bytes"]["weights"] == stored_bytes(cfg)
 
 
+@pytest.mark.slow
 def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
     """tools/gpu_check.py --quantize int8 runs the same path as on the GPU day, here on CPU."""
     import sys

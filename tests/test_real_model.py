@@ -28,7 +28,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
-pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"the real SmolLM2 GGUF is not at {GGUF} (../shared)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not GGUF.exists(), reason=f"the real SmolLM2 GGUF is not at {GGUF} (../shared)")]
 
 
 @pytest.fixture(scope="module")

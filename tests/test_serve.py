@@ -23,6 +23,8 @@ import pytest
 
 from live_server import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warming up
+
 SEED_PAGE = REPO_ROOT.parent / "shared" / "seed" / "deepinfra-llama-2-7b-chat-api.txt"
 DEMO = "llama-jax-demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
