@@ -86,8 +86,10 @@ def tokenizer(tokenizer_path):
 
 @pytest.fixture(scope="session")
 def quick_start(tmp_path_factory):
-    """Plain `llama-jax serve`, the README's quick start: the real default model, SmolLM2-135M-Instruct,
-    its GGUF already in the cache (as the first start leaves it; here from ../shared, not downloaded)."""
+    """The README's quick start, `llama-jax serve` with no checkpoint: the real default model,
+    SmolLM2-135M-Instruct, its GGUF already in the cache (as the first start leaves it; here from
+    ../shared, not downloaded). With a 512-token context, so its warm-up fits the suite's budget
+    (the default 2048 adds the two longest prefill programs, about 90 s on 2 cores)."""
     from live_server import ServeProcess
 
     if not SMOLLM2_GGUF.exists():
@@ -95,9 +97,22 @@ def quick_start(tmp_path_factory):
     cache = tmp_path_factory.mktemp("quick-start-cache")
     (cache / "models").mkdir()
     (cache / "models" / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
-    server = ServeProcess(cache)
+    server = ServeProcess(cache, "--max-seq-len", "512")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' float32 SmolLM2 model and tokenizer from the same GGUF: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not SMOLLM2_GGUF.exists():
+        pytest.skip(f"the real SmolLM2 GGUF is not at {SMOLLM2_GGUF} (it lives in ../shared, never in the repo)")
+    folder, name = SMOLLM2_GGUF.parent, SMOLLM2_GGUF.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 @pytest.fixture(scope="module")

@@ -426,6 +426,13 @@ def test_disconnect_mid_stream_frees_the_slot(live, monkeypatch):
 
 
 def test_disconnect_while_waiting_for_a_plain_reply_frees_the_slot(live, monkeypatch):
+    real = live.engine.tokenizer.decode
+
+    def slow(ids):  # 2 ms a token: 200 tokens outlast the client's 0.15 s on any box
+        time.sleep(0.002)
+        return real(ids)
+
+    monkeypatch.setattr(live.engine.tokenizer, "decode", slow)
     spy = SubmitSpy(live.engine, monkeypatch)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/chat/completions", json=LONG, timeout=httpx.Timeout(10, read=0.15))

@@ -121,14 +121,13 @@ def test_smollm2_config_from_gguf_metadata(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_on_the_same_file(smollm2):
+def test_smollm2_logits_match_transformers_on_the_same_file(smollm2, smollm2_reference):
     """transformers dequantizes the same GGUF (float32): the two models agree to float error."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     ids = [504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 4521, 314]  # "The capital of France is Paris. ..."
     ours = logits(load_gguf_model(smollm2), ids)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32).eval()
+    hf, _ = smollm2_reference
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(ours - ref).max() / np.abs(ref).max() <= 2e-5

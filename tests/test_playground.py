@@ -16,7 +16,7 @@ import httpx
 import jsonschema
 import pytest
 
-from live_server import REPO_ROOT, ServeProcess
+from live_server import REPO_ROOT, LiveServer, ServeProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("LLAMA_JAX_TEST_ARTIFACTS") or REPO_ROOT / ".artifacts")
@@ -104,7 +104,7 @@ def test_model_output_is_rendered_as_text_and_code_blocks_as_code(browser, quick
 def test_stop_cancels_the_request_on_the_server(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent !== '…'")
-    page.fill("#max_tokens", "1000")
+    page.fill("#max_tokens", "400")
     send(page, "Write a very long story about a dragon who learns to bake bread.")
     page.wait_for_selector(".msg.assistant.streaming .body:not(:empty)", timeout=60_000)
     assert busy_slots(quick_start.url) >= 1
@@ -157,11 +157,16 @@ def test_a_wrong_api_key_shows_the_401_message_and_the_right_one_works(browser, 
     page.close()
 
 
-@pytest.mark.slow
-def test_no_playground_flag(tmp_path):
-    server = ServeProcess(tmp_path, "--demo", "--no-playground", "--max-slots", "1", "--max-seq-len", "128",
-                          "--max-prefill-tokens", "64")
+def test_no_playground_flag(strict):
+    """`--no-playground` (the setting it sets): no page at /, the API unchanged."""
+    from api.app import create_app
+    from api.cli import build_parser
+    from api.settings import ServerSettings
+
+    assert build_parser().parse_args(["serve", "--no-playground"]).playground is False
+    server = LiveServer(create_app(strict.engine, ServerSettings(playground=False)), strict.engine)
     try:
         assert httpx.get(server.url + "/", timeout=10).status_code == 404
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
     finally:
         server.stop()

@@ -37,14 +37,8 @@ def served(quick_start):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers' float32 model and tokenizer, from the same GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SHARED, gguf_file=GGUF.name)
-    model = AutoModelForCausalLM.from_pretrained(SHARED, gguf_file=GGUF.name, dtype=torch.float32).eval()
-    return model, tokenizer
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 def test_plain_serve_serves_the_real_model_by_its_own_name(served):
