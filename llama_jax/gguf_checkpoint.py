@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.config import LlamaConfig, RopeScaling, UnsupportedModelError
-from llama_jax.hf_checkpoint import NUMPY_DTYPES, CheckpointError
+from llama_jax.hf_checkpoint import NUMPY_DTYPES, CheckpointError, check_names
 from llama_jax.model import Tensor, tensors
 
 # HF tensor name (model.tensors' names, `{layer}` per layer) -> GGUF tensor name.
@@ -132,12 +132,7 @@ def check_tensors(reader, cfg: LlamaConfig) -> None:
     have = {t.name: t for t in reader.tensors}
     expected = {gguf_name(t.hf_name): t for t in tensors(cfg)}
     ignorable = {"output.weight"} if cfg.tie_embeddings else set()
-    missing = sorted(set(expected) - set(have))
-    extra = sorted(set(have) - set(expected) - ignorable)
-    if missing:
-        raise CheckpointError(f"GGUF lacks tensors: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    if extra:
-        raise CheckpointError(f"unexpected GGUF tensors: {', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+    check_names(expected, have, ignorable, "GGUF tensors")
     for name, tensor in expected.items():
         t = have[name]
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first

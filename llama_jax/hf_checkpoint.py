@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -60,18 +60,23 @@ def tensor_index(hf_dir: Path) -> dict[str, Path]:
     return index
 
 
+def check_names(expected: Iterable[str], present: Iterable[str], ignorable: Iterable[str] = (),
+                what: str = "tensors") -> None:
+    """CheckpointError naming (up to five of) the missing, then the unexpected, tensor names."""
+    expected, present = set(expected), set(present)
+    for problem, names in (("missing", expected - present), ("unexpected", present - expected - set(ignorable))):
+        if names:
+            names = sorted(names)
+            raise CheckpointError(f"{problem} {what}: {', '.join(names[:5])}{' …' if len(names) > 5 else ''}")
+
+
 def check_tensors(cfg: LlamaConfig, index: dict[str, Path]) -> None:
     """Fail, before any work, on missing, unexpected or misshapen tensors."""
     expected = {t.hf_name: t for t in tensors(cfg)}
     ignorable = {n for n in index if n.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:  # some tied checkpoints still store the head: a copy of the table
         ignorable.add("lm_head.weight")
-    missing = sorted(set(expected) - set(index))
-    extra = sorted(set(index) - set(expected) - ignorable)
-    if missing:
-        raise CheckpointError(f"missing tensors: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    if extra:
-        raise CheckpointError(f"unexpected tensors: {', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
+    check_names(expected, index, ignorable)
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(index[name], []).append(name)
