@@ -113,7 +113,7 @@ def test_replacement_char_spelled_in_bytes(tokenizer: Tokenizer) -> None:
 
 
 text_ids = st.text(
-    alphabet=st.one_of(st.characters(), st.sampled_from("😀👍🏽🎉中文字日本語 \n\t€éß")), max_size=12
+    alphabet=st.one_of(st.characters(codec="utf-8"), st.sampled_from("😀👍🏽🎉中文字日本語 \n\t€éß")), max_size=12
 )
 
 

@@ -122,7 +122,7 @@ def test_matches_meta(tokenizer: Tokenizer, meta_tokens, contents: list[str], sy
     assert_special_ids_only_at_boundaries(ids, n_turns=(len(contents) + 1) // 2)
 
 
-content_text = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(MARKERS)), max_size=6).map("".join)
+content_text = st.lists(st.one_of(st.text(st.characters(codec="utf-8"), max_size=8), st.sampled_from(MARKERS)), max_size=6).map("".join)
 
 
 @settings(max_examples=150, deadline=None)
