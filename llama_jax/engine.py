@@ -164,6 +164,7 @@ class Engine:
             log.info("warm-up %d/%d: %s", done, len(programs), what)
             if progress:
                 progress(done, len(programs), what)
+        self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
     def _replace_state(self) -> None:
