@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Noncharacters (reserved by Unicode for internal use) around special-token text found in user strings.
@@ -52,9 +53,11 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateError(f"the chat template does not parse: {e}") from None
 
 
+@functools.lru_cache(maxsize=8)
 def takes_tools(source: str) -> bool:
-    """Whether the template renders a `tools` list itself (else the caller's tool prompt is used)."""
-    return "tools" in source
+    """Whether the template reads the `tools` variable, i.e. renders the tools itself (else the
+    caller's tool prompt is used); the word in its text or a comment does not count."""
+    return "tools" in jinja2.meta.find_undeclared_variables(compile_template(source).environment.parse(source))
 
 
 def render(source: str, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,

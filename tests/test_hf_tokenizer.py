@@ -227,6 +227,21 @@ def test_llama3_style_tokenizer_folder_matches_transformers(tmp_path):
     assert custom.decode(apply_chat_template(custom, CONVERSATIONS[0])).endswith("[assistant] ")
 
 
+def test_tools_go_to_templates_that_read_the_tools_variable(tmp_path):
+    """A template that reads `tools` renders them; one that only says "tools" in its text gets the
+    project's tool prompt in its system message instead."""
+    folder = llama3_style_folder(tmp_path / "tok")
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "Weather?"}]
+    reads = load_tokenizer(folder, "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+                                   "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    assert reads.decode(apply_chat_template(reads, messages, "PROMPT", [tool])) == "get_weather;user: Weather?\n"
+    says = load_tokenizer(folder, "{# no tools here #}You have tools.\n"
+                                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    assert says.decode(apply_chat_template(says, messages, "PROMPT", [tool])) == (
+        "You have tools.\nsystem: PROMPT\nuser: Weather?\n")
+
+
 def test_template_errors_are_chat_template_errors(tmp_path):
     folder = llama3_style_folder(tmp_path / "tok")
     strict = load_tokenizer(folder, "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first!') }}"
