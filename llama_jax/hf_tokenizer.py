@@ -62,7 +62,9 @@ class HFTokenizer:
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}  # bos_token, eos_token, ... as the template sees them
-        self._specials = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        # special tokens by text: a chat template writes them, a user's text never becomes them
+        self.special_ids = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self._specials = frozenset(self.special_ids.values())
         self.byte_level = "ByteLevel" in json.dumps(json.loads(tok.to_str()).get("decoder"))
         self._alphabet = byte_alphabet()
 

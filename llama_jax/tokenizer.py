@@ -45,6 +45,7 @@ class Tokenizer:
         self.eos_ids = (self.eos_id,)
         self.vocab_size: int = self._sp.get_piece_size()
         self.chat_template = chat_template
+        self.special_ids = {"<s>": self.bos_id, "</s>": self.eos_id}  # what `encode_with_specials` reads as ids
         if chat_template:
             self.special_tokens = {"bos_token": self.id_to_piece(self.bos_id), "eos_token": self.id_to_piece(self.eos_id)}
 
