@@ -31,8 +31,10 @@ from litestar.response import Stream
 from litestar.types import Message, Scope
 
 from api import responses, schemas
+from api.drain import DONE, engine_error, sse_body, shutting_down
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
+from api.offload import Offload
 from api.responses import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
                            DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText, ToolCallOut,
                            encode, sse)
@@ -49,7 +51,6 @@ STATE_KEY = "llama_jax"
 CHAT_PATHS = ["/v1/chat/completions", "/v1/openai/chat/completions"]
 MODELS_PATHS = ["/v1/models", "/v1/openai/models"]
 MODEL_PATHS = ["/v1/models/{model_id:path}", "/v1/openai/models/{model_id:path}"]
-DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -62,6 +63,7 @@ class ServerContext:
     metrics: Metrics
     token_text: TokenText
     created: int
+    offload: Offload = dataclasses.field(default_factory=Offload)  # the worker pool of request CPU work
     draining: bool = False  # set by the serve command's shutdown (api.shutdown): new requests get 503
     handles: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # accepted requests, for the drain
 
@@ -108,8 +110,7 @@ def unavailable(ctx: ServerContext) -> APIError | None:
     """The 503 a chat request gets while the server cannot serve it (warming up, failed, shutting down)."""
     retry = {"Retry-After": str(max(ctx.settings.retry_after_s, 1))}
     if ctx.draining:
-        return APIError(503, "The server is shutting down and accepts no new requests; retry on another "
-                             "instance or in a moment.", code="server_shutting_down", headers=retry)
+        return shutting_down(ctx)
     if error := getattr(ctx.engine, "error", None):
         return APIError(503, f"The engine has failed and cannot serve requests: {error}", code="engine_failed")
     if not ctx.engine.ready:
@@ -154,8 +155,29 @@ async def chat_completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode(await read_body(request, ctx))
+    body = schemas.decode_struct(await read_body(request, ctx), ChatCompletionRequest)  # parsing: on the loop
     require_model(ctx, body.model)
+    prompt, grammar, mode = await unless_disconnected(ctx.offload.run(_prepare, ctx, body), request.receive,
+                                                      lambda: None)
+    constraint = None
+    if grammar is not None:
+        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        budget = max_tokens if max_tokens is not None else ctx.engine.max_seq_len - len(prompt)
+        model = getattr(ctx.engine, "model", None)
+        constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
+    handle = submit(ctx, schemas.engine_request(body, prompt, constraint, ctx.engine.tokenizer.eos_ids),
+                    {"prompt": "messages"})
+    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
+    if body.stream:
+        return Stream(sse_body(ctx, reply.chunks()), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+
+
+def _prepare(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[list[int], Grammar | None, str]:
+    """A decoded request's CPU work, in the offload pool (api/offload.py): its checks (JSON schemas
+    included), the chat template and tokens, and its grammar. Returns (prompt ids, grammar, tool mode)."""
+    schemas.check(body)
     specs, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
     tools_system = tools.tools_system_prompt(specs, mode, function, parallel) if specs else None
@@ -165,22 +187,13 @@ async def chat_completions(request: Request) -> Response:
                                      tool_specs)
     except ChatTemplateError as e:
         raise invalid(str(e), "messages") from None
-    try:  # compiling can take a while for big schemas (llguidance drops the GIL meanwhile)
-        grammar = await asyncio.to_thread(_grammar, ctx.engine.tokenizer, body, specs, mode, function, parallel)
+    schemas.check_context(len(prompt), body.max_tokens or body.max_completion_tokens, ctx.engine.max_seq_len,
+                          "messages")
+    try:
+        grammar = _grammar(ctx.engine.tokenizer, body, specs, mode, function, parallel)
     except StructuredOutputError as e:
         raise invalid(str(e), e.param, "invalid_schema") from None
-    constraint = None
-    if grammar is not None:
-        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-        budget = max_tokens if max_tokens is not None else ctx.engine.max_seq_len - len(prompt)
-        model = getattr(ctx.engine, "model", None)
-        constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
-    handle = submit(ctx, schemas.engine_request(body, prompt, constraint))
-    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
-    if body.stream:
-        return Stream(reply.chunks(), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+    return prompt, grammar, mode
 
 
 def require_ready(ctx: ServerContext) -> None:
@@ -203,7 +216,9 @@ def require_model(ctx: ServerContext, model: str) -> None:
 
 def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[str, str] | None = None) -> RequestHandle:
     """Queue a request on the engine (from the event loop); its refusals as 400 (the engine's
-    field names mapped through `rename`) or 429 with Retry-After."""
+    field names mapped through `rename`) or 429 with Retry-After; 503 once the server drains."""
+    if ctx.draining:  # the request was read while the drain began: not accepted
+        raise shutting_down(ctx)
     try:
         handle = ctx.engine.submit(engine_request, loop=asyncio.get_running_loop())
     except RequestError as e:
@@ -293,12 +308,6 @@ class _Reply:
     def _logprobs(self, event: Event) -> responses.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
-    def _engine_error(self, event: Event) -> APIError:
-        if self.ctx.draining:  # the shutdown's drain timeout ended this request
-            return APIError(503, "The server is shutting down; this request was ended before it finished.",
-                            code="server_shutting_down")
-        return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
-
     async def complete(self, receive: Callable) -> ChatCompletion:
         """Wait for every choice; cancel the engine request if the client disconnects first."""
         try:
@@ -311,7 +320,7 @@ class _Reply:
         texts, tokens, finish = [""] * n, [[] for _ in range(n)], [None] * n
         async for event in self.handle:
             if event.error:
-                raise self._engine_error(event)
+                raise engine_error(self.ctx, event)
             self.timer.tokens(event.choice, len(event.tokens))
             texts[event.choice] += event.text
             tokens[event.choice].extend(event.tokens)
@@ -331,19 +340,15 @@ class _Reply:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """SSE body: a role chunk per choice, content chunks as tokens arrive, a finish chunk per
-        choice, the usage chunk when asked for, then [DONE]. An engine failure after the headers
-        went out is one `data: {"error": ...}` event, and the stream ends there (no [DONE]); a
-        request ended by the shutdown gets that event and then [DONE]."""
+        choice, the usage chunk when asked for, then [DONE]. An engine failure raises (`sse_body`
+        makes it an error event, and [DONE] when the drain ended the request)."""
         finished = False
         try:
             for i in range(self.handle.request.n):
                 yield self._chunk([ChunkChoice(i, Delta(role="assistant", content=""))])
             async for event in self.handle:
                 if event.error:
-                    yield sse(encode(self._engine_error(event).body()))
-                    if self.ctx.draining:
-                        yield DONE
-                    return
+                    raise engine_error(self.ctx, event)
                 self.timer.tokens(event.choice, len(event.tokens))
                 logprobs = self._logprobs(event)
                 deltas = self._deltas(event.choice, event.text)
@@ -433,7 +438,8 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     from api.completions import completions  # it uses this module's helpers
     from api.playground import playground
 
-    ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()))
+    ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()),
+                        Offload(settings.worker_threads))
     routes = [chat_completions, completions, list_models, retrieve_model, health, metrics]
     return Litestar(
         route_handlers=[*routes, playground] if settings.playground else routes,

@@ -1,6 +1,6 @@
 """The `llama-jax` console script: the engine commands of `llama_jax.cli` plus `serve`.
 
-`serve` lives here, not in llama_jax, because it needs Litestar and uvicorn (imported only when
+`serve` lives here, not in llama_jax, because it needs Litestar and hypercorn (imported only when
 it runs); the engine package stays installable with JAX alone.
 """
 
@@ -78,6 +78,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request body that takes longer to arrive is a 408 (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a connection with no request in progress is closed after this long: an idle keep-alive "
+                        "one, or one whose request headers have not all arrived (default 5)")
+    p.add_argument("--max-concurrency", type=int, default=1024, metavar="N",
+                   help="requests in progress at once; beyond, 503 server_busy at once (default 1024; /health and "
+                        "/metrics are never refused)")
+    p.add_argument("--worker-threads", type=int, default=2, metavar="N",
+                   help="threads for request CPU work off the event loop: schema checks, grammars, chat templates, "
+                        "tokenizing (default 2)")
+    p.add_argument("--no-scoring-warmup", dest="scoring_warmup", action="store_false",
+                   help="do not compile prompt scoring (echo + logprobs on /v1/completions) at warm-up: each length "
+                        "bucket then compiles on first use, stalling running streams meanwhile (default: compiled)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long accepted requests may still run before they are ended "
                         "(default 30); new ones get 503 meanwhile")
@@ -150,11 +162,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
-    """The model, its (not yet started) engine and the draining uvicorn server around the app."""
-    import uvicorn
-
+    """The model, its (not yet started) engine and the draining server around the app."""
     from api.app import STATE_KEY, create_app
     from api.settings import DEFAULT_MODEL_NAME, ServerSettings, api_keys_from
+    from api.server import ConnectionLimits
     from api.shutdown import DrainingServer
     from llama_jax import checkpoint
     from llama_jax.engine import Engine, EngineConfig
@@ -175,7 +186,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         api_keys=api_keys_from(args.api_key),
         price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
         max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public,
-        playground=args.playground)
+        playground=args.playground, worker_threads=args.worker_threads, scoring_warmup=args.scoring_warmup)
     if args.int8_inputs and loaded.cfg.quantization is None:
         raise ValueError("--int8-inputs needs int8 weights (--quantize int8, or a --quantize int8 checkpoint)")
     if loaded.cfg.quantization:
@@ -197,10 +208,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     template = args.chat_template.read_text() if args.chat_template else None
     engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
     app = create_app(engine, settings)
-    # the drain has finished every response before uvicorn's own grace period starts
-    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                    timeout_graceful_shutdown=5)
-    server = DrainingServer(uvicorn_config, app.state[STATE_KEY], args.drain_timeout, _say)
+    limits = ConnectionLimits(keep_alive_timeout_s=args.keep_alive_timeout, max_concurrency=args.max_concurrency)
+    server = DrainingServer(app, app.state[STATE_KEY], limits, args.drain_timeout, _say)
     return server, engine
 
 
@@ -236,12 +245,12 @@ def _run(server: DrainingServer, engine: Engine, sock: socket.socket) -> int:
                                name="llama-jax-warmup", daemon=True)
     warm_up.start()
     try:
-        server.run(sockets=[sock])
+        code = server.run(sock)
     finally:
         stopping.set()
         warm_up.join()  # at most one more program compiles: never exit with XLA busy in a thread
         engine.stop()
-    return 1 if failed.is_set() else 0
+    return 1 if failed.is_set() else code
 
 
 class _WarmupCancelled(Exception):
@@ -262,14 +271,25 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
         if stopping.is_set():
             raise _WarmupCancelled
 
+    def scoring_progress(done: int, total: int, what: str) -> None:
+        _say(f"warm-up scoring {done}/{total}: compiled {what} ({time.time() - start:.1f} s)")
+        if stopping.is_set():
+            raise _WarmupCancelled
+
     try:
-        engine.start(warmup=True, progress=progress)
+        engine.warmup(progress)
+        if settings.scoring_warmup:  # echo + logprobs on /v1/completions: no first use compiles beside streams
+            from api.completions import MAX_LOGPROBS
+            from llama_jax import scoring
+
+            scoring.warm_up(engine.model, engine.max_seq_len - 1, top_k=MAX_LOGPROBS, progress=scoring_progress)
+        engine.start(warmup=False)
     except _WarmupCancelled:
         return
     except Exception as e:  # noqa: BLE001 - report and stop serving rather than 503 forever
         _say(f"warm-up failed: {e!r}")
         failed.set()
-        server.should_exit = True
+        server.stop()
         return
     if stopping.is_set():
         return

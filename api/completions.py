@@ -24,8 +24,9 @@ from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api import responses, schemas
-from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
-                     submit, unless_disconnected)
+from api.app import (ServerContext, _ctx, completion_route, read_body, require_model, require_ready, submit,
+                     unless_disconnected)
+from api.drain import DONE, engine_error, sse_body
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.responses import Usage, encode, sse
@@ -41,7 +42,8 @@ MAX_LOGPROBS = 5  # the legacy API's `logprobs` is at most 5
 MAX_PROMPTS = 32  # prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias")  # declared (and checked) as in chat
+           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias", "min_tokens", "ignore_eos",
+           "stop_token_ids")  # declared (and checked) as in chat
 
 # POST /v1/completions. null means the default; unknown fields are ignored.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
@@ -199,7 +201,7 @@ class _Run:
                 while (item := await queue.get())[1] is not None:
                     prompt, event = item
                     if event.error:
-                        raise _Reply._engine_error(event)
+                        raise engine_error(self.ctx, event)
                     self.timer.tokens(prompt * self.n + event.choice, len(event.tokens))
                     yield prompt * self.n + event.choice, event
         finally:
@@ -248,20 +250,16 @@ class _Run:
     async def chunks(self) -> AsyncIterator[bytes]:
         """SSE body: with `echo`, the prompt of each choice first; then text as it is generated (the
         finish_reason on a choice's last chunk), the usage chunk when asked for, then [DONE]. An
-        engine failure after the headers went out is one `data: {"error": ...}` event, and no [DONE]."""
+        engine failure raises (`sse_body` makes it an error event, and [DONE] when the drain ended it)."""
         finished = False
         try:
             if self.body.echo:
                 for index in range(len(self.handles) * self.n):
                     prompt = index // self.n
                     yield self._chunk([CompletionChoice(self.echo[prompt], index, await self._echo(prompt), None)])
-            try:
-                async for index, event in self._events():
-                    logprobs = self._generated(index, event.tokens)
-                    yield self._chunk([CompletionChoice(event.text, index, logprobs, event.finish_reason)])
-            except APIError as e:
-                yield sse(encode(e.body()))
-                return
+            async for index, event in self._events():
+                logprobs = self._generated(index, event.tokens)
+                yield self._chunk([CompletionChoice(event.text, index, logprobs, event.finish_reason)])
             finished = True
             if self.body.stream_options and self.body.stream_options.include_usage:
                 yield self._chunk([], self._usage())
@@ -283,6 +281,7 @@ def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer) -> EngineReq
         prompt=ids, sampling=schemas.sampling_options(body),
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
         stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), n=body.n or 1,
+        stop_token_ids=schemas.stop_token_ids(body, tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
         top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids))
 
 
@@ -299,17 +298,18 @@ async def completions(request: Request) -> Response:
     check(body)
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)
-    ids = [prompt_ids(item, ctx.engine.tokenizer) for item in items]
+    ids = await unless_disconnected(ctx.offload.run(lambda: [prompt_ids(i, ctx.engine.tokenizer) for i in items]),
+                                    request.receive, lambda: None)  # tokenizing: in the pool, off the loop
     handles: list[RequestHandle] = []
     try:
         for prompt in ids:
-            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer), {"messages": "prompt"}))
+            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer)))
     except APIError:  # one refused prompt refuses the request: the queued ones are withdrawn
         for handle in handles:
             handle.cancel()
         raise
     run = _Run(ctx, body, items, ids, handles, timer)
     if body.stream:
-        return Stream(run.chunks(), media_type="text/event-stream",
+        return Stream(sse_body(ctx, run.chunks()), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(encode(await run.complete(request.receive)), media_type="application/json")

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "server_error"}
-_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "unknown_url", 405: "method_not_allowed",
+_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "unknown_url", 405: "method_not_allowed",
           413: "request_too_large", 429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
 
 

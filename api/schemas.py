@@ -23,6 +23,9 @@ from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request
 from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from llama_jax.tools import ToolSpec
 
+MAX_STOP_TOKEN_IDS = 32  # a request's own stop_token_ids (the engine's limit, EOS ids included, is 64)
+
+
 class FunctionCall(Struct):
     name: str
     arguments: str = ""
@@ -91,7 +94,8 @@ def _doc(description: str, **constraints: Any) -> Meta:
 
 Unit = Annotated[float, _doc("in [0, 1]", ge=0, le=1)]
 Penalty = Annotated[float, _doc("in [-2, 2]; default 0", ge=-2, le=2)]
-MaxTokens = Annotated[int, _doc("0 <= max_tokens <= 1000000; default: the rest of the context", ge=0, le=1_000_000)]
+MaxTokens = Annotated[int, _doc("1 <= max_tokens <= 1000000; default: the rest of the context", ge=1, le=1_000_000)]
+Bias = Annotated[float, Meta(ge=-MAX_BIAS, le=MAX_BIAS)]
 
 
 class ChatCompletionRequest(Struct, kw_only=True):
@@ -109,7 +113,8 @@ class ChatCompletionRequest(Struct, kw_only=True):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: Annotated[MaxTokens, _doc("alias of max_tokens")] | None = None
     stop: str | Annotated[list[str], _doc("up to 16 non-empty stop strings", max_length=MAX_STOP_STRINGS)] | None = None
-    n: Annotated[int, _doc("1 <= n <= 4; default 1", ge=1, le=MAX_CHOICES)] | None = None
+    n: Annotated[int, _doc(f"1 <= n <= {MAX_CHOICES}; default 1 (choices beyond the free slots wait for theirs)",
+                           ge=1, le=MAX_CHOICES)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, _doc("0.01 <= repetition_penalty <= 5; default 1", ge=0.01, le=5)] | None = None
@@ -123,20 +128,30 @@ class ChatCompletionRequest(Struct, kw_only=True):
                                       ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     user: Annotated[str, _doc("end-user id; informational")] | None = None
     seed: Annotated[int, _doc("0 <= seed < 2^63; default: random", ge=0, le=2**63 - 1)] | None = None
-    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-MAX_BIAS, le=MAX_BIAS)]],
+    logit_bias: Annotated[dict[str, Bias],
                           _doc(f"token id (a string of digits) -> bias in [-100, 100] added to its logit; "
                                f"at most {MAX_LOGIT_BIAS} tokens", max_length=MAX_LOGIT_BIAS)] | None = None
+    min_tokens: Annotated[int, _doc("vLLM's: no stop token (EOS included) and no stop string ends a choice before "
+                                    "this many tokens; default 0", ge=0, le=1_000_000)] | None = None
+    ignore_eos: Annotated[bool, _doc("vLLM's: the model's end-of-sequence tokens do not stop generation; "
+                                     "default false")] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Meta(ge=0)]],
+                              _doc(f"vLLM's: token ids that also end a choice (the token is not returned as text); "
+                                   f"at most {MAX_STOP_TOKEN_IDS}", max_length=MAX_STOP_TOKEN_IDS)] | None = None
     functions: Annotated[Any, _doc("legacy; refused with a 400: use tools")] | None = None
     function_call: Annotated[Any, _doc("legacy; refused with a 400: use tool_choice")] | None = None
 
 
 MAX_SCHEMA_DEPTH = 64  # nesting levels of a JSON schema (a real one rarely has 10)
+MAX_SCHEMA_VALUES = 5000  # JSON values in a request's schemas together: ~1,600 described properties; checking
+#                           and compiling grows with it (1,000 properties: ~1 s each on one core)
 MAX_JSON_DEPTH = 128  # nesting levels of a request body: room for such a schema inside `tools`
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _TOKEN_ID = re.compile(r"^[0-9]{1,10}$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _AT = re.compile(r" - at `\$(.*)`$")
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 def _param(path: str, field: str | None = None) -> str | None:
@@ -147,17 +162,38 @@ def _param(path: str, field: str | None = None) -> str | None:
     return parts or None
 
 
-def _validation_error(e: msgspec.ValidationError) -> APIError:
+def _validation_error(e: msgspec.ValidationError, body: bytes) -> APIError:
     text = str(e)
     at = _AT.search(text)
     path, detail = (at.group(1), text[: at.start()]) if at else ("", text)
     if missing := _MISSING.search(detail):
         param = _param(path, missing.group(1))
         return invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if path == ".logit_bias[...]":  # msgspec does not say which key: find it
+        path = f".logit_bias.{_bad_bias_key(body)}"
     param = _param(path)
     code = "invalid_type" if detail.startswith("Expected `") and ", got `" in detail else "invalid_value"
     where = f"'{param}'" if param else "the request body"
     return invalid(f"Invalid value for {where}: {detail}.", param, code)
+
+
+def _bad_bias_key(body: bytes) -> str:
+    """The first `logit_bias` key whose value is not a bias (the body decodes: only a value failed)."""
+    for key, value in msgspec.json.decode(body)["logit_bias"].items():
+        try:
+            msgspec.convert(value, Bias)
+        except msgspec.ValidationError:
+            return key
+    return "..."
+
+
+def _decode_error(e: msgspec.DecodeError, body: bytes) -> APIError:
+    """A 400 for JSON that does not parse, saying why where msgspec's message would mislead."""
+    if lone := _LONE_SURROGATE.search(body):
+        return invalid(f"We could not parse the JSON body of your request: the escape {lone.group().decode()} at byte "
+                       f"{lone.start()} is a lone UTF-16 surrogate (JSON strings must be valid Unicode; write the "
+                       f"character itself or its surrogate pair).", None, "invalid_json")
+    return invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json")
 
 
 def decode_struct(body: bytes, type: type[Struct]) -> Any:
@@ -170,9 +206,9 @@ def decode_struct(body: bytes, type: type[Struct]) -> Any:
     try:
         return msgspec.json.decode(body, type=type)
     except msgspec.ValidationError as e:
-        raise _validation_error(e) from None
+        raise _validation_error(e, body) from None
     except msgspec.DecodeError as e:
-        raise invalid(f"We could not parse the JSON body of your request: {e}", None, "invalid_json") from None
+        raise _decode_error(e, body) from None
     except RecursionError:  # defensive: the depth check above should have refused it
         raise invalid("The JSON body of your request is nested too deeply.", None, "invalid_json") from None
 
@@ -184,12 +220,17 @@ def decode(body: bytes) -> ChatCompletionRequest:
     return request
 
 
-def _check_schema(schema: Any, param: str) -> None:
-    """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)."""
+def _check_schema(schema: Any, param: str) -> int:
+    """A 400 naming `param` unless `schema` is a valid JSON schema (its own metaschema decides)
+    within the size limits; returns how many JSON values it has."""
     if not isinstance(schema, dict):
         raise invalid("A JSON schema must be an object.", param, "invalid_schema")
-    if json_depth(schema) > MAX_SCHEMA_DEPTH:  # jsonschema and the grammar compiler recurse
+    depth, values = json_shape(schema)
+    if depth > MAX_SCHEMA_DEPTH:  # jsonschema and the grammar compiler recurse
         raise invalid(f"The schema is nested more than {MAX_SCHEMA_DEPTH} levels deep.", param, "invalid_schema")
+    if values > MAX_SCHEMA_VALUES:  # before the costly checks: refusing it is cheap
+        raise invalid(f"The schema is too large: it has {values} JSON values, and a request's schemas may have at "
+                      f"most {MAX_SCHEMA_VALUES} together (MAX_SCHEMA_VALUES).", param, "invalid_schema")
     if not isinstance(schema.get("$schema", ""), str):
         raise invalid("`$schema` must be a string (a metaschema URI).", param, "invalid_schema")
     if not isinstance(schema.get("x-guidance", {}), dict):
@@ -201,6 +242,13 @@ def _check_schema(schema: Any, param: str) -> None:
         where = "/".join(str(p) for p in e.absolute_path)
         raise invalid(f"Invalid schema{f' at /{where}' if where else ''}: {e.message}", param,
                       "invalid_schema") from None
+    return values
+
+
+def _check_total(values: int, param: str) -> None:
+    if values > MAX_SCHEMA_VALUES:
+        raise invalid(f"The request's schemas are too large: they have {values} JSON values together, and the limit "
+                      f"is {MAX_SCHEMA_VALUES} (MAX_SCHEMA_VALUES).", param, "invalid_schema")
 
 
 def body_depth(body: bytes) -> int:
@@ -212,16 +260,17 @@ def body_depth(body: bytes) -> int:
     return int(np.cumsum(steps).max())
 
 
-def json_depth(value: Any) -> int:
-    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
-    depth, level = 0, [(value, 1)]
+def json_shape(value: Any) -> tuple[int, int]:
+    """(nesting depth, number of values) of decoded JSON (a scalar is (0, 1)), without recursion."""
+    depth, values, level = 0, 0, [(value, 1)]
     while level:
         node, d = level.pop()
+        values += 1
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
         if children is not None:
             depth = max(depth, d)
             level.extend((child, d + 1) for child in children)
-    return depth
+    return depth, values
 
 
 def tool_mode(r: ChatCompletionRequest) -> tuple[str, str | None]:
@@ -244,7 +293,7 @@ def check_logit_bias(r: Any) -> None:
     for key in r.logit_bias or ():
         if not _TOKEN_ID.match(key):
             raise invalid(f"Invalid key {key!r} in 'logit_bias': keys must be token ids (strings of digits).",
-                          "logit_bias")
+                          f"logit_bias.{key}")
 
 
 def check(r: ChatCompletionRequest) -> None:
@@ -268,6 +317,13 @@ def check(r: ChatCompletionRequest) -> None:
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise invalid(f"A message with role '{m.role}' needs 'content'.", f"messages[{i}].content",
                           "missing_required_parameter")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+            if part.get("type") != "text":
+                raise invalid(f"Content parts of type {part.get('type')!r} are not supported; only 'text' parts are.",
+                              f"messages[{i}].content[{j}].type", "unsupported_parameter")
+            if not isinstance(part.get("text"), str):
+                raise invalid("A text content part needs a string 'text'.", f"messages[{i}].content[{j}].text",
+                              "missing_required_parameter" if part.get("text") is None else "invalid_type")
     stops = [r.stop] if isinstance(r.stop, str) else r.stop or []
     if any(s == "" for s in stops):
         raise invalid("Stop sequences must not be empty strings.", "stop")
@@ -284,13 +340,15 @@ def check(r: ChatCompletionRequest) -> None:
     if r.parallel_tool_calls is not None and not r.tools:
         raise invalid("'parallel_tool_calls' is only allowed when 'tools' are specified.", "parallel_tool_calls")
     names: set[str] = set()
+    values = 0  # in every schema of the request, for MAX_SCHEMA_VALUES
     for i, tool in enumerate(r.tools or ()):
         if tool.function.name in names:
             raise invalid(f"Duplicate function name '{tool.function.name}' in 'tools'.", f"tools[{i}].function.name")
         names.add(tool.function.name)
         if tool.function.parameters is not None:
             param = f"tools[{i}].function.parameters"
-            _check_schema(tool.function.parameters, param)
+            values += _check_schema(tool.function.parameters, param)
+            _check_total(values, param)
             if tool.function.parameters.get("type", "object") != "object":
                 raise invalid("Function parameters must be a JSON schema of type 'object'.", param, "invalid_schema")
     if isinstance(r.tool_choice, ToolChoiceFunction) and r.tool_choice.function.name not in names:
@@ -302,7 +360,8 @@ def check(r: ChatCompletionRequest) -> None:
             raise invalid("response_format of type 'json_schema' needs a 'json_schema' object.",
                           "response_format.json_schema", "missing_required_parameter")
         if fmt.json_schema.schema is not None:
-            _check_schema(fmt.json_schema.schema, "response_format.json_schema.schema")
+            _check_total(values + _check_schema(fmt.json_schema.schema, "response_format.json_schema.schema"),
+                         "response_format.json_schema.schema")
     if fmt is not None and fmt.type != "text" and tool_mode(r)[0] != "none":
         raise invalid("response_format json_object/json_schema cannot be combined with tool calls on this server; "
                       "use tool_choice 'none', or describe the answer as a function.", "response_format",
@@ -330,15 +389,39 @@ def sampling_options(r: Any) -> SamplingOptions:
     )
 
 
-def engine_request(r: ChatCompletionRequest, prompt: list[int],
-                   constraint: Callable[[], Constraint] | None = None) -> Request:
+def stop_token_ids(r: Any, eos_ids: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The engine's stop ids for a request (chat or completions), as vLLM counts them: the model's
+    EOS ids unless `ignore_eos`, plus `stop_token_ids`; None when that is just the EOS ids."""
+    if not r.ignore_eos and not r.stop_token_ids:
+        return None
+    return tuple(sorted({*(() if r.ignore_eos else eos_ids), *(r.stop_token_ids or ())}))
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, field: str) -> None:
+    """OpenAI's `context_length_exceeded` 400, in the words of the request's own `field`
+    (`messages` or `prompt`)."""
+    if prompt_tokens >= max_seq_len:
+        raise invalid(f"This model's maximum context length is {max_seq_len} tokens. However, your {field} resulted "
+                      f"in {prompt_tokens} tokens. Please reduce the length of the {field}.", field,
+                      "context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > max_seq_len:
+        raise invalid(f"This model's maximum context length is {max_seq_len} tokens. However, you requested "
+                      f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {field}, {max_tokens} in the "
+                      f"completion). Please reduce the length of the {field} or completion.", "max_tokens",
+                      "context_length_exceeded")
+
+
+def engine_request(r: ChatCompletionRequest, prompt: list[int], constraint: Callable[[], Constraint] | None = None,
+                   eos_ids: tuple[int, ...] = ()) -> Request:
     """The engine request for a validated API request and its templated prompt ids (and, for
-    structured output, its constraint factory)."""
+    structured output, its constraint factory; `eos_ids`: the tokenizer's, for `stop_token_ids`)."""
     return Request(
         prompt=prompt,
         sampling=sampling_options(r),
         max_tokens=r.max_tokens if r.max_tokens is not None else r.max_completion_tokens,
         stop=tuple([r.stop] if isinstance(r.stop, str) else r.stop or ()),
+        stop_token_ids=stop_token_ids(r, eos_ids),
+        min_tokens=r.min_tokens or 0,
         n=r.n or 1,
         top_logprobs=r.top_logprobs or 0,
         constraint=constraint,

@@ -28,6 +28,8 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # a request body slower than this is a 408 (a slow upload holds a connection)
     metrics_public: bool = False  # serve /metrics without a key (for a scraper), even with api_keys
     playground: bool = True  # serve the chat playground at / (api/playground.py)
+    worker_threads: int = 2  # the pool for request CPU work off the event loop (api/offload.py)
+    scoring_warmup: bool = True  # `serve` compiles prompt scoring's programs at warm-up (api/cli.py)
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -36,6 +38,8 @@ class ServerSettings:
             raise ValueError("API keys must not be empty strings")
         if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
             raise ValueError("prices must be >= 0")
+        if self.worker_threads < 1:
+            raise ValueError("worker_threads must be >= 1")
         if self.max_body_bytes < 1 or self.retry_after_s < 0 or not self.body_timeout_s > 0:
             raise ValueError("max_body_bytes must be >= 1, retry_after_s >= 0 and body_timeout_s > 0")
 

@@ -110,12 +110,11 @@ class Engine:
         Pass the running event loop to consume the handle with `async for`.
         """
         max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
-        if request.n > self.config.max_slots:
-            raise RequestError(f"n={request.n} exceeds this server's {self.config.max_slots} decode slots", param="n")
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
-        rows = [self._sampling_row(request.sampling, i, request.top_logprobs)  # range errors name the field
-                for i in range(request.n)]
+        stop_ids = self.stop_ids(request)
+        rows = [self._sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
+                for i in range(request.n)]  # range errors name the field
         handle = RequestHandle(request, loop)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
@@ -127,6 +126,10 @@ class Engine:
             handle._on_cancel = self._notify
             self._wake.notify()
         return handle
+
+    def stop_ids(self, request: Request) -> frozenset[int]:
+        """The token ids that end a choice of `request`: its own, or else the tokenizer's EOS ids."""
+        return frozenset(request.stop_token_ids if request.stop_token_ids is not None else self.tokenizer.eos_ids)
 
     def generate(self, prompts: Sequence[Sequence[int] | str], **request_fields) -> list[Completion]:
         """Run prompts (token ids, or raw text: `tokenizer.prompt_ids`) to completion: for notebooks and scripts."""
@@ -178,9 +181,11 @@ class Engine:
     def _copy_slot(self, source: int, slot: int) -> None:
         self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
-    def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0) -> SamplingParams:
+    def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
+                      stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
         try:
-            return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs)
+            return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
+                                        min_tokens=min_tokens, stop_ids=sorted(stop_ids))
         except ValueError as e:
             raise RequestError(str(e), param=str(e).split()[0]) from None
 
@@ -289,18 +294,32 @@ class Engine:
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
-    def _take_batch(self, free: int) -> list[RequestHandle]:
-        """Pop the queued requests (in order) to prefill together: all their choices fit in the
-        `free` slots and their prompts (one row per choice; the part not cached) in one compiled
-        prefill shape (the first request is always taken; its rows may need several prefills)."""
-        batch: list[RequestHandle] = []
+    def _take_batch(self, free: int) -> list[tuple[RequestHandle, range]]:
+        """The queued requests (in order) to prefill together, each with the choices admitted now:
+        they fit the `free` slots and their prompts (one row per choice; the part not cached) one
+        compiled prefill shape (the first request is always taken; its rows may need several
+        prefills). A request with more choices than free slots gives them as slots free up: it
+        stays first in the queue until its last choice has one."""
+        batch: list[tuple[RequestHandle, range]] = []
+        rows: list[Sequence[int]] = []
         with self._wake:
-            while self._queue and sum(h.request.n for h in batch) + self._queue[0].request.n <= free:
-                candidate = [*batch, self._queue[0]]
-                suffixes = [h.request.prompt[self.prefix.reusable(h.request.prompt):] for h in candidate]
-                if batch and self._prefill_shape([s for h, s in zip(candidate, suffixes) for _ in range(h.request.n)]) is None:
+            while self._queue:
+                head = self._queue[0]
+                start = head.admitted
+                take = head.request.n - start if head.max_tokens == 0 else min(head.request.n - start, free)
+                if take == 0:
                     break
-                batch.append(self._queue.popleft())
+                suffix = head.request.prompt[self.prefix.reusable(head.request.prompt):]
+                if batch and self._prefill_shape([*rows, *[suffix] * take]) is None:
+                    break
+                batch.append((head, range(start, start + take)))
+                head.admitted += take
+                if head.max_tokens:
+                    free -= take
+                    rows.extend([suffix] * take)
+                if head.admitted < head.request.n:
+                    break
+                self._queue.popleft()
         return batch
 
     def _admit(self) -> None:
@@ -308,20 +327,21 @@ class Engine:
         from the longest prefix some slot holds (copied into its slot first if need be)."""
         free = [i for i, s in enumerate(self.slots) if s is None]
         rows: list[tuple[RequestHandle, int, int, int]] = []  # (handle, choice, slot, start)
-        for handle in self._take_batch(len(free)):
+        for handle, choices in self._take_batch(len(free)):
             if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
-                for choice in range(handle.request.n):
+                for choice in choices:
                     handle.put(Event(choice, finish_reason="length"))
                 handle.unfinished = 0
                 handle.put(None)
                 continue
-            for choice in range(handle.request.n):
+            for choice in choices:
                 placement = self.prefix.place(handle.request.prompt, free)
                 for source, slot in placement.copies:
                     self._copy_slot(source, slot)
                 free.remove(placement.slot)
                 rows.append((handle, choice, placement.slot, placement.start))
-            handle.cached_tokens = rows[-handle.request.n][3]
+                if choice == 0:
+                    handle.cached_tokens = placement.start
         group: list[tuple[RequestHandle, int, int, int]] = []
         for row in rows:
             if group and self._prefill_shape([h.request.prompt[start:] for h, _, _, start in [*group, row]]) is None:
@@ -350,11 +370,10 @@ class Engine:
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for (handle, choice, slot, _), constraint in zip(rows, constraints):
             request = handle.request
-            stop_ids = frozenset(request.stop_token_ids if request.stop_token_ids is not None else self.tokenizer.eos_ids)
             self.prefix.hold(slot, request.prompt)
             owners[slot] = self.slots[slot] = RunningChoice(
                 handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
-                stop_ids, constraint, ids=list(request.prompt))
+                self.stop_ids(request), constraint, request.min_tokens, ids=list(request.prompt))
         self._process(owners, result, row_of={slot: i for i, (_, _, slot, _) in enumerate(rows)})
 
     def _dispatch(self) -> tuple[list[RunningChoice | None], SampleResult]:

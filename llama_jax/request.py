@@ -15,17 +15,17 @@ from typing import Protocol
 
 import numpy as np
 
-from llama_jax.sampling import MAX_TOP_LOGPROBS
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 MAX_STOP_STRINGS = 16
-MAX_CHOICES = 4
+MAX_CHOICES = 128  # OpenAI's limit; choices beyond the free slots wait in the queue for theirs
 
 
 class RequestError(ValueError):
     """A request the engine cannot serve; `code` is the OpenAI error code the API returns."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request"):
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param, self.code = param, code
 
@@ -70,7 +70,8 @@ class Request:
     sampling: SamplingOptions = SamplingOptions()
     max_tokens: int | None = None
     stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS ids
+    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS ids; a stop id ends a choice
+    min_tokens: int = 0  # the stop ids and stop strings cannot end a choice before it has this many tokens
     n: int = 1
     top_logprobs: int = 0  # alternatives reported per token (0..20); logprobs of chosen tokens always come
     constraint: Callable[[], Constraint] | None = None  # a fresh automaton per choice
@@ -137,6 +138,7 @@ class RequestHandle:
         self.prompt_tokens = len(request.prompt)
         self.cached_tokens = 0  # set by the engine at admission, before the first event
         self.unfinished = request.n  # choices still generating (engine thread only)
+        self.admitted = 0  # choices given a slot so far (the rest wait in the queue)
         self.max_tokens = 0  # set by the engine when it accepts the request
         self.rows: list = []  # the sampling row of each choice, likewise
         self.cancelled = threading.Event()
@@ -196,9 +198,14 @@ class ChoiceText:
         self._stop = [s for s in stop if s]
         self._held = ""
 
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Feed a token; returns (text safe to emit, whether a stop string was hit)."""
-        return self._release(self._held + self._detok.add(token_id))
+    def add(self, token_id: int, stops: bool = True) -> tuple[str, bool]:
+        """Feed a token; returns (text safe to emit, whether a stop string was hit). With `stops`
+        false (before `min_tokens`) no stop string is looked for and nothing is held back."""
+        text = self._held + self._detok.add(token_id)
+        if not stops:
+            self._held = ""
+            return text, False
+        return self._release(text)
 
     def finish(self) -> str:
         """End of generation without a stop string: release everything held back."""
@@ -228,6 +235,7 @@ class RunningChoice:
     text: ChoiceText
     stop_ids: frozenset[int]
     constraint: Constraint | None = None
+    min_tokens: int = 0
     generated: int = 0
     ids: list[int] = dataclasses.field(default_factory=list)
 
@@ -239,10 +247,11 @@ class RunningChoice:
         self.ids.append(token)
         if self.constraint:
             self.constraint.advance(token)
-        if token in self.stop_ids:
+        early = self.generated < self.min_tokens  # nothing stops it yet (the sampler bans its stop ids)
+        if token in self.stop_ids and not early:
             text, finish = self.text.finish(), "stop"
         else:
-            text, hit = self.text.add(token)
+            text, hit = self.text.add(token, stops=not early)
             complete = self.constraint is not None and self.constraint.done()
             finish = "stop" if hit or complete else "length" if self.generated >= self.max_tokens else None
             if finish and not hit:
@@ -253,18 +262,18 @@ class RunningChoice:
 def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
     """Check a request before it is queued; returns its effective max_tokens.
 
-    Raises RequestError with the offending API field in `param`.
+    Raises RequestError with the offending field in `param` (the engine's names: `prompt`, ...).
     """
     prompt = list(request.prompt)
     if not prompt:
-        raise RequestError("the prompt is empty", param="messages")
+        raise RequestError("the prompt is empty", param="prompt")
     if any(not 0 <= t < vocab_size for t in prompt):
-        raise RequestError(f"prompt token ids must be in [0, {vocab_size})", param="messages")
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
     if len(prompt) >= max_seq_len:
         raise RequestError(
-            f"This model's maximum context length is {max_seq_len} tokens. However, your messages resulted in "
-            f"{len(prompt)} tokens. Please reduce the length of the messages.",
-            param="messages", code="context_length_exceeded")
+            f"This model's maximum context length is {max_seq_len} tokens. However, your prompt resulted in "
+            f"{len(prompt)} tokens. Please reduce the length of the prompt.",
+            param="prompt", code="context_length_exceeded")
     room = max_seq_len - len(prompt)
     max_tokens = room if request.max_tokens is None else request.max_tokens
     if max_tokens < 0:
@@ -272,15 +281,23 @@ def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
     if max_tokens > room:
         raise RequestError(
             f"This model's maximum context length is {max_seq_len} tokens. However, you requested "
-            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion.",
+            f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} in the completion). "
+            "Please reduce the length of the prompt or completion.",
             param="max_tokens", code="context_length_exceeded")
+    if not 0 <= request.min_tokens <= max_tokens:
+        raise RequestError(f"min_tokens must be in [0, max_tokens] ([0, {max_tokens}] here)", param="min_tokens")
     if not 1 <= request.n <= MAX_CHOICES:
         raise RequestError(f"n must be in [1, {MAX_CHOICES}]", param="n")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed", param="stop")
-    if any(not 0 <= token < vocab_size for token, _ in request.sampling.logit_bias):
-        raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
+    stop_ids = set(request.stop_token_ids or ())
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise RequestError(f"at most {MAX_STOP_IDS} stop token ids are allowed (EOS included)", param="stop_token_ids")
+    if bad := sorted(t for t in stop_ids if not 0 <= t < vocab_size):
+        raise RequestError(f"stop token ids must be in [0, {vocab_size}), got {bad[0]}", param="stop_token_ids")
+    if bad := [token for token, _ in request.sampling.logit_bias if not 0 <= token < vocab_size]:
+        raise RequestError(f"logit_bias keys must be token ids in [0, {vocab_size}), got {bad[0]}",
+                           param=f"logit_bias.{bad[0]}")
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     return max_tokens

@@ -12,7 +12,9 @@ Processing order inside `sample`, per row:
 0. logit_bias (OpenAI's): each (token id, bias) pair of the row is added to that token's logit
    (`apply_logit_bias`), so -100 all but bans a token and +100 all but forces it.
 1. allowed_mask: disallowed tokens get -inf. A row with no allowed token ignores its mask and
-   is decoded greedily (argmax of its unmasked, penalised logits).
+   is decoded greedily (argmax of its unmasked, penalised logits). Then vLLM's `min_tokens`
+   (`ban_stop_ids`): while a row has generated fewer than its `min_tokens`, its stop ids get
+   -inf too (unless that would leave it no token at all).
 2. penalties (`apply_penalties`): repetition (HF/CTRL, over prompt and generated tokens:
    positive logits divided, negative multiplied), then presence/frequency (OpenAI, generated
    tokens only: ``logit -= presence * [count > 0] + frequency * count``).
@@ -70,6 +72,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs is at most 20
 MAX_TOP_K = 999
 MAX_LOGIT_BIAS = 300  # (token, bias) pairs per request; each row carries exactly this many
 MAX_BIAS = 100.0  # OpenAI's logit_bias values are in [-100, 100]
+MAX_STOP_IDS = 64  # stop token ids (EOS included) a row bans until its min_tokens
+_NO_TOKEN = np.iinfo(np.int32).max  # padding of stop_ids: out of range, so a scatter drops it
 MIN_TEMPERATURE = 1e-5  # below this, temperature is greedy (and x / T cannot overflow)
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1  # OpenAI seeds are int64
 
@@ -96,6 +100,8 @@ class SamplingParams:
     # shape never depends on the request, so no bias ever recompiles.
     bias_ids: jax.Array  # int32 [MAX_LOGIT_BIAS]: token ids
     bias_values: jax.Array  # float32 [MAX_LOGIT_BIAS]: in [-100, 100], 0 for padding
+    min_tokens: jax.Array  # int32: the stop ids are banned while fewer tokens than this were generated
+    stop_ids: jax.Array  # int32 [MAX_STOP_IDS]: the row's stop token ids, padded with an out-of-range id
 
 
 @jax.tree_util.register_dataclass
@@ -150,6 +156,8 @@ def make_params(
     choice: int = 0,
     top_logprobs: int = 0,
     logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (),
+    min_tokens: int = 0,
+    stop_ids: Sequence[int] = (),
 ) -> SamplingParams:
     """One row of host (numpy) scalars from API values; raises ValueError naming a bad field.
 
@@ -178,6 +186,12 @@ def make_params(
         raise ValueError(f"top_logprobs must be an integer, got {top_logprobs!r}")
     _check("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
     bias_ids, bias_values = _bias_arrays(logit_bias)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer)):
+        raise ValueError(f"min_tokens must be an integer, got {min_tokens!r}")
+    _check("min_tokens", min_tokens, 0, 2**31 - 1)
+    stops = sorted(set(stop_ids))
+    if len(stops) > MAX_STOP_IDS or any(not 0 <= t < 2**31 - 1 for t in stops):
+        raise ValueError(f"stop_ids must be at most {MAX_STOP_IDS} token ids >= 0, got {stops!r}")
     seed64 = int(seed) % 2**64  # two's complement for negative seeds
     f32 = np.float32
     return SamplingParams(
@@ -194,6 +208,8 @@ def make_params(
         top_logprobs=np.int32(top_logprobs),
         bias_ids=bias_ids,
         bias_values=bias_values,
+        min_tokens=np.int32(min_tokens),
+        stop_ids=np.array([*stops, *[_NO_TOKEN] * (MAX_STOP_IDS - len(stops))], np.int32),
     )
 
 
@@ -281,6 +297,15 @@ def apply_logit_bias(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """logits [rows, vocab] plus each row's sparse bias (padding adds 0.0 to token 0)."""
     rows = jnp.arange(logits.shape[0])[:, None]
     return logits.at[rows, params.bias_ids].add(params.bias_values, mode="drop")
+
+
+def ban_stop_ids(logits: jax.Array, params: SamplingParams, step: jax.Array) -> jax.Array:
+    """-inf for each row's stop ids while it has generated fewer than its `min_tokens` (`step`
+    tokens so far), except in a row where that would leave no finite logit."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where((step < params.min_tokens)[:, None], params.stop_ids, _NO_TOKEN)
+    banned = logits.at[rows, ids].set(-jnp.inf, mode="drop")
+    return jnp.where(jnp.any(banned > -jnp.inf, axis=-1, keepdims=True), banned, logits)
 
 
 def _sortable(x: jax.Array) -> jax.Array:
@@ -402,6 +427,7 @@ def sample(
     if allowed_mask is not None:
         dead = ~jnp.any(allowed_mask, axis=-1)
         x = jnp.where(allowed_mask | dead[:, None], x, -jnp.inf)
+    x = ban_stop_ids(x, params, state.step)
     x = apply_penalties(x, params, state)
     logprobs = jax.nn.log_softmax(x, axis=-1)
 

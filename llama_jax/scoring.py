@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -107,3 +107,15 @@ def score_batch(model: Llama, sequences: Sequence[Sequence[int]], *, top_k: int 
 def score(model: Llama, token_ids: Sequence[int], *, top_k: int = 0, chunk: int = SCORE_CHUNK) -> TokenScores:
     """Per-token logprobs of one token sequence (BOS included if the text should start with it)."""
     return score_batch(model, [token_ids], top_k=top_k, chunk=chunk)[0]
+
+
+def warm_up(model: Llama, max_len: int, *, top_k: int, progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Compile (or load from the persistent cache) the one-row scoring program of every length
+    bucket a sequence of up to `max_len` tokens lands in, with `top_k` alternatives: what the
+    server's prompt scoring runs, so that no request compiles one while others stream."""
+    buckets = steps.length_buckets(model.cfg.max_seq_len)
+    needed = buckets[:buckets.index(steps.bucket_for(max_len, buckets)) + 1]
+    for done, bucket in enumerate(needed, 1):
+        score_batch(model, [[0] * min(bucket, max_len)], top_k=top_k, max_rows=1)
+        if progress:
+            progress(done, len(needed), f"prompt scoring at {bucket} tokens")

@@ -195,8 +195,9 @@ def test_limits_are_request_errors(engine):
     with pytest.raises(RequestError) as e:
         engine.submit(Request(prompt=[1, 2], sampling=SamplingOptions(temperature=3)))
     assert e.value.param == "temperature"
-    with pytest.raises(RequestError):
-        engine.submit(Request(prompt=[1, 2], n=5))
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=[1, 2], n=129))
+    assert e.value.param == "n" and e.value.code == "invalid_value"
     # default max_tokens: the rest of the context
     out = engine.submit(Request(prompt=[1] * 100, stop_token_ids=[])).result()
     assert len(out.choices[0].tokens) == MAX_LEN - 100 and out.choices[0].finish_reason == "length"
@@ -311,11 +312,17 @@ def test_constrained_choices_only_sample_allowed_tokens(engine):
     assert all(len(h.result().choices[0].tokens) == 20 for h in free)
 
 
-def test_more_choices_than_slots_is_refused(model, tokenizer):
-    engine = Engine(model, tokenizer, EngineConfig(max_slots=1, max_seq_len=MAX_LEN))
-    with pytest.raises(RequestError) as e:
-        engine.submit(Request(prompt=[1, 15043], max_tokens=3, n=2))
-    assert e.value.param == "n" and engine.queue_depth == 0
+def test_more_choices_than_slots_wait_for_slots(model, tokenizer, engine):
+    """n=5 on 2 slots: the choices beyond the free slots wait in the queue and get theirs as
+    earlier choices finish; each choice is the one it is on 8 slots (same seed, same index)."""
+    request = Request(prompt=[1, 15043], max_tokens=6, n=5, stop_token_ids=[], sampling=SamplingOptions(seed=4))
+    with Engine(model, tokenizer, EngineConfig(max_slots=2, max_seq_len=MAX_LEN)) as small:
+        handle = small.submit(request)
+        assert small.queue_depth <= 1
+        out = handle.result()
+    wide = engine.submit(request).result()
+    assert [ids(out, i) for i in range(5)] == [ids(wide, i) for i in range(5)]
+    assert all(c.finish_reason == "length" and len(c.tokens) == 6 for c in out.choices)
 
 
 RESTART_SCRIPT = """

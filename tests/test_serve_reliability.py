@@ -1,0 +1,261 @@
+"""Issue 31 against real `llama-jax serve --demo` subprocesses on loopback: nothing blocks the event
+loop (six 600 KB schemas in flight, /health and a running stream stay prompt), half-sent headers
+are closed at the keep-alive timeout while normal requests go on, and the SIGTERM matrix: chat and
+completions, streamed and plain, drained normally, cut at the drain timeout, and cut by a second
+SIGTERM (exit status 1, one truthful line, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from live_server import ServeProcess
+
+pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warming up
+
+DEMO = "llama-jax-demo"
+HELLO = [{"role": "user", "content": "Hello!"}]
+NO_EOS = {"2": -100}  # the demo's end of turn banned: a stream runs to its length (or the drain's cut)
+SMALL = ["--demo", "--max-slots", "4", "--max-seq-len", "256", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
+KEEP_ALIVE_S = 2.0
+ROUTES = ["chat-stream", "chat-plain", "completions-stream", "completions-plain"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("llama-jax-cache")  # the compiled programs, shared by the servers below
+
+
+def serve(cache, *args: str) -> ServeProcess:
+    return ServeProcess(cache, *SMALL, "--keep-alive-timeout", str(KEEP_ALIVE_S), *args)
+
+
+def request(url: str, route: str, max_tokens: int, out: dict, started: threading.Event) -> None:
+    """One request of `route` (chat or completions, stream or plain); `started` is set once a
+    stream's first bytes arrived (it was accepted), or when a plain one was sent."""
+    chat = route.startswith("chat")
+    body = {"model": DEMO, "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": route.endswith("stream"),
+            **({"messages": HELLO} if chat else {"prompt": "Once upon a time"})}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    raw = b""
+    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+        out["status"], out["type"] = r.status_code, r.headers.get("content-type", "")
+        if not body["stream"]:
+            started.set()
+        for chunk in r.iter_raw():
+            raw += chunk
+            started.set()
+    out["raw"] = raw
+
+
+def start_all(server: ServeProcess, max_tokens: int) -> tuple[list[threading.Thread], dict[str, dict]]:
+    """One request per route, each running (a slot each) before this returns."""
+    results: dict[str, dict] = {route: {} for route in ROUTES}
+    threads = []
+    for route in ROUTES:
+        started = threading.Event()
+        threads.append(threading.Thread(target=request, args=(server.url, route, max_tokens, results[route], started)))
+        threads[-1].start()
+        assert started.wait(60), route
+    deadline = time.time() + 30
+    while busy_slots(server) < len(ROUTES) and time.time() < deadline:  # the plain ones are admitted too
+        time.sleep(0.02)
+    return threads, results
+
+
+def busy_slots(server: ServeProcess) -> float:
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    return float(re.search(r"^llama_jax_busy_slots (\S+)", metrics, re.M).group(1))
+
+
+def events(raw: bytes) -> list:
+    assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+    return [json.loads(e[6:]) for e in raw.split(b"\n\n")[:-2]]
+
+
+def check_finished(results: dict[str, dict]) -> None:
+    for route, out in results.items():
+        assert out["status"] == 200, (route, out)
+        if route.endswith("stream"):
+            last = events(out["raw"])[-1]
+            assert last["choices"][0]["finish_reason"] == "length", (route, last)
+        else:
+            assert json.loads(out["raw"])["choices"][0]["finish_reason"] == "length", route
+
+
+def check_cut(results: dict[str, dict]) -> None:
+    """Every request ended by the shutdown: a stream's last event is the error, then [DONE]; a
+    plain request is a JSON 503; both with code server_shutting_down."""
+    for route, out in results.items():
+        if route.endswith("stream"):
+            assert out["status"] == 200, (route, out)
+            error = events(out["raw"])[-1]["error"]
+        else:
+            assert out["status"] == 503 and out["type"] == "application/json", (route, out)
+            error = json.loads(out["raw"])["error"]
+        assert (error["code"], error["type"]) == ("server_shutting_down", "server_error"), (route, error)
+
+
+def check_refused_while_draining(server: ServeProcess) -> None:
+    for path, body in (("/v1/chat/completions", {"model": DEMO, "messages": HELLO}),
+                       ("/v1/completions", {"model": DEMO, "prompt": "Hi"})):
+        late = httpx.post(server.url + path, json=body, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down", late.text
+        assert late.headers["retry-after"]
+    assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "shutting down"}
+
+
+def clean_log(server: ServeProcess) -> str:
+    log = "\n".join(server.lines)
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    return log
+
+
+# ------------------------------------------------------------------------------------ one server, normal drain
+
+
+@pytest.fixture(scope="module")
+def server(cache):
+    process = serve(cache, "--drain-timeout", "60")
+    yield process
+    process.stop()
+
+
+def big_schema(properties: int, description: int) -> dict:
+    return {"type": "object", "properties": {f"field_{i:05d}": {"type": "string", "description": "d" * description}
+                                             for i in range(properties)}}
+
+
+def test_six_600kb_schemas_do_not_block_the_loop(server):
+    """Three schemas over the size limit (8,000 properties: a 400 naming it) and three within it
+    (500 long-described properties: checked and compiled for about a second each) in flight at
+    once, while a stream runs and /health is polled: neither waits more than 200 ms."""
+    gaps: list[float] = []
+    stream_done = threading.Event()
+
+    def stream() -> None:
+        body = {"model": DEMO, "messages": HELLO, "max_tokens": 200, "stream": True, "logit_bias": NO_EOS}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            last = None
+            for _ in r.iter_lines():
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+        stream_done.set()
+
+    statuses: list[tuple[int, str]] = []
+
+    def schema_request(schema: dict) -> None:
+        fmt = {"type": "json_schema", "json_schema": {"name": "wide", "schema": schema}}
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=300,
+                       json={"model": DEMO, "messages": HELLO, "max_tokens": 2, "response_format": fmt})
+        statuses.append((r.status_code, r.json().get("error", {}).get("message", "")))
+
+    over, within = big_schema(8000, 40), big_schema(500, 1100)
+    assert min(len(json.dumps(over)), len(json.dumps(within))) > 550_000
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    time.sleep(1.0)  # the stream is running
+    senders = [threading.Thread(target=schema_request, args=(s,)) for s in (over, within) * 3]
+    for t in senders:
+        t.start()
+    health: list[float] = []
+    while any(t.is_alive() for t in senders):
+        t0 = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        health.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    for t in senders:
+        t.join()
+    streamer.join(120)
+    assert sorted(s for s, _ in statuses) == [200] * 3 + [400] * 3, statuses
+    assert all("MAX_SCHEMA_VALUES" in message for status, message in statuses if status == 400), statuses
+    assert len(health) >= 5 and max(health) <= 0.2, sorted(health)[-5:]
+    assert stream_done.is_set() and len(gaps) > 50 and max(gaps) <= 0.2, sorted(gaps)[-5:]
+
+
+def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
+    """200 sockets that sent part of a request head are all closed within the keep-alive timeout
+    (plus a second of slack), and normal requests are answered meanwhile."""
+    sockets = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        sockets.append(s)
+    start = time.monotonic()
+    reply = httpx.post(server.url + "/v1/chat/completions", json={"model": DEMO, "messages": HELLO, "max_tokens": 2},
+                       timeout=30)
+    assert reply.status_code == 200 and time.monotonic() - start < KEEP_ALIVE_S
+    closed = []
+    for s in sockets:
+        s.settimeout(max(0.01, KEEP_ALIVE_S + 1.0 - (time.monotonic() - start)))
+        try:
+            closed.append(s.recv(64) == b"")
+        except ConnectionResetError:
+            closed.append(True)
+        except TimeoutError:
+            closed.append(False)
+        s.close()
+    assert all(closed) and time.monotonic() - start <= KEEP_ALIVE_S + 1.5, (closed.count(False), time.monotonic() - start)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_sigterm_drains_every_route(server):
+    """Runs last on `server`: one request per route, all finished by the drain; new ones refused."""
+    threads, results = start_all(server, max_tokens=40)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    check_refused_while_draining(server)
+    for t in threads:
+        t.join(120)
+    assert server.proc.wait(60) == 0
+    check_finished(results)
+    assert re.search(r"SIGTERM: shutting down; 4 requests finished in", clean_log(server))
+
+
+# ------------------------------------------------------------------------------------ drain timeout, second SIGTERM
+
+
+def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
+    server = serve(cache, "--drain-timeout", "0.5")
+    try:
+        threads, results = start_all(server, max_tokens=240)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        check_refused_while_draining(server)
+        for t in threads:
+            t.join(120)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+    check_cut(results)
+    assert "0 of 4 requests finished, 4 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
+
+
+def test_a_second_sigterm_ends_at_once_with_status_1(cache):
+    server = serve(cache, "--drain-timeout", "600")
+    try:
+        threads, results = start_all(server, max_tokens=240)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        check_refused_while_draining(server)
+        server.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        status = server.proc.wait(30)
+        for t in threads:
+            t.join(30)
+    finally:
+        server.stop()
+    assert status == 1 and time.monotonic() - start < 10
+    check_cut(results)
+    log = clean_log(server)
+    assert "SIGTERM again: stopping now; 4 requests ended unfinished" in log, log[-2000:]
+    assert "requests finished" not in log  # the first signal's drain says nothing it did not do
