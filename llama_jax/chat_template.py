@@ -76,13 +76,16 @@ def _marked(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prompt_ids(tokenizer, source: str, messages: Sequence[Mapping[str, Any]],
-               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-    """Prompt token ids for a conversation under the model's template (with the reply's opening)."""
+               tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
+    """Prompt token ids for a conversation under the model's template (with the reply's opening
+    unless `add_generation_prompt` is false)."""
     contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
     if not _holds_special_text(tokenizer, contents):  # exactly transformers' tokenization
-        text = render(source, messages, tools=tools, special_tokens=tokenizer.special_tokens)
+        text = render(source, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                      special_tokens=tokenizer.special_tokens)
         return tokenizer.encode_with_specials(text)
-    marked = render(source, [_marked(m) for m in messages], tools=tools, special_tokens=tokenizer.special_tokens)
+    marked = render(source, [_marked(m) for m in messages], tools=tools, add_generation_prompt=add_generation_prompt,
+                    special_tokens=tokenizer.special_tokens)
     parts = marked.split(MARK)
     if len(parts) % 2 == 0:  # the template dropped or doubled a marker: no safe split
         raise TemplateError("the chat template changed the message text in a way this server cannot tokenize safely")
