@@ -195,10 +195,11 @@ async def read_body(request: Request, ctx: ServerContext) -> bytes:
 
 
 def require_model(ctx: ServerContext, model: str) -> None:
-    """404 unless the request names the served model."""
-    if model != ctx.settings.model_name:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves "
-                            f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
+    """404 unless the request names the served model (or one of its aliases)."""
+    if model not in ctx.settings.model_names:
+        names = ", ".join(f"`{name}`" for name in ctx.settings.model_names)
+        raise APIError(404, f"The model `{model}` does not exist. This server serves {names}.", param="model",
+                       code="model_not_found")
 
 
 def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[str, str] | None = None) -> RequestHandle:
@@ -392,27 +393,38 @@ async def _disconnected(receive: Callable) -> None:
 # ------------------------------------------------------------------------------------ other routes
 
 
-@get(MODELS_PATHS, summary="List the served model")
+@get(MODELS_PATHS, summary="List the served model under each of its names")
 async def list_models(request: Request) -> ModelList:
     ctx = _ctx(request)
-    return ModelList("list", [Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")])
+    return ModelList("list", [Model(name, "model", ctx.created, "llama-jax") for name in ctx.settings.model_names])
 
 
-@get(MODEL_PATHS, summary="Retrieve the served model")
+@get(MODEL_PATHS, summary="Retrieve the served model by one of its names")
 async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     ctx = _ctx(request)
     model_id = model_id.lstrip("/")
-    if model_id != ctx.settings.model_name:
+    if model_id not in ctx.settings.model_names:
         raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
-    return Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")
+    return Model(model_id, "model", ctx.created, "llama-jax")
 
 
-@get("/health", summary="200 once warmed up; 503 while warming up, failed or shutting down", opt={"public": True})
+_STATUS = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
+           "server_shutting_down": "shutting down"}
+
+
+@get("/health", summary="Liveness: 200 while the process can serve or is getting there (warming up, draining); "
+                        "503 once the engine has failed for good (restart it)", opt={"public": True})
 async def health(request: Request) -> Response[dict[str, str]]:
     error = unavailable(_ctx(request))
-    status = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
-              "server_shutting_down": "shutting down"}[error and error.code]
-    return Response({"status": status}, status_code=503 if error else 200)
+    return Response({"status": _STATUS[error and error.code]},
+                    status_code=503 if error and error.code == "engine_failed" else 200)
+
+
+@get("/ready", summary="Readiness: 200 when requests are served now; 503 while warming up, draining or failed",
+     opt={"public": True})
+async def ready(request: Request) -> Response[dict[str, str]]:
+    error = unavailable(_ctx(request))
+    return Response({"status": _STATUS[error and error.code]}, status_code=503 if error else 200)
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False, opt={"metrics": True})
@@ -425,16 +437,18 @@ async def _count_response(message: Message, scope: Scope) -> None:
     """before_send hook: count every response by route and status (errors included)."""
     if message["type"] == "http.response.start":
         path = scope.get("path_template") if scope.get("route_handler") else None
-        scope["app"].state[STATE_KEY].metrics.requests.labels(path or "unmatched", str(message["status"])).inc()
+        metrics = scope["app"].state[STATE_KEY].metrics
+        metrics.requests.labels(metrics.model_name, path or "unmatched", str(message["status"])).inc()
 
 
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
-    from api.completions import completions  # it uses this module's helpers
+    from api.completions import completions  # these use this module's helpers
     from api.playground import playground
 
-    ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()))
-    routes = [chat_completions, completions, list_models, retrieve_model, health, metrics]
+    ctx = ServerContext(engine, settings, Metrics(engine, settings.model_name), TokenText(engine.tokenizer),
+                        int(time.time()))
+    routes = [chat_completions, completions, list_models, retrieve_model, health, ready, metrics]
     return Litestar(
         route_handlers=[*routes, playground] if settings.playground else routes,
         state=State({STATE_KEY: ctx}),

@@ -19,7 +19,8 @@ class ServerSettings:
     authentication off.
     """
 
-    model_name: str = DEFAULT_MODEL_NAME
+    model_name: str = DEFAULT_MODEL_NAME  # the name replies report
+    model_aliases: tuple[str, ...] = ()  # further names requests may use (`--served-model-name A B ...`)
     api_keys: tuple[str, ...] = ()
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
@@ -30,14 +31,19 @@ class ServerSettings:
     playground: bool = True  # serve the chat playground at / (api/playground.py)
 
     def __post_init__(self) -> None:
-        if not self.model_name:
-            raise ValueError("model_name must not be empty")
+        if not self.model_name or not all(self.model_aliases):
+            raise ValueError("model names must not be empty")
         if any(not k for k in self.api_keys):
             raise ValueError("API keys must not be empty strings")
         if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
             raise ValueError("prices must be >= 0")
         if self.max_body_bytes < 1 or self.retry_after_s < 0 or not self.body_timeout_s > 0:
             raise ValueError("max_body_bytes must be >= 1, retry_after_s >= 0 and body_timeout_s > 0")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name the server answers to, the reported one first."""
+        return tuple(dict.fromkeys((self.model_name, *self.model_aliases)))
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Dollars for one request at the configured per-million-token prices."""

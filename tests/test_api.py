@@ -508,8 +508,9 @@ def test_n_above_the_slot_count_is_refused(strict, monkeypatch):
 def test_warming_up_is_503(strict):
     strict.engine.ready = False
     try:
-        r = httpx.get(strict.url + "/health")
+        r = httpx.get(strict.url + "/ready")
         assert r.status_code == 503 and r.json() == {"status": "warming up"}
+        assert httpx.get(strict.url + "/health").status_code == 200  # alive: liveness is not readiness
         with pytest.raises(openai.APIStatusError) as e:
             strict.client(key=KEYS[0]).chat.completions.create(model=MODEL, messages=HELLO)
         assert e.value.status_code == 503 and e.value.code == "model_not_ready"
@@ -535,11 +536,12 @@ def test_models_health_schema_metrics(live, client):
     r = httpx.get(live.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for name in ("llama_jax_requests_total{path=\"/v1/chat/completions\",status=\"200\"}",
-                 "llama_jax_requests_total{path=\"/v1/chat/completions\",status=\"400\"}",
+    label = f'model_name="{MODEL}"'
+    for name in (f'llama_jax_requests_total{{{label},path="/v1/chat/completions",status="200"}}',
+                 f'llama_jax_requests_total{{{label},path="/v1/chat/completions",status="400"}}',
                  "llama_jax_prompt_tokens_total", "llama_jax_completion_tokens_total",
                  "llama_jax_time_to_first_token_seconds_count", "llama_jax_inter_token_latency_seconds_count",
-                 "llama_jax_queue_depth 0.0", "llama_jax_busy_slots 0.0"):
+                 f"llama_jax_queue_depth{{{label}}} 0.0", f"llama_jax_busy_slots{{{label}}} 0.0"):
         assert name in text, name
     ttft = next(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("llama_jax_time_to_first_token_seconds_count"))
