@@ -101,7 +101,7 @@ class _ChatOperation(Operation):
     def __post_init__(self) -> None:
         self.request_body = RequestBody(
             content={"application/json": OpenAPIMediaType(schema=schemas.request_json_schema())},  # type: ignore[arg-type]
-            required=True, description="OpenAI chat-completions request; unknown fields are ignored.")
+            required=True, description="OpenAI chat-completions request; an unknown field is a 400 naming it.")
 
 
 def unavailable(ctx: ServerContext) -> APIError | None:

@@ -23,7 +23,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from api import responses, schemas
+from api import fields, responses, schemas
 from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
                      submit, unless_disconnected)
 from api.errors import APIError, invalid
@@ -43,7 +43,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
            "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias")  # declared (and checked) as in chat
 
-# POST /v1/completions. null means the default; unknown fields are ignored.
+# POST /v1/completions. null means the default; other fields: see fields.py.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
     ("model", str),
     ("prompt", str | list[Any]),  # the list forms are checked by `prompt_items` (msgspec unions hold one array type)
@@ -295,7 +295,9 @@ async def completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode_struct(await read_body(request, ctx), CompletionRequest)
+    raw = await read_body(request, ctx)
+    body = schemas.decode_struct(raw, CompletionRequest)
+    fields.check(raw, CompletionRequest, fields.COMPLETIONS)
     check(body)
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)

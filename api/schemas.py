@@ -4,7 +4,8 @@ response bodies and SSE framing are responses.py's.
 
 Decoding is msgspec against the Structs below (types and ranges), then `check` adds the rules a
 type cannot say. Every violation is an `APIError` 400 whose `param` names the field (nested ones
-as e.g. ``messages[1].tool_call_id``). Unknown fields are ignored: clients send extras.
+as e.g. ``messages[1].tool_call_id``). A top-level field the struct does not declare is refused
+or accepted by fields.py's policy (OpenAI's `Unrecognized request argument supplied`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
+from api import fields
 from api.errors import APIError, invalid
 from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions
 from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
@@ -178,8 +180,9 @@ def decode_struct(body: bytes, type: type[Struct]) -> Any:
 
 
 def decode(body: bytes) -> ChatCompletionRequest:
-    """A checked chat request: `decode_struct`, then `check`."""
+    """A checked chat request: `decode_struct`, the fields beyond it (fields.py), then `check`."""
     request = decode_struct(body, ChatCompletionRequest)
+    fields.check(body, ChatCompletionRequest, fields.CHAT)
     check(request)
     return request
 
