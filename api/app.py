@@ -30,7 +30,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Message, Scope
 
-from api import responses, schemas
+from api import guided, responses, schemas
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
 from api.responses import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
@@ -220,7 +220,10 @@ def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[st
 
 def _grammar(tokenizer, body: ChatCompletionRequest, specs: list[ToolSpec], mode: str,
              function: str | None, parallel: bool) -> Grammar | None:
-    """The output grammar of a request: the tool-call envelope, a JSON schema, or None (free text)."""
+    """The output grammar of a request: a `structured_outputs`/`guided_*` constraint (guided.py), the
+    tool-call envelope, a JSON schema, or None (free text)."""
+    if (constraint := guided.spec(body, tool_calls=mode != "none")) is not None:
+        return guided.grammar(tokenizer, constraint)
     if mode != "none":
         structured.check_tools(tokenizer, specs)
         chosen = [t for t in specs if t.name == function] if function else specs

@@ -23,7 +23,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from api import fields, responses, schemas
+from api import fields, guided, responses, schemas
 from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
                      submit, unless_disconnected)
 from api.errors import APIError, invalid
@@ -31,9 +31,10 @@ from api.metrics import TokenTimer
 from api.responses import Usage, encode, sse
 from api.schemas import ChatCompletionRequest
 from llama_jax import scoring
-from llama_jax.request import Event, RequestHandle, TokenLogprob
+from llama_jax.request import Constraint, Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
 from llama_jax.scoring import TokenScores
+from llama_jax.structured import StructuredOutputError
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 COMPLETION_PATHS = ["/v1/completions", "/v1/openai/completions"]
@@ -41,7 +42,8 @@ MAX_LOGPROBS = 5  # the legacy API's `logprobs` is at most 5
 MAX_PROMPTS = 32  # prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias")  # declared (and checked) as in chat
+           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias",  # declared (and checked) as in chat
+           "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 # POST /v1/completions. null means the default; other fields: see fields.py.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
@@ -277,13 +279,32 @@ def _continues(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
     return any(0 <= t < tokenizer.vocab_size and not tokenizer.is_control(t) for t in ids)  # range: checked later
 
 
-def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer) -> EngineRequest:
-    """The engine request of one prompt."""
+def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer,
+                   constraint: Callable[[], Constraint] | None = None) -> EngineRequest:
+    """The engine request of one prompt (with its structured-output constraint factory, if any)."""
     return EngineRequest(
         prompt=ids, sampling=schemas.sampling_options(body),
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
         stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), n=body.n or 1,
-        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids))
+        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint)
+
+
+async def constraints(ctx: ServerContext, body: Any, ids: list[list[int]]) -> list[Callable[[], Constraint] | None]:
+    """Each prompt's constraint factory for a `structured_outputs`/`guided_*` request (Nones without):
+    compiled off the event loop, once per distinct grammar (a prompt that continues visible text
+    gets no optional leading space)."""
+    if (spec := guided.spec(body)) is None:
+        return [None] * len(ids)
+    tokenizer, model = ctx.engine.tokenizer, getattr(ctx.engine, "model", None)
+    budget = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    out = []
+    for prompt in ids:
+        try:
+            grammar = await asyncio.to_thread(guided.grammar, tokenizer, spec, _continues(tokenizer, prompt))
+        except StructuredOutputError as e:
+            raise invalid(str(e), e.param, "invalid_schema") from None
+        out.append(grammar.factory(budget, model.cfg.vocab_size if model is not None else None))
+    return out
 
 
 @completion_route(COMPLETION_PATHS, TextCompletion, "Create a completion (legacy API)",
@@ -302,10 +323,12 @@ async def completions(request: Request) -> Response:
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)
     ids = [prompt_ids(item, ctx.engine.tokenizer) for item in items]
+    factories = await constraints(ctx, body, ids)
     handles: list[RequestHandle] = []
     try:
-        for prompt in ids:
-            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer), {"messages": "prompt"}))
+        for prompt, constraint in zip(ids, factories):
+            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer, constraint),
+                                  {"messages": "prompt"}))
     except APIError:  # one refused prompt refuses the request: the queued ones are withdrawn
         for handle in handles:
             handle.cancel()

@@ -94,9 +94,35 @@ def _doc(description: str, **constraints: Any) -> Meta:
 Unit = Annotated[float, _doc("in [0, 1]", ge=0, le=1)]
 Penalty = Annotated[float, _doc("in [-2, 2]; default 0", ge=-2, le=2)]
 MaxTokens = Annotated[int, _doc("0 <= max_tokens <= 1000000; default: the rest of the context", ge=0, le=1_000_000)]
+Choices = Annotated[list[str], _doc("the output is exactly one of these", min_length=1, max_length=256)]
+JsonSchemaText = Annotated[dict[str, Any] | str, _doc("a JSON schema (an object, or its JSON text)")]
 
 
-class ChatCompletionRequest(Struct, kw_only=True):
+class StructuredOutputs(Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs`: one constraint on the output (api/guided.py compiles it)."""
+
+    json: JsonSchemaText | None = None
+    regex: Annotated[str, _doc("the output fully matches this regex (Rust syntax)")] | None = None
+    choice: Choices | None = None
+    grammar: Annotated[str, _doc("the output is in this Lark grammar's language (llguidance's dialect)")] | None = None
+    json_object: Annotated[bool, _doc("true: any JSON object")] | None = None
+    disable_any_whitespace: Annotated[bool, _doc("accepted: JSON output never has free whitespace here")] | None = None
+    disable_fallback: Annotated[bool, _doc("accepted: there is no fallback backend")] | None = None
+    whitespace_pattern: Annotated[str, _doc("refused with a 400 (unsupported)")] | None = None
+    structural_tag: Annotated[Any, _doc("refused with a 400 (unsupported)")] | None = None
+
+
+class GuidedFields(Struct, kw_only=True):
+    """The structured-output extensions of chat and completions requests (vLLM's names)."""
+
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Annotated[JsonSchemaText, _doc("older name of structured_outputs.json")] | None = None
+    guided_regex: Annotated[str, _doc("older name of structured_outputs.regex")] | None = None
+    guided_choice: Annotated[Choices, _doc("older name of structured_outputs.choice")] | None = None
+    guided_grammar: Annotated[str, _doc("older name of structured_outputs.grammar")] | None = None
+
+
+class ChatCompletionRequest(GuidedFields, kw_only=True):
     """POST /v1/chat/completions (alias /v1/openai/chat/completions). null means the default."""
 
     model: Annotated[str, _doc("model name; this server serves exactly one")]
