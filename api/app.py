@@ -236,6 +236,14 @@ def _grammar(tokenizer, body: ChatCompletionRequest, specs: list[ToolSpec], mode
     return None
 
 
+def engine_error(ctx: ServerContext, event: Event) -> APIError:
+    """The OpenAI error for an engine event that failed a request (every route, plain or streamed)."""
+    if ctx.draining:  # the shutdown's drain timeout ended this request
+        return APIError(503, "The server is shutting down; this request was ended before it finished.",
+                        code="server_shutting_down")
+    return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
+
+
 def _call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
@@ -298,10 +306,7 @@ class _Reply:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None
 
     def _engine_error(self, event: Event) -> APIError:
-        if self.ctx.draining:  # the shutdown's drain timeout ended this request
-            return APIError(503, "The server is shutting down; this request was ended before it finished.",
-                            code="server_shutting_down")
-        return APIError(500, f"The engine failed this request: {event.error}", code="engine_error")
+        return engine_error(self.ctx, event)
 
     async def complete(self, receive: Callable) -> ChatCompletion:
         """Wait for every choice; cancel the engine request if the client disconnects first."""

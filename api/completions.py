@@ -24,8 +24,8 @@ from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api import fields, guided, responses, schemas
-from api.app import (DONE, ServerContext, _ctx, _Reply, completion_route, read_body, require_model, require_ready,
-                     submit, unless_disconnected)
+from api.app import (DONE, ServerContext, _ctx, completion_route, engine_error, read_body, require_model,
+                     require_ready, submit, unless_disconnected)
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.responses import Usage, encode, sse
@@ -201,7 +201,7 @@ class _Run:
                 while (item := await queue.get())[1] is not None:
                     prompt, event = item
                     if event.error:
-                        raise _Reply._engine_error(event)
+                        raise engine_error(self.ctx, event)
                     self.timer.tokens(prompt * self.n + event.choice, len(event.tokens))
                     yield prompt * self.n + event.choice, event
         finally:
@@ -263,6 +263,8 @@ class _Run:
                     yield self._chunk([CompletionChoice(event.text, index, logprobs, event.finish_reason)])
             except APIError as e:
                 yield sse(encode(e.body()))
+                if self.ctx.draining:  # as chat: a request ended by the shutdown's drain still gets [DONE]
+                    yield DONE
                 return
             finished = True
             if self.body.stream_options and self.body.stream_options.include_usage:
