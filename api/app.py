@@ -453,10 +453,12 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
     from api.completions import completions  # these use this module's helpers
     from api.playground import playground
+    from api.tokenize import detokenize, tokenize
 
     ctx = ServerContext(engine, settings, Metrics(engine, settings.model_name), TokenText(engine.tokenizer),
                         int(time.time()))
-    routes = [chat_completions, completions, list_models, retrieve_model, health, ready, metrics]
+    routes = [chat_completions, completions, tokenize, detokenize, list_models, retrieve_model, health, ready,
+              metrics]
     return Litestar(
         route_handlers=[*routes, playground] if settings.playground else routes,
         state=State({STATE_KEY: ctx}),
