@@ -155,6 +155,17 @@ async def chat_completions(request: Request) -> Response:
     timer = ctx.metrics.timer()
     require_ready(ctx)
     body = schemas.decode(await read_body(request, ctx))
+    prompt, handle = await start_chat(ctx, body)
+    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=schemas.tool_mode(body)[0] != "none")
+    if body.stream:
+        return Stream(reply.chunks(), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+
+
+async def start_chat(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[list[int], RequestHandle]:
+    """A checked chat request up to its submission: the model name, the prompt (chat template), the
+    output grammar, the engine request. Shared with /v1/responses (api/responses_api.py)."""
     require_model(ctx, body.model)
     specs, (mode, function) = schemas.tool_specs(body), schemas.tool_mode(body)
     parallel = body.parallel_tool_calls is not False and function is None
@@ -176,11 +187,7 @@ async def chat_completions(request: Request) -> Response:
         model = getattr(ctx.engine, "model", None)
         constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
     handle = submit(ctx, schemas.engine_request(body, prompt, constraint))
-    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
-    if body.stream:
-        return Stream(reply.chunks(), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+    return prompt, handle
 
 
 def require_ready(ctx: ServerContext) -> None:
@@ -453,12 +460,13 @@ def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
     from api.completions import completions  # these use this module's helpers
     from api.playground import playground
+    from api.responses_api import create_response
     from api.tokenize import detokenize, tokenize
 
     ctx = ServerContext(engine, settings, Metrics(engine, settings.model_name), TokenText(engine.tokenizer),
                         int(time.time()))
-    routes = [chat_completions, completions, tokenize, detokenize, list_models, retrieve_model, health, ready,
-              metrics]
+    routes = [chat_completions, completions, create_response, tokenize, detokenize, list_models, retrieve_model,
+              health, ready, metrics]
     return Litestar(
         route_handlers=[*routes, playground] if settings.playground else routes,
         state=State({STATE_KEY: ctx}),
