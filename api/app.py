@@ -30,7 +30,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Message, Scope
 
-from api import responses, schemas
+from api import fields, guided, responses, schemas
 from api.drain import DONE, engine_error, sse_body, shutting_down
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
@@ -103,7 +103,7 @@ class _ChatOperation(Operation):
     def __post_init__(self) -> None:
         self.request_body = RequestBody(
             content={"application/json": OpenAPIMediaType(schema=schemas.request_json_schema())},  # type: ignore[arg-type]
-            required=True, description="OpenAI chat-completions request; unknown fields are ignored.")
+            required=True, description="OpenAI chat-completions request; an unknown field is a 400 naming it.")
 
 
 def unavailable(ctx: ServerContext) -> APIError | None:
@@ -155,10 +155,24 @@ async def chat_completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode_struct(await read_body(request, ctx), ChatCompletionRequest)  # parsing: on the loop
+    raw = await read_body(request, ctx)
+    body = schemas.decode_struct(raw, ChatCompletionRequest)  # parsing: on the loop
+    fields.check(raw, ChatCompletionRequest, fields.CHAT)
+    prompt, handle, mode = await start_chat(ctx, body, request.receive)
+    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
+    if body.stream:
+        return Stream(sse_body(ctx, reply.chunks()), media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+
+
+async def start_chat(ctx: ServerContext, body: ChatCompletionRequest,
+                     receive: Callable) -> tuple[list[int], RequestHandle, str]:
+    """A decoded chat request up to its submission: the model name, then in the offload pool its
+    checks, prompt (chat template) and output grammar, then the engine request. Returns (prompt,
+    handle, tool mode). Shared with /v1/responses (api/responses_api.py)."""
     require_model(ctx, body.model)
-    prompt, grammar, mode = await unless_disconnected(ctx.offload.run(_prepare, ctx, body), request.receive,
-                                                      lambda: None)
+    prompt, grammar, mode = await unless_disconnected(ctx.offload.run(_prepare, ctx, body), receive, lambda: None)
     constraint = None
     if grammar is not None:
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
@@ -167,11 +181,7 @@ async def chat_completions(request: Request) -> Response:
         constraint = grammar.factory(budget, model.cfg.vocab_size if model is not None else None)
     handle = submit(ctx, schemas.engine_request(body, prompt, constraint, ctx.engine.tokenizer.eos_ids),
                     {"prompt": "messages"})
-    reply = _Reply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
-    if body.stream:
-        return Stream(sse_body(ctx, reply.chunks()), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(encode(await reply.complete(request.receive)), media_type="application/json")
+    return prompt, handle, mode
 
 
 def _prepare(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[list[int], Grammar | None, str]:
@@ -208,10 +218,11 @@ async def read_body(request: Request, ctx: ServerContext) -> bytes:
 
 
 def require_model(ctx: ServerContext, model: str) -> None:
-    """404 unless the request names the served model."""
-    if model != ctx.settings.model_name:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves "
-                            f"`{ctx.settings.model_name}`.", param="model", code="model_not_found")
+    """404 unless the request names the served model (or one of its aliases)."""
+    if model not in ctx.settings.model_names:
+        names = ", ".join(f"`{name}`" for name in ctx.settings.model_names)
+        raise APIError(404, f"The model `{model}` does not exist. This server serves {names}.", param="model",
+                       code="model_not_found")
 
 
 def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[str, str] | None = None) -> RequestHandle:
@@ -234,7 +245,10 @@ def submit(ctx: ServerContext, engine_request: EngineRequest, rename: Mapping[st
 
 def _grammar(tokenizer, body: ChatCompletionRequest, specs: list[ToolSpec], mode: str,
              function: str | None, parallel: bool) -> Grammar | None:
-    """The output grammar of a request: the tool-call envelope, a JSON schema, or None (free text)."""
+    """The output grammar of a request: a `structured_outputs`/`guided_*` constraint (guided.py), the
+    tool-call envelope, a JSON schema, or None (free text)."""
+    if (constraint := guided.spec(body, tool_calls=mode != "none")) is not None:
+        return guided.grammar(tokenizer, constraint)
     if mode != "none":
         structured.check_tools(tokenizer, specs)
         chosen = [t for t in specs if t.name == function] if function else specs
@@ -397,27 +411,38 @@ async def _disconnected(receive: Callable) -> None:
 # ------------------------------------------------------------------------------------ other routes
 
 
-@get(MODELS_PATHS, summary="List the served model")
+@get(MODELS_PATHS, summary="List the served model under each of its names")
 async def list_models(request: Request) -> ModelList:
     ctx = _ctx(request)
-    return ModelList("list", [Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")])
+    return ModelList("list", [Model(name, "model", ctx.created, "llama-jax") for name in ctx.settings.model_names])
 
 
-@get(MODEL_PATHS, summary="Retrieve the served model")
+@get(MODEL_PATHS, summary="Retrieve the served model by one of its names")
 async def retrieve_model(request: Request, model_id: FromPath[str]) -> Model:
     ctx = _ctx(request)
     model_id = model_id.lstrip("/")
-    if model_id != ctx.settings.model_name:
+    if model_id not in ctx.settings.model_names:
         raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
-    return Model(ctx.settings.model_name, "model", ctx.created, "llama-jax")
+    return Model(model_id, "model", ctx.created, "llama-jax")
 
 
-@get("/health", summary="200 once warmed up; 503 while warming up, failed or shutting down", opt={"public": True})
+_STATUS = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
+           "server_shutting_down": "shutting down"}
+
+
+@get("/health", summary="Liveness: 200 while the process can serve or is getting there (warming up, draining); "
+                        "503 once the engine has failed for good (restart it)", opt={"public": True})
 async def health(request: Request) -> Response[dict[str, str]]:
     error = unavailable(_ctx(request))
-    status = {None: "ok", "model_not_ready": "warming up", "engine_failed": "failed",
-              "server_shutting_down": "shutting down"}[error and error.code]
-    return Response({"status": status}, status_code=503 if error else 200)
+    return Response({"status": _STATUS[error and error.code]},
+                    status_code=503 if error and error.code == "engine_failed" else 200)
+
+
+@get("/ready", summary="Readiness: 200 when requests are served now; 503 while warming up, draining or failed",
+     opt={"public": True})
+async def ready(request: Request) -> Response[dict[str, str]]:
+    error = unavailable(_ctx(request))
+    return Response({"status": _STATUS[error and error.code]}, status_code=503 if error else 200)
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False, opt={"metrics": True})
@@ -430,17 +455,21 @@ async def _count_response(message: Message, scope: Scope) -> None:
     """before_send hook: count every response by route and status (errors included)."""
     if message["type"] == "http.response.start":
         path = scope.get("path_template") if scope.get("route_handler") else None
-        scope["app"].state[STATE_KEY].metrics.requests.labels(path or "unmatched", str(message["status"])).inc()
+        metrics = scope["app"].state[STATE_KEY].metrics
+        metrics.requests.labels(metrics.model_name, path or "unmatched", str(message["status"])).inc()
 
 
 def create_app(engine, settings: ServerSettings = ServerSettings()) -> Litestar:
     """An app serving `engine` (already started, or warming up elsewhere) under `settings`."""
-    from api.completions import completions  # it uses this module's helpers
+    from api.completions import completions  # these use this module's helpers
     from api.playground import playground
+    from api.responses_api import create_response
+    from api.tokenize import detokenize, tokenize
 
-    ctx = ServerContext(engine, settings, Metrics(engine), TokenText(engine.tokenizer), int(time.time()),
-                        Offload(settings.worker_threads))
-    routes = [chat_completions, completions, list_models, retrieve_model, health, metrics]
+    ctx = ServerContext(engine, settings, Metrics(engine, settings.model_name), TokenText(engine.tokenizer),
+                        int(time.time()), Offload(settings.worker_threads))
+    routes = [chat_completions, completions, create_response, tokenize, detokenize, list_models, retrieve_model,
+              health, ready, metrics]
     return Litestar(
         route_handlers=[*routes, playground] if settings.playground else routes,
         state=State({STATE_KEY: ctx}),

@@ -68,9 +68,11 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this Bearer key (repeatable; also LLAMA_JAX_API_KEYS=k1,k2); none: no auth")
-    p.add_argument("--model-name", help="the `model` clients must send (default: the checkpoint's own name; "
-                                        "meta-llama/Llama-2-7b-chat-hf for a Llama 2 (SentencePiece) checkpoint, "
-                                        f"{DEMO_MODEL_NAME} for the demo)")
+    p.add_argument("--served-model-name", "--model-name", dest="served_model_name", nargs="+", metavar="NAME",
+                   help="the `model` names clients may send; the first is the one replies report and every one is "
+                        "listed in /v1/models (vLLM's flag; --model-name is an alias. Default: the checkpoint's own "
+                        "name; meta-llama/Llama-2-7b-chat-hf for a Llama 2 (SentencePiece) checkpoint, "
+                        f"{DEMO_MODEL_NAME} for the demo)")
     p.add_argument("--price-input-per-mtok", type=float, default=0.0,
                    help="$ per million prompt tokens, for usage.estimated_cost (default 0)")
     p.add_argument("--price-output-per-mtok", type=float, default=0.0,
@@ -182,7 +184,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         sentencepiece = loaded.tokenizer_path.name == "tokenizer.model"
         default_name = DEFAULT_MODEL_NAME if sentencepiece else loaded.manifest.get("name") or path.name
     settings = ServerSettings(
-        model_name=args.model_name or default_name,
+        model_name=(args.served_model_name or [default_name])[0],
+        model_aliases=tuple(args.served_model_name or ())[1:],
         api_keys=api_keys_from(args.api_key),
         price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
         max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public,
@@ -296,7 +299,9 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
     host, port = sock.getsockname()[:2]
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{host}:{port}"
-    _say(f"ready in {time.time() - start:.1f} s: model {settings.model_name!r} at {base}/v1 "
+    aliases = ", ".join(map(repr, settings.model_aliases))
+    also = f" (also answers to {aliases})" if aliases else ""
+    _say(f"ready in {time.time() - start:.1f} s: model {settings.model_name!r}{also} at {base}/v1 "
          f"(OpenAI base URL; also {base}/v1/openai)")
     print(curl_example(base, settings.model_name, bool(settings.api_keys)), flush=True)
 

@@ -23,7 +23,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from api import responses, schemas
+from api import fields, guided, responses, schemas
 from api.app import (ServerContext, _ctx, completion_route, read_body, require_model, require_ready, submit,
                      unless_disconnected)
 from api.drain import DONE, engine_error, sse_body
@@ -32,9 +32,10 @@ from api.metrics import TokenTimer
 from api.responses import Usage, encode, sse
 from api.schemas import ChatCompletionRequest
 from llama_jax import scoring
-from llama_jax.request import Event, RequestHandle, TokenLogprob
+from llama_jax.request import Constraint, Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
 from llama_jax.scoring import TokenScores
+from llama_jax.structured import StructuredOutputError
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 COMPLETION_PATHS = ["/v1/completions", "/v1/openai/completions"]
@@ -43,9 +44,10 @@ MAX_PROMPTS = 32  # prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
            "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias", "min_tokens", "ignore_eos",
-           "stop_token_ids")  # declared (and checked) as in chat
+           "stop_token_ids", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+           "guided_grammar")  # declared (and checked) as in chat
 
-# POST /v1/completions. null means the default; unknown fields are ignored.
+# POST /v1/completions. null means the default; other fields: see fields.py.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
     ("model", str),
     ("prompt", str | list[Any]),  # the list forms are checked by `prompt_items` (msgspec unions hold one array type)
@@ -275,14 +277,35 @@ def _continues(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
     return any(0 <= t < tokenizer.vocab_size and not tokenizer.is_control(t) for t in ids)  # range: checked later
 
 
-def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer) -> EngineRequest:
-    """The engine request of one prompt."""
+def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer,
+                   constraint: Callable[[], Constraint] | None = None) -> EngineRequest:
+    """The engine request of one prompt (with its structured-output constraint factory, if any)."""
     return EngineRequest(
         prompt=ids, sampling=schemas.sampling_options(body),
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
         stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), n=body.n or 1,
         stop_token_ids=schemas.stop_token_ids(body, tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
-        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids))
+        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint)
+
+
+def _prepare(ctx: ServerContext, body: Any, items: list[str | list[int]]
+             ) -> tuple[list[list[int]], list[Callable[[], Constraint] | None]]:
+    """A request's CPU work, in the offload pool (api/offload.py): each prompt's ids, and for a
+    `structured_outputs`/`guided_*` request each prompt's constraint factory (Nones without), one
+    grammar per prompt (a prompt that continues visible text gets no optional leading space)."""
+    tokenizer, model = ctx.engine.tokenizer, getattr(ctx.engine, "model", None)
+    ids = [prompt_ids(item, tokenizer) for item in items]
+    if (spec := guided.spec(body)) is None:
+        return ids, [None] * len(ids)
+    budget = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    factories = []
+    for prompt in ids:
+        try:
+            grammar = guided.grammar(tokenizer, spec, _continues(tokenizer, prompt))
+        except StructuredOutputError as e:
+            raise invalid(str(e), e.param, "invalid_schema") from None
+        factories.append(grammar.factory(budget, model.cfg.vocab_size if model is not None else None))
+    return ids, factories
 
 
 @completion_route(COMPLETION_PATHS, TextCompletion, "Create a completion (legacy API)",
@@ -294,16 +317,18 @@ async def completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    body = schemas.decode_struct(await read_body(request, ctx), CompletionRequest)
+    raw = await read_body(request, ctx)
+    body = schemas.decode_struct(raw, CompletionRequest)
+    fields.check(raw, CompletionRequest, fields.COMPLETIONS)
     check(body)
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)
-    ids = await unless_disconnected(ctx.offload.run(lambda: [prompt_ids(i, ctx.engine.tokenizer) for i in items]),
-                                    request.receive, lambda: None)  # tokenizing: in the pool, off the loop
+    ids, factories = await unless_disconnected(ctx.offload.run(_prepare, ctx, body, items), request.receive,
+                                               lambda: None)  # tokens and grammars: in the pool, off the loop
     handles: list[RequestHandle] = []
     try:
-        for prompt in ids:
-            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer)))
+        for prompt, constraint in zip(ids, factories):
+            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer, constraint)))
     except APIError:  # one refused prompt refuses the request: the queued ones are withdrawn
         for handle in handles:
             handle.cancel()

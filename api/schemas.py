@@ -4,7 +4,8 @@ response bodies and SSE framing are responses.py's.
 
 Decoding is msgspec against the Structs below (types and ranges), then `check` adds the rules a
 type cannot say. Every violation is an `APIError` 400 whose `param` names the field (nested ones
-as e.g. ``messages[1].tool_call_id``). Unknown fields are ignored: clients send extras.
+as e.g. ``messages[1].tool_call_id``). A top-level field the struct does not declare is refused
+or accepted by fields.py's policy (OpenAI's `Unrecognized request argument supplied`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
+from api import fields
 from api.errors import APIError, invalid
 from llama_jax.request import MAX_CHOICES, MAX_STOP_STRINGS, Constraint, Request, SamplingOptions
 from llama_jax.sampling import MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
@@ -96,9 +98,35 @@ Unit = Annotated[float, _doc("in [0, 1]", ge=0, le=1)]
 Penalty = Annotated[float, _doc("in [-2, 2]; default 0", ge=-2, le=2)]
 MaxTokens = Annotated[int, _doc("1 <= max_tokens <= 1000000; default: the rest of the context", ge=1, le=1_000_000)]
 Bias = Annotated[float, Meta(ge=-MAX_BIAS, le=MAX_BIAS)]
+Choices = Annotated[list[str], _doc("the output is exactly one of these", min_length=1, max_length=256)]
+JsonSchemaText = Annotated[dict[str, Any] | str, _doc("a JSON schema (an object, or its JSON text)")]
 
 
-class ChatCompletionRequest(Struct, kw_only=True):
+class StructuredOutputs(Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs`: one constraint on the output (api/guided.py compiles it)."""
+
+    json: JsonSchemaText | None = None
+    regex: Annotated[str, _doc("the output fully matches this regex (Rust syntax)")] | None = None
+    choice: Choices | None = None
+    grammar: Annotated[str, _doc("the output is in this Lark grammar's language (llguidance's dialect)")] | None = None
+    json_object: Annotated[bool, _doc("true: any JSON object")] | None = None
+    disable_any_whitespace: Annotated[bool, _doc("accepted: JSON output never has free whitespace here")] | None = None
+    disable_fallback: Annotated[bool, _doc("accepted: there is no fallback backend")] | None = None
+    whitespace_pattern: Annotated[str, _doc("refused with a 400 (unsupported)")] | None = None
+    structural_tag: Annotated[Any, _doc("refused with a 400 (unsupported)")] | None = None
+
+
+class GuidedFields(Struct, kw_only=True):
+    """The structured-output extensions of chat and completions requests (vLLM's names)."""
+
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Annotated[JsonSchemaText, _doc("older name of structured_outputs.json")] | None = None
+    guided_regex: Annotated[str, _doc("older name of structured_outputs.regex")] | None = None
+    guided_choice: Annotated[Choices, _doc("older name of structured_outputs.choice")] | None = None
+    guided_grammar: Annotated[str, _doc("older name of structured_outputs.grammar")] | None = None
+
+
+class ChatCompletionRequest(GuidedFields, kw_only=True):
     """POST /v1/chat/completions (alias /v1/openai/chat/completions). null means the default."""
 
     model: Annotated[str, _doc("model name; this server serves exactly one")]
@@ -214,8 +242,9 @@ def decode_struct(body: bytes, type: type[Struct]) -> Any:
 
 
 def decode(body: bytes) -> ChatCompletionRequest:
-    """A checked chat request: `decode_struct`, then `check`."""
+    """A checked chat request: `decode_struct`, the fields beyond it (fields.py), then `check`."""
     request = decode_struct(body, ChatCompletionRequest)
+    fields.check(body, ChatCompletionRequest, fields.CHAT)
     check(request)
     return request
 

@@ -19,7 +19,8 @@ class ServerSettings:
     authentication off.
     """
 
-    model_name: str = DEFAULT_MODEL_NAME
+    model_name: str = DEFAULT_MODEL_NAME  # the name replies report
+    model_aliases: tuple[str, ...] = ()  # further names requests may use (`--served-model-name A B ...`)
     api_keys: tuple[str, ...] = ()
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
@@ -32,8 +33,8 @@ class ServerSettings:
     scoring_warmup: bool = True  # `serve` compiles prompt scoring's programs at warm-up (api/cli.py)
 
     def __post_init__(self) -> None:
-        if not self.model_name:
-            raise ValueError("model_name must not be empty")
+        if not self.model_name or not all(self.model_aliases):
+            raise ValueError("model names must not be empty")
         if any(not k for k in self.api_keys):
             raise ValueError("API keys must not be empty strings")
         if self.price_input_per_mtok < 0 or self.price_output_per_mtok < 0:
@@ -42,6 +43,11 @@ class ServerSettings:
             raise ValueError("worker_threads must be >= 1")
         if self.max_body_bytes < 1 or self.retry_after_s < 0 or not self.body_timeout_s > 0:
             raise ValueError("max_body_bytes must be >= 1, retry_after_s >= 0 and body_timeout_s > 0")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name the server answers to, the reported one first."""
+        return tuple(dict.fromkeys((self.model_name, *self.model_aliases)))
 
     def estimated_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Dollars for one request at the configured per-million-token prices."""

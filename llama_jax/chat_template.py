@@ -116,12 +116,12 @@ def encode_marked(tokenizer, text: str) -> list[int]:
 
 
 def prompt_ids(tokenizer, source: str, messages: Sequence[Mapping[str, Any]],
-               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-    """Prompt token ids for a conversation under the model's template (with the reply's opening);
-    special-token text anywhere in the messages or tools stays text."""
+               tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
+    """Prompt token ids for a conversation under the model's template (with the reply's opening
+    unless `add_generation_prompt` is false); special-token text in the messages or tools stays text."""
     find = _patterns(tuple(tokenizer.special_ids))[0]
     text = render(source, mark_special_text(list(messages), find), tools=mark_special_text(tools, find),
-                  special_tokens=tokenizer.special_tokens)
+                  add_generation_prompt=add_generation_prompt, special_tokens=tokenizer.special_tokens)
     if MARK_OPEN in text or MARK_CLOSE in text:
         return encode_marked(tokenizer, text)
     return tokenizer.encode_with_specials(text)  # exactly transformers' tokenization

@@ -75,3 +75,39 @@ def string_end(text: str) -> int | None:
     if not text.startswith('"'):
         return None
     return next((i + 1 for i, state in enumerate(json_steps(text)) if i and not state.inside), None)
+
+
+# ------------------------------------------------------------------------------------ beyond JSON
+
+LEAD_SPACE = '" "? '  # SentencePiece drops the first piece's "▁": the grammar lets the model use it
+
+
+def lark_regex(pattern: str) -> str:
+    """A regex as a Lark `/.../` terminal: unescaped `/` and raw line breaks escaped (the regex's
+    meaning is unchanged; llguidance's dialect is Rust's: no look-around, no backreferences)."""
+    out, escaped = [], False
+    for c in pattern:
+        if escaped:
+            out.append(c)
+            escaped = False
+        elif c == "\\":
+            out.append(c)
+            escaped = True
+        else:
+            out.append({"/": "\\/", "\n": "\\n", "\r": "\\r"}.get(c, c))
+    return "/" + "".join(out) + "/"
+
+
+def regex_lark(pattern: str, lead_space: bool = False) -> str:
+    """Grammar of text that fully matches `pattern` (after an optional leading space, see LEAD_SPACE)."""
+    return f"start: {LEAD_SPACE if lead_space else ''}{lark_regex(pattern)}\n"
+
+
+def choice_lark(choices: list[str], lead_space: bool = False) -> str:
+    """Grammar of exactly one of `choices`."""
+    return f"start: {LEAD_SPACE if lead_space else ''}({' | '.join(map(lark_str, choices))})\n"
+
+
+def nested_lark(grammar: str, lead_space: bool = False) -> str:
+    """A user's Lark grammar, unchanged, or inside a nested `%lark { }` block after an optional space."""
+    return f"start: {LEAD_SPACE}user\nuser: %lark {{\n{grammar}\n}}\n" if lead_space else grammar

@@ -47,7 +47,7 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
-from llama_jax.grammar import JsonState, json_lark, json_state
+from llama_jax.grammar import JsonState, choice_lark, json_lark, json_state, nested_lark, regex_lark
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tools import ToolSpec, tools_lark
 from llama_jax.vocabulary import Vocabulary, vocabulary
@@ -73,14 +73,14 @@ class Grammar:
     """A compiled grammar for one request: validates at construction (StructuredOutputError on a
     schema llguidance rejects) and hands out one fresh constraint per choice."""
 
-    def __init__(self, tokenizer: Tokenizer, lark: str, param: str | None = None):
+    def __init__(self, tokenizer: Tokenizer, lark: str, param: str | None = None, what: str = "schema"):
         self.vocab = vocabulary(tokenizer)
         self.lark = lark
-        self._matcher = _compiled(self.vocab, lark, param)
+        self._matcher = _compiled(self.vocab, lark, param, what)
         scratch = self._matcher.deep_copy()
         plan = _closing_plan(scratch, self.vocab)
         if _dead_end(scratch, plan, self.vocab):
-            raise StructuredOutputError("The schema cannot be satisfied: no sequence of this model's tokens "
+            raise StructuredOutputError(f"The {what} cannot be satisfied: no sequence of this model's tokens "
                                         "completes it.", param)
         # how much one token can lengthen the closing plan, roughly: the shortest complete output,
         # also from "{" (for tools auto, whose shortest output is text)
@@ -106,7 +106,7 @@ _lock = threading.Lock()
 _compiled_cache: collections.OrderedDict[tuple[int, str], llguidance.LLMatcher] = collections.OrderedDict()
 
 
-def _compiled(vocab: Vocabulary, lark: str, param: str | None) -> llguidance.LLMatcher:
+def _compiled(vocab: Vocabulary, lark: str, param: str | None, what: str = "schema") -> llguidance.LLMatcher:
     """A pristine matcher for `lark` (LRU-cached: deep copies are ~10 us, compiling is ~1 ms+)."""
     key = (id(vocab), lark)
     with _lock:
@@ -116,10 +116,10 @@ def _compiled(vocab: Vocabulary, lark: str, param: str | None) -> llguidance.LLM
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, vocab.ll)
     if is_error:
-        raise StructuredOutputError(f"Invalid schema: {_short(messages[0])}", param)
+        raise StructuredOutputError(f"Invalid {what}: {_short(messages[0])}", param)
     matcher = llguidance.LLMatcher(vocab.ll, grammar, log_level=0)
     if matcher.is_error():
-        raise StructuredOutputError(f"Invalid schema: {_short(matcher.get_error())}", param)
+        raise StructuredOutputError(f"Invalid {what}: {_short(matcher.get_error())}", param)
     with _lock:
         _compiled_cache[key] = matcher
         while len(_compiled_cache) > _CACHE_SIZE:
@@ -128,15 +128,74 @@ def _compiled(vocab: Vocabulary, lark: str, param: str | None) -> llguidance.LLM
 
 
 def _short(message: str) -> str:
-    """llguidance's message without the grammar listing it appends."""
-    first = message.strip().splitlines()[0] if message.strip() else "rejected by the grammar compiler"
-    return first.split(": ", 1)[1] if first.startswith("at ") and ": " in first else first
+    """llguidance's message without the grammar listing it appends (a regex error keeps its reason)."""
+    lines = message.strip().splitlines() or ["rejected by the grammar compiler"]
+    first = lines[0].split(": ", 1)[1] if lines[0].startswith("at ") and ": " in lines[0] else lines[0]
+    reason = next((line.strip()[len("error: "):] for line in lines[1:] if line.strip().startswith("error: ")), None)
+    return f"{first} {reason}" if reason else first
+
+
+_grammars: collections.OrderedDict[tuple[int, str], Grammar] = collections.OrderedDict()
+
+
+def cached_grammar(tokenizer: Tokenizer, lark: str, param: str | None = None, what: str = "schema",
+                   source: str | None = None) -> Grammar:
+    """The Grammar of `lark`, built once per distinct grammar text and vocabulary (LRU, at most
+    _CACHE_SIZE): a repeated constraint costs a dictionary lookup, not a compile and a closing plan.
+    Errors name `param` and say `what` was invalid; `source`, when given, is checked on its own first
+    (a user's grammar before it was nested), so that messages point into it."""
+    vocab = vocabulary(tokenizer)
+    key = (id(vocab), lark)
+    with _lock:
+        if (hit := _grammars.get(key)) is not None:
+            _grammars.move_to_end(key)
+            return hit
+    if source is not None:
+        _check_lark(vocab, source, param, what)
+    grammar = Grammar(tokenizer, lark, param, what)
+    with _lock:
+        _grammars[key] = grammar
+        while len(_grammars) > _CACHE_SIZE:
+            _grammars.popitem(last=False)
+    return grammar
 
 
 def json_grammar(tokenizer: Tokenizer, schema: Mapping[str, Any] | None = None,
                  param: str | None = "response_format") -> Grammar:
     """response_format json_object (schema None) or json_schema."""
-    return Grammar(tokenizer, json_lark(schema), param)
+    return cached_grammar(tokenizer, json_lark(schema), param)
+
+
+def _lead_space(tokenizer: Tokenizer, continues_prompt: bool) -> bool:
+    """Whether output may open with the space SentencePiece drops when decoding (see the module docstring)."""
+    return bool(getattr(tokenizer, "dummy_prefix", False)) and not continues_prompt
+
+
+def regex_grammar(tokenizer: Tokenizer, pattern: str, param: str | None = "regex",
+                  continues_prompt: bool = False) -> Grammar:
+    """Text that fully matches `pattern` (Rust regex syntax, as llguidance reads it)."""
+    return cached_grammar(tokenizer, regex_lark(pattern, _lead_space(tokenizer, continues_prompt)), param, "regex")
+
+
+def choice_grammar(tokenizer: Tokenizer, choices: Sequence[str], param: str | None = "choice",
+                   continues_prompt: bool = False) -> Grammar:
+    """Exactly one of `choices`."""
+    return cached_grammar(tokenizer, choice_lark(list(choices), _lead_space(tokenizer, continues_prompt)), param,
+                          "choice")
+
+
+def lark_grammar(tokenizer: Tokenizer, grammar: str, param: str | None = "grammar",
+                 continues_prompt: bool = False) -> Grammar:
+    """Text in the language of a Lark grammar (llguidance's dialect)."""
+    return cached_grammar(tokenizer, nested_lark(grammar, _lead_space(tokenizer, continues_prompt)), param,
+                          "grammar", source=grammar)
+
+
+def _check_lark(vocab: Vocabulary, lark: str, param: str | None, what: str) -> None:
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+        llguidance.LLMatcher.grammar_from_lark(lark), vocab.ll)
+    if is_error:
+        raise StructuredOutputError(f"Invalid {what}: {_short(messages[0])}", param)
 
 
 def check_tools(tokenizer: Tokenizer, tools: Sequence[ToolSpec]) -> None:
@@ -149,7 +208,7 @@ def check_tools(tokenizer: Tokenizer, tools: Sequence[ToolSpec]) -> None:
 def tools_grammar(tokenizer: Tokenizer, tools: Sequence[ToolSpec], mode: str = "auto",
                   parallel: bool = True) -> Grammar:
     """The envelope grammar (see `tools_lark`); call `check_tools` first for precise errors."""
-    return Grammar(tokenizer, tools_lark(tools, mode, parallel), "tools")
+    return cached_grammar(tokenizer, tools_lark(tools, mode, parallel), "tools")
 
 
 # ------------------------------------------------------------------------------------ constraint

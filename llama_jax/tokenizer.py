@@ -190,17 +190,19 @@ def to_meta_dialog(messages: Sequence[Mapping[str, Any]], tools_system: str | No
 
 def apply_chat_template(tokenizer: Tokenizer | hf_tokenizer.HFTokenizer, messages: Sequence[Mapping[str, Any]],
                         tools_system: str | None = None,
-                        tool_specs: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                        tool_specs: Sequence[Mapping[str, Any]] | None = None,
+                        add_generation_prompt: bool = True) -> list[int]:
     """Prompt token ids for a chat: the model's own Jinja template where it has one
     (`template_prompt`), else Meta's Llama 2 format, identical to Meta's `chat_completion` for the
     dialogs Meta accepts.
 
     Unlike Meta, text containing "[INST]", "<<SYS>>", "<s>" or "</s>" is not rejected: it is tokenized as
     plain text, and BOS/EOS ids appear only at turn boundaries. `tools_system`: see `to_meta_dialog`;
-    `tool_specs` (OpenAI tools) go to templates that render tools themselves.
+    `tool_specs` (OpenAI tools) go to templates that render tools themselves. `add_generation_prompt`
+    false leaves out a Jinja template's opening of the reply (Meta's format has none to leave out).
     """
     if tokenizer.chat_template:
-        return template_prompt(tokenizer, messages, tools_system, tool_specs)
+        return template_prompt(tokenizer, messages, tools_system, tool_specs, add_generation_prompt)
     dialog = to_meta_dialog(messages, tools_system)
     ids: list[int] = []
     for prompt, answer in zip(dialog[::2], dialog[1::2]):
@@ -261,12 +263,14 @@ def _native_tool_message(message: Mapping[str, Any], role: str) -> dict[str, Any
 
 
 def template_prompt(tokenizer, messages: Sequence[Mapping[str, Any]], tools_system: str | None = None,
-                    tool_specs: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-    """Prompt ids under the model's own template, with the reply's opening (add_generation_prompt)."""
+                    tool_specs: Sequence[Mapping[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+    """Prompt ids under the model's own template, with the reply's opening unless `add_generation_prompt` is false."""
     native = bool(tool_specs) and chat_template.takes_tools(tokenizer.chat_template)
     turns = template_messages(messages, tools_system, native)
     try:
-        return chat_template.prompt_ids(tokenizer, tokenizer.chat_template, turns, tool_specs if native else None)
+        return chat_template.prompt_ids(tokenizer, tokenizer.chat_template, turns, tool_specs if native else None,
+                                        add_generation_prompt)
     except chat_template.TemplateError as e:
         raise ChatTemplateError(str(e)) from None
 

@@ -183,11 +183,11 @@ def test_logprobs_plain_and_streamed(client, live):
     assert all(t.top_logprobs == [] for t in plain.choices[0].logprobs.content)
 
 
-def test_unknown_fields_are_ignored_and_user_accepted(client):
+def test_user_and_extension_fields_are_accepted(client):
+    """(An unknown field is a 400 naming it: tests/test_api_parity.py.)"""
     out = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, user="u-123",
                                          tool_choice="none", response_format={"type": "text"},
-                                         extra_body={"some_future_field": {"x": 1}, "min_p": 0.05, "top_k": 40,
-                                                     "repetition_penalty": 1.1})
+                                         extra_body={"min_p": 0.05, "top_k": 40, "repetition_penalty": 1.1})
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
@@ -508,8 +508,9 @@ def test_body_size_limit_is_413(strict):
 def test_warming_up_is_503(strict):
     strict.engine.ready = False
     try:
-        r = httpx.get(strict.url + "/health")
+        r = httpx.get(strict.url + "/ready")
         assert r.status_code == 503 and r.json() == {"status": "warming up"}
+        assert httpx.get(strict.url + "/health").status_code == 200  # alive: liveness is not readiness
         with pytest.raises(openai.APIStatusError) as e:
             strict.client(key=KEYS[0]).chat.completions.create(model=MODEL, messages=HELLO)
         assert e.value.status_code == 503 and e.value.code == "model_not_ready"
@@ -535,11 +536,12 @@ def test_models_health_schema_metrics(live, client):
     r = httpx.get(live.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for name in ("llama_jax_requests_total{path=\"/v1/chat/completions\",status=\"200\"}",
-                 "llama_jax_requests_total{path=\"/v1/chat/completions\",status=\"400\"}",
+    label = f'model_name="{MODEL}"'
+    for name in (f'llama_jax_requests_total{{{label},path="/v1/chat/completions",status="200"}}',
+                 f'llama_jax_requests_total{{{label},path="/v1/chat/completions",status="400"}}',
                  "llama_jax_prompt_tokens_total", "llama_jax_completion_tokens_total",
                  "llama_jax_time_to_first_token_seconds_count", "llama_jax_inter_token_latency_seconds_count",
-                 "llama_jax_queue_depth 0.0", "llama_jax_busy_slots 0.0"):
+                 f"llama_jax_queue_depth{{{label}}} 0.0", f"llama_jax_busy_slots{{{label}}} 0.0"):
         assert name in text, name
     ttft = next(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("llama_jax_time_to_first_token_seconds_count"))

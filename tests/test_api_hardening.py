@@ -169,7 +169,7 @@ def raw_upload(url: str, declared: int, sent: bytes, then_wait: float | None) ->
 
 def status_count(url: str, status: int) -> float:
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    key = f'llama_jax_requests_total{{path="/v1/chat/completions",status="{status}"}}'
+    key = f'llama_jax_requests_total{{model_name="{MODEL}",path="/v1/chat/completions",status="{status}"}}'
     return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)), 0.0)
 
 

@@ -93,11 +93,13 @@ def test_settings_and_keys():
 
 def test_serve_command_line():
     args = build_parser().parse_args(["serve"])
-    assert (args.checkpoint, args.host, args.port, args.max_slots, args.tp, args.api_key, args.model_name) == \
+    assert (args.checkpoint, args.host, args.port, args.max_slots, args.tp, args.api_key, args.served_model_name) == \
         (None, "127.0.0.1", 8000, 8, 1, [], None)
     args = build_parser().parse_args(["serve", "--checkpoint", "/ckpt", "--port", "0", "--api-key", "k1",
                                       "--api-key", "k2", "--max-seq-len", "2048", "--tp", "2", "--model-name", "x"])
-    assert args.api_key == ["k1", "k2"] and args.max_seq_len == 2048 and args.tp == 2 and args.model_name == "x"
+    assert args.api_key == ["k1", "k2"] and args.max_seq_len == 2048 and args.tp == 2 and args.served_model_name == ["x"]
+    args = build_parser().parse_args(["serve", "--served-model-name", "a", "meta-llama/Llama-2-7b-chat-hf", "--demo"])
+    assert args.served_model_name == ["a", "meta-llama/Llama-2-7b-chat-hf"] and args.demo
     assert build_parser().parse_args(["serve"]).max_prefill_tokens == EngineConfig().max_prefill_tokens
     assert build_parser().parse_args(["serve", "--max-prefill-tokens", "1024"]).max_prefill_tokens == 1024
     assert {"generate", "make-tiny-checkpoint", "serve"} <= set(build_parser()._subparsers._group_actions[0].choices)
