@@ -79,7 +79,10 @@ def string_end(text: str) -> int | None:
 
 # ------------------------------------------------------------------------------------ beyond JSON
 
-LEAD_SPACE = '" "? '  # SentencePiece drops the first piece's "▁": the grammar lets the model use it
+# SentencePiece drops the "▁" (space) the first piece of a reply starts with. The grammars below
+# *require* that space (unlike JSON's optional one: JSON ignores blanks), so that the decoded text,
+# one leading space shorter, is exactly the constrained text, even when that text starts with a space.
+LEAD_SPACE = '" " '
 
 
 def lark_regex(pattern: str) -> str:
@@ -99,7 +102,7 @@ def lark_regex(pattern: str) -> str:
 
 
 def regex_lark(pattern: str, lead_space: bool = False) -> str:
-    """Grammar of text that fully matches `pattern` (after an optional leading space, see LEAD_SPACE)."""
+    """Grammar of text that fully matches `pattern` (after the dropped leading space where `lead_space`)."""
     return f"start: {LEAD_SPACE if lead_space else ''}{lark_regex(pattern)}\n"
 
 
@@ -109,5 +112,5 @@ def choice_lark(choices: list[str], lead_space: bool = False) -> str:
 
 
 def nested_lark(grammar: str, lead_space: bool = False) -> str:
-    """A user's Lark grammar, unchanged, or inside a nested `%lark { }` block after an optional space."""
+    """A user's Lark grammar, unchanged, or inside a nested `%lark { }` block after the dropped space."""
     return f"start: {LEAD_SPACE}user\nuser: %lark {{\n{grammar}\n}}\n" if lead_space else grammar

@@ -167,7 +167,8 @@ def json_grammar(tokenizer: Tokenizer, schema: Mapping[str, Any] | None = None,
 
 
 def _lead_space(tokenizer: Tokenizer, continues_prompt: bool) -> bool:
-    """Whether output may open with the space SentencePiece drops when decoding (see the module docstring)."""
+    """Whether output opens with the space SentencePiece drops when decoding (grammar.LEAD_SPACE):
+    a dummy-prefix tokenizer, and a reply that does not continue visible prompt text."""
     return bool(getattr(tokenizer, "dummy_prefix", False)) and not continues_prompt
 
 
