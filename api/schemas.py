@@ -190,14 +190,14 @@ def _param(path: str, field: str | None = None) -> str | None:
     return parts or None
 
 
-def _validation_error(e: msgspec.ValidationError, body: bytes) -> APIError:
+def _validation_error(e: msgspec.ValidationError, body: bytes = b"") -> APIError:
     text = str(e)
     at = _AT.search(text)
     path, detail = (at.group(1), text[: at.start()]) if at else ("", text)
     if missing := _MISSING.search(detail):
         param = _param(path, missing.group(1))
         return invalid(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-    if path == ".logit_bias[...]":  # msgspec does not say which key: find it
+    if path == ".logit_bias[...]" and body:  # msgspec does not say which key: find it
         path = f".logit_bias.{_bad_bias_key(body)}"
     param = _param(path)
     code = "invalid_type" if detail.startswith("Expected `") and ", got `" in detail else "invalid_value"

@@ -198,7 +198,7 @@ def test_no_compiles_after_warmup_with_the_cache_on(cached):
 
 def metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics").text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.split("{")[0].split()[0] == name)
 
 
 def test_cached_tokens_in_usage_and_metrics_through_the_api(cached):

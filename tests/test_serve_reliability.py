@@ -1,8 +1,8 @@
 """Issue 31 against real `llama-jax serve --demo` subprocesses on loopback: nothing blocks the event
 loop (six 600 KB schemas in flight, /health and a running stream stay prompt), half-sent headers
-are closed at the keep-alive timeout while normal requests go on, and the SIGTERM matrix: chat and
-completions, streamed and plain, drained normally, cut at the drain timeout, and cut by a second
-SIGTERM (exit status 1, one truthful line, no traceback)."""
+are closed at the keep-alive timeout while normal requests go on, and the SIGTERM matrix: chat,
+completions and responses, streamed and plain, drained normally, cut at the drain timeout, and cut
+by a second SIGTERM (exit status 1, one truthful line, no traceback)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warmi
 DEMO = "llama-jax-demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
 NO_EOS = {"2": -100}  # the demo's end of turn banned: a stream runs to its length (or the drain's cut)
-SMALL = ["--demo", "--max-slots", "4", "--max-seq-len", "256", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
+SMALL = ["--demo", "--max-slots", "6", "--max-seq-len", "256", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
 KEEP_ALIVE_S = 2.0
-ROUTES = ["chat-stream", "chat-plain", "completions-stream", "completions-plain"]
+ROUTES = [f"{api}-{mode}" for api in ("chat", "completions", "responses") for mode in ("stream", "plain")]
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,22 @@ def serve(cache, *args: str) -> ServeProcess:
     return ServeProcess(cache, *SMALL, "--keep-alive-timeout", str(KEEP_ALIVE_S), *args)
 
 
+def body_of(route: str, max_tokens: int) -> dict:
+    """A request of `route` that runs to `max_tokens`: chat and completions ban the end of turn; the
+    Responses API has no logit_bias, and its greedy reply to this input never ends early."""
+    api, stream = route.split("-")[0], route.endswith("stream")
+    if api == "responses":
+        return {"model": DEMO, "input": "Hello!", "max_output_tokens": max_tokens, "temperature": 0, "stream": stream}
+    return {"model": DEMO, "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": stream,
+            **({"messages": HELLO} if api == "chat" else {"prompt": "Once upon a time"})}
+
+
 def request(url: str, route: str, max_tokens: int, out: dict, started: threading.Event) -> None:
-    """One request of `route` (chat or completions, stream or plain); `started` is set once a
-    stream's first bytes arrived (it was accepted), or when a plain one was sent."""
-    chat = route.startswith("chat")
-    body = {"model": DEMO, "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": route.endswith("stream"),
-            **({"messages": HELLO} if chat else {"prompt": "Once upon a time"})}
-    path = "/v1/chat/completions" if chat else "/v1/completions"
+    """One request of `route` (chat, completions or responses; stream or plain); `started` is set
+    once a stream's first bytes arrived (it was accepted), or when a plain one was sent."""
+    body = body_of(route, max_tokens)
     raw = b""
-    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+    with httpx.stream("POST", url + PATHS[route.split("-")[0]], json=body, timeout=120) as r:
         out["status"], out["type"] = r.status_code, r.headers.get("content-type", "")
         if not body["stream"]:
             started.set()
@@ -72,18 +80,30 @@ def start_all(server: ServeProcess, max_tokens: int) -> tuple[list[threading.Thr
 
 def busy_slots(server: ServeProcess) -> float:
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    return float(re.search(r"^llama_jax_busy_slots (\S+)", metrics, re.M).group(1))
+    return float(re.search(r"^llama_jax_busy_slots(?:\{[^}]*\})? (\S+)$", metrics, re.M).group(1))
 
 
 def events(raw: bytes) -> list:
+    """A chat/completions stream's events, which end with [DONE]."""
     assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
     return [json.loads(e[6:]) for e in raw.split(b"\n\n")[:-2]]
+
+
+def typed_events(raw: bytes) -> list[tuple[str, dict]]:
+    """A Responses stream's (event type, data) pairs; it has no [DONE]."""
+    frames = [frame.split(b"\n", 1) for frame in raw.strip().split(b"\n\n")]
+    return [(kind.removeprefix(b"event: ").decode(), json.loads(data.removeprefix(b"data: "))) for kind, data in frames]
 
 
 def check_finished(results: dict[str, dict]) -> None:
     for route, out in results.items():
         assert out["status"] == 200, (route, out)
-        if route.endswith("stream"):
+        if route == "responses-stream":
+            kind, data = typed_events(out["raw"])[-1]
+            assert (kind, data["response"]["status"]) == ("response.incomplete", "incomplete"), (route, kind)
+        elif route == "responses-plain":
+            assert json.loads(out["raw"])["incomplete_details"] == {"reason": "max_output_tokens"}, route
+        elif route.endswith("stream"):
             last = events(out["raw"])[-1]
             assert last["choices"][0]["finish_reason"] == "length", (route, last)
         else:
@@ -91,9 +111,16 @@ def check_finished(results: dict[str, dict]) -> None:
 
 
 def check_cut(results: dict[str, dict]) -> None:
-    """Every request ended by the shutdown: a stream's last event is the error, then [DONE]; a
-    plain request is a JSON 503; both with code server_shutting_down."""
+    """Every request ended by the shutdown: a stream's last event is the error, then [DONE] (a
+    Responses stream: `error`, then `response.failed`); a plain request is a JSON 503; all with
+    code server_shutting_down."""
     for route, out in results.items():
+        if route == "responses-stream":
+            assert out["status"] == 200, (route, out)
+            (error_kind, error), (last, failed) = typed_events(out["raw"])[-2:]
+            assert (error_kind, last, failed["response"]["status"]) == ("error", "response.failed", "failed"), route
+            assert error["code"] == failed["response"]["error"]["code"] == "server_shutting_down", (route, error)
+            continue
         if route.endswith("stream"):
             assert out["status"] == 200, (route, out)
             error = events(out["raw"])[-1]["error"]
@@ -105,7 +132,8 @@ def check_cut(results: dict[str, dict]) -> None:
 
 def check_refused_while_draining(server: ServeProcess) -> None:
     for path, body in (("/v1/chat/completions", {"model": DEMO, "messages": HELLO}),
-                       ("/v1/completions", {"model": DEMO, "prompt": "Hi"})):
+                       ("/v1/completions", {"model": DEMO, "prompt": "Hi"}),
+                       ("/v1/responses", {"model": DEMO, "input": "Hi"})):
         late = httpx.post(server.url + path, json=body, timeout=10)
         assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down", late.text
         assert late.headers["retry-after"]
@@ -218,7 +246,7 @@ def test_sigterm_drains_every_route(server):
         t.join(120)
     assert server.proc.wait(60) == 0
     check_finished(results)
-    assert re.search(r"SIGTERM: shutting down; 4 requests finished in", clean_log(server))
+    assert re.search(r"SIGTERM: shutting down; 6 requests finished in", clean_log(server))
 
 
 # ------------------------------------------------------------------------------------ drain timeout, second SIGTERM
@@ -237,7 +265,7 @@ def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
     finally:
         server.stop()
     check_cut(results)
-    assert "0 of 4 requests finished, 4 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
+    assert "0 of 6 requests finished, 6 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
 
 
 def test_a_second_sigterm_ends_at_once_with_status_1(cache):
@@ -257,5 +285,5 @@ def test_a_second_sigterm_ends_at_once_with_status_1(cache):
     assert status == 1 and time.monotonic() - start < 10
     check_cut(results)
     log = clean_log(server)
-    assert "SIGTERM again: stopping now; 4 requests ended unfinished" in log, log[-2000:]
+    assert "SIGTERM again: stopping now; 6 requests ended unfinished" in log, log[-2000:]
     assert "requests finished" not in log  # the first signal's drain says nothing it did not do
