@@ -7,6 +7,7 @@ it runs); the engine package stays installable with JAX alone.
 from __future__ import annotations
 
 import argparse
+import gc
 import shlex
 import socket
 import sys
@@ -137,9 +138,15 @@ def curl_example(base_url: str, model: str, needs_key: bool) -> str:
             f"  -d {shlex.quote(body)}")
 
 
+# How long a thread holding the GIL (a worker checking a large JSON schema in Python) keeps the
+# event loop waiting for it; Python's default, 5 ms, let six such workers hold /health for 300 ms.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def serve(args: argparse.Namespace) -> int:
     """Bind the port, load the model, serve at once (/health says 503), warm up in a thread, then say
     how to call it. Start-up failures are one line and exit code 1; SIGTERM/SIGINT drain (api.shutdown)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         sock = bind(args.host, args.port)
     except OSError as e:
@@ -281,6 +288,11 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
 
     try:
         engine.warmup(progress)
+        from llama_jax.vocabulary import vocabulary
+
+        vocabulary(engine.tokenizer)  # the grammar compiler's token table (~0.1 s holding the GIL): not on a request
+        gc.collect()
+        gc.freeze()  # the model, JAX and the app out of the collector's sight: a full collection took 0.25 s
         if settings.scoring_warmup:  # echo + logprobs on /v1/completions: no first use compiles beside streams
             from api.completions import MAX_LOGPROBS
             from llama_jax import scoring

@@ -24,7 +24,7 @@ from litestar.response import Stream
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from api import fields, guided, responses, schemas
-from api.app import (ServerContext, _ctx, completion_route, read_body, require_model, require_ready, submit,
+from api.app import (ServerContext, _ctx, completion_route, read_request, require_model, require_ready, submit,
                      unless_disconnected)
 from api.drain import DONE, engine_error, sse_body
 from api.errors import APIError, invalid
@@ -317,9 +317,7 @@ async def completions(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    raw = await read_body(request, ctx)
-    body = schemas.decode_struct(raw, CompletionRequest)
-    fields.check(raw, CompletionRequest, fields.COMPLETIONS)
+    body = await read_request(request, ctx, CompletionRequest, fields.COMPLETIONS)
     check(body)
     require_model(ctx, body.model)
     items = prompt_items(body.prompt)

@@ -31,7 +31,7 @@ from litestar.response import Stream
 from msgspec import Meta, Struct
 
 from api import fields, schemas
-from api.app import (ServerContext, _ctx, completion_route, engine_error, read_body, require_ready, start_chat,
+from api.app import (ServerContext, _ctx, completion_route, engine_error, read_request, require_ready, start_chat,
                      unless_disconnected)
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
@@ -433,9 +433,7 @@ async def create_response(request: Request) -> Response:
     ctx = _ctx(request)
     timer = ctx.metrics.timer()
     require_ready(ctx)
-    raw = await read_body(request, ctx)
-    r = schemas.decode_struct(raw, ResponsesRequest)
-    fields.check(raw, ResponsesRequest, fields.RESPONSES)
+    r = await read_request(request, ctx, ResponsesRequest, fields.RESPONSES)
     check(r)
     origin: list[Any] = []
     with _renamed(origin):

@@ -24,7 +24,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import APIError
 
-UNCAPPED_PATHS = ("/health", "/metrics")
+UNCAPPED_PATHS = ("/health", "/ready", "/metrics")
 
 
 @dataclasses.dataclass(frozen=True)
