@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a program loaded from the persistent cache: compiled elsewhere
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
@@ -23,7 +24,8 @@ def enable_compilation_cache(directory: str | Path) -> None:
 
 
 class CompileCounter:
-    """Context manager counting backend compiles (all threads) while it is open.
+    """Context manager counting the programs (all threads) that had to be built while it is open:
+    backend compiles, and loads from the persistent cache (a program some other run compiled).
 
     >>> with CompileCounter() as c:
     ...     run_requests()
@@ -34,14 +36,21 @@ class CompileCounter:
         self.count = 0
         self._lock = threading.Lock()
 
-    def _listener(self, event: str, duration: float, **_: object) -> None:
+    def _compiled(self, event: str, duration: float, **_: object) -> None:
         if event == COMPILE_EVENT:
             with self._lock:
                 self.count += 1
 
+    def _loaded(self, event: str, **_: object) -> None:
+        if event == CACHE_HIT_EVENT:
+            with self._lock:
+                self.count += 1
+
     def __enter__(self) -> CompileCounter:
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_duration_secs_listener(self._compiled)
+        jax.monitoring.register_event_listener(self._loaded)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._listener)
+        jax.monitoring.unregister_event_duration_listener(self._compiled)
+        jax.monitoring.unregister_event_listener(self._loaded)

@@ -1,6 +1,8 @@
 """Shared test fixtures: the real Llama 2 tokenizer from ../shared and CPU-only JAX."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,19 @@ import pytest
 # Tests run on the CPU, with 8 virtual devices so tensor-parallel paths can be exercised.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache():
+    """One persistent compilation cache for the session's in-process engines, empty at the start:
+    a program that several modules' engines build (the same model and shapes) compiles once.
+    CompileCounter counts cache loads as builds, so the zero-compile tests lose nothing."""
+    from llama_jax.compiles import enable_compilation_cache
+
+    directory = tempfile.mkdtemp(prefix="llama-jax-test-xla-")
+    enable_compilation_cache(directory)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_PATH = REPO_ROOT.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
