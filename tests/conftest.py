@@ -156,3 +156,21 @@ def strict(model, tokenizer_path):
     yield server
     server.stop()
     engine.stop()
+
+
+# Modules whose parametrized tests repeat a costly build (an engine or a compile) per variant: the
+# quick tier (`-m "not slow"`) runs the first variant of each, CI runs them all.
+FIRST_VARIANT_ONLY_WHEN_QUICK = {"test_engine", "test_quantize", "test_sharding", "test_sampling", "test_attention",
+                                 "test_model", "test_real_shapes", "test_api_tools"}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module not in FIRST_VARIANT_ONLY_WHEN_QUICK or not hasattr(item, "callspec"):
+            continue
+        family = (module, item.originalname)
+        if family in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(family)

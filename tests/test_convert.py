@@ -114,6 +114,7 @@ def test_single_file_without_index(tmp_path, tokenizer_path):
     assert checkpoint.load(tmp_path / "out").cfg == preset("tiny-mha")
 
 
+@pytest.mark.slow  # real subprocesses
 def test_cli_subprocess_success_and_failure(tiny_checkpoint, tmp_path):
     hf = tiny_checkpoint("tiny-mha")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

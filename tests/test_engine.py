@@ -224,6 +224,7 @@ class ExplodingTokenizer(Tokenizer):
         return super().decode(ids)
 
 
+@pytest.mark.slow  # its own engine(s) to build: CI only
 def test_a_failing_request_does_not_stop_the_others(model, tokenizer_path):
     tokenizer = ExplodingTokenizer(tokenizer_path)
     with Engine(model, tokenizer, EngineConfig(max_slots=4, max_seq_len=MAX_LEN)) as engine:
@@ -257,6 +258,7 @@ def test_no_compiles_after_warmup_under_any_mix(any_engine):
     assert counter.count == 0
 
 
+@pytest.mark.slow  # its own engine(s) to build: CI only
 def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, tokenizer):
     from flax import nnx
 
@@ -312,6 +314,7 @@ def test_constrained_choices_only_sample_allowed_tokens(engine):
     assert all(len(h.result().choices[0].tokens) == 20 for h in free)
 
 
+@pytest.mark.slow  # its own engine(s) to build: CI only
 def test_more_choices_than_slots_wait_for_slots(model, tokenizer, engine):
     """n=5 on 2 slots: the choices beyond the free slots wait in the queue and get theirs as
     earlier choices finish; each choice is the one it is on 8 slots (same seed, same index)."""

@@ -129,6 +129,7 @@ def test_cache_decode_equals_full_forward(tiny_checkpoint):
 SLOTS = [(2, 0), (0, 1), (3, 2), (1, 3)]  # (slot, prompt): scrambled
 
 
+@pytest.mark.slow  # CI only: keeps the quick tier under 4 minutes
 def test_rows_are_independent(tiny_checkpoint):
     """A row's logits do not depend on the other rows of the batch, their lengths or contents,
     nor on the stale keys an earlier occupant left in its slot (NaN included)."""

@@ -74,6 +74,7 @@ def test_parse_bytes():
         plan.parse_bytes("GiB")
 
 
+@pytest.mark.slow  # CI only: keeps the quick tier under 4 minutes
 def test_auto_slots_is_the_plan_arithmetic():
     cfg = preset("tiny-gqa")
     slots, used = plan.auto_slots(cfg, 256, None, free=100 * 2**20)

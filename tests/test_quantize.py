@@ -185,6 +185,7 @@ def _greedy(loaded, mesh, mode: str, new_tokens: int = 8):
 _reference: dict = {}
 
 
+@pytest.mark.slow  # CI only: keeps the quick tier under 4 minutes
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tensor_parallel_same_tokens_as_one_device(converted, tp, mode):
