@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Resolve the test dependency set (the [test] extra, which pulls in [server] and [gpu-plan]) into
+# Resolve the test dependency set (the [test] extra, which pulls in [server]) into
 # requirements/test.lock, the constraints the README's test command installs through. The library's
 # own `dependencies` stay ranges; this file pins one set known to work together.
 # Re-run after changing pyproject.toml's dependencies (or to take newer releases: delete the lock
@@ -21,7 +21,7 @@ uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platfo
   cat <<'HEADER'
 # Constraints for the test suite: pip install -c requirements/test.lock -e '.[test]'
 # Resolved by tools/lock.sh (uv pip compile) from pyproject.toml's [test] extra, which includes
-# [server] and [gpu-plan], for CPython 3.11 on x86-64 Linux. Refresh: bash tools/lock.sh, then
+# [server], for CPython 3.11 on x86-64 Linux. Refresh: bash tools/lock.sh, then
 # bash tools/fresh_check.sh; commit both pyproject.toml and this file.
 # Pins with a reason beyond "resolved together":
 #   pytest < 9.2: pytest 9.2 removed Node._nodeid, which schemathesis 4.32 still reads
@@ -29,8 +29,6 @@ uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platfo
 #   torch == 2.13.0+cpu: the CPU build in this project's machines' /opt/wheels, where pip finds it;
 #     PyPI's torch 2.13.0 is the CUDA build (several GB). Elsewhere, add PyTorch's CPU wheel index
 #     to pip's index URLs.
-#   jax-cuda13-plugin, jax-cuda13-pjrt == jax == jaxlib: JAX's CUDA plugin only loads beside the
-#     jaxlib of its own version (pyproject.toml's [gpu-plan] extra pins them).
 HEADER
   cat "$body"
 } > "$lock"
