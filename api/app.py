@@ -25,7 +25,6 @@ from litestar.exceptions import InternalServerException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody
 from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Message, Scope
@@ -35,6 +34,7 @@ from api.drain import DONE, engine_error, sse_body, shutting_down
 from api.errors import EXCEPTION_HANDLERS, APIError, invalid
 from api.metrics import Metrics, TokenTimer
 from api.offload import Offload
+from api.openapi import body_operation
 from api.responses import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChunkChoice, Delta,
                            DeltaFunction, DeltaToolCall, FunctionCallOut, Model, ModelList, TokenText, ToolCallOut,
                            encode, sse)
@@ -95,17 +95,6 @@ def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> No
 # ------------------------------------------------------------------------------------ chat
 
 
-@dataclasses.dataclass
-class _ChatOperation(Operation):
-    """OpenAPI operation whose request body is the msgspec schema of ChatCompletionRequest
-    (the handler decodes the body itself, to name the bad field in every error)."""
-
-    def __post_init__(self) -> None:
-        self.request_body = RequestBody(
-            content={"application/json": OpenAPIMediaType(schema=schemas.request_json_schema())},  # type: ignore[arg-type]
-            required=True, description="OpenAI chat-completions request; an unknown field is a 400 naming it.")
-
-
 def unavailable(ctx: ServerContext) -> APIError | None:
     """The 503 a chat request gets while the server cannot serve it (warming up, failed, shutting down)."""
     retry = {"Retry-After": str(max(ctx.settings.retry_after_s, 1))}
@@ -149,7 +138,9 @@ def completion_route(paths: list[str], reply: type, summary: str, description: s
 
 @completion_route(CHAT_PATHS, ChatCompletion, "Create a chat completion",
                   "OpenAI-compatible. With `stream: true` the body is `text/event-stream`: "
-                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.", operation_class=_ChatOperation)
+                  "`data: {chat.completion.chunk}` events, then `data: [DONE]`.",
+                  operation_class=body_operation(ChatCompletionRequest,
+                                                 "OpenAI chat-completions request; an unknown field is a 400 naming it."))
 async def chat_completions(request: Request) -> Response:
     """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
     ctx = _ctx(request)

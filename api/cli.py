@@ -85,8 +85,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="a connection with no request in progress is closed after this long: an idle keep-alive "
                         "one, or one whose request headers have not all arrived (default 5)")
     p.add_argument("--max-concurrency", type=int, default=1024, metavar="N",
-                   help="requests in progress at once; beyond, 503 server_busy at once (default 1024; /health and "
-                        "/metrics are never refused)")
+                   help="requests in progress at once; beyond, 503 server_busy at once (default 1024; /health, "
+                        "/ready and /metrics are never refused)")
     p.add_argument("--worker-threads", type=int, default=2, metavar="N",
                    help="threads for request CPU work off the event loop: schema checks, grammars, chat templates, "
                         "tokenizing (default 2)")

@@ -455,19 +455,3 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int], constraint: Call
         top_logprobs=r.top_logprobs or 0,
         constraint=constraint,
     )
-
-
-def request_json_schema() -> dict[str, Any]:
-    """JSON schema of the request with every reference inlined (for the OpenAPI document)."""
-    (root,), defs = msgspec.json.schema_components([ChatCompletionRequest])
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return inline(root)

@@ -8,7 +8,7 @@ the moment a connection opens until its request headers are complete, and again 
 response: one setting bounds both header reads and idle keep-alive connections. It has no cap on
 connections, so the app counts its requests in progress instead (`limit_concurrency`, as
 uvicorn's `limit_concurrency` does): beyond the cap a request gets a 503 at once (/health and
-/metrics are never refused), and connections without a request in progress are the idle and
+/ready and /metrics are never refused), and connections without a request in progress are the idle and
 half-sent ones the timer closes.
 """
 
