@@ -7,8 +7,8 @@ kept 300 such sockets open for as long as it cared to). hypercorn's keep-alive t
 the moment a connection opens until its request headers are complete, and again after each
 response: one setting bounds both header reads and idle keep-alive connections. It has no cap on
 connections, so the app counts its requests in progress instead (`limit_concurrency`, as
-uvicorn's `limit_concurrency` does): beyond the cap a request gets a 503 at once (/health and
-/ready and /metrics are never refused), and connections without a request in progress are the idle and
+uvicorn's `limit_concurrency` does): beyond the cap a request gets a 503 at once (/health, /ready
+and /metrics are never refused), and connections without a request in progress are the idle and
 half-sent ones the timer closes.
 """
 
