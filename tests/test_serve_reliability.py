@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warmi
 DEMO = "llama-jax-demo"
 HELLO = [{"role": "user", "content": "Hello!"}]
 NO_EOS = {"2": -100}  # the demo's end of turn banned: a stream runs to its length (or the drain's cut)
-SMALL = ["--demo", "--max-slots", "6", "--max-seq-len", "256", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
+SMALL = ["--demo", "--max-slots", "6", "--max-seq-len", "1024", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
 KEEP_ALIVE_S = 2.0
 ROUTES = [f"{api}-{mode}" for api in ("chat", "completions", "responses") for mode in ("stream", "plain")]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
@@ -237,7 +237,7 @@ def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
 
 def test_sigterm_drains_every_route(server):
     """Runs last on `server`: one request per route, all finished by the drain; new ones refused."""
-    threads, results = start_all(server, max_tokens=100)
+    threads, results = start_all(server, max_tokens=300)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.1)
     check_refused_while_draining(server)
@@ -254,7 +254,7 @@ def test_sigterm_drains_every_route(server):
 def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
     server = serve(cache, "--drain-timeout", "0.5")
     try:
-        threads, results = start_all(server, max_tokens=240)
+        threads, results = start_all(server, max_tokens=1000)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         check_refused_while_draining(server)
@@ -270,7 +270,7 @@ def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
 def test_a_second_sigterm_ends_at_once_with_status_1(cache):
     server = serve(cache, "--drain-timeout", "600")
     try:
-        threads, results = start_all(server, max_tokens=240)
+        threads, results = start_all(server, max_tokens=1000)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         check_refused_while_draining(server)
