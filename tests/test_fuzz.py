@@ -16,7 +16,7 @@ from live_server import LiveServer
 
 MODEL = "meta-llama/Llama-2-7b-chat-hf"
 EXTENSIONS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "min_tokens",
-              "stop_token_ids", "logit_bias")
+              "stop_token_ids", "logit_bias", "response_format", "tools", "tool_choice", "max_completion_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +53,17 @@ def test_no_generated_request_gets_a_5xx(case):
 
 def test_generated_chat_requests_reach_the_engine(api_schema):
     """On its own (no shared state with the test above): generated chat requests really run, and
-    some are valid enough to be answered (every other one gets a valid conversation and no vLLM
-    extensions, its OpenAI fields still generated)."""
+    some are valid enough to be answered (every other one gets the served model, a valid
+    conversation, 16 tokens and no schemas, tools or vLLM extensions; its sampling fields stay
+    generated)."""
     statuses: list[int] = []
 
     @given(case=api_schema["/v1/chat/completions"]["POST"].as_strategy())
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def run(case):
         if isinstance(case.body, dict) and len(statuses) % 2:
-            case.body["messages"] = [{"role": "user", "content": "Hello!"}]
-            for field in EXTENSIONS:  # random token ids and constraint pairs are 400s far more often than not
+            case.body.update(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=16)
+            for field in EXTENSIONS:  # random schemas, tools, token ids and constraint pairs: 400s far more often
                 case.body.pop(field, None)
         statuses.append(call(case))
 
