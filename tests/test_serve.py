@@ -113,14 +113,15 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def served(env):
-    server = Serve(env, *SMALL, "--drain-timeout", "0.5")
+    server = Serve(env, *SMALL)
     yield server
     server.stop()
 
 
-def test_ctrl_c_during_warm_up_exits_cleanly(env):
-    """Runs before `served` warms the shared compilation cache, so the signal lands mid-warm-up."""
-    proc = subprocess.Popen(serve_command("--port", "0", *SMALL), env=env, cwd="/", text=True,
+def test_ctrl_c_during_warm_up_exits_cleanly(env, tmp_path):
+    """A cache of its own (nothing compiled yet, whatever ran before), so the signal lands mid-warm-up."""
+    proc = subprocess.Popen(serve_command("--port", "0", *SMALL), env={**env, "LLAMA_JAX_CACHE": str(tmp_path)},
+                            cwd="/", text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines = []
     for line in proc.stderr:
@@ -165,7 +166,15 @@ def stream(url: str, max_tokens: int, first: threading.Event, out: dict) -> None
     out["raw"] = raw
 
 
-def test_sigterm_drains_16_streams_then_exits_0(served):
+@pytest.fixture
+def drained(env):
+    """A server of its own for the SIGTERM test (the signal ends it, whatever runs after)."""
+    server = Serve(env, *SMALL, "--drain-timeout", "0.5")
+    yield server
+    server.stop()
+
+
+def test_sigterm_drains_16_streams_then_exits_0(drained):
     """4 slots, 16 streams: 8 short ones first (they finish), then 8 long ones and a long plain request
     (cut at the 0.5 s drain timeout). Every stream ends with [DONE]; nothing is cut silently."""
     short, long = [4] * 8, [200] * 8
@@ -173,26 +182,26 @@ def test_sigterm_drains_16_streams_then_exits_0(served):
     threads = []
     for max_tokens, out in zip(short + long, results):
         first = threading.Event()
-        threads.append(threading.Thread(target=stream, args=(served.url, max_tokens, first, out)))
+        threads.append(threading.Thread(target=stream, args=(drained.url, max_tokens, first, out)))
         threads[-1].start()
         assert first.wait(30), "a stream got no first event"
     plain: dict = {}
 
     def plain_request() -> None:
         body = {"model": DEMO, "messages": HELLO, "max_tokens": 200, "logit_bias": NO_EOS}
-        plain["r"] = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=60)
+        plain["r"] = httpx.post(drained.url + "/v1/chat/completions", json=body, timeout=60)
 
     threads.append(threading.Thread(target=plain_request))
     threads[-1].start()
     time.sleep(0.05)
-    served.proc.send_signal(signal.SIGTERM)
+    drained.proc.send_signal(signal.SIGTERM)
     time.sleep(0.1)
-    late = httpx.post(served.url + "/v1/chat/completions", json={"model": DEMO, "messages": HELLO}, timeout=10)
+    late = httpx.post(drained.url + "/v1/chat/completions", json={"model": DEMO, "messages": HELLO}, timeout=10)
     assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
-    assert httpx.get(served.url + "/health", timeout=10).json() == {"status": "shutting down"}
+    assert httpx.get(drained.url + "/health", timeout=10).json() == {"status": "shutting down"}
     for t in threads:
         t.join(60)
-    assert served.proc.wait(60) == 0
+    assert drained.proc.wait(60) == 0
     finished, cut = [], []
     for max_tokens, out in zip(short + long, results):
         assert out["status"] == 200 and out["raw"].endswith(b"data: [DONE]\n\n"), out
@@ -209,8 +218,8 @@ def test_sigterm_drains_16_streams_then_exits_0(served):
     if r.status_code == 503:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert r.json()["error"]["code"] == "server_shutting_down"
-    log = "\n".join(served.lines)
-    summary = [line for line in served.lines if "SIGTERM: shutting down" in line]
+    log = "\n".join(drained.lines)
+    summary = [line for line in drained.lines if "SIGTERM: shutting down" in line]
     ended = int(re.search(r"(\d+) ended unfinished", summary[0]).group(1)) if len(summary) == 1 else None
     assert ended in (len(cut), len(cut) + 1), log[-3000:]  # + the plain request, if it was accepted before the signal
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]

@@ -141,7 +141,7 @@ def clean_log(server: ServeProcess) -> str:
     return log
 
 
-# ------------------------------------------------------------------------------------ one server, normal drain
+# ------------------------------------------------------------------------------------ one server: the loop, slow clients
 
 
 @pytest.fixture(scope="module")
@@ -235,20 +235,24 @@ def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
-def test_sigterm_drains_every_route(server):
-    """Runs last on `server`: one request per route, all finished by the drain; new ones refused."""
-    threads, results = start_all(server, max_tokens=300)
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    check_refused_while_draining(server)
-    for t in threads:
-        t.join(120)
-    assert server.proc.wait(60) == 0
+# ------------------------------------------------------------------------------------ the SIGTERM matrix: a server each
+
+
+def test_sigterm_drains_every_route(cache):
+    """One request per route, all finished by the drain; new ones refused meanwhile."""
+    server = serve(cache, "--drain-timeout", "60")
+    try:
+        threads, results = start_all(server, max_tokens=300)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        check_refused_while_draining(server)
+        for t in threads:
+            t.join(120)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
     check_finished(results)
     assert re.search(r"SIGTERM: shutting down; 6 requests finished in", clean_log(server))
-
-
-# ------------------------------------------------------------------------------------ drain timeout, second SIGTERM
 
 
 def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
