@@ -238,54 +238,46 @@ def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
 # ------------------------------------------------------------------------------------ the SIGTERM matrix: a server each
 
 
-def test_sigterm_drains_every_route(cache):
-    """One request per route, all finished by the drain; new ones refused meanwhile."""
-    server = serve(cache, "--drain-timeout", "60")
+def sigterm(cache, drain_timeout: str, max_tokens: int, again: bool = False) -> tuple[ServeProcess, dict, int, float]:
+    """A server of its own running one request per route, sent SIGTERM (checked to refuse new work
+    while draining), and a second SIGTERM when `again`. Returns (server, each route's result, exit
+    status, seconds from the last signal to the exit)."""
+    server = serve(cache, "--drain-timeout", drain_timeout)
     try:
-        threads, results = start_all(server, max_tokens=300)
+        threads, results = start_all(server, max_tokens=max_tokens)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
+        time.sleep(0.3 if again else 0.1)
         check_refused_while_draining(server)
+        if again:
+            server.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        status = server.proc.wait(60)
+        took = time.monotonic() - start
         for t in threads:
             t.join(120)
-        assert server.proc.wait(60) == 0
     finally:
         server.stop()
+    return server, results, status, took
+
+
+def test_sigterm_drains_every_route(cache):
+    """One request per route, all finished by the drain; new ones refused meanwhile."""
+    server, results, status, _ = sigterm(cache, "60", max_tokens=300)
+    assert status == 0
     check_finished(results)
     assert re.search(r"SIGTERM: shutting down; 6 requests finished in", clean_log(server))
 
 
 def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
-    server = serve(cache, "--drain-timeout", "0.5")
-    try:
-        threads, results = start_all(server, max_tokens=1000)
-        server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        check_refused_while_draining(server)
-        for t in threads:
-            t.join(120)
-        assert server.proc.wait(60) == 0
-    finally:
-        server.stop()
+    server, results, status, _ = sigterm(cache, "0.5", max_tokens=1000)
+    assert status == 0
     check_cut(results)
     assert "0 of 6 requests finished, 6 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
 
 
 def test_a_second_sigterm_ends_at_once_with_status_1(cache):
-    server = serve(cache, "--drain-timeout", "600")
-    try:
-        threads, results = start_all(server, max_tokens=1000)
-        server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        check_refused_while_draining(server)
-        server.proc.send_signal(signal.SIGTERM)
-        start = time.monotonic()
-        status = server.proc.wait(30)
-        for t in threads:
-            t.join(30)
-    finally:
-        server.stop()
-    assert status == 1 and time.monotonic() - start < 10
+    server, results, status, took = sigterm(cache, "600", max_tokens=1000, again=True)
+    assert status == 1 and took < 10
     check_cut(results)
     log = clean_log(server)
     assert "SIGTERM again: stopping now; 6 requests ended unfinished" in log, log[-2000:]
