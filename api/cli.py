@@ -51,13 +51,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="weights and KV cache dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU, where "
                         "16-bit math is emulated and slower)")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: quantize a float checkpoint's matrices to int8 (per-channel scales) while loading, "
+                   help="int8: quantize a float checkpoint's matrices to int8 (one scale per block of 32 weights, as llama.cpp's Q8_0) while loading, "
                         "streamed one layer at a time; an int8 checkpoint (convert-weights --quantize int8) needs "
                         "no flag")
-    p.add_argument("--int8-inputs", choices=["int8", "float"], default=None,
-                   help="how int8 matrices multiply: int8 (each input row quantized too: an int8 x int8 dot, the "
-                        "fastest on CPU and the CPU default) or float (weight-only: the default on GPU/TPU, exact "
-                        "inputs; on CPU no faster than float32). See docs/serving.md")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per slot (default: the model's; {DEFAULT_MAX_SEQ_LEN} for the default model, "
                         f"{DEMO_MAX_SEQ_LEN} for the demo)")
@@ -197,12 +193,6 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         price_input_per_mtok=args.price_input_per_mtok, price_output_per_mtok=args.price_output_per_mtok,
         max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, metrics_public=args.metrics_public,
         playground=args.playground, worker_threads=args.worker_threads, scoring_warmup=args.scoring_warmup)
-    if args.int8_inputs and loaded.cfg.quantization is None:
-        raise ValueError("--int8-inputs needs int8 weights (--quantize int8, or a --quantize int8 checkpoint)")
-    if loaded.cfg.quantization:
-        from llama_jax.quantize import default_activations
-
-        _say(f"int8 weights, {args.int8_inputs or default_activations()} inputs to their matmuls")
     max_slots = args.max_slots
     if max_slots == "auto":
         from llama_jax.plan import auto_slots
@@ -214,7 +204,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         _say(f"--max-slots auto: {max_slots} slots ({why})")
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
-                          prefix_cache=args.prefix_cache, int8_activations=args.int8_inputs)
+                          prefix_cache=args.prefix_cache)
     template = args.chat_template.read_text() if args.chat_template else None
     engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
     app = create_app(engine, settings)

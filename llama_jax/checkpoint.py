@@ -13,8 +13,10 @@ Layout of a converted directory::
       params/<group>/          one orbax checkpoint per group: "embed", "layer_0" … "layer_{N-1}", "head"
 
 An int8 checkpoint (`convert-weights --quantize int8`, see quantize.py) stores each matrix as
-`{"q": int8, "scale": float32}` under its key, records the scheme in config.json
-(`quantization`) and in the manifest, and has format version 3, which older readers refuse.
+`{"q": int8, "scale": float32}` under its key (one scale per block of 32 inputs), records the
+scheme in config.json (`quantization`) and in the manifest, and has format version 4, which older
+readers refuse. Version 3 (one scale per output channel, before 2026-12-04) is refused with the
+command that re-converts it.
 
 Groups keep memory bounded: conversion holds at most one group (one decoder layer, or the
 embedding, or norm + LM head) in memory. Each group is a flat dict of string keys; `group_key`
@@ -54,7 +56,8 @@ from llama_jax.sharding import param_shardings
 
 FORMAT = "llama-jax-orbax"
 FORMAT_VERSION = 2  # 2: matrices stored [out, in]
-QUANTIZED_FORMAT_VERSION = 3  # 3: version 2 with int8 matrices (q, scale); older readers refuse it
+QUANTIZED_FORMAT_VERSION = 4  # 4: version 2 with int8 matrices (q, block scales); older readers refuse it
+PER_CHANNEL_INT8_VERSION = 3  # int8 with one scale per output channel: refused, re-convert
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
@@ -156,6 +159,9 @@ def save(
                 raise CheckpointError(f"tensor {tensor.hf_name} has shape {array.shape}, expected {want}")
             if quantize.is_int8(array) != is_quantized(cfg, specs[tensor.path]):
                 raise CheckpointError(f"tensor {tensor.hf_name}: int8 where the config says otherwise, or the reverse")
+            if quantize.is_int8(array) and tuple(array.scale.shape) != quantize.scale_shape(want):
+                raise CheckpointError(f"tensor {tensor.hf_name}: scales of shape {array.scale.shape}, expected "
+                                      f"{quantize.scale_shape(want)} (one per block of its inputs)")
             seen.add(group_key(tensor))
             if on_tensor is not None:
                 on_tensor(tensor, array)
@@ -212,6 +218,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         hint = " (an HF checkpoint? convert it with `convert-weights`)" if (path / "config.json").exists() else ""
         raise CheckpointError(f"{path} is not a converted checkpoint: no {MANIFEST_FILE}{hint}")
     manifest = json.loads(file.read_text())
+    if manifest.get("format") == FORMAT and manifest.get("format_version") == PER_CHANNEL_INT8_VERSION:
+        raise CheckpointError(
+            f"{path}: an int8 checkpoint with one scale per output channel (format v3, from an older llama-jax), "
+            "which this version no longer reads: its blocks of 32 cost far less quality. Convert the source again "
+            f"with `convert-weights SOURCE {path} --quantize int8 --force`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") not in (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION):
         raise CheckpointError(
             f"{path}: unknown checkpoint format {manifest.get('format')!r} v{manifest.get('format_version')}"
@@ -255,7 +266,7 @@ def _zeros(shape: tuple[int, ...], dtype: str, sharding) -> jax.Array | Int8Weig
     """A zero array (or, for an Int8Weight of shardings, zero q and scales) created already
     sharded: no device ever holds more than its own shard."""
     if quantize.is_int8(sharding):
-        return Int8Weight(_zeros(shape, "int8", sharding.q), _zeros(shape[:-1], "float32", sharding.scale))
+        return Int8Weight(_zeros(shape, "int8", sharding.q), _zeros(quantize.scale_shape(shape), "float32", sharding.scale))
     return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
 
 
@@ -269,7 +280,7 @@ def _target(shape: tuple[int, ...], dtype: str, sharding, int8: bool):
     """What orbax restores one tensor into: an array, or the {"q", "scale"} pair of an int8 one."""
     if int8:
         return {"q": jax.ShapeDtypeStruct(shape, np.int8, sharding=sharding.q),
-                "scale": jax.ShapeDtypeStruct(shape[:-1], np.float32, sharding=sharding.scale)}
+                "scale": jax.ShapeDtypeStruct(quantize.scale_shape(shape), np.float32, sharding=sharding.scale)}
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.q if quantize.is_int8(sharding) else sharding)
 
 

@@ -253,4 +253,3 @@ class EngineConfig:
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
-    int8_activations: str | None = None  # int8 weights: "int8" (CPU default) or "float" inputs, see quantize.linear

@@ -3,8 +3,9 @@
 
     convert-weights HF_DIR|MODEL.gguf OUT_DIR [--dtype bfloat16|float16|float32] [--quantize int8] [--force] [--quiet]
 
-`--quantize int8` stores every matrix as int8 with per-output-channel float32 scales (see
-quantize.py), computed from the source's values in float32: about a quarter of float32's bytes.
+`--quantize int8` stores every matrix as int8 with one float32 scale per block of 32 inputs (see
+quantize.py), computed from the source's values in float32 (a GGUF's Q8_0 tensors are taken as
+they are): about 28 % of float32's bytes.
 
 Reads tensor by tensor (memory: about one decoder layer), writes under a temporary name renamed
 at the end. Errors are one line on stderr, `convert-weights: error: …`, exit code 1 for bad input
@@ -67,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=QUANTIZATIONS,
         default=None,
-        help="store every matrix (embedding and LM head included) as int8 with one float32 scale per output "
-        "channel (symmetric, round to nearest); norms stay in --dtype. About 1/4 of float32's size; "
-        "`serve` and `checkpoint.load` read it with no flag",
+        help="store every matrix (embedding and LM head included) as int8 with one float32 scale per block of "
+        "32 inputs (llama.cpp's Q8_0 layout; symmetric, round to nearest); norms stay in --dtype. About 28%% of "
+        "float32's size; `serve` and `checkpoint.load` read it with no flag",
     )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line (errors still print)")
@@ -121,16 +122,19 @@ def stored_bytes(cfg: LlamaConfig) -> int:
     total = 0
     for spec in weight_specs(cfg).values():
         n = int(np.prod(spec.shape))
-        total += n + 4 * n // spec.shape[-1] if is_quantized(cfg, spec) else n * itemsize
+        total += n + 4 * int(np.prod(quantize.scale_shape(spec.shape))) if is_quantized(cfg, spec) else n * itemsize
     return total
 
 
 def quantized_weights(cfg: LlamaConfig, weights):
-    """(tensor, array) pairs with every matrix quantized on the host (`quantize.quantize_np`) and
-    norms cast to the model dtype: one tensor in memory at a time."""
+    """(tensor, array) pairs with every matrix quantized on the host (`quantize.quantize_np`; one
+    the source already gives as int8, e.g. a GGUF Q8_0 tensor, as it is) and norms cast to the
+    model dtype: one tensor in memory at a time."""
     specs = weight_specs(cfg)
     for tensor, array in weights:
-        if is_quantized(cfg, specs[tensor.path]):
+        if quantize.is_int8(array):
+            yield tensor, array
+        elif is_quantized(cfg, specs[tensor.path]):
             yield tensor, quantize.Int8Weight(*quantize.quantize_np(array))
         else:
             yield tensor, np.ascontiguousarray(array.astype(NUMPY_DTYPES[cfg.dtype]))
@@ -146,7 +150,8 @@ class Source:
     chat-template files to write beside them, and its generation config."""
 
     cfg: LlamaConfig
-    weights: Callable[[str | None], Iterator[tuple[Tensor, np.ndarray]]]  # (dtype) -> (tensor, array) pairs
+    # (dtype, keep_int8) -> (tensor, array) pairs; keep_int8: int8 tensors (GGUF Q8_0) as Int8Weight
+    weights: Callable[[str | None, bool], Iterator[tuple[Tensor, np.ndarray | quantize.Int8Weight]]]
     write_tokenizer: Callable[[Path], list[str]]  # (dir) -> names of the files written there
     generation_config: dict | None
     path: Path
@@ -184,7 +189,7 @@ def hf_source(hf_dir: Path, dtype: str | None) -> Source:
             generation_config = json.loads(gen_file.read_text())
         except json.JSONDecodeError as e:
             raise ConvertError(f"{gen_file} is not valid JSON: {e}") from e
-    return Source(cfg, lambda dt: iter_weights(hf_dir, cfg, dtype=dt), write_tokenizer, generation_config, hf_dir)
+    return Source(cfg, lambda dt, _keep_int8: iter_weights(hf_dir, cfg, dtype=dt), write_tokenizer, generation_config, hf_dir)
 
 
 def gguf_source(file: Path, dtype: str | None) -> Source:
@@ -201,7 +206,7 @@ def gguf_source(file: Path, dtype: str | None) -> Source:
     gguf_checkpoint.check_tensors(reader, cfg)
     eos = gguf_checkpoint.metadata(reader, "tokenizer.ggml.eos_token_id")
     generation_config = {"bos_token_id": cfg.bos_id, "eos_token_id": eos if eos is not None else cfg.eos_id}
-    return Source(cfg, lambda dt: gguf_checkpoint.iter_weights(reader, cfg, dtype=dt),
+    return Source(cfg, lambda dt, keep_int8: gguf_checkpoint.iter_weights(reader, cfg, dt, keep_int8),
                   lambda out: gguf_vocab.write_tokenizer_files(reader, out), generation_config, file)
 
 
@@ -259,9 +264,9 @@ def convert(src: str | Path, out_dir: str | Path, *, dtype: str | None = None, q
             bar.update(array.nbytes)
 
     if cfg.quantization is None:
-        weights = source.weights(None)
-    else:  # scales from the source's values, read as float32
-        weights = quantized_weights(cfg, source.weights("float32"))
+        weights = source.weights(None, False)
+    else:  # scales from the source's values, read as float32; int8 ones (GGUF Q8_0) as they are
+        weights = quantized_weights(cfg, source.weights("float32", True))
     try:
         manifest = checkpoint.save(
             out,

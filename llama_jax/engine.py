@@ -61,7 +61,7 @@ class Engine:
         self.graphdef, params = nnx.split(model)
         self.split = kv_cache.split_layers() if config.split_layers is None else config.split_layers
         # a one-time copy on CPU (split, 16-bit as bits); int8 weights get their compute mode
-        self.params = storage_params(cfg, params, self.split, config.int8_activations)
+        self.params = storage_params(cfg, params, self.split)
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)

@@ -17,6 +17,7 @@ import numpy as np
 from llama_jax.config import LlamaConfig, RopeScaling, UnsupportedModelError
 from llama_jax.hf_checkpoint import NUMPY_DTYPES, CheckpointError, check_names
 from llama_jax.model import Tensor, tensors
+from llama_jax.quantize import BLOCK, Int8Weight, block_size, from_q8_0
 
 # HF tensor name (model.tensors' names, `{layer}` per layer) -> GGUF tensor name.
 _NAMES = {
@@ -156,18 +157,23 @@ def dequantized(tensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
 
 
-def iter_weights(reader, cfg: LlamaConfig, dtype: str | None = None) -> Iterator[tuple[Tensor, np.ndarray]]:
-    """Yield (tensor, array in HF layout and `dtype`) in `model.tensors` order, one at a time."""
+def iter_weights(reader, cfg: LlamaConfig, dtype: str | None = None,
+                 keep_int8: bool = False) -> Iterator[tuple[Tensor, np.ndarray | Int8Weight]]:
+    """Yield (tensor, array in HF layout and `dtype`) in `model.tensors` order, one at a time; with
+    `keep_int8`, Q8_0 matrices come as the `Int8Weight` of their own blocks, not dequantized."""
     check_tensors(reader, cfg)
     have = {t.name: t for t in reader.tensors}
     np_dtype = NUMPY_DTYPES[dtype or cfg.dtype]
     heads = {"self_attn.q_proj.weight": cfg.n_heads, "self_attn.k_proj.weight": cfg.n_kv_heads}
     for tensor in tensors(cfg):
-        array = dequantized(have[gguf_name(tensor.hf_name)])
+        source = have[gguf_name(tensor.hf_name)]
         n = next((h for suffix, h in heads.items() if tensor.hf_name.endswith(suffix)), None)
-        if n is not None:
-            array = _unpermute(array, n)
-        yield tensor, np.ascontiguousarray(array.astype(np_dtype))
+        unpermute = (lambda a: _unpermute(a, n)) if n is not None else (lambda a: a)
+        if keep_int8 and reader_type(source) == "Q8_0" and block_size(tensor.shape[-1]) == BLOCK:
+            w = from_q8_0(source.data, tensor.shape)
+            yield tensor, Int8Weight(np.ascontiguousarray(unpermute(w.q)), np.ascontiguousarray(unpermute(w.scale)))
+        else:
+            yield tensor, np.ascontiguousarray(unpermute(dequantized(source)).astype(np_dtype))
 
 
 def load_gguf_model(path: str | Path, dtype: str | None = None):

@@ -18,7 +18,7 @@ on both operands' last axis. Rotary embeddings use the split-halves layout that 
 already have, so q/k weights load without permutation.
 
 With `cfg.quantization = "int8"` every matrix (embedding and LM head included) is a
-`quantize.Int8Weight` (int8 values, per-output-channel scales): `linear` and the embedding
+`quantize.Int8Weight` (int8 values, one scale per block of 32 inputs): `linear` and the embedding
 lookup compute from it directly, and the layer scan, the per-layer split and the shardings
 follow its two arrays.
 """
@@ -386,18 +386,11 @@ def cpu16(cfg: LlamaConfig) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2
 
 
-def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
-                   int8_activations: str | None = None) -> nnx.State:
+def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False) -> nnx.State:
     """Parameters in the form the jitted steps run fastest on: on CPU, 16-bit floats as their bit
     patterns, so a step never converts the whole model; with `split`, each stacked layer weight
-    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy. int8 weights
-    get `int8_activations` ("float" or "int8"; default `quantize.default_activations()`): how
-    their matmuls compute (see `quantize.linear`)."""
+    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy."""
     params = jax.tree.map(to_bits, params) if cpu16(cfg) else params
-    if cfg.quantization is not None:
-        mode = int8_activations or quantize.default_activations()
-        params = jax.tree.map(lambda w: quantize.with_activations(w, mode) if quantize.is_int8(w) else w, params,
-                              is_leaf=quantize.is_int8)
     if not split:
         return params
     flat = nnx.to_flat_state(params)

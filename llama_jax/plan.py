@@ -55,12 +55,11 @@ def per_device_bytes(abstract) -> int:
     return total
 
 
-def abstract_params(cfg: LlamaConfig, mesh: Mesh | None,
-                    int8_activations: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory)."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s, int8_activations=int8_activations), state)  # as the engine runs
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s), state)  # as the engine runs
     flat = nnx.to_flat_state(stored)
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
     return graphdef, nnx.from_flat_state({
@@ -86,7 +85,7 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     """AOT-compile every serving program (or those `select(kind, shape)` picks) for this backend
     from abstract shapes."""
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    graphdef, params = abstract_params(cfg, mesh, config.int8_activations)
+    graphdef, params = abstract_params(cfg, mesh)
     programs = Programs.build(graphdef, cfg, config, mesh)
     state = abstract_state(cfg, config.max_slots, max_len, programs.shardings)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)

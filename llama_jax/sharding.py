@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import WeightSpec, is_quantized, weight_specs
-from llama_jax.quantize import Int8Weight, scale_axes
+from llama_jax.quantize import Int8Weight, block_size
 
 TP = "tp"
 
@@ -116,7 +116,8 @@ def partition_spec(cfg: LlamaConfig, axes: tuple[str | None, ...], tp: int) -> P
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> dict[tuple, Sharding | Int8Weight]:
     """Sharding of every weight, keyed by its NNX state path (as `model.weight_specs`); for an
-    int8 weight, an `Int8Weight` of two shardings: the scales split like the output axis.
+    int8 weight, an `Int8Weight` of two shardings: the scales split like the weight, their block
+    axis like its input axis when each device's share holds whole blocks (else replicated).
 
     With `mesh=None`: everything on the first device.
     """
@@ -127,8 +128,14 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> dict[tuple, Sharding
         if mesh is None:
             one = SingleDeviceSharding(jax.devices()[0])
             return Int8Weight(one, one) if is_quantized(cfg, spec) else one
-        named = lambda axes: NamedSharding(mesh, partition_spec(cfg, axes, tp_size(mesh)))
-        return Int8Weight(named(spec.axes), named(scale_axes(spec.axes))) if is_quantized(cfg, spec) else named(spec.axes)
+        tp = tp_size(mesh)
+        weight = partition_spec(cfg, spec.axes, tp)
+        if not is_quantized(cfg, spec):
+            return NamedSharding(mesh, weight)
+        cols = spec.shape[-1]
+        whole_blocks = weight[-1] is None or (cols // tp) % block_size(cols) == 0
+        scale = weight if whole_blocks else PartitionSpec(*weight[:-1], None)
+        return Int8Weight(NamedSharding(mesh, weight), NamedSharding(mesh, scale))
 
     return {path: place(s) for path, s in weight_specs(cfg).items()}
 

@@ -90,6 +90,30 @@ def test_quantized_gguf_dequantizes_close_to_the_source(tiny_checkpoint, tmp_pat
     assert 0 < err <= tolerance
 
 
+def test_q8_0_gguf_converts_to_int8_without_a_float_round_trip(tiny_checkpoint, tmp_path):
+    """`convert-weights model.q8_0.gguf --quantize int8` takes each Q8_0 matrix's own int8 values
+    and scales (q/k rows unpermuted like the floats), so the int8 model computes what the GGUF's
+    dequantized float32 model computes."""
+    from llama_jax import checkpoint
+    from llama_jax.convert import main
+    from llama_jax.gguf_checkpoint import dequantized, gguf_name
+
+    vocab = preset("tiny-gqa").vocab_size  # a placeholder byte-level vocabulary: convert writes the tokenizer
+    path = write_gguf(tiny_checkpoint("tiny-gqa"), tmp_path / "q8.gguf", "Q8_0", tokenizer_model="gpt2",
+                      token_list=[f"t{i}" for i in range(vocab)], token_merges=[])
+    assert main([str(path), str(tmp_path / "int8"), "--quantize", "int8", "--quiet"]) == 0
+    loaded = checkpoint.load(tmp_path / "int8")
+    reader = open_reader(path)
+    have = {t.name: t for t in reader.tensors}
+    up = loaded.params["layers"]["w_up"].get_value()[0]  # layer 0, not permuted
+    raw = have[gguf_name("model.layers.0.mlp.up_proj.weight")]
+    blocks = np.asarray(raw.data).reshape(up.q.shape[0], -1, 34)
+    np.testing.assert_array_equal(np.asarray(up.q), blocks[..., 2:].copy().view(np.int8).reshape(up.q.shape))
+    np.testing.assert_array_equal(np.asarray(up.scale), blocks[..., :2].copy().view(np.float16)[..., 0])
+    np.testing.assert_array_equal(np.asarray(up.q) * np.repeat(np.asarray(up.scale), 32, axis=1), dequantized(raw))
+    np.testing.assert_allclose(logits(loaded.model), logits(load_gguf_model(path)), rtol=0, atol=1e-4)
+
+
 def test_tied_embeddings_when_the_gguf_has_no_output_tensor(tmp_path):
     cfg = preset("tiny-gqa").replace(tie_embeddings=True)
     hf_dir = write_tiny_checkpoint(tmp_path / "hf", cfg, seed=2)

@@ -225,19 +225,12 @@ def test_sigterm_drains_16_streams_then_exits_0(drained):
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
 
 
-def test_int8_inputs_without_int8_weights_is_refused(env):
-    run = run_to_exit(env, "--port", "0", "--int8-inputs", "float")
-    assert_one_clear_error(run, "--int8-inputs needs int8 weights")
-
-
 def test_serve_quantize_int8_at_load(env, demo_checkpoint_dir):
-    """`serve --quantize int8` on a float checkpoint: quantized while loading, then a normal reply
-    (weight-only matmuls asked for, which is not the CPU default)."""
-    server = Serve(env, "--checkpoint", str(demo_checkpoint_dir), "--quantize", "int8", "--int8-inputs", "float",
+    """`serve --quantize int8` on a float checkpoint: quantized while loading, then a normal reply."""
+    server = Serve(env, "--checkpoint", str(demo_checkpoint_dir), "--quantize", "int8",
                    "--max-slots", "2", "--max-seq-len", "64", "--max-prefill-tokens", "64")
     try:
         assert any("quantizing its matrices to int8" in line for line in server.lines)
-        assert any("int8 weights, float inputs to their matmuls" in line for line in server.lines), server.lines
         reply = server.client().chat.completions.create(model="meta-llama/Llama-2-7b-chat-hf", messages=HELLO,
                                                         max_tokens=4)
         assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens >= 1

@@ -1,4 +1,5 @@
-"""Benchmark the serving engine against Hugging Face transformers on the same random weights.
+"""Benchmark the serving engine against Hugging Face transformers on the same random weights, or
+against llama.cpp on the same real model (a GGUF).
 
 Reports batch-1 decode tok/s, TTFT at prompt 128 and 1024, aggregate tok/s at several
 concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
@@ -6,6 +7,14 @@ concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
     python tools/bench_engine.py                        # CPU shape from the issue, with HF
     python tools/bench_engine.py --preset llama-2-7b --dtype bfloat16 --no-hf --concurrency 1 8 32
     python tools/bench_engine.py --quantize int8 --concurrency 1 8 --llama-cpp BUILD_DIR
+    python tools/bench_engine.py --gguf ../shared/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --llama-cpp BUILD_DIR
+
+`--gguf FILE` runs the real model instead: the GGUF converted to float32 and to int8 for
+llama-jax, and (with `--llama-cpp`) the same GGUF requantized to F32 and Q8_0 by llama.cpp's own
+`llama-quantize` for llama.cpp (tools/llama_cpp_peer.py). One table, side by side: batch-1 decode
+tok/s, 8-concurrent aggregate tok/s (llama-server with 8 slots), TTFT at 128 and 1024 tokens
+(llama.cpp: prompt time from llama-bench), and perplexity of `--text` computed as
+llama-perplexity does (chunks of `--ppl-ctx` tokens, BOS first, the second half scored).
 
 `--quantize int8` adds the int8 engine on the same weights (converted with `convert-weights
 --quantize int8`, loaded with `checkpoint.load`), keys prefixed `int8_`, with its ratios to our
@@ -75,11 +84,11 @@ def ttft(engine: Engine, p: list[int]) -> float:
     return elapsed
 
 
-def bench_engine(model, args) -> dict:
+def bench_engine(model, args, tokenizer=None) -> dict:
     rng = np.random.default_rng(0)
     cfg = EngineConfig(max_slots=max(args.concurrency), max_seq_len=args.max_seq_len,
-                       compilation_cache_dir=args.compilation_cache, int8_activations=args.int8_activations)
-    engine = Engine(model, Tokenizer(args.tokenizer), cfg)
+                       compilation_cache_dir=args.compilation_cache)
+    engine = Engine(model, tokenizer or Tokenizer(args.tokenizer), cfg)
     t0 = time.perf_counter()
     engine.start(progress=lambda done, total, what: print(
         f"warm-up {done}/{total}: {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True))
@@ -191,14 +200,20 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="a Llama 2 tokenizer.model (32000 pieces)")
     ap.add_argument("--quantize", choices=["int8"], default=None,
                     help="also run the int8 engine (a --quantize int8 checkpoint of the same weights)")
-    ap.add_argument("--int8-activations", choices=["float", "int8"], default=None,
-                    help="how the int8 engine's matmuls treat their inputs (default: the platform's, see quantize.py)")
+    ap.add_argument("--gguf", type=Path, default=None, help="a real model: this GGUF for both llama-jax and llama.cpp")
+    ap.add_argument("--text", type=Path, default=None, help="--gguf: perplexity text (default: LICENSE beside the GGUF)")
+    ap.add_argument("--ppl-ctx", type=int, default=512, help="--gguf: perplexity chunk length (llama-perplexity's -c)")
     ap.add_argument("--no-float", action="store_true", help="with --quantize: skip the float32 engine")
     ap.add_argument("--llama-cpp", metavar="BUILD_DIR", default=None,
                     help="a llama.cpp CMake build directory (llama-batched-bench): add llama.cpp Q8_0 as the peer")
     ap.add_argument("--llama-cpp-src", metavar="SRC_DIR", default=None,
                     help="the llama.cpp source holding convert_hf_to_gguf.py (default: BUILD_DIR/..)")
     args = ap.parse_args()
+    if args.gguf:
+        from bench_real import bench_gguf
+
+        print(json.dumps(bench_gguf(args, bench_engine), indent=2))
+        return
 
     cfg = preset(args.preset)
     cfg = cfg.replace(dtype=args.dtype) if args.dtype else cfg
@@ -223,7 +238,6 @@ def main() -> None:
             convert(path, Path(tmp) / "int8", quantization=args.quantize, progress=False)
             int8 = checkpoint.load(Path(tmp) / "int8").model
             result.update({f"int8_{k}": v for k, v in bench_engine(int8, args).items()})
-            result["int8_activations"] = args.int8_activations or "platform default"
             print(json.dumps(result), file=sys.stderr, flush=True)
             del int8
         if args.llama_cpp:

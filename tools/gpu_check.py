@@ -15,10 +15,10 @@ weights on disk. Steps, each printed as it ends:
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
    1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 32
    concurrent requests of `--context` tokens, peak device memory.
-With `--quantize int8` the weights are int8 with per-channel scales (quantized on the device) and
+With `--quantize int8` the weights are int8 with block scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
-their temporaries (`int8_fusion_check`): no matrix dequantized whole means the convert is fused
-into the dot.
+their temporaries (`int8_fusion_check`): no matrix dequantized whole means the dequantization
+happens inside the dot (the Pallas kernel on GPU).
 Writes the table as JSON to `--out` (default $OUT/gpu_check.json when $OUT is set).
 """
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-2-7b")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights with per-channel scales")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights, one scale per block of 32 inputs")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
