@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llama_jax.attention import AttentionConfig
+    from llama_jax.platform import Platform
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)  # weight formats besides the model dtype (llama_jax/quantize.py)
@@ -254,3 +255,4 @@ class EngineConfig:
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
     int8_activations: str | None = None  # int8 weights: "int8" (CPU default) or "float" inputs, see quantize.linear
+    platform: Platform | None = None  # what the programs are built for (default: the host's devices; plan: a target)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import QUANTIZATIONS
+from llama_jax.platform import Platform, resolve
 
 SCHEME = QUANTIZATIONS[0]  # the only scheme; recorded in config.json ("quantization") and the manifest
 QMAX = 127
@@ -35,7 +36,7 @@ MANIFEST_ENTRY = {"scheme": SCHEME, "granularity": "per-output-channel", "symmet
                   "included; norms stay in the model dtype"}
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["activations"])
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["activations", "row_blocks"])
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
     """An int8 matrix `q` `[..., out, in]` and its float32 per-output-channel scales `[..., out]`.
@@ -43,15 +44,18 @@ class Int8Weight:
     `activations` (static) is how `linear` multiplies by it: "float" (weight-only: the input stays
     in its float dtype, `dot(x, q) * scale`) or "int8" (the input is also quantized, per row,
     to int8 for an integer dot: what XLA's CPU backend runs fastest, see `linear`).
+    `row_blocks` (static): weight-only matmuls go through row blocks (for XLA's CPU backend, see
+    `linear`); None: as the host platform needs (`storage_params` sets it for the platform it targets).
     """
 
     q: Any
     scale: Any
     activations: str = "float"
+    row_blocks: bool | None = None
 
     def __getitem__(self, index) -> Int8Weight:
         """Index the leading (layer) axes of both arrays, e.g. one layer of a stacked weight."""
-        return Int8Weight(self.q[index], self.scale[index], self.activations)
+        return dataclasses.replace(self, q=self.q[index], scale=self.scale[index])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,16 +100,16 @@ def dequantize(w: Int8Weight, dtype=jnp.float32) -> jax.Array:
     return (w.q.astype(jnp.float32) * w.scale[..., None].astype(jnp.float32)).astype(dtype)
 
 
-def with_activations(w: Int8Weight, activations: str) -> Int8Weight:
+def with_activations(w: Int8Weight, activations: str, row_blocks: bool | None = None) -> Int8Weight:
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
-    return dataclasses.replace(w, activations=activations)
+    return dataclasses.replace(w, activations=activations, row_blocks=w.row_blocks if row_blocks is None else row_blocks)
 
 
-def default_activations(platform: str | None = None) -> str:
-    """How int8 weights compute by default on a backend: "int8" on CPU (the fast integer dot,
-    as llama.cpp's Q8_0 does), "float" (weight-only) on accelerators."""
-    return "int8" if (platform or jax.default_backend()) == "cpu" else "float"
+def default_activations(platform: Platform | None = None) -> str:
+    """How int8 weights compute by default on a platform (default: the host's): "int8" on CPU
+    (the fast integer dot, as llama.cpp's Q8_0 does), "float" (weight-only) on accelerators."""
+    return "int8" if resolve(platform).cpu else "float"
 
 
 def is_int8(x: Any) -> bool:
@@ -152,7 +156,8 @@ def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     converts both operands to float).
     """
     if w.activations == "float":
-        if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
+        blocks = resolve(None).cpu if w.row_blocks is None else w.row_blocks
+        if blocks and w.q.size * 4 > CPU_BLOCK_BYTES:
             return _weight_only_blocked(x, w, out_dtype)
         return _weight_only(x, w, out_dtype)
     lead = x.shape[:-1]
