@@ -16,6 +16,7 @@ from llama_jax.config import preset
 from llama_jax.device import program_shapes
 from llama_jax.engine import EngineConfig
 from llama_jax.hf_checkpoint import param_count
+from conftest import SMOLLM2_GGUF
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,9 +98,16 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     out = tmp_path / "gpu_check.json"
     result = gpu_check.main(["--preset", "tiny-gqa", "--max-seq-len", "256", "--slots", "2", "--concurrency", "2",
                              "--context", "64", "--decode-tokens", "8", "--tokenizer", str(tokenizer_path),
-                             "--compilation-cache", str(tmp_path / "xla"), "--out", str(out)])
+                             "--compilation-cache", str(tmp_path / "xla"), "--model-cache", str(tmp_path / "models"),
+                             "--smollm2", str(SMOLLM2_GGUF), "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["kernels"] == {"decode": "xla", "prefill": "xla"}  # CPU keeps its XLA paths
+    assert result["kernels_as_planned"] and result["planned_target"] is None  # no target matches a CPU: no kernels
+    assert result["device_kernels"] == {"prefill 1 x 256": [], "generate 2 slots": []}
+    assert result["logits_random_2_layers_ok"] and result["logits_random_2_layers_rel_max_diff"] < gpu_check.MAX_REL_DIFF
+    if SMOLLM2_GGUF.exists():  # the real model, in bf16 on this device and on the CPU (here both the CPU)
+        assert result["logits_smollm2_ok"] and result["logits_smollm2_top1"] >= gpu_check.MIN_TOP1
+    assert gpu_check.failed_checks(result) == []
     assert result["programs"] == len(program_shapes(
         EngineConfig(max_slots=2, max_seq_len=256, min_prefill_bucket=128, max_prefill_tokens=1024), 256))
     for key in ("batch1_decode_tok_s", "ceiling_tok_s", "ttft_ms_128", "aggregate_tok_s_2", "copy_bandwidth_gb_s"):
