@@ -98,8 +98,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     out = tmp_path / "gpu_check.json"
     result = gpu_check.main(["--preset", "tiny-gqa", "--max-seq-len", "256", "--slots", "2", "--concurrency", "2",
                              "--context", "64", "--decode-tokens", "8", "--tokenizer", str(tokenizer_path),
-                             "--compilation-cache", str(tmp_path / "xla"), "--model-cache", str(tmp_path / "models"),
-                             "--smollm2", str(SMOLLM2_GGUF), "--out", str(out)])
+                             "--compilation-cache", str(tmp_path / "xla"), "--smollm2", str(SMOLLM2_GGUF),
+                             "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["kernels"] == {"decode": "xla", "prefill": "xla"}  # CPU keeps its XLA paths
     assert result["kernels_as_planned"] and result["planned_target"] is None  # no target matches a CPU: no kernels

@@ -157,20 +157,20 @@ def compare_logits(label: str, cfg, params_f32, tokens: np.ndarray, host: Platfo
     return {f"logits_{label}_rel_max_diff": round(rel, 5), f"logits_{label}_top1": round(top1, 3), f"logits_{label}_ok": ok}
 
 
-def check_logits(cfg, host: Platform, attn: AttentionConfig, smollm2: Path, model_cache: Path | None) -> dict:
+def check_logits(cfg, host: Platform, attn: AttentionConfig, smollm2: Path) -> dict:
     """Step 1b: the real SmolLM2 (where its GGUF and `gguf` are here) and a random model of the
     preset's shape with 2 layers (argmax not asserted there: random logits are near ties)."""
     out: dict = {}
     if smollm2.exists():
         try:
-            from llama_jax import checkpoint
-            from llama_jax.model_store import resolve_checkpoint
-            from llama_jax.tokenizer import load_tokenizer
+            from llama_jax.gguf_checkpoint import load_gguf_model, open_reader
+            from llama_jax.gguf_vocab import tokenizer_from_gguf
 
-            loaded = checkpoint.load(resolve_checkpoint(smollm2, root=model_cache, say=say), dtype="float32")
-            tokens = np.array(load_tokenizer(loaded.tokenizer_path).encode(LOGIT_TEXT))
-            params = jax.device_get(nnx.split(loaded.model)[1])
-            out.update(compare_logits("smollm2", loaded.cfg.replace(dtype=cfg.dtype), params, tokens, host, attn, True))
+            with jax.default_device(jax.devices("cpu")[0]):  # dequantized in float32, read straight from the file
+                model = load_gguf_model(smollm2, "float32")
+            tokens = np.array(tokenizer_from_gguf(open_reader(smollm2)).encode(LOGIT_TEXT).ids)
+            params = jax.device_get(nnx.split(model)[1])
+            out.update(compare_logits("smollm2", model.cfg.replace(dtype=cfg.dtype), params, tokens, host, attn, True))
         except ImportError as e:
             say(f"logits smollm2: skipped ({e})")
             out["logits_smollm2_skipped"] = str(e)
@@ -308,7 +308,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--tokenizer", type=Path, default=None, help="a Llama 2 tokenizer.model (optional)")
     ap.add_argument("--smollm2", type=Path, default=SMOLLM2_GGUF, help="the real SmolLM2 GGUF (step 1b)")
-    ap.add_argument("--model-cache", type=Path, default=None, help="where its conversion goes (default: llama-jax's cache)")
     ap.add_argument("--compilation-cache", default=str(Path(__file__).resolve().parents[1] / ".jax_cache"))
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     args = ap.parse_args(argv)
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(check_planned_kernels(cfg, EngineConfig(**shape), host))
     attn = check_kernels(host, cfg, args.slots, max_len)
     result["kernels"] = {"decode": attn.decode, "prefill": attn.prefill}
-    result.update(check_logits(cfg, host, attn, args.smollm2, args.model_cache))
+    result.update(check_logits(cfg, host, attn, args.smollm2))
 
     params = random_params(cfg)
     jax.block_until_ready(params)
