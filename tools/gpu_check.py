@@ -1,7 +1,8 @@
 """The one script run when a GPU is lent: random bf16 Llama-2-7B weights built on the device, the
 real engine warmed up, and one table of what matters, within 10 minutes from a cold start.
 
-    PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on the H100/H200, 7B bf16
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on an H200, 7B bf16
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --slots 32 --concurrency 8 32   # an H100 (64 slots' KV would not fit)
     python tools/gpu_check.py --preset tiny-gqa --max-seq-len 256    # the same path on CPU (tests)
     PYTHONUNBUFFERED=1 python tools/gpu_check.py --quantize int8     # 7B with int8 weights (goal: >= 520 tok/s on an H200)
 
