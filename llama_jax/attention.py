@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.kv_cache import from_bits
+from llama_jax.platform import Platform, resolve
+
+log = logging.getLogger(__name__)
 
 PREFILL_QUERY_BLOCK = 128  # XLA prefill runs causal query blocks of this many tokens
 _MASKED = -1e30  # finite: exp(_MASKED - m) is exactly 0 and never NaN
@@ -51,12 +55,54 @@ class AttentionConfig:
     mesh: Mesh | None = None
 
     @staticmethod
-    def for_platform(platform: str | None = None) -> AttentionConfig:
-        """The fast choice for a backend ("cpu", "gpu", "tpu"; default: JAX's default backend)."""
-        platform = platform or jax.default_backend()
-        if platform in ("gpu", "cuda", "rocm"):
-            return AttentionConfig(prefill="cudnn", decode="pallas", block=64, splits=8)
-        return AttentionConfig()
+    def for_platform(platform: Platform | None = None) -> AttentionConfig:
+        """The fast choice for a platform (default: the host's): its kernels where it has them
+        (Pallas-Triton decode, cuDNN prefill), XLA elsewhere."""
+        platform = resolve(platform)
+        return AttentionConfig(prefill="cudnn" if platform.has("cudnn") else "xla",
+                               decode="pallas" if platform.has("triton") else "xla")
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The custom kernels these choices put into a serving program, as compiled programs name
+        them (`plan.custom_kernels`)."""
+        return tuple(k for k, on in (("triton:decode_attention", self.decode == "pallas"),
+                                     ("cudnn:fmha", self.prefill == "cudnn")) if on)
+
+
+def cudnn_refusal(platform: Platform, heads: int, kv_heads: int, head_dim: int, dtype) -> str | None:
+    """Why cuDNN flash attention cannot run this model's prefill on `platform` (None: it can).
+
+    Traced at the model's head shape and dtype (cuDNN refuses e.g. float32 and some head sizes
+    while tracing); on the real devices also compiled and run once on a small batch."""
+    t = 128
+    q, k = (jax.ShapeDtypeStruct((1, t, n, head_dim), dtype) for n in (heads, kv_heads))
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    fn = jax.jit(functools.partial(prefill_attention, config=AttentionConfig(prefill="cudnn")))
+    try:
+        traced = fn.trace(q, k, k, lengths)
+        if platform.target is None:
+            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+            traced.lower().compile()(zeros(q), zeros(k), zeros(k), jnp.array([t], jnp.int32)).block_until_ready()
+    except Exception as e:  # noqa: BLE001 - any refusal means: use the XLA path
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return None
+
+
+def choose(platform: Platform | None, heads: int, kv_heads: int, head_dim: int, dtype) -> AttentionConfig:
+    """The platform's attention for this model, decided once at start-up with one log line:
+    cuDNN prefill falls back to the XLA path where cuDNN is unavailable or refuses the shape."""
+    platform = resolve(platform)
+    config = AttentionConfig.for_platform(platform)
+    if config.prefill == "cudnn":
+        reason = cudnn_refusal(platform, heads, kv_heads, head_dim, dtype)
+        if reason is not None:
+            config = dataclasses.replace(config, prefill="xla")
+            log.warning("attention on %s: cuDNN flash attention unavailable for prefill (%s): using the XLA path; "
+                        "decode: %s", platform.name, reason, config.decode)
+            return config
+    log.info("attention on %s: prefill %s, decode %s", platform.name, config.prefill, config.decode)
+    return config
 
 
 def _group(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -262,7 +308,7 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
     flat = (n_layers * slots * kv, max_len, d)
     whole = pl.BlockSpec()  # the whole array: the kernel indexes the layer and row it reads
     kernel = functools.partial(_decode_kernel, block=block, split_len=split_len, slots=slots, kv_heads=kv, dtype=q.dtype)
-    o, m, l = pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
         grid=(b, kv, splits),
         in_specs=[whole, whole, pl.BlockSpec((None, None, gp, d), lambda i, j, s: (i, j, 0, 0)), whole, whole],
@@ -273,13 +319,25 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
                    jax.ShapeDtypeStruct((splits, b, kv, gp), jnp.float32),
                    jax.ShapeDtypeStruct((splits, b, kv, gp), jnp.float32)],
         interpret=config.interpret,
+        compiler_params=_triton_params(),
         name="decode_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), qg,
-      k_cache.reshape(flat), v_cache.reshape(flat))
+    )
+    o, m, l = call(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), qg,
+                   k_cache.reshape(flat), v_cache.reshape(flat))
     m_all = m.max(axis=0)
     corr = jnp.exp(m - m_all[None])  # splits past a row's length hold m = _MASKED and l = 0
     out = (o * corr[..., None]).sum(0) / ((l * corr).sum(0)[..., None])
     return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
+
+
+def _triton_params():
+    """Pallas-Triton compiler parameters: without any, jax >= 0.10 hands a `pallas_call` to Mosaic
+    GPU, which cannot lower this kernel (it would stage the whole cache in shared memory: "Mosaic
+    GPU kernel exceeds available shared memory"). Triton compiles it to a cubin for sm_90 (jax
+    0.10 and 0.11; 0.11 deprecates Pallas-Triton but still runs it)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,

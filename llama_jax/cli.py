@@ -10,17 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama_jax.config import DTYPES, PRESETS, QUANTIZATIONS, preset
 
+if TYPE_CHECKING:
+    from llama_jax.platform import Platform
 
-def resolve_dtype(dtype: str | None) -> str | None:
-    """`auto` is bfloat16 on an accelerator and float32 on CPU (where 16-bit is slower); None keeps the model's."""
+TARGETS = ("h100", "h200")  # as llama_jax.platform.TARGETS, without importing JAX to build the parser
+
+
+def resolve_dtype(dtype: str | None, platform: Platform | None = None) -> str | None:
+    """`auto` is bfloat16 on an accelerator and float32 on CPU (where 16-bit is slower), for
+    `platform` (default: the host's); None keeps the model's."""
     if dtype != "auto":
         return dtype
-    import jax
+    from llama_jax.platform import resolve
 
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if resolve(platform).cpu else "bfloat16"
 
 
 def _human(n: int) -> str:
@@ -29,15 +36,15 @@ def _human(n: int) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """`llama-jax plan`: re-runs itself over fake CPU devices when --tp exceeds the visible ones."""
-    import json
     import os
     import subprocess
 
     import jax
 
-    from llama_jax import checkpoint, plan, sharding
-    from llama_jax.engine import EngineConfig
+    from llama_jax import plan, platform, sharding
 
+    if args.target:
+        return _plan_target(args)
     if args.tp > len(jax.devices()):
         if os.environ.get("LLAMA_JAX_PLAN_CHILD"):
             print(f"llama-jax plan: error: --tp {args.tp} but only {len(jax.devices())} devices", file=sys.stderr)
@@ -51,34 +58,68 @@ def run_plan(args: argparse.Namespace) -> int:
         argv = [str(a) for flag, value in flags.items() if value is not None for a in (flag, value)]
         return subprocess.run([sys.executable, "-m", "llama_jax.cli", "plan", *argv, *(["--json"] if args.json else [])],
                               env=env).returncode
-    cfg = preset(args.preset) if args.preset else checkpoint.read_config(args.checkpoint)
-    dtype = resolve_dtype(args.dtype)
-    cfg = cfg.replace(dtype=dtype) if dtype else cfg
-    cfg = cfg.replace(quantization=args.quantize) if args.quantize else cfg
+    host = platform.host()
     try:
         mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
-        if mesh is not None:
-            sharding.check_tp(cfg, args.tp)
-        memory = plan.parse_bytes(args.memory) if args.memory else None
     except ValueError as e:
         print(f"llama-jax plan: error: {e}", file=sys.stderr)
         return 1
-    if memory is None and jax.default_backend() != "cpu":
-        memory = plan.device_memory_free()
+    return _plan_report(args, host, mesh, default_memory=plan.device_memory_free() if not host.cpu else None)
+
+
+def _plan_target(args: argparse.Namespace) -> int:
+    """`plan --target`: compile for a GPU this machine does not have, over its abstract devices."""
+    import os
+
+    import jax
+
+    from llama_jax import plan, platform
+
+    if not os.environ.get("JAX_PLATFORMS"):  # compiled on the host: no GPU backend is needed (and without a
+        jax.config.update("jax_platforms", "cpu")  # GPU the CUDA plugin fails its CUPTI check at start-up)
+    try:
+        target, devices = platform.target(args.target, args.tp)
+    except (RuntimeError, ValueError) as e:
+        print(f"llama-jax plan: error: {e}", file=sys.stderr)
+        return 1
+    return _plan_report(args, target, plan.target_mesh(devices), default_memory=target.memory)
+
+
+def _plan_report(args: argparse.Namespace, target: Platform, mesh, default_memory: int | None) -> int:
+    """Plan for `target` over `mesh` (None: one host device) and print the report."""
+    import json
+
+    from llama_jax import checkpoint, plan, sharding
+    from llama_jax.engine import EngineConfig
+
+    cfg = preset(args.preset) if args.preset else checkpoint.read_config(args.checkpoint)
+    dtype = resolve_dtype(args.dtype, target)
+    cfg = cfg.replace(dtype=dtype) if dtype else cfg
+    cfg = cfg.replace(quantization=args.quantize) if args.quantize else cfg
+    try:
+        if args.tp > 1:
+            sharding.check_tp(cfg, args.tp, mesh.size)
+        memory = plan.parse_bytes(args.memory) if args.memory else default_memory
+    except ValueError as e:
+        print(f"llama-jax plan: error: {e}", file=sys.stderr)
+        return 1
     config = EngineConfig(max_slots=args.max_slots, max_seq_len=args.max_seq_len,
-                          max_prefill_tokens=args.max_prefill_tokens)
+                          max_prefill_tokens=args.max_prefill_tokens, platform=target)
     say = (lambda *a: None) if args.json else (lambda name, s: print(f"  compiled {name} ({s:.1f} s)", file=sys.stderr))
     report = plan.plan(cfg, config, mesh, memory, progress=say)
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "programs_detail"}))
+        print(json.dumps(report))
         return 0
     per = report["per_device_bytes"]
     weights = f"{cfg.dtype} with int8 matrices" if cfg.quantization else cfg.dtype
     print(f"{args.preset or args.checkpoint}, {weights}, tp {report['devices']}, {args.max_slots} slots x "
-          f"{config.max_seq_len or cfg.max_seq_len} tokens, on {jax.default_backend()}")
+          f"{config.max_seq_len or cfg.max_seq_len} tokens, on {report['platform']} ({report['device_kind']})")
     print(f"  programs: {report['programs']}, compiled in {report['compile_s']:.1f} s")
     print(f"  per device: weights {_human(per['weights'])}, KV cache {_human(per['kv_cache'])}, "
           f"largest program's temporaries {_human(per['temp'])}")
+    for kernel in report["kernels"]:
+        calls = [name for name, p in report["per_program"].items() if kernel in p["kernels"]]
+        print(f"  custom kernel {kernel}: in {len(calls)} of {report['programs']} programs")
     if report["max_slots_that_fit"] is not None:
         print(f"  slots that fit {_human(memory)}: {report['max_slots_that_fit']}")
     return 0
@@ -125,7 +166,11 @@ def add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                       help="int8: plan for int8 matrices with per-channel scales (a --quantize int8 checkpoint or serve); "
                            "an int8 checkpoint is planned as int8 without it")
-    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (fake CPU devices when more than visible)")
+    plan.add_argument("--target", choices=TARGETS, default=None,
+                      help="compile for this GPU with XLA's GPU compiler, on any machine (needs the [gpu-plan] extra); "
+                           "default: this machine's devices")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (fake CPU devices when more than visible, "
+                                                         "or that many devices of the --target)")
     plan.add_argument("--max-slots", type=int, default=8)
     plan.add_argument("--max-seq-len", type=int, default=None)
     plan.add_argument("--max-prefill-tokens", type=int, default=512)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llama_jax.attention import AttentionConfig
+    from llama_jax.platform import Platform
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8",)  # weight formats besides the model dtype (llama_jax/quantize.py)
@@ -253,3 +254,4 @@ class EngineConfig:
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
+    platform: Platform | None = None  # what the programs are built for (default: the host's devices; plan: a target)

@@ -20,11 +20,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import kv_cache, sampling, sharding, steps
+from llama_jax import attention, kv_cache, platform, sampling, sharding, steps
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
+from llama_jax.platform import Platform
 from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
 from llama_jax.sharding import cache_sharding, replicated
 
@@ -76,12 +77,13 @@ def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
                        params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
 
 
-def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False) -> DecodeState:
-    """Empty slots: zero cache (stacked or `split` per layer), neutral sampling rows (trace it
-    under jit to build it in place)."""
+def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False,
+                platform: Platform | None = None) -> DecodeState:
+    """Empty slots: zero cache (stacked or `split` per layer, in `platform`'s storage form),
+    neutral sampling rows (trace it under jit to build it in place)."""
     neutral = sampling.make_params(seed=0)
     return DecodeState(
-        cache=kv_cache.init_cache(cfg, slots, max_len, split),
+        cache=kv_cache.init_cache(cfg, slots, max_len, split, platform),
         tokens=jnp.zeros((slots,), jnp.int32),
         sampler=sampling.init_state(slots, cfg.vocab_size),
         params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
@@ -89,10 +91,11 @@ def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False)
 
 
 def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None,
-                      split: bool = False) -> DecodeState:
+                      split: bool = False, platform: Platform | None = None) -> DecodeState:
     """Empty slots created directly with their shardings: no device ever holds the whole state
     unless the sharding says so."""
-    return jax.jit(partial(empty_state, cfg, slots, max_len, split), out_shardings=decode_state_shardings(cfg, mesh))()
+    return jax.jit(partial(empty_state, cfg, slots, max_len, split, platform),
+                   out_shardings=decode_state_shardings(cfg, mesh))()
 
 
 def _scatter_rows(tree, slots: jax.Array, rows):
@@ -192,11 +195,12 @@ class Programs:
 
     @staticmethod
     def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
-        """Jit every program once for `graphdef` on `mesh`, with the platform's attention and
-        sampler unless `config` names them."""
-        attn = config.attention or AttentionConfig.for_platform()
+        """Jit every program once for `graphdef` on `mesh`, with the attention and sampler of
+        `config.platform` (default: the host's) unless `config` names them."""
+        target = platform.resolve(config.platform)
+        attn = config.attention or attention.choose(target, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
         attn = dataclasses.replace(attn, mesh=mesh if sharding.tp_size(mesh) > 1 else None)
-        branch_free = jax.default_backend() != "cpu" if config.branch_free_sampler is None else config.branch_free_sampler
+        branch_free = not target.cpu if config.branch_free_sampler is None else config.branch_free_sampler
         shardings = decode_state_shardings(cfg, mesh)
         static = dict(attn=attn, branch_free=branch_free)
         return Programs(

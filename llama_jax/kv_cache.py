@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
+from llama_jax.platform import Platform, resolve
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
@@ -47,6 +48,11 @@ class KVCache:
     def max_len(self) -> int:
         return layer_buffer(self.k, 0)[0].shape[3]
 
+    @property
+    def bits(self) -> bool:
+        """True when keys are stored as `to_bits` patterns (16-bit floats on CPU, `storage_dtype`)."""
+        return layer_buffer(self.k, 0)[0].dtype == jnp.uint16
+
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
 
@@ -56,27 +62,30 @@ def cache_shape(cfg: LlamaConfig, rows: int, max_len: int) -> tuple[int, ...]:
     return (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
 
 
-def storage_dtype(dtype) -> jnp.dtype:
-    """How the cache stores keys of `dtype`: as `to_bits` patterns on CPU for 16-bit floats (no
-    upcast of the whole buffer around each step), as themselves elsewhere."""
-    cpu16 = jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize == 2
+def storage_dtype(dtype, platform: Platform | None = None) -> jnp.dtype:
+    """How the cache stores keys of `dtype` on `platform` (default: the host's): as `to_bits`
+    patterns on CPU for 16-bit floats (no upcast of the whole buffer around each step), as
+    themselves elsewhere."""
+    cpu16 = resolve(platform).cpu and jnp.dtype(dtype).itemsize == 2
     return jnp.dtype(jnp.uint16) if cpu16 else jnp.dtype(dtype)
 
 
-def init_cache(cfg: LlamaConfig, rows: int, max_len: int, split: bool = False) -> KVCache:
-    """A zeroed cache for `rows` sequences of up to `max_len` tokens each (see `storage_dtype`),
-    stacked or `split` into one buffer per layer."""
-    shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype)
+def init_cache(cfg: LlamaConfig, rows: int, max_len: int, split: bool = False,
+               platform: Platform | None = None) -> KVCache:
+    """A zeroed cache for `rows` sequences of up to `max_len` tokens each, in `platform`'s storage
+    form (see `storage_dtype`), stacked or `split` into one buffer per layer."""
+    shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype, platform)
     if split:
         zeros = lambda: tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(cfg.n_layers))
         return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((rows,), jnp.int32))
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((rows,), jnp.int32))
 
 
-def split_layers(platform: str | None = None) -> bool:
-    """The layout that runs fastest on a backend: split on CPU, stacked on accelerators (where a
-    layer of a stacked buffer is a pointer offset and the layer scan compiles once for any depth)."""
-    return (platform or jax.default_backend()) == "cpu"
+def split_layers(platform: Platform | None = None) -> bool:
+    """The layout that runs fastest on a platform (default: the host's): split on CPU, stacked on
+    accelerators (where a layer of a stacked buffer is a pointer offset and the layer scan
+    compiles once for any depth)."""
+    return resolve(platform).cpu
 
 
 def unstack(stack: jax.Array) -> tuple[jax.Array, ...]:

@@ -37,6 +37,7 @@ from llama_jax import attention, quantize
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
 from llama_jax.kv_cache import KVCache, attention_mask, from_bits, layer_buffer, to_bits, unstack, write
+from llama_jax.platform import Platform, resolve
 
 Path = tuple[str, ...]
 LAYER_HF = "model.layers.{layer}."
@@ -352,8 +353,10 @@ class Llama(nnx.Module):
         step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask)
 
         # On CPU, 16-bit weights and caches go through the loop as bit patterns (see
-        # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack.
-        bits = to_bits if cpu16(cfg) else (lambda a: a)  # no-op on arrays already in that form
+        # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack. The
+        # cache's storage form (chosen for the platform by `init_cache`) says which form this is.
+        as_bits = cache.bits
+        bits = to_bits if as_bits else (lambda a: a)  # no-op on arrays already in that form
 
         table = self.embed[...]
         if quantize.is_int8(table):
@@ -373,7 +376,7 @@ class Llama(nnx.Module):
         if attn.mesh is not None:  # vocab-parallel head, on purpose: replicated x, logits split by vocab
             x = constrain(x, attn.mesh)
             logits = constrain(linear(x, unbits(head, cfg.dtype), jnp.float32), attn.mesh, "tp")
-        elif cpu16(cfg) and not quantize.is_int8(head):  # in vocab chunks: one chunk of the head upcast at a time
+        elif as_bits and not quantize.is_int8(head):  # in vocab chunks: one chunk of the head upcast at a time
             logits = chunked_linear(x, bits(head), cfg.dtype, LM_HEAD_CHUNKS)
         else:
             logits = linear(x, unbits(head, cfg.dtype), jnp.float32)
@@ -381,16 +384,24 @@ class Llama(nnx.Module):
         return (logits, cache, hidden) if return_hidden else (logits, cache)
 
 
-def cpu16(cfg: LlamaConfig) -> bool:
-    """True where 16-bit weights and caches are kept as bit patterns (see `kv_cache.to_bits`)."""
-    return jax.default_backend() == "cpu" and jnp.dtype(cfg.dtype).itemsize == 2
+def cpu16(cfg: LlamaConfig, platform: Platform | None = None) -> bool:
+    """True where 16-bit weights and caches are kept as bit patterns (see `kv_cache.to_bits`):
+    16-bit models on a CPU platform (default: the host's)."""
+    return resolve(platform).cpu and jnp.dtype(cfg.dtype).itemsize == 2
 
 
-def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False) -> nnx.State:
-    """Parameters in the form the jitted steps run fastest on: on CPU, 16-bit floats as their bit
-    patterns, so a step never converts the whole model; with `split`, each stacked layer weight
-    as a tuple of one-layer buffers (see `kv_cache`). Either is a one-time copy."""
-    params = jax.tree.map(to_bits, params) if cpu16(cfg) else params
+def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
+                   platform: Platform | None = None) -> nnx.State:
+    """Parameters in the form the jitted steps run fastest on, on `platform` (default: the
+    host's): on CPU, 16-bit floats as their bit patterns, so a step never converts the whole
+    model; with `split`, each stacked layer weight as a tuple of one-layer buffers (see
+    `kv_cache`). Either is a one-time copy. int8 weights learn how to compute there
+    (`quantize.for_platform`)."""
+    platform = resolve(platform)
+    params = jax.tree.map(to_bits, params) if cpu16(cfg, platform) else params
+    if cfg.quantization is not None:
+        params = jax.tree.map(lambda w: quantize.for_platform(w, platform) if quantize.is_int8(w) else w, params,
+                              is_leaf=quantize.is_int8)
     if not split:
         return params
     flat = nnx.to_flat_state(params)

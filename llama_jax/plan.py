@@ -9,12 +9,19 @@ largest program's temporaries (`compiled.memory_analysis()`). No weight is ever 
 The programs are compiled in the accelerators' layout (stacked layers, scanned); a CPU engine
 splits the layers into one buffer each, which holds the same bytes. An int8 config
 (`quantization="int8"`, `plan --quantize int8`) counts its int8 matrices and float32 scales.
+
+`config.platform` says what the programs are built for: the host's devices by default, or a
+GPU target (`platform.target("h200", tp)`, whose abstract devices `mesh` must span): then XLA's
+real GPU compiler builds them here, with the target's kernels (Triton, cuDNN), and
+`custom_kernels` lists the ones each program calls. Deviceless compiles do not autotune: they
+plan memory, not speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -24,11 +31,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import quantize, sampling
+from llama_jax import platform, quantize, sampling
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.model import abstract_model, storage_params
-from llama_jax.sharding import param_shardings
+from llama_jax.sharding import make_mesh, param_shardings
 
 GiB = 1 << 30
 
@@ -45,6 +52,28 @@ class Compiled:
     def memory(self):
         return self.compiled.memory_analysis()
 
+    @property
+    def kernels(self) -> list[str]:
+        return custom_kernels(self.compiled.as_text())
+
+
+def custom_kernels(hlo: str) -> list[str]:
+    """The custom kernels a compiled program calls, as `family:name`: Pallas-Triton kernels by
+    their name (`triton:decode_attention`), cuDNN calls by kind (`cudnn:fmha`). Library GEMMs and
+    XLA's own fusions are not listed."""
+    found = set()
+    for line in hlo.splitlines():
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target is None:
+            continue
+        if target.group(1) == "__gpu$xla.gpu.triton":
+            name = re.search(r', name = \"?(\w+)', line)
+            found.add(f"triton:{name.group(1) if name else 'unnamed'}")
+        elif target.group(1).startswith("__cudnn$"):
+            kind = target.group(1).removeprefix("__cudnn$")
+            found.add("cudnn:fmha" if kind.startswith("fmha") else f"cudnn:{kind}")
+    return sorted(found)
+
 
 def per_device_bytes(abstract) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
@@ -55,11 +84,13 @@ def per_device_bytes(abstract) -> int:
     return total
 
 
-def abstract_params(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
-    """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory)."""
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None,
+                    target: platform.Platform | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory), in the
+    form the engine runs them on `target` (default: the host)."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s), state)  # as the engine runs
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s, platform=target), state)
     flat = nnx.to_flat_state(stored)
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
     return graphdef, nnx.from_flat_state({
@@ -68,27 +99,32 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, 
         for p, v in flat})
 
 
-def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: DecodeState) -> DecodeState:
-    """The decode state as sharded ShapeDtypeStructs."""
-    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len))
+def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: DecodeState,
+                   target: platform.Platform | None = None) -> DecodeState:
+    """The decode state as sharded ShapeDtypeStructs (in `target`'s storage form)."""
+    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len, platform=target))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _rows_params(rows: int) -> sampling.SamplingParams:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows, *np.shape(a)), np.asarray(a).dtype),
+def _rows_params(rows: int, sharding) -> sampling.SamplingParams:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows, *np.shape(a)), np.asarray(a).dtype, sharding=sharding),
                         sampling.make_params(seed=0))
 
 
 def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None,
                      progress: Callable[[str, float], None] | None = None,
                      select: Callable[[str, dict], bool] | None = None) -> list[Compiled]:
-    """AOT-compile every serving program (or those `select(kind, shape)` picks) for this backend
-    from abstract shapes."""
+    """AOT-compile every serving program (or those `select(kind, shape)` picks) for
+    `config.platform` (default: the host) from abstract shapes. A target's abstract devices
+    need a `mesh` over them (`target_mesh`)."""
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    graphdef, params = abstract_params(cfg, mesh)
+    target = platform.resolve(config.platform)
+    graphdef, params = abstract_params(cfg, mesh, target)
     programs = Programs.build(graphdef, cfg, config, mesh)
-    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings, target)
+    rep = programs.shardings.tokens  # replicated over the mesh (None without one)
+    options = DEVICELESS_OPTIONS if target.target else None
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
     out = []
     for kind, shape in program_shapes(config, max_len):
         if select is not None and not select(kind, shape):
@@ -96,8 +132,8 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
         start = time.perf_counter()
         if kind == "prefill":
             r, t = shape["rows"], shape["bucket"]
-            mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_)
-            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r), mask, mask)
+            mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_, sharding=rep)
+            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask)
             name = f"prefill {r} x {t}"
         elif kind == "copy":
             lowered = programs.copy.lower(state.cache, i32(), i32())
@@ -106,7 +142,7 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
             lowered = programs.generate.lower(params, state, allowed, rows=shape["rows"])
             name = f"generate {shape['rows']} slots"
-        compiled = Compiled(name, lowered.compile(), time.perf_counter() - start)
+        compiled = Compiled(name, lowered.compile(options), time.perf_counter() - start)
         out.append(compiled)
         if progress:
             progress(name, compiled.seconds)
@@ -119,17 +155,33 @@ def slot_bytes(cfg: LlamaConfig, max_len: int, tp_kv: int) -> int:
     return kv + cfg.vocab_size * (4 + 1) + 64
 
 
-def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memory: int | None = None,
-         progress: Callable[[str, float], None] | None = None) -> dict:
-    """What serving this model with this config needs per device, and how many slots fit `memory`.
+# Without a device XLA cannot size CUB's radix-sort scratch: a sampler sort it hands to CUB then
+# fails to compile ("cudaErrorInvalidDevice", seen at tp > 1), so target compiles keep XLA's own sort.
+DEVICELESS_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
 
-    Returns `{"programs", "compile_s", "devices", "per_device_bytes": {"weights", "kv_cache",
-    "temp"}, "max_slots_that_fit", "programs_detail"}`; `max_slots_that_fit` is None without `memory`.
+
+def target_mesh(devices: list[jax.Device]) -> Mesh:
+    """The ("tp",) mesh over a target's abstract devices (`platform.target`), even at tp 1: the
+    programs' shapes must name the target's devices to be compiled for them."""
+    return make_mesh(len(devices), devices)
+
+
+def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memory: int | None = None,
+         progress: Callable[[str, float], None] | None = None,
+         select: Callable[[str, dict], bool] | None = None) -> dict:
+    """What serving this model with this config needs per device on `config.platform`, and how
+    many slots fit `memory`. Weights and KV cache come from the shardings of the full shapes;
+    temporaries and kernels from the programs compiled (all, or those `select` picks).
+
+    Returns `{"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes":
+    {"weights", "kv_cache", "temp"}, "memory", "max_slots_that_fit", "kernels", "per_program":
+    {name: {"compile_s", "temp", "alias", "kernels"}}}`; `max_slots_that_fit` is None without `memory`.
     """
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    compiled = compile_programs(cfg, config, mesh, progress)
-    _, params = abstract_params(cfg, mesh)
-    state = abstract_state(cfg, config.max_slots, max_len, decode_state_shardings(cfg, mesh))
+    target = platform.resolve(config.platform)
+    compiled = compile_programs(cfg, config, mesh, progress, select)
+    _, params = abstract_params(cfg, mesh, target=target)
+    state = abstract_state(cfg, config.max_slots, max_len, decode_state_shardings(cfg, mesh), target)
     weights = per_device_bytes(params)
     kv = per_device_bytes((state.cache.k, state.cache.v))
     temp = max(c.memory.temp_size_in_bytes for c in compiled)
@@ -138,15 +190,19 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
     fit = None
     if memory is not None:
         fit = max(0, int((memory - weights - temp) // slot_bytes(cfg, max_len, tp_kv)))
+    per_program = {c.name: {"compile_s": round(c.seconds, 2), "temp": c.memory.temp_size_in_bytes,
+                            "alias": c.memory.alias_size_in_bytes, "kernels": c.kernels} for c in compiled}
     return {
+        "platform": target.name,
+        "device_kind": target.device_kind,
         "programs": len(compiled),
         "compile_s": round(sum(c.seconds for c in compiled), 2),
         "devices": tp,
         "per_device_bytes": {"weights": weights, "kv_cache": kv, "temp": temp},
+        "memory": memory,
         "max_slots_that_fit": fit,
-        "programs_detail": [{"name": c.name, "compile_s": round(c.seconds, 2),
-                             "temp": c.memory.temp_size_in_bytes, "alias": c.memory.alias_size_in_bytes}
-                            for c in compiled],
+        "kernels": sorted({k for p in per_program.values() for k in p["kernels"]}),
+        "per_program": per_program,
     }
 
 

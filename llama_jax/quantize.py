@@ -18,7 +18,8 @@ misses the +0.5 % bar and, with block scales, is slower than weight-only on XLA'
 so int8 weights always multiply float inputs.
 
 `Int8Weight` is a registered pytree, so stacking, scanning over layers, splitting per layer,
-sharding and AOT shapes all follow from its two leaves.
+sharding and AOT shapes all follow from its two leaves; its static `row_blocks` says how
+`linear` computes on the platform the program is built for (`for_platform`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import QUANTIZATIONS
+from llama_jax.platform import Platform, resolve
 
 SCHEME = QUANTIZATIONS[0]  # the only scheme; recorded in config.json ("quantization") and the manifest
 QMAX = 127
@@ -43,17 +45,22 @@ MANIFEST_ENTRY = {"scheme": SCHEME, "granularity": "blocks along the input axis"
                   "quantized": "every matrix, embedding and LM head included; norms stay in the model dtype"}
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=[])
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["row_blocks"])
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """An int8 matrix `q` `[..., out, in]` and its float32 block scales `[..., out, in / block]`."""
+    """An int8 matrix `q` `[..., out, in]` and its float32 block scales `[..., out, in / block]`.
+
+    `row_blocks` (static): dequantize in row blocks (XLA's CPU backend, see `linear`); None: as
+    the host platform needs.
+    """
 
     q: Any
     scale: Any
+    row_blocks: bool | None = None
 
     def __getitem__(self, index) -> Int8Weight:
         """Index the leading (layer) axes of both arrays, e.g. one layer of a stacked weight."""
-        return Int8Weight(self.q[index], self.scale[index])
+        return dataclasses.replace(self, q=self.q[index], scale=self.scale[index])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -125,6 +132,11 @@ def is_int8(x: Any) -> bool:
     return isinstance(x, Int8Weight)
 
 
+def for_platform(w: Int8Weight, platform: Platform | None = None) -> Int8Weight:
+    """`w` computing as `platform` (default: the host's) runs it fastest (see `linear`)."""
+    return dataclasses.replace(w, row_blocks=resolve(platform).cpu)
+
+
 def _contract(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
@@ -139,7 +151,7 @@ def _linear_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
     """`linear` over row blocks of `w`, one dequantized at a time (XLA's CPU backend)."""
     rows, cols = w.q.shape
     n = _row_blocks(rows, cols, CPU_BLOCK_BYTES)
-    blocks = Int8Weight(w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n, -1))
+    blocks = Int8Weight(w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n, w.scale.shape[-1]))
     y = jax.lax.map(lambda b: _contract(x, dequantize(b, x.dtype), out_dtype), blocks)  # [n, ..., rows / n]
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], rows)
 
@@ -152,7 +164,8 @@ def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     those copies together, 418 MiB of temporaries for the cpu-bench step), so there the rows go
     through in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
     """
-    if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
+    row_blocks = resolve(None).cpu if w.row_blocks is None else w.row_blocks
+    if row_blocks and w.q.size * 4 > CPU_BLOCK_BYTES:
         return _linear_blocked(x, w, out_dtype)
     return _contract(x, dequantize(w, x.dtype), out_dtype)
 

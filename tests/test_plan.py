@@ -2,18 +2,21 @@
 preset on CPU (the same code path the GPU day runs)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
-from llama_jax import cli, plan
+from llama_jax import attention, cli, plan, platform
 from llama_jax.config import preset
 from llama_jax.device import program_shapes
 from llama_jax.engine import EngineConfig
 from llama_jax.hf_checkpoint import param_count
+from conftest import SMOLLM2_GGUF
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +33,11 @@ def run_plan(capsys, *args) -> dict:
 def test_plan_reports_programs_bytes_and_fit(capsys):
     cfg = preset("tiny-gqa")
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
-    assert set(report) == {"programs", "compile_s", "devices", "per_device_bytes", "max_slots_that_fit"}
-    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 7
+    assert set(report) == {"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes", "memory",
+                           "max_slots_that_fit", "kernels", "per_program"}
+    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 7 == len(report["per_program"])
+    assert report["platform"] == "cpu" and report["kernels"] == []  # the CPU runs its XLA paths
+    assert report["memory"] == 64 * 2**20
     assert report["devices"] == 1 and report["compile_s"] > 0
     per = report["per_device_bytes"]
     assert per["weights"] == param_count(cfg) * 4
@@ -92,12 +98,76 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     out = tmp_path / "gpu_check.json"
     result = gpu_check.main(["--preset", "tiny-gqa", "--max-seq-len", "256", "--slots", "2", "--concurrency", "2",
                              "--context", "64", "--decode-tokens", "8", "--tokenizer", str(tokenizer_path),
-                             "--compilation-cache", str(tmp_path / "xla"), "--out", str(out)])
+                             "--compilation-cache", str(tmp_path / "xla"), "--smollm2", str(SMOLLM2_GGUF),
+                             "--out", str(out)])
     assert json.loads(out.read_text()) == result
     assert result["kernels"] == {"decode": "xla", "prefill": "xla"}  # CPU keeps its XLA paths
+    assert result["kernels_as_planned"] and result["planned_target"] is None  # no target matches a CPU: no kernels
+    assert result["device_kernels"] == {"prefill 1 x 256": [], "generate 2 slots": []}
+    assert result["logits_random_2_layers_ok"] and result["logits_random_2_layers_rel_max_diff"] < gpu_check.MAX_REL_DIFF
+    if SMOLLM2_GGUF.exists():  # the real model, in bf16 on this device and on the CPU (here both the CPU)
+        assert result["logits_smollm2_ok"] and result["logits_smollm2_top1"] >= gpu_check.MIN_TOP1
+    assert gpu_check.failed_checks(result) == []
     assert result["programs"] == len(program_shapes(
         EngineConfig(max_slots=2, max_seq_len=256, min_prefill_bucket=128, max_prefill_tokens=1024), 256))
     for key in ("batch1_decode_tok_s", "ceiling_tok_s", "ttft_ms_128", "aggregate_tok_s_2", "copy_bandwidth_gb_s"):
         assert result[key] > 0, key
     assert 0 < result["pct_of_ceiling"]
     assert result["ttft_ms_128_prefix_cached_112"] > 0 and result["prefix_cached_tokens"] == 112  # the next chat turn
+
+
+GiB = 2**30
+
+
+def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
+    """Llama-2-7B bf16 at tp 1, compiled here by XLA's GPU compiler for an H200 (no GPU). To keep
+    CI short it compiles the two programs whose temporaries bound the plan, the longest prefill
+    (1 x 4096) and the widest decode (8 slots) (all 17: docs/serving.md); weights and KV cache
+    come from the full shapes' shardings, compiled or not."""
+    target, devices = platform.target("h200")
+    assert target.device_kind == "NVIDIA H200 141GB HBM3e" and target.memory == 151397597184
+    cfg = preset("llama-2-7b").replace(dtype="bfloat16")
+    largest = lambda kind, shape: shape in ({"rows": 1, "bucket": 4096}, {"rows": 8})
+    report = plan.plan(cfg, EngineConfig(max_slots=8, platform=target), plan.target_mesh(devices), target.memory,
+                       select=largest)
+    programs = report["per_program"]
+    assert programs["prefill 1 x 4096"]["kernels"] == ["cudnn:fmha"]  # cuDNN flash attention
+    assert programs["generate 8 slots"]["kernels"] == ["triton:decode_attention"]  # the Pallas kernel, as Triton
+    per = report["per_device_bytes"]
+    assert per["weights"] == param_count(cfg) * 2 and round(per["weights"] / GiB, 2) == 12.55
+    assert per["kv_cache"] == 16 * GiB  # 8 slots x 4096 tokens x 32 layers x k and v x 4096 x bf16
+    assert 0 < per["temp"] < GiB
+    assert report["max_slots_that_fit"] == (target.memory - per["weights"] - per["temp"]) // plan.slot_bytes(cfg, 4096, 1)
+
+
+def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys):
+    """`llama-jax plan --target h100 --tp 8` for Llama-2-70B over 8 abstract H100s, through the CLI
+    (one slot of 16 tokens: three programs, the same kernels as any length)."""
+    assert cli.main(["plan", "--target", "h100", "--tp", "8", "--preset", "llama-2-70b", "--dtype", "auto",
+                     "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 3
+    whole = param_count(preset("llama-2-70b")) * 2  # auto: bf16 on a GPU
+    assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
+    assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]
+    assert report["per_program"]["generate 1 slots"]["kernels"] == ["triton:decode_attention"]  # per device, shard_map
+    assert report["kernels"] == ["cudnn:fmha", "triton:decode_attention"]
+
+
+def test_cudnn_refusal_falls_back_to_xla_once_with_one_log_line(caplog):
+    """A GPU platform whose cuDNN cannot run the prefill (here: this machine's CPU devices) gets
+    the XLA prefill path and keeps the Pallas decode kernel, said in one log line."""
+    gpu_here = platform.Platform(kind="gpu", device_kind="test", kernels=frozenset(platform.KERNELS))
+    with caplog.at_level(logging.INFO, logger="llama_jax.attention"):
+        chosen = attention.choose(gpu_here, 4, 2, 16, jnp.bfloat16)
+    assert (chosen.prefill, chosen.decode) == ("xla", "pallas")
+    assert len(caplog.records) == 1 and "cuDNN flash attention unavailable" in caplog.records[0].getMessage()
+    target, _ = platform.target("h200")
+    assert attention.cudnn_refusal(target, 4, 2, 16, jnp.bfloat16) is None  # traced for the target: accepted
+    assert attention.cudnn_refusal(target, 4, 2, 16, jnp.float32) is not None  # cuDNN has no float32 flash attention
+
+
+def test_only_the_platform_module_asks_jax_for_the_backend():
+    hits = [f"{path.relative_to(REPO_ROOT)}:{n}" for root in ("llama_jax", "api") for path in (REPO_ROOT / root).rglob("*.py")
+            for n, line in enumerate(path.read_text().splitlines(), 1) if "default_backend()" in line]
+    assert hits and all(hit.startswith("llama_jax/platform.py:") for hit in hits), hits

@@ -1,20 +1,30 @@
-"""One command for the GPU day: random bf16 Llama-2-7B weights built on the device, the real
-engine warmed up, and one table of what matters, in a few minutes from a cold start.
+"""The one script run when a GPU is lent: random bf16 Llama-2-7B weights built on the device, the
+real engine warmed up, and one table of what matters, within 10 minutes from a cold start.
 
-    PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on the H100/H200, 7B bf16
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py                     # on an H200, 7B bf16
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --slots 32 --concurrency 8 32   # an H100 (64 slots' KV would not fit)
     python tools/gpu_check.py --preset tiny-gqa --max-seq-len 256    # the same path on CPU (tests)
     PYTHONUNBUFFERED=1 python tools/gpu_check.py --quantize int8     # 7B with int8 weights (goal: >= 520 tok/s on an H200)
 
 Needs only jax/flax/orbax/safetensors/sentencepiece (the GPU image): no Litestar, no torch, no
-weights on disk. Steps, each printed as it ends:
+weights on disk (the real SmolLM2 check also needs `gguf` and ../shared). Steps, each printed as
+it ends:
+0. the custom kernels `llama-jax plan --target` lists (compiled without the device for the
+   matching target, h100/h200) must be the ones this device's own compile puts into the same
+   programs (the longest prefill, the widest decode); on other devices the expectation is the
+   platform's attention choice (on CPU: none);
 1. the kernels checked against the XLA path on this device (Pallas decode, cuDNN prefill);
    a kernel that fails or disagrees is reported and the engine falls back to XLA for it;
+1b. logits on this device (its kernels) against the CPU's XLA paths, both in the model's dtype
+   (what differs is the backend, not the precision), for the real SmolLM2-135M-Instruct and a
+   random model of the preset's shape with 2 layers;
 2. random weights on the device and a measured device copy bandwidth (the decode ceiling is
    weight bytes / bandwidth);
 3. warm-up of every serving program, per program, with the persistent compilation cache;
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
-   1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 32
+   1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 64
    concurrent requests of `--context` tokens, peak device memory.
+A failed check (steps 0 and 1b) is reported, the run goes on, and the script exits 1 at the end.
 With `--quantize int8` the weights are int8 with block scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
 their temporaries (`int8_fusion_check`): no matrix dequantized whole means the dequantization
@@ -42,13 +52,21 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_engine import prompt, run_concurrent, ttft  # noqa: E402
-from llama_jax import attention  # noqa: E402
+from llama_jax import attention, platform  # noqa: E402
 from llama_jax.attention import AttentionConfig  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.compiles import enable_compilation_cache  # noqa: E402
 from llama_jax.engine import Engine, EngineConfig  # noqa: E402
+from llama_jax.kv_cache import init_cache  # noqa: E402
 from llama_jax.model import abstract_model, init_model  # noqa: E402
+from llama_jax.platform import Platform  # noqa: E402
 from llama_jax.request import Request  # noqa: E402
+
+SMOLLM2_GGUF = Path(__file__).resolve().parents[2] / "shared" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOGIT_TEXT = ("The Apache License, Version 2.0, lets anyone use, modify and distribute the work, provided that "
+              "they keep the copyright notices and state the changes they made. Paris is the capital of France.")
+LOGIT_TOKENS = 64
+MAX_REL_DIFF, MIN_TOP1 = 0.05, 0.9  # device vs CPU, same dtype: max |diff| / max |logit|, argmax agreement
 
 
 class StandInTokenizer:
@@ -79,11 +97,107 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def check_kernels(platform: str, cfg, slots: int, max_len: int) -> AttentionConfig:
+def target_of(host: Platform) -> str | None:
+    """The shipped target config (`platform.TARGETS`) matching this device, if any."""
+    kind = host.device_kind.lower()
+    return next((name for name in platform.TARGETS if not host.cpu and name in kind), None)
+
+
+def check_planned_kernels(cfg, config: EngineConfig, host: Platform) -> dict:
+    """Step 0: the custom kernels per program that `plan --target` lists (compiled without a
+    device) against those this device's compile puts in, for the longest prefill and the widest
+    decode. Without a matching target the expectation is the platform's attention choice."""
+    from llama_jax import plan
+
+    max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    largest = lambda kind, shape: shape in ({"rows": 1, "bucket": max_len}, {"rows": config.max_slots})
+    plain = dataclasses.replace(config, attention=None)
+    on_device = {c.name: c.kernels for c in plan.compile_programs(cfg, plain, select=largest)}
+    name, planned = target_of(host), None
+    if name:
+        try:
+            target, devices = platform.target(name)
+            compiled = plan.compile_programs(cfg, dataclasses.replace(plain, platform=target), plan.target_mesh(devices),
+                                             select=largest)
+            planned = {c.name: c.kernels for c in compiled}
+        except Exception as e:  # noqa: BLE001 - reported; the expectation falls back to the platform's choice
+            say(f"plan --target {name} failed here ({type(e).__name__}: {str(e)[:300]})")
+    if planned is None:
+        choice = attention.choose(host, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dtype).kernels
+        planned = {n: [k for k in choice if k.startswith("cudnn" if n.startswith("prefill") else "triton")]
+                   for n in on_device}
+    ok = planned == on_device
+    say(f"planned kernels ({name or 'this platform'}): {planned}; compiled on the device: {on_device}: "
+        f"{'the same' if ok else 'DIFFERENT'}")
+    return {"planned_kernels": planned, "device_kernels": on_device, "planned_target": name, "kernels_as_planned": ok}
+
+
+def _logits(cfg, params, tokens: np.ndarray, device, on: Platform, attn: AttentionConfig) -> np.ndarray:
+    """Prefill logits `[T, vocab]` of one prompt, computed on `device` (the platform `on`)."""
+    graphdef = nnx.split(abstract_model(cfg))[0]
+    params = jax.device_put(params, device)
+    with jax.default_device(device):
+        cache = init_cache(cfg, 1, len(tokens), platform=on)
+        run = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, jnp.arange(t.shape[1])[None], c, mode="prefill", attn=attn)[0])
+        return np.asarray(run(params, cache, jnp.asarray(tokens[None], jnp.int32))[0], np.float32)
+
+
+def compare_logits(label: str, cfg, params_f32, tokens: np.ndarray, host: Platform, attn: AttentionConfig,
+                   strict_top1: bool) -> dict:
+    """Logits on this device with its kernels against XLA on the CPU, both in `cfg.dtype`."""
+    cpu = jax.devices("cpu")[0]
+    tokens = np.resize(tokens, LOGIT_TOKENS)  # a bucket's length (the text repeated to fill it)
+    cast = jax.tree.map(lambda a: a.astype(cfg.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params_f32)
+    want = _logits(cfg, cast, tokens, cpu, Platform(kind="cpu", device_kind="cpu"), AttentionConfig())
+    got = _logits(cfg, cast, tokens, jax.devices()[0], host, dataclasses.replace(attn, mesh=None))
+    rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    top1 = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    ok = rel < MAX_REL_DIFF and (top1 >= MIN_TOP1 or not strict_top1)
+    say(f"logits {label}: {len(tokens)} tokens in {cfg.dtype}, device vs CPU: max |diff| / max |logit| = "
+        f"{rel:.2e}, argmax agreement {top1:.2f}: {'ok' if ok else 'FAILED'}")
+    return {f"logits_{label}_rel_max_diff": round(rel, 5), f"logits_{label}_top1": round(top1, 3), f"logits_{label}_ok": ok}
+
+
+def check_logits(cfg, host: Platform, attn: AttentionConfig, smollm2: Path) -> dict:
+    """Step 1b: the real SmolLM2 (where its GGUF and `gguf` are here) and a random model of the
+    preset's shape with 2 layers (argmax not asserted there: random logits are near ties)."""
+    out: dict = {}
+    if smollm2.exists():
+        try:
+            from llama_jax.gguf_checkpoint import load_gguf_model, open_reader
+            from llama_jax.gguf_vocab import tokenizer_from_gguf
+
+            with jax.default_device(jax.devices("cpu")[0]):  # dequantized in float32, read straight from the file
+                model = load_gguf_model(smollm2, "float32")
+            tokens = np.array(tokenizer_from_gguf(open_reader(smollm2)).encode(LOGIT_TEXT).ids)
+            params = jax.device_get(nnx.split(model)[1])
+            out.update(compare_logits("smollm2", model.cfg.replace(dtype=cfg.dtype), params, tokens, host, attn, True))
+        except ImportError as e:
+            say(f"logits smollm2: skipped ({e})")
+            out["logits_smollm2_skipped"] = str(e)
+        except Exception as e:  # noqa: BLE001 - a failed check, reported; the run goes on
+            say(f"logits smollm2: FAILED ({type(e).__name__}: {str(e)[:300]})")
+            out["logits_smollm2_ok"] = False
+    else:
+        say(f"logits smollm2: skipped (no GGUF at {smollm2})")
+        out["logits_smollm2_skipped"] = f"no GGUF at {smollm2}"
+    shaped = cfg.replace(n_layers=2, quantization=None)
+    with jax.default_device(jax.devices("cpu")[0]):
+        params = jax.device_get(nnx.split(init_model(shaped.replace(dtype="float32"), seed=1))[1])
+    tokens = np.random.default_rng(0).integers(3, shaped.vocab_size, LOGIT_TOKENS)
+    try:
+        out.update(compare_logits("random_2_layers", shaped, params, tokens, host, attn, False))
+    except Exception as e:  # noqa: BLE001
+        say(f"logits random_2_layers: FAILED ({type(e).__name__}: {str(e)[:300]})")
+        out["logits_random_2_layers_ok"] = False
+    return out
+
+
+def check_kernels(host: Platform, cfg, slots: int, max_len: int) -> AttentionConfig:
     """Run the platform's kernels next to the XLA path, decode on a cache of the engine's own
     size (large offsets included: the last layer and slot); keep the kernels that agree."""
-    chosen = AttentionConfig.for_platform(platform)
-    interpret = platform == "cpu"  # the Pallas kernel runs interpreted on CPU: same code, slow
+    chosen = attention.choose(host, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
+    interpret = host.cpu  # the Pallas kernel runs interpreted on CPU: same code, slow
     h, kv, d, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     b = min(4, slots)
     keys = jax.random.split(jax.random.key(0), 3)
@@ -121,7 +235,7 @@ def check_kernels(platform: str, cfg, slots: int, max_len: int) -> AttentionConf
             prefill = "cudnn" if err < 3e-2 else "xla"
         except Exception as e:  # noqa: BLE001
             say(f"kernel check: cuDNN prefill attention FAILED ({type(e).__name__}: {str(e)[:300]}): using XLA")
-    if platform == "cpu":  # checked interpreted; the engine keeps the CPU's own XLA paths
+    if host.cpu:  # checked interpreted; the engine keeps the CPU's own XLA paths
         return chosen
     return dataclasses.replace(chosen, decode=decode, prefill=prefill)
 
@@ -189,27 +303,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights, one scale per block of 32 inputs")
     ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--slots", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--context", type=int, default=1024, help="tokens of context per concurrent request")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--tokenizer", type=Path, default=None, help="a Llama 2 tokenizer.model (optional)")
+    ap.add_argument("--smollm2", type=Path, default=SMOLLM2_GGUF, help="the real SmolLM2 GGUF (step 1b)")
     ap.add_argument("--compilation-cache", default=str(Path(__file__).resolve().parents[1] / ".jax_cache"))
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     args = ap.parse_args(argv)
 
     enable_compilation_cache(args.compilation_cache)
     device = jax.devices()[0]
-    platform = jax.default_backend()
+    host = platform.host()
     cfg = preset(args.preset).replace(dtype=args.dtype, quantization=args.quantize)
-    result: dict = {"device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
+    result: dict = {"device": host.device_kind, "jax": jax.__version__,
                     "preset": args.preset, "dtype": cfg.dtype, "quantization": cfg.quantization,
                     "date": time.strftime("%Y-%m-%d")}
-    say(f"{result['device']} ({platform}), jax {jax.__version__}, {args.preset} {cfg.dtype}")
+    say(f"{result['device']} ({host.kind}), jax {jax.__version__}, {args.preset} {cfg.dtype}")
     t0 = time.perf_counter()
     max_len = min(args.max_seq_len, cfg.max_seq_len)
-    attn = check_kernels(platform, cfg, args.slots, max_len)
+    shape = dict(max_slots=args.slots, max_seq_len=max_len, min_prefill_bucket=128, max_prefill_tokens=1024,
+                 max_queue=max(64, 2 * args.slots))
+    result.update(check_planned_kernels(cfg, EngineConfig(**shape), host))
+    attn = check_kernels(host, cfg, args.slots, max_len)
     result["kernels"] = {"decode": attn.decode, "prefill": attn.prefill}
+    result.update(check_logits(cfg, host, attn, args.smollm2))
 
     params = random_params(cfg)
     jax.block_until_ready(params)
@@ -225,9 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tokenizer = StandInTokenizer(cfg.vocab_size)
     model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
-    config = EngineConfig(max_slots=args.slots, max_seq_len=max_len,
-                          min_prefill_bucket=128, max_prefill_tokens=1024, max_queue=max(64, 2 * args.slots),
-                          attention=attn)
+    config = EngineConfig(**shape, attention=attn)
     if cfg.quantization:
         result.update(int8_fusion_check(cfg, config))
     engine = Engine(model, tokenizer, config)
@@ -288,5 +405,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def failed_checks(result: dict) -> list[str]:
+    """The checks of a result that did not pass (planned kernels, logits)."""
+    return [k for k, v in result.items() if (k == "kernels_as_planned" or k.endswith("_ok")) and v is not True]
+
+
 if __name__ == "__main__":
-    main()
+    failed = failed_checks(main())
+    if failed:
+        say(f"FAILED: {', '.join(failed)}")
+    sys.exit(1 if failed else 0)

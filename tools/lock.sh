@@ -29,6 +29,10 @@ uv pip compile pyproject.toml --extra test --python-version 3.11 --python-platfo
 #   torch == 2.13.0+cpu: the CPU build in this project's machines' /opt/wheels, where pip finds it;
 #     PyPI's torch 2.13.0 is the CUDA build (several GB). Elsewhere, add PyTorch's CPU wheel index
 #     to pip's index URLs.
+#   jax-cuda13-plugin / jax-cuda13-pjrt == jax's own version, nvidia-cuda-nvcc (ptxas) and
+#     nvidia-cudnn-cu13 (with the cuBLAS and NVRTC wheels it requires): the [gpu-plan] extra, which
+#     [test] includes so that tests/test_plan.py compiles for an H200 and 8 H100s without a GPU
+#     (2.3 GB; docs/serving.md).
 HEADER
   cat "$body"
 } > "$lock"
