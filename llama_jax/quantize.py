@@ -1,16 +1,24 @@
 """int8 weight quantization: the stored format, quantizing a float matrix, and the matmul and
-embedding lookup that compute with the int8 weights directly.
+embedding lookup that compute from the int8 weights directly.
 
 Scheme (what `convert-weights --quantize int8` writes and `serve --quantize int8` applies at
 load): every matrix, the embedding and the LM head included, is stored as int8 `q` with one
-float32 scale per output channel (per row of the `[out, in]` matrix), symmetric, round to
-nearest: `scale = max|w_row| / 127`, `q = round(w / scale)`, so `w ≈ q * scale`. Norm weights stay
-in the model dtype. A stacked layer weight `[n_layers, out, in]` has scales `[n_layers, out]`:
-the scale's axes are the weight's axes minus the last, so it shards with the output axis.
+float32 scale per block of `BLOCK` (32) consecutive weights along the input axis, symmetric,
+round to nearest: `scale = max|w_block| / 127`, `q = round(w / scale)`, so `w ≈ q * scale`.
+That is llama.cpp's Q8_0 layout (there the scale is float16), so a Q8_0 GGUF tensor maps onto it
+bit for bit. A matrix whose input size is not a multiple of 32 uses the largest of 16 or 8 that
+divides it, else one scale per row. Norm weights stay in the model dtype. A stacked layer weight
+`[n_layers, out, in]` has scales `[n_layers, out, in / block]`: the scale's axes are the
+weight's axes, so scales shard with the weight's blocks.
+
+Why blocks (measured on the real SmolLM2-135M-Instruct, 2,224 tokens, docs/benchmarks.md): one
+scale per output channel cost +1.09 % perplexity, blocks of 64 +0.64 %, blocks of 32 +0.38 %.
+Quantizing the matmul inputs too (int8 x int8 dots, per row: +5.4 %; per block of 32: +0.61 %)
+misses the +0.5 % bar and, with block scales, is slower than weight-only on XLA's CPU backend,
+so int8 weights always multiply float inputs.
 
 `Int8Weight` is a registered pytree, so stacking, scanning over layers, splitting per layer,
-sharding and AOT shapes all follow from its two leaves. Its static `activations` field picks
-how `linear` computes (see there); it is not stored on disk.
+sharding and AOT shapes all follow from its two leaves.
 """
 
 from __future__ import annotations
@@ -27,31 +35,25 @@ from llama_jax.config import QUANTIZATIONS
 
 SCHEME = QUANTIZATIONS[0]  # the only scheme; recorded in config.json ("quantization") and the manifest
 QMAX = 127
-CPU_BLOCK_BYTES = 1 << 20  # weight-only on CPU: the float32 copy of one row block at a time
+BLOCK = 32  # weights per scale along the input axis (llama.cpp's Q8_0 block)
+CPU_BLOCK_BYTES = 1 << 20  # on CPU: the float32 copy of one row block of a matrix at a time
 INV_QMAX = np.float32(1 / QMAX)  # scales are max * (1/127): XLA rewrites a division by a constant that way
-ACTIVATIONS = ("float", "int8")
-MANIFEST_ENTRY = {"scheme": SCHEME, "granularity": "per-output-channel", "symmetric": True,
-                  "rounding": "nearest", "scale_dtype": "float32", "quantized": "every matrix, embedding and LM head "
-                  "included; norms stay in the model dtype"}
+MANIFEST_ENTRY = {"scheme": SCHEME, "granularity": "blocks along the input axis", "block": BLOCK,
+                  "symmetric": True, "rounding": "nearest", "scale_dtype": "float32",
+                  "quantized": "every matrix, embedding and LM head included; norms stay in the model dtype"}
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["activations"])
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
-    """An int8 matrix `q` `[..., out, in]` and its float32 per-output-channel scales `[..., out]`.
-
-    `activations` (static) is how `linear` multiplies by it: "float" (weight-only: the input stays
-    in its float dtype, `dot(x, q) * scale`) or "int8" (the input is also quantized, per row,
-    to int8 for an integer dot: what XLA's CPU backend runs fastest, see `linear`).
-    """
+    """An int8 matrix `q` `[..., out, in]` and its float32 block scales `[..., out, in / block]`."""
 
     q: Any
     scale: Any
-    activations: str = "float"
 
     def __getitem__(self, index) -> Int8Weight:
         """Index the leading (layer) axes of both arrays, e.g. one layer of a stacked weight."""
-        return Int8Weight(self.q[index], self.scale[index], self.activations)
+        return Int8Weight(self.q[index], self.scale[index])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,58 +64,69 @@ class Int8Weight:
         return int(np.prod(self.q.shape)) + 4 * int(np.prod(self.scale.shape))
 
 
-def scale_axes(axes: tuple[str | None, ...]) -> tuple[str | None, ...]:
-    """The logical axes of a weight's scales: the weight's minus the last (input) axis."""
-    return tuple(axes[:-1])
+def block_size(cols: int) -> int:
+    """Weights per scale for a matrix with `cols` inputs: 32, else 16 or 8, else the whole row."""
+    return next((b for b in (BLOCK, 16, 8) if cols % b == 0), cols)
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a weight's scales: one per block of its last (input) axis."""
+    return (*shape[:-1], shape[-1] // block_size(shape[-1]))
+
+
+def _blocks(w, block: int):
+    """`[..., out, in]` -> `[..., out, in / block, block]` (numpy or jax)."""
+    return w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
 
 
 def _scale_of(amax):
-    """max|row| / 127, and 1 for an all-zero row (its q is all zeros either way)."""
+    """max|block| / 127, and 1 for an all-zero block (its q is all zeros either way)."""
     return np.where(amax > 0, amax * INV_QMAX, np.float32(1)).astype(np.float32)
 
 
 def quantize_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q int8, scale float32) of a float matrix `[..., out, in]` on the host (conversion)."""
     w = np.asarray(w, np.float32)
-    scale = _scale_of(np.max(np.abs(w), axis=-1))
+    blocks = _blocks(w, block_size(w.shape[-1]))
+    scale = _scale_of(np.max(np.abs(blocks), axis=-1))
     inv = (np.float32(1) / scale)[..., None]  # w * (1/scale): what XLA makes of w / broadcast(scale)
-    q = np.clip(np.rint(w * inv), -QMAX, QMAX).astype(np.int8)
-    return q, scale
+    q = np.clip(np.rint(blocks * inv), -QMAX, QMAX).astype(np.int8)
+    return q.reshape(w.shape), scale
 
 
 def quantize(w: jax.Array) -> Int8Weight:
     """`quantize_np` on the device (jit it; load-time quantization): the same float32 arithmetic,
     so both give the same bits."""
     w = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=-1)
+    blocks = _blocks(w, block_size(w.shape[-1]))
+    amax = jnp.max(jnp.abs(blocks), axis=-1)
     scale = jnp.where(amax > 0, amax * INV_QMAX, jnp.float32(1))
-    q = jnp.clip(jnp.round(w * (1 / scale)[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    q = jnp.clip(jnp.round(blocks * (1 / scale)[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    return Int8Weight(q.reshape(w.shape), scale)
+
+
+def from_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+    """A GGUF Q8_0 tensor's raw blocks (per block: float16 scale, 32 int8) as an `Int8Weight` of
+    `shape` `[out, in]`: the same values, with no float round trip."""
+    blocks = np.asarray(data, np.uint8).reshape(shape[0], shape[1] // BLOCK, 2 + BLOCK)
+    scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(shape)
     return Int8Weight(q, scale)
 
 
 def dequantize(w: Int8Weight, dtype=jnp.float32) -> jax.Array:
-    """The float matrix `q * scale` (tests and references only: the model never builds it)."""
-    return (w.q.astype(jnp.float32) * w.scale[..., None].astype(jnp.float32)).astype(dtype)
-
-
-def with_activations(w: Int8Weight, activations: str) -> Int8Weight:
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
-    return dataclasses.replace(w, activations=activations)
-
-
-def default_activations(platform: str | None = None) -> str:
-    """How int8 weights compute by default on a backend: "int8" on CPU (the fast integer dot,
-    as llama.cpp's Q8_0 does), "float" (weight-only) on accelerators."""
-    return "int8" if (platform or jax.default_backend()) == "cpu" else "float"
+    """The float matrix `q * scale`, computed in float32 and rounded once to `dtype`."""
+    block = w.q.shape[-1] // w.scale.shape[-1]
+    blocks = _blocks(w.q, block).astype(jnp.float32) * w.scale[..., None].astype(jnp.float32)
+    return blocks.reshape(w.q.shape).astype(dtype)
 
 
 def is_int8(x: Any) -> bool:
     return isinstance(x, Int8Weight)
 
 
-def _contract(x: jax.Array, q: jax.Array, out_dtype) -> jax.Array:
-    return jax.lax.dot_general(x, q, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+def _contract(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
 def _row_blocks(rows: int, cols: int, block_bytes: int) -> int:
@@ -122,53 +135,28 @@ def _row_blocks(rows: int, cols: int, block_bytes: int) -> int:
     return next(n for n in range(max(want, 1), rows + 1) if rows % n == 0)
 
 
-def _weight_only(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
-    y = _contract(x, w.q.astype(x.dtype), out_dtype)
-    return y * w.scale.astype(y.dtype)
-
-
-def _weight_only_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
-    """`_weight_only` over row blocks of `w`, one converted at a time (XLA's CPU backend)."""
+def _linear_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
+    """`linear` over row blocks of `w`, one dequantized at a time (XLA's CPU backend)."""
     rows, cols = w.q.shape
     n = _row_blocks(rows, cols, CPU_BLOCK_BYTES)
-    blocks = Int8Weight(w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n))
-    y = jax.lax.map(lambda b: _weight_only(x, b, out_dtype), blocks)  # [n, ..., rows / n]
+    blocks = Int8Weight(w.q.reshape(n, rows // n, cols), w.scale.reshape(n, rows // n, -1))
+    y = jax.lax.map(lambda b: _contract(x, dequantize(b, x.dtype), out_dtype), blocks)  # [n, ..., rows / n]
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], rows)
 
 
 def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
-    """`x @ dequantize(w).T`, computed from the int8 weight without building the float matrix.
+    """`x @ dequantize(w).T` (weight-only int8: the input stays in its float dtype).
 
-    "float" activations (weight-only): `dot(x, convert(q)) * scale`. On GPU XLA fuses the convert
-    into the dot's operand load. XLA's CPU backend cannot: it would convert each whole matrix
-    first (and schedules those copies together, 418 MiB of temporaries for the cpu-bench step),
-    so there the rows go through in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
-
-    "int8" activations: each row of `x` is quantized too (symmetric, per row, round to nearest)
-    and the dot runs on int8 x int8 with int32 accumulation, then both scales are applied. XLA's
-    CPU backend hands that dot to YNNPACK's int8 kernel (no float copy of the weight at all),
-    the fastest form there, and the one llama.cpp's Q8_0 uses. A one-row input is padded to two:
-    XLA rewrites a one-row dot into a matrix-vector product that YNNPACK does not take (and then
-    converts both operands to float).
+    On GPU XLA fuses the dequantization into the dot's operand load, so the float matrix is never
+    stored. XLA's CPU backend cannot: it would dequantize each whole matrix first (and schedules
+    those copies together, 418 MiB of temporaries for the cpu-bench step), so there the rows go
+    through in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
     """
-    if w.activations == "float":
-        if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
-            return _weight_only_blocked(x, w, out_dtype)
-        return _weight_only(x, w, out_dtype)
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    n = rows.shape[0]
-    if n == 1:
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    amax = jnp.max(jnp.abs(rows), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax > 0, amax * INV_QMAX, jnp.float32(1))
-    xq = jnp.clip(jnp.round(rows * (1 / x_scale)), -QMAX, QMAX).astype(jnp.int8)
-    y = _contract(xq, w.q, jnp.int32)[:n]
-    y = y.astype(jnp.float32) * x_scale[:n] * w.scale.astype(jnp.float32)
-    return y.reshape(*lead, -1).astype(out_dtype or x.dtype)
+    if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
+        return _linear_blocked(x, w, out_dtype)
+    return _contract(x, dequantize(w, x.dtype), out_dtype)
 
 
 def embed(w: Int8Weight, tokens: jax.Array, dtype) -> jax.Array:
-    """Embedding lookup: gather the int8 rows of `tokens`, then scale them (`[..., dim]` in `dtype`)."""
-    rows = jnp.take(w.q, tokens, axis=0).astype(jnp.float32)
-    return (rows * jnp.take(w.scale, tokens, axis=0)[..., None]).astype(dtype)
+    """Embedding lookup: gather the int8 rows of `tokens` and their scales, then dequantize."""
+    return dequantize(Int8Weight(jnp.take(w.q, tokens, axis=0), jnp.take(w.scale, tokens, axis=0)), dtype)
