@@ -144,14 +144,23 @@ def _linear_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], rows)
 
 
-def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
+def linear(x: jax.Array, w: Int8Weight, out_dtype=None, *, kernel: bool = False) -> jax.Array:
     """`x @ dequantize(w).T` (weight-only int8: the input stays in its float dtype).
 
-    On GPU XLA fuses the dequantization into the dot's operand load, so the float matrix is never
-    stored. XLA's CPU backend cannot: it would dequantize each whole matrix first (and schedules
-    those copies together, 418 MiB of temporaries for the cpu-bench step), so there the rows go
-    through in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
+    `kernel` (GPU only): decode-sized inputs (at most `int8_matmul.DECODE_ROWS` rows) of a 2-D
+    weight in 32-blocks go through the Pallas kernel `int8_matmul.block_matmul`, which never
+    stores the float matrix: XLA's GPU compiler does not fuse the block dequantization into its
+    dot and writes a float copy of the matrix per matmul. XLA's CPU backend would also dequantize
+    each whole matrix first (and schedules those copies together, 418 MiB of temporaries for the
+    cpu-bench step), so there the rows go through in blocks of at most `CPU_BLOCK_BYTES` as
+    float32, one at a time.
     """
+    if kernel and w.q.ndim == 2 and w.scale.shape[-1] * BLOCK == w.q.shape[-1]:
+        from llama_jax import int8_matmul  # it imports this module
+
+        rows = int(np.prod(x.shape[:-1]))
+        if rows <= int8_matmul.DECODE_ROWS and int8_matmul.supported(rows, *w.q.shape):
+            return int8_matmul.block_matmul(x, w.q, w.scale, out_dtype=out_dtype)
     if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
         return _linear_blocked(x, w, out_dtype)
     return _contract(x, dequantize(w, x.dtype), out_dtype)

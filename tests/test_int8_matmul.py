@@ -1,0 +1,101 @@
+"""The Pallas block-scaled int8 matmul: its arithmetic in Pallas's interpret mode on the CPU, and,
+compiled by XLA's real GPU compiler for an H200 without one, that it runs as one Triton kernel
+with no dequantized copy of the matrix (which XLA's own dequantize + dot path writes)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import int8_matmul, quantize
+
+
+def _weight(n: int, k: int, seed: int = 0) -> quantize.Int8Weight:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 2, (n, 1)).astype(np.float32)
+    return quantize.Int8Weight(*(jnp.asarray(a) for a in quantize.quantize_np(w)))
+
+
+@pytest.mark.parametrize(("m", "n", "k", "dtype"), [
+    (1, 96, 256, jnp.bfloat16),  # decode; n a multiple of the column tile
+    (8, 37, 576, jnp.float32),  # odd n: the last column tile is masked; k (SmolLM2's 576) in 64-steps
+    (40, 100, 96, jnp.bfloat16),  # m past one row tile, padded; k in 32-steps
+    (3, 5, 32, jnp.float32),  # n below one tile, one k step
+])
+def test_interpret_equals_dequantize_then_dot(m, n, k, dtype):
+    w = _weight(n, k)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((m, k)), dtype)
+    want = jnp.dot(x.astype(jnp.float32), quantize.dequantize(w, dtype).astype(jnp.float32).T,
+                   precision=jax.lax.Precision.HIGHEST)
+    got = int8_matmul.block_matmul(x, w.q, w.scale, out_dtype=jnp.float32, interpret=True)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_interpret_leading_axes_and_out_dtype():
+    w = _weight(48, 128)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 128)), jnp.bfloat16)
+    got = int8_matmul.block_matmul(x, w.q, w.scale, interpret=True)  # out dtype: x's
+    want = quantize._contract(x, quantize.dequantize(w, x.dtype), jnp.float32)
+    assert got.shape == (2, 3, 48) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32), rtol=1e-2)
+
+
+def test_shapes_refused():
+    assert int8_matmul.supported(1, 11008, 4096) and int8_matmul.supported(1024, 37, 32)
+    assert not int8_matmul.supported(1, 64, 48) and not int8_matmul.supported(1, 64, 16)
+    w = _weight(64, 128)
+    with pytest.raises(ValueError, match="do not fit"):
+        int8_matmul.block_matmul(jnp.zeros((1, 128)), w.q, w.scale[:, :2], interpret=True)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        int8_matmul.block_matmul(jnp.zeros((1, 48)), w.q[:, :48], w.q[:, :1].astype(jnp.float32), interpret=True)
+
+
+@pytest.fixture(scope="module")
+def h200():
+    """A replicated sharding over one abstract H200: programs lowered on it compile with XLA's GPU
+    compiler (Triton included) on this CPU-only machine."""
+    platform = pytest.importorskip("llama_jax.platform", reason="needs llama_jax.platform (the shipped H200 target config)")
+    try:
+        _, devices = platform.target("h200")
+    except RuntimeError as e:  # no CUDA plugin or ptxas
+        pytest.skip(str(e))
+    mesh = jax.sharding.Mesh(np.array(devices), ("tp",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _compile(fn, sharding, *shapes):
+    return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes)).compile()
+
+
+def _triton_calls(compiled) -> int:
+    return len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*int8_block_matmul', compiled.as_text()))
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_h200_kernel_stores_no_dequantized_matrix(h200, m):
+    """7B's MLP up projection at decode: XLA's path writes the 86 MiB bf16 matrix, the kernel
+    only its padded output."""
+    n, k = 11008, 4096
+    shapes = [((m, k), jnp.bfloat16), ((n, k), jnp.int8), ((n, k // quantize.BLOCK), jnp.float32)]
+    kernel = _compile(lambda x, q, s: int8_matmul.block_matmul(x, q, s, out_dtype=jnp.float32), h200, *shapes)
+    xla = _compile(lambda x, q, s: quantize._contract(x, quantize.dequantize(quantize.Int8Weight(q, s), x.dtype), jnp.float32),
+                   h200, *shapes)  # linear's GPU path
+    matrix = n * k * 2
+    assert _triton_calls(kernel) == 1
+    assert kernel.memory_analysis().temp_size_in_bytes < matrix / 50
+    assert xla.memory_analysis().temp_size_in_bytes >= matrix  # what the kernel is for (XLA's GPU compiler as of jaxlib 0.10)
+
+
+def test_h200_linear_takes_the_kernel_for_decode_only(h200):
+    """`linear(kernel=True)`: [batch, 1, k] decode rows go through the kernel, 128-token prefill
+    through XLA's dequantize + dot."""
+    n, k = 4096, 4096
+    w = [((n, k), jnp.int8), ((n, k // quantize.BLOCK), jnp.float32)]
+    fn = lambda x, q, s: quantize.linear(x, quantize.Int8Weight(q, s), kernel=True)
+    decode = _compile(fn, h200, ((4, 1, k), jnp.bfloat16), *w)
+    prefill = _compile(fn, h200, ((1, 128, k), jnp.bfloat16), *w)
+    assert _triton_calls(decode) == 1 and _triton_calls(prefill) == 0
+    assert decode.out_info.shape == (4, 1, n) and decode.out_info.dtype == jnp.bfloat16
