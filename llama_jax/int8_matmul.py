@@ -3,96 +3,114 @@ stores the dequantized matrix.
 
 Why: XLA's GPU compiler fuses a per-channel int8 weight's convert into its dot, but not the
 per-block (Q8_0, `quantize.BLOCK` = 32) dequantization `convert(q) * broadcast(scale)`: it writes a
-whole float copy of every matrix per matmul (86 MiB for 11008 x 4096 in bf16), which at decode
-(memory-bound: each weight byte is read once per step) triples the bytes moved. This kernel loads
-int8 tiles and their scales, dequantizes them in registers and feeds the tensor-core dot.
+whole float copy of every matrix per matmul (86 MiB for 11008 x 4096 in bf16) and reads it back,
+which at decode (memory-bound: each weight byte is read once per step) is 5x the int8 bytes. This
+kernel loads int8 tiles and their scales, dequantizes them in registers and feeds the tensor-core
+dot (mma.sync on sm_90, operands staged in shared memory by cp.async).
 
-Where it is used: decode-sized inputs (`DECODE_ROWS` rows or fewer after flattening), where the
-step is bound by reading the weights. Prefill keeps the XLA dequantize + dot path: at hundreds of
-rows the matmul is compute-bound, the float copy costs one extra pass over the weights per
-thousands of rows, and XLA's autotuned GEMM beats this kernel's fixed small row tile there.
+Where it is used: decode-sized inputs (`MatmulConfig.decode_rows` rows or fewer after flattening),
+where the step is bound by reading the weights. Prefill keeps the XLA dequantize + dot path: at
+hundreds of rows per matmul the dot is compute-bound, the float copy costs one extra pass over the
+weights per hundreds of rows, and XLA's autotuned GEMM beats this kernel's fixed 16-row tile there.
 
-Backend: Pallas-Triton (explicit `triton.CompilerParams`: without them jax >= 0.10 sends a
-`pallas_call` to Mosaic GPU). It runs on jax 0.10 (what CI and the deviceless H200 compile use)
-and 0.11, where Pallas-Triton is deprecated but still lowers; see `TRITON_NOTE`.
+Backend: Pallas-Triton, chosen by passing `triton.CompilerParams` (without them jax >= 0.10 hands
+a `pallas_call` to Mosaic GPU). jax 0.10 and 0.11 both lower it; 0.11 deprecates Pallas-Triton
+(a DeprecationWarning per lowering, "jax-pallas-triton") but keeps it unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 from llama_jax.quantize import BLOCK
 
-ROW_TILE = 16  # rows of x per program: the smallest tensor-core dot; decode's m is padded to it
-DECODE_ROWS = 64  # `quantize.linear` takes the kernel up to this many rows (see the module docstring)
-COL_TILES = (64, 32, 16)  # output columns per program: the widest that still gives MIN_PROGRAMS
-MIN_PROGRAMS = 264  # two per H200 SM (132): enough loads in flight to keep reading at full bandwidth
-K_TILES = (256, 128, 64, 32)  # inputs per loop step, the first that divides k
-TRITON_NOTE = ("jax 0.11 deprecates Pallas-Triton (a DeprecationWarning at pallas_call) but keeps its "
-               "lowering; the kernel needs triton.CompilerParams there as on 0.10")
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Tiling of the kernel (untuned on hardware: chosen from the H200's shape, 132 SMs).
+
+    `row_tile`: rows of x per program, the smallest tensor-core dot (Triton needs 16); rows past
+    m are masked, never read. `col_tiles`: output columns per program, the widest that still
+    gives `min_programs` programs (small n, e.g. 4096 at decode, needs narrow tiles to occupy
+    every SM). `k_tiles`: inputs per loop step, the first that divides k. `decode_rows`: the most
+    rows `quantize.linear` sends here.
+    """
+
+    row_tile: int = 16
+    col_tiles: tuple[int, ...] = (64, 32, 16)
+    k_tiles: tuple[int, ...] = (256, 128, 64, 32)
+    min_programs: int = 264  # two per H200 SM
+    decode_rows: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def col_tile(self, m: int, n: int) -> int:
+        row_tiles = -(-m // self.row_tile)
+        return next((t for t in self.col_tiles if row_tiles * -(-n // t) >= self.min_programs), self.col_tiles[-1])
+
+    def k_tile(self, k: int) -> int | None:
+        return next((t for t in self.k_tiles if k % t == 0), None)
 
 
-def _tile(size: int, choices: tuple[int, ...]) -> int | None:
-    return next((t for t in choices if size % t == 0), None)
+DEFAULT = MatmulConfig()
 
 
-def supported(m: int, n: int, k: int) -> bool:
-    """Whether `block_matmul` takes these shapes: k in whole 32-blocks; any n (a last, partial
-    column tile is masked) and any m (padded to the row tile), though it is meant for decode."""
-    return m >= 1 and n >= 1 and k >= BLOCK and k % BLOCK == 0
+def supported(m: int, n: int, k: int, config: MatmulConfig = DEFAULT) -> bool:
+    """Whether `block_matmul` takes these shapes: k in whole 32-blocks that a k tile divides; any
+    m and n (partial row and column tiles are masked), though it is meant for decode."""
+    return m >= 1 and n >= 1 and k % BLOCK == 0 and config.k_tile(k) is not None
 
 
-def _col_tile(row_tiles: int, n: int) -> int:
-    """The widest column tile that still gives `MIN_PROGRAMS` programs (wide tiles: fewer, longer
-    dots; small n, e.g. 4096 at decode, needs narrow ones to occupy every SM)."""
-    return next((t for t in COL_TILES if row_tiles * -(-n // t) >= MIN_PROGRAMS), COL_TILES[-1])
-
-
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, k_tile: int, steps: int, n: int, precision):
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, m: int, n: int, k_tile: int, steps: int):
     """One (row tile, column tile) of the output: loop over k, dequantize each int8 tile in
     registers (float32 product, rounded once to x's dtype as `quantize.dequantize` does), dot.
-    Where n is not a multiple of the column tile, the last tile's loads are masked (rows past n
-    read as 0; their output columns are cut off by the caller)."""
+    Rows of x past m and rows of q past n (the last tiles' overhang) are masked: not read (0), not
+    written."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     rows, cols = x_ref.shape[0], q_ref.shape[0]
     blocks = k_tile // BLOCK
-    valid = None
+    row_ok = col_ok = None
+    if m % rows:
+        row_ok = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < m
     if n % cols:
-        valid = (pl.program_id(1) * cols + lax.broadcasted_iota(jnp.int32, (cols, 1), 0)) < n
+        col_ok = pl.program_id(1) * cols + lax.broadcasted_iota(jnp.int32, (cols, 1), 0) < n
 
-    def load(ref, index):
-        return ref[index] if valid is None else plgpu.load(ref.at[index], mask=valid, other=0)
+    def load(ref, index, ok):
+        return ref[index] if ok is None else plgpu.load(ref.at[index], mask=ok, other=0)
 
     def step(i, acc):
-        x = x_ref[:, pl.ds(pl.multiple_of(i * k_tile, k_tile), k_tile)]
-        q = load(q_ref, (slice(None), pl.ds(pl.multiple_of(i * k_tile, k_tile), k_tile))).astype(jnp.float32)
-        s = load(s_ref, (slice(None), pl.ds(pl.multiple_of(i * blocks, blocks), blocks)))
+        ks = pl.ds(pl.multiple_of(i * k_tile, k_tile), k_tile)
+        x = load(x_ref, (slice(None), ks), row_ok)
+        q = load(q_ref, (slice(None), ks), col_ok).astype(jnp.float32)
+        s = load(s_ref, (slice(None), pl.ds(pl.multiple_of(i * blocks, blocks), blocks)), col_ok)
         w = (q.reshape(cols, blocks, BLOCK) * s[:, :, None]).reshape(cols, k_tile).astype(x.dtype)
-        return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((rows, cols), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _triton_params():
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=4, num_stages=3)
+    out = lax.fori_loop(0, steps, step, jnp.zeros((rows, cols), jnp.float32)).astype(o_ref.dtype)
+    if row_ok is None and col_ok is None:
+        o_ref[...] = out
+    else:
+        ok = [mask for mask in (row_ok, None if col_ok is None else col_ok.reshape(1, cols)) if mask is not None]
+        ok = ok[0] if len(ok) == 1 else ok[0] & ok[1]
+        plgpu.store(o_ref.at[:, :], out, mask=jnp.broadcast_to(ok, (rows, cols)))
 
 
-def block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=None,
-                 interpret: bool = False) -> jax.Array:
+def block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=None, interpret: bool = False,
+                 config: MatmulConfig = DEFAULT) -> jax.Array:
     """`x [..., k] @ dequantize(q [n, k] int8, scale [n, k / 32] float32).T -> [..., n]`, float32
-    accumulation, in `out_dtype` (default: x's). Leading axes of x are flattened; rows padded to
-    the row tile. Shapes must pass `supported`."""
+    accumulation, in `out_dtype` (default: x's). Leading axes of x are flattened. The dot runs at
+    the default precision (float32 x: tf32 tensor cores on the GPU, as XLA's own dots). `interpret`:
+    Pallas's interpreter (CPU tests); otherwise it compiles for an NVIDIA GPU only."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
     *lead, k = x.shape
     n = q.shape[0]
@@ -102,27 +120,46 @@ def block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=None
     if q.shape != (n, k) or scale.shape != (n, k // BLOCK):
         raise ValueError(f"block_matmul: q {q.shape} and scale {scale.shape} do not fit x {x.shape} "
                          f"(want q [n, {k}], scale [n, {k // BLOCK}])")
-    if not supported(m, n, k):
+    if not supported(m, n, k, config):
         raise ValueError(f"block_matmul: unsupported shape m={m} n={n} k={k} (see supported)")
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
-    rows = -(-m // ROW_TILE) * ROW_TILE
-    k_tile, col_tile = _tile(k, K_TILES), _col_tile(rows // ROW_TILE, n)
-    col_tiles = -(-n // col_tile)
-    x2 = x.reshape(m, k)
-    if rows != m:
-        x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    kernel = functools.partial(_kernel, k_tile=k_tile, steps=k // k_tile, n=n, precision=precision)
+    k_tile, col_tile, row_tile = config.k_tile(k), config.col_tile(m, n), config.row_tile
+    kernel = functools.partial(_kernel, m=m, n=n, k_tile=k_tile, steps=k // k_tile)
     out = pl.pallas_call(
         kernel,
-        grid=(rows // ROW_TILE, col_tiles),
-        in_specs=[pl.BlockSpec((ROW_TILE, k), lambda i, j: (i, 0)),
+        grid=(pl.cdiv(m, row_tile), pl.cdiv(n, col_tile)),
+        in_specs=[pl.BlockSpec((row_tile, k), lambda i, j: (i, 0)),
                   pl.BlockSpec((col_tile, k), lambda i, j: (j, 0)),
                   pl.BlockSpec((col_tile, k // BLOCK), lambda i, j: (j, 0))],
-        out_specs=pl.BlockSpec((ROW_TILE, col_tile), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, col_tiles * col_tile), out_dtype),
+        out_specs=pl.BlockSpec((row_tile, col_tile), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or x.dtype)),
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name="int8_block_matmul",
-    )(x2, q, scale.astype(jnp.float32))
-    return out[:m, :n].reshape(*lead, n)
+    )(x.reshape(m, k), q, scale.astype(jnp.float32))
+    return out.reshape(*lead, n)
+
+
+def sharded_block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, mesh: Mesh, split: str, axis: str = "tp",
+                         out_dtype=None, interpret: bool = False, config: MatmulConfig = DEFAULT) -> jax.Array:
+    """`block_matmul` under tensor parallelism: XLA does not partition a custom kernel (it would
+    all-gather the whole int8 matrix to every device first), so it runs per device in a
+    `shard_map` on the device's own part of `q` along mesh axis `axis`. `split`: "out"
+    (column-parallel: q and scale split along n, the output too) or "in" (row-parallel: q, scale
+    and x split along k; the partial products are summed in float32 with a psum)."""
+    lead = (None,) * (x.ndim - 1)
+    if split == "out":
+        specs = (PartitionSpec(*lead, None), PartitionSpec(axis, None), PartitionSpec(axis, None))
+        fn = functools.partial(block_matmul, out_dtype=out_dtype, interpret=interpret, config=config)
+        out_spec = PartitionSpec(*lead, axis)
+    elif split == "in":
+        specs = (PartitionSpec(*lead, axis), PartitionSpec(None, axis), PartitionSpec(None, axis))
+        dtype = jnp.dtype(out_dtype or x.dtype)
+
+        def fn(x, q, scale):
+            part = block_matmul(x, q, scale, out_dtype=jnp.float32, interpret=interpret, config=config)
+            return lax.psum(part, axis).astype(dtype)
+
+        out_spec = PartitionSpec(*lead, None)
+    else:
+        raise ValueError(f"split must be 'out' or 'in', got {split!r}")
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(x, q, scale)

@@ -147,7 +147,7 @@ def _linear_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
 def linear(x: jax.Array, w: Int8Weight, out_dtype=None, *, kernel: bool = False) -> jax.Array:
     """`x @ dequantize(w).T` (weight-only int8: the input stays in its float dtype).
 
-    `kernel` (GPU only): decode-sized inputs (at most `int8_matmul.DECODE_ROWS` rows) of a 2-D
+    `kernel` (GPU only): decode-sized inputs (at most `MatmulConfig.decode_rows` rows) of a 2-D
     weight in 32-blocks go through the Pallas kernel `int8_matmul.block_matmul`, which never
     stores the float matrix: XLA's GPU compiler does not fuse the block dequantization into its
     dot and writes a float copy of the matrix per matmul. XLA's CPU backend would also dequantize
@@ -159,7 +159,7 @@ def linear(x: jax.Array, w: Int8Weight, out_dtype=None, *, kernel: bool = False)
         from llama_jax import int8_matmul  # it imports this module
 
         rows = int(np.prod(x.shape[:-1]))
-        if rows <= int8_matmul.DECODE_ROWS and int8_matmul.supported(rows, *w.q.shape):
+        if rows <= int8_matmul.DEFAULT.decode_rows and int8_matmul.supported(rows, *w.q.shape):
             return int8_matmul.block_matmul(x, w.q, w.scale, out_dtype=out_dtype)
     if jax.default_backend() == "cpu" and w.q.size * 4 > CPU_BLOCK_BYTES:
         return _linear_blocked(x, w, out_dtype)
