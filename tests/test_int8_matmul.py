@@ -83,8 +83,12 @@ def h200():
     return jax.sharding.NamedSharding(_h200(1), jax.sharding.PartitionSpec())
 
 
-def _compile(fn, sharding, *shapes):
-    return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes)).compile()
+def _compile(fn, sharding, *args):
+    """Compile for the mesh's abstract GPUs: lowered under that mesh, since jax 0.11's Pallas-Triton
+    reads the GPU kind from the current mesh when the process has no GPU (0.10 assumed sm_90)."""
+    args = [a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(*a, sharding=sharding) for a in args]
+    with jax.set_mesh(sharding.mesh):
+        return jax.jit(fn).lower(*args).compile()
 
 
 def _triton_calls(compiled) -> int:
@@ -93,8 +97,8 @@ def _triton_calls(compiled) -> int:
 
 @pytest.mark.parametrize("m", [1, 8])
 def test_h200_kernel_stores_no_dequantized_matrix(h200, m):
-    """7B's MLP up projection at decode: XLA's path writes the 86 MiB bf16 matrix, the kernel
-    only its padded output."""
+    """7B's MLP up projection at decode: XLA's path writes the 86 MiB bf16 matrix; the kernel is
+    the program's one custom call and writes only the output."""
     n, k = 11008, 4096
     shapes = [((m, k), jnp.bfloat16), ((n, k), jnp.int8), ((n, k // quantize.BLOCK), jnp.float32)]
     kernel = _compile(lambda x, q, s: int8_matmul.block_matmul(x, q, s, out_dtype=jnp.float32), h200, *shapes)
@@ -108,8 +112,8 @@ def test_h200_kernel_stores_no_dequantized_matrix(h200, m):
 
 
 def test_h200_linear_takes_the_kernel_for_decode_only(h200):
-    """`linear(kernel=True)`: [batch, 1, k] decode rows go through the kernel, 128-token prefill
-    through XLA's dequantize + dot."""
+    """`linear(kernel=True)`: [batch, 1, k] decode rows go through the kernel, a 128-token prefill
+    does not (it keeps linear's XLA path)."""
     n, k = 4096, 4096
     w = [((n, k), jnp.int8), ((n, k // quantize.BLOCK), jnp.float32)]
     fn = lambda x, q, s: quantize.linear(x, quantize.Int8Weight(q, s), kernel=True)
@@ -130,9 +134,9 @@ def test_h200_tp2_runs_per_device_without_gathering_the_weight(split, spec):
             jax.ShapeDtypeStruct((n, k), jnp.int8, sharding=at(*spec)),
             jax.ShapeDtypeStruct((n, k // quantize.BLOCK), jnp.float32, sharding=at(*spec))]
     gathers = lambda c: re.findall(r"all-gather(?:-start)?\(", c.as_text())
-    bare = jax.jit(lambda x, q, s: int8_matmul.block_matmul(x, q, s)).lower(*args).compile()
-    per_device = jax.jit(lambda x, q, s: int8_matmul.sharded_block_matmul(x, q, s, mesh=mesh, split=split))
-    per_device = per_device.lower(*args).compile()
+    bare = _compile(lambda x, q, s: int8_matmul.block_matmul(x, q, s), at(), *args)
+    per_device = _compile(lambda x, q, s: int8_matmul.sharded_block_matmul(x, q, s, mesh=mesh, split=split),
+                          at(), *args)
     assert gathers(bare) and not gathers(per_device) and _triton_calls(per_device) == 1
     assert per_device.memory_analysis().temp_size_in_bytes < 2**20
     reduces = re.findall(r"= (\S+) all-reduce(?:-start)?\(", per_device.as_text())
