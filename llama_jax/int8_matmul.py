@@ -38,8 +38,9 @@ class MatmulConfig:
     `row_tile`: rows of x per program, the smallest tensor-core dot (Triton needs 16); rows past
     m are masked, never read. `col_tiles`: output columns per program, the widest that still
     gives `min_programs` programs (small n, e.g. 4096 at decode, needs narrow tiles to occupy
-    every SM). `k_tiles`: inputs per loop step, the first that divides k. `decode_rows`: the most
-    rows `quantize.linear` sends here.
+    every SM). `k_tiles`: inputs per loop step, the widest not above k; a remainder (e.g. 7B's
+    w_down at tp 8: k = 1376 = 5 x 256 + 96) is one more, masked step. `decode_rows`: the most rows
+    `quantize.linear` sends here.
     """
 
     row_tile: int = 16
@@ -55,23 +56,28 @@ class MatmulConfig:
         return next((t for t in self.col_tiles if row_tiles * -(-n // t) >= self.min_programs), self.col_tiles[-1])
 
     def k_tile(self, k: int) -> int | None:
-        return next((t for t in self.k_tiles if k % t == 0), None)
+        return next((t for t in self.k_tiles if t <= k), None)
 
 
 DEFAULT = MatmulConfig()
 
 
 def supported(m: int, n: int, k: int, config: MatmulConfig = DEFAULT) -> bool:
-    """Whether `block_matmul` takes these shapes: k in whole 32-blocks that a k tile divides; any
-    m and n (partial row and column tiles are masked), though it is meant for decode."""
+    """Whether `block_matmul` takes these shapes: k in whole 32-blocks; any m and n (partial row
+    and column tiles are masked), though it is meant for decode."""
     return m >= 1 and n >= 1 and k % BLOCK == 0 and config.k_tile(k) is not None
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, m: int, n: int, k_tile: int, steps: int):
+def _both(a, b):
+    """The conjunction of two optional masks (None: all true)."""
+    return b if a is None else a if b is None else a & b
+
+
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, m: int, n: int, k: int, k_tile: int):
     """One (row tile, column tile) of the output: loop over k, dequantize each int8 tile in
     registers (float32 product, rounded once to x's dtype as `quantize.dequantize` does), dot.
-    Rows of x past m and rows of q past n (the last tiles' overhang) are masked: not read (0), not
-    written."""
+    Rows of x past m, rows of q past n (the last tiles' overhang) and inputs past k (the last,
+    partial k step) are masked: not read (0), not written."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -86,20 +92,26 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, m: int, n: int, k_tile: int, steps: i
     def load(ref, index, ok):
         return ref[index] if ok is None else plgpu.load(ref.at[index], mask=ok, other=0)
 
-    def step(i, acc):
-        ks = pl.ds(pl.multiple_of(i * k_tile, k_tile), k_tile)
-        x = load(x_ref, (slice(None), ks), row_ok)
-        q = load(q_ref, (slice(None), ks), col_ok).astype(jnp.float32)
-        s = load(s_ref, (slice(None), pl.ds(pl.multiple_of(i * blocks, blocks), blocks)), col_ok)
+    def step(i, acc, k_ok=None, s_ok=None):
+        at = (lambda size: i * size) if isinstance(i, int) else (lambda size: pl.multiple_of(i * size, size))
+        ks = pl.ds(at(k_tile), k_tile)
+        x = load(x_ref, (slice(None), ks), _both(row_ok, k_ok))
+        q = load(q_ref, (slice(None), ks), _both(col_ok, k_ok)).astype(jnp.float32)
+        s = load(s_ref, (slice(None), pl.ds(at(blocks), blocks)), _both(col_ok, s_ok))
         w = (q.reshape(cols, blocks, BLOCK) * s[:, :, None]).reshape(cols, k_tile).astype(x.dtype)
         return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    out = lax.fori_loop(0, steps, step, jnp.zeros((rows, cols), jnp.float32)).astype(o_ref.dtype)
+    steps = k // k_tile
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((rows, cols), jnp.float32))
+    if k % k_tile:
+        k_ok = steps * k_tile + lax.broadcasted_iota(jnp.int32, (1, k_tile), 1) < k
+        s_ok = steps * blocks + lax.broadcasted_iota(jnp.int32, (1, blocks), 1) < k // BLOCK
+        acc = step(steps, acc, k_ok, s_ok)
+    out = acc.astype(o_ref.dtype)
     if row_ok is None and col_ok is None:
         o_ref[...] = out
     else:
-        ok = [mask for mask in (row_ok, None if col_ok is None else col_ok.reshape(1, cols)) if mask is not None]
-        ok = ok[0] if len(ok) == 1 else ok[0] & ok[1]
+        ok = _both(row_ok, None if col_ok is None else col_ok.reshape(1, cols))
         plgpu.store(o_ref.at[:, :], out, mask=jnp.broadcast_to(ok, (rows, cols)))
 
 
@@ -123,13 +135,14 @@ def block_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *, out_dtype=None
     if not supported(m, n, k, config):
         raise ValueError(f"block_matmul: unsupported shape m={m} n={n} k={k} (see supported)")
     k_tile, col_tile, row_tile = config.k_tile(k), config.col_tile(m, n), config.row_tile
-    kernel = functools.partial(_kernel, m=m, n=n, k_tile=k_tile, steps=k // k_tile)
+    k_pad = -(-k // k_tile) * k_tile  # blocks span whole k steps; the last one's overhang is masked
+    kernel = functools.partial(_kernel, m=m, n=n, k=k, k_tile=k_tile)
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, row_tile), pl.cdiv(n, col_tile)),
-        in_specs=[pl.BlockSpec((row_tile, k), lambda i, j: (i, 0)),
-                  pl.BlockSpec((col_tile, k), lambda i, j: (j, 0)),
-                  pl.BlockSpec((col_tile, k // BLOCK), lambda i, j: (j, 0))],
+        in_specs=[pl.BlockSpec((row_tile, k_pad), lambda i, j: (i, 0)),
+                  pl.BlockSpec((col_tile, k_pad), lambda i, j: (j, 0)),
+                  pl.BlockSpec((col_tile, k_pad // BLOCK), lambda i, j: (j, 0))],
         out_specs=pl.BlockSpec((row_tile, col_tile), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((m, n), jnp.dtype(out_dtype or x.dtype)),
         interpret=interpret,

@@ -20,8 +20,9 @@ def _weight(n: int, k: int, seed: int = 0) -> quantize.Int8Weight:
 
 @pytest.mark.parametrize(("m", "n", "k", "dtype"), [
     (1, 96, 256, jnp.bfloat16),  # decode; n a multiple of the column tile
-    (8, 37, 576, jnp.float32),  # odd n: the last column tile is masked; k (SmolLM2's 576) in 64-steps
-    (40, 100, 96, jnp.bfloat16),  # m past one row tile, padded; k in 32-steps
+    (8, 37, 576, jnp.float32),  # odd n: the last column tile is masked; SmolLM2's k = 2 x 256 + 64
+    (40, 100, 96, jnp.bfloat16),  # m past two row tiles, masked; k = 64 + a masked 32-block tail
+    (17, 20, 1376, jnp.float32),  # 7B's w_down at tp 8: k = 5 x 256 + 96 (one masked step)
     (3, 5, 32, jnp.float32),  # n below one tile, one k step
 ])
 def test_interpret_equals_dequantize_then_dot(m, n, k, dtype):
@@ -46,6 +47,7 @@ def test_interpret_leading_axes_and_out_dtype():
 
 def test_shapes_refused():
     assert int8_matmul.supported(1, 11008, 4096) and int8_matmul.supported(1024, 37, 32)
+    assert int8_matmul.supported(1, 4096, 1376)
     assert not int8_matmul.supported(1, 64, 48) and not int8_matmul.supported(1, 64, 16)
     w = _weight(64, 128)
     with pytest.raises(ValueError, match="do not fit"):
@@ -95,11 +97,11 @@ def _triton_calls(compiled) -> int:
     return len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*int8_block_matmul', compiled.as_text()))
 
 
-@pytest.mark.parametrize("m", [1, 8])
-def test_h200_kernel_stores_no_dequantized_matrix(h200, m):
-    """7B's MLP up projection at decode: XLA's path writes the 86 MiB bf16 matrix; the kernel is
-    the program's one custom call and writes only the output."""
-    n, k = 11008, 4096
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 11008, 4096), (8, 11008, 4096), (8, 4096, 1376)])
+def test_h200_kernel_stores_no_dequantized_matrix(h200, m, n, k):
+    """7B's MLP up projection at decode (and w_down's part at tp 8, a masked k tail): XLA's path
+    writes the bf16 matrix (86 MiB); the kernel is the program's one custom call and writes only
+    the output."""
     shapes = [((m, k), jnp.bfloat16), ((n, k), jnp.int8), ((n, k // quantize.BLOCK), jnp.float32)]
     kernel = _compile(lambda x, q, s: int8_matmul.block_matmul(x, q, s, out_dtype=jnp.float32), h200, *shapes)
     dequantize_dot = lambda x, q, s: quantize._contract(x, quantize.dequantize(quantize.Int8Weight(q, s), x.dtype),
@@ -108,7 +110,9 @@ def test_h200_kernel_stores_no_dequantized_matrix(h200, m):
     matrix = n * k * 2
     assert _triton_calls(kernel) == 1
     assert kernel.memory_analysis().temp_size_in_bytes < 2**20  # measured: 0 (one custom call, no pad or slice)
-    assert xla.memory_analysis().temp_size_in_bytes >= matrix  # why the kernel exists (XLA's GPU compiler, jaxlib 0.10)
+    # Why the kernel exists (XLA's GPU compiler, jaxlib 0.10). Not at every shape: at 1 row XLA
+    # makes some small matrices (4096 x 1376, 1536 x 576) a fused reduction with no copy.
+    assert xla.memory_analysis().temp_size_in_bytes >= matrix
 
 
 def test_h200_linear_takes_the_kernel_for_decode_only(h200):
