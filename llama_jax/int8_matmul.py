@@ -9,13 +9,19 @@ kernel loads int8 tiles and their scales, dequantizes them in registers and feed
 dot (mma.sync on sm_90, operands staged in shared memory by cp.async).
 
 Where it is used: decode-sized inputs (`MatmulConfig.decode_rows` rows or fewer after flattening),
-where the step is bound by reading the weights. Prefill keeps the XLA dequantize + dot path: at
-hundreds of rows per matmul the dot is compute-bound, the float copy costs one extra pass over the
-weights per hundreds of rows, and XLA's autotuned GEMM beats this kernel's fixed 16-row tile there.
+where the step is bound by reading the weights. Prefill keeps the XLA dequantize + dot path: there
+the dot is compute-bound, so the float copy (one extra pass over the weights per hundreds of rows)
+costs little, while this kernel's 16-row tiles would re-read every weight tile once per 16 rows
+(from L2 at best) and its fixed tiling cannot match XLA's autotuned GEMM. The 64-row limit is
+reasoned, not measured: no GPU has run this kernel yet.
 
 Backend: Pallas-Triton, chosen by passing `triton.CompilerParams` (without them jax >= 0.10 hands
-a `pallas_call` to Mosaic GPU). jax 0.10 and 0.11 both lower it; 0.11 deprecates Pallas-Triton
-(a DeprecationWarning per lowering, "jax-pallas-triton") but keeps it unchanged.
+a `pallas_call` to Mosaic GPU). jax 0.11 keeps Pallas-Triton with the same API but deprecates it
+(a DeprecationWarning at each lowering, id "jax-pallas-triton"), and, with no GPU attached (a
+deviceless compile), reads the GPU kind from the current mesh: lower under `jax.set_mesh` of the
+target's devices (0.10 assumed sm_90). Mosaic GPU is the backend to move to when Pallas-Triton
+goes (jax's `pallas/ops/gpu/hopper_mixed_type_matmul_mgpu.py`, an int8 x bf16 wgmma kernel, is
+the pattern, with the weight as the 64-row wgmma operand and the block scales applied in registers).
 """
 
 from __future__ import annotations
