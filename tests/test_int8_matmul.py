@@ -76,6 +76,8 @@ def _h200(tp: int):
         return jax.sharding.Mesh(np.array(platform.target("h200", tp=tp)[1]), ("tp",))
     except RuntimeError as e:  # no CUDA plugin or ptxas
         pytest.skip(str(e))
+    except FileNotFoundError as e:  # llama_jax/targets/h200.txtpb (ships with llama_jax.platform)
+        pytest.skip(f"the H200 target config is missing: {e}")
 
 
 @pytest.fixture(scope="module")
