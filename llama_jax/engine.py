@@ -62,7 +62,7 @@ class Engine:
         self.platform = platform.resolve(config.platform)
         self.split = kv_cache.split_layers(self.platform) if config.split_layers is None else config.split_layers
         # a one-time copy on CPU (split, 16-bit as bits); int8 weights get their compute mode
-        self.params = storage_params(cfg, params, self.split, self.platform)
+        self.params = storage_params(cfg, params, self.split, self.platform, sharded=mesh is not None and mesh.size > 1)
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)

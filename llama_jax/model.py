@@ -391,16 +391,16 @@ def cpu16(cfg: LlamaConfig, platform: Platform | None = None) -> bool:
 
 
 def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
-                   platform: Platform | None = None) -> nnx.State:
+                   platform: Platform | None = None, sharded: bool = False) -> nnx.State:
     """Parameters in the form the jitted steps run fastest on, on `platform` (default: the
     host's): on CPU, 16-bit floats as their bit patterns, so a step never converts the whole
     model; with `split`, each stacked layer weight as a tuple of one-layer buffers (see
     `kv_cache`). Either is a one-time copy. int8 weights learn how to compute there
-    (`quantize.for_platform`)."""
+    (`quantize.for_platform`; `sharded`: over a mesh of more than one device)."""
     platform = resolve(platform)
     params = jax.tree.map(to_bits, params) if cpu16(cfg, platform) else params
     if cfg.quantization is not None:
-        params = jax.tree.map(lambda w: quantize.for_platform(w, platform) if quantize.is_int8(w) else w, params,
+        params = jax.tree.map(lambda w: quantize.for_platform(w, platform, sharded) if quantize.is_int8(w) else w, params,
                               is_leaf=quantize.is_int8)
     if not split:
         return params

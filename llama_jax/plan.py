@@ -90,7 +90,7 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None,
     form the engine runs them on `target` (default: the host)."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s, platform=target), state)
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s, platform=target, sharded=mesh is not None and mesh.size > 1), state)
     flat = nnx.to_flat_state(stored)
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
     return graphdef, nnx.from_flat_state({

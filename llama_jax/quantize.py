@@ -18,8 +18,8 @@ misses the +0.5 % bar and, with block scales, is slower than weight-only on XLA'
 so int8 weights always multiply float inputs.
 
 `Int8Weight` is a registered pytree, so stacking, scanning over layers, splitting per layer,
-sharding and AOT shapes all follow from its two leaves; its static `row_blocks` says how
-`linear` computes on the platform the program is built for (`for_platform`).
+sharding and AOT shapes all follow from its two leaves; its static `path` says how `linear`
+computes on the platform the program is built for (`for_platform`).
 """
 
 from __future__ import annotations
@@ -39,24 +39,25 @@ SCHEME = QUANTIZATIONS[0]  # the only scheme; recorded in config.json ("quantiza
 QMAX = 127
 BLOCK = 32  # weights per scale along the input axis (llama.cpp's Q8_0 block)
 CPU_BLOCK_BYTES = 1 << 18  # on CPU: the float32 copy of one row block at a time (256 KiB: fastest, measured)
+PATHS = ("xla", "rows", "kernel")  # dequantize + dot; the same in row blocks (CPU); the Pallas GPU kernel
 INV_QMAX = np.float32(1 / QMAX)  # scales are max * (1/127): XLA rewrites a division by a constant that way
 MANIFEST_ENTRY = {"scheme": SCHEME, "granularity": "blocks along the input axis", "block": BLOCK,
                   "symmetric": True, "rounding": "nearest", "scale_dtype": "float32",
                   "quantized": "every matrix, embedding and LM head included; norms stay in the model dtype"}
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["row_blocks"])
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "scale"], meta_fields=["path"])
 @dataclasses.dataclass(frozen=True)
 class Int8Weight:
     """An int8 matrix `q` `[..., out, in]` and its float32 block scales `[..., out, in / block]`.
 
-    `row_blocks` (static): dequantize in row blocks (XLA's CPU backend, see `linear`); None: as
-    the host platform needs.
+    `path` (static): how `linear` computes with it, one of `PATHS` (see `for_platform`); None:
+    as the host platform runs it fastest.
     """
 
     q: Any
     scale: Any
-    row_blocks: bool | None = None
+    path: str | None = None
 
     def __getitem__(self, index) -> Int8Weight:
         """Index the leading (layer) axes of both arrays, e.g. one layer of a stacked weight."""
@@ -132,9 +133,13 @@ def is_int8(x: Any) -> bool:
     return isinstance(x, Int8Weight)
 
 
-def for_platform(w: Int8Weight, platform: Platform | None = None) -> Int8Weight:
-    """`w` computing as `platform` (default: the host's) runs it fastest (see `linear`)."""
-    return dataclasses.replace(w, row_blocks=resolve(platform).cpu)
+def for_platform(w: Int8Weight, platform: Platform | None = None, sharded: bool = False) -> Int8Weight:
+    """`w` computing as `platform` (default: the host's) runs it fastest (see `linear`): in row
+    blocks on a CPU, through the Pallas kernel on a GPU with Triton (not yet when the weights are
+    sharded: XLA would gather each matrix whole in front of it), else dequantized by XLA."""
+    platform = resolve(platform)
+    path = "rows" if platform.cpu else "kernel" if platform.has("triton") and not sharded else "xla"
+    return dataclasses.replace(w, path=path)
 
 
 def _contract(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
@@ -157,15 +162,24 @@ def _linear_blocked(x: jax.Array, w: Int8Weight, out_dtype) -> jax.Array:
 
 
 def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
-    """`x @ dequantize(w).T` (weight-only int8: the input stays in its float dtype).
+    """`x @ dequantize(w).T` (weight-only int8: the input stays in its float dtype), by `w.path`.
 
-    On GPU XLA fuses the dequantization into the dot's operand load, so the float matrix is never
-    stored. XLA's CPU backend cannot: it would dequantize each whole matrix first (and schedules
-    those copies together, 418 MiB of temporaries for the cpu-bench step), so there the rows go
-    through in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
+    "kernel" (GPU): decode-sized inputs (at most `MatmulConfig.decode_rows` rows) of a 2-D weight
+    in blocks of 32 go through the Pallas kernel `int8_matmul.block_matmul`, which never stores
+    the float matrix: XLA's GPU compiler does not fuse the block dequantization into its dot and
+    writes a float copy of the matrix per matmul (prefill, compute-bound, keeps that path).
+    "rows" (CPU): XLA's CPU backend would also dequantize each whole matrix first (and schedules
+    those copies together, 418 MiB of temporaries for the cpu-bench step), so the rows go through
+    in blocks of at most `CPU_BLOCK_BYTES` as float32, one at a time.
     """
-    row_blocks = resolve(None).cpu if w.row_blocks is None else w.row_blocks
-    if row_blocks and w.q.size * 4 > CPU_BLOCK_BYTES:
+    path = w.path or for_platform(w).path
+    if path == "kernel" and w.q.ndim == 2 and w.scale.shape[-1] * BLOCK == w.q.shape[-1]:
+        from llama_jax import int8_matmul  # it imports this module
+
+        rows = int(np.prod(x.shape[:-1]))
+        if rows <= int8_matmul.DEFAULT.decode_rows and int8_matmul.supported(rows, *w.q.shape):
+            return int8_matmul.block_matmul(x, w.q, w.scale, out_dtype=out_dtype)
+    if path == "rows" and w.q.size * 4 > CPU_BLOCK_BYTES:
         return _linear_blocked(x, w, out_dtype)
     return _contract(x, dequantize(w, x.dtype), out_dtype)
 

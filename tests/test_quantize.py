@@ -317,5 +317,6 @@ def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
     result = gpu_check.main(["--preset", "tiny-gqa", "--dtype", "float32", "--quantize", "int8", "--max-seq-len", "256",
                              "--slots", "2", "--concurrency", "2", "--context", "64", "--decode-tokens", "8",
                              "--tokenizer", str(tokenizer_path), "--compilation-cache", str(tmp_path / "xla")])
-    assert result["quantization"] == "int8" and result["int8_no_whole_matrix_copy"] is True
+    assert result["quantization"] == "int8" and result["int8_check_target"] == "h200"  # a CPU host checks the GPU's path
+    assert result["int8_no_whole_matrix_copy"] is True and "triton:int8_block_matmul" in result["int8_kernels"]
     assert result["batch1_decode_tok_s"] > 0

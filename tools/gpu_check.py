@@ -275,26 +275,33 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
     return seconds
 
 
-def int8_fusion_check(cfg, config: EngineConfig) -> dict:
+def int8_fusion_check(cfg, config: EngineConfig, host: Platform) -> dict:
     """Compile the batch-1 decode program ahead of time with int8 and with float weights (no
-    memory) and compare their temporaries: had XLA dequantized a matrix whole, the int8 program
-    would need at least one float copy of the smallest layer matrix more than the float one."""
+    memory) and compare their temporaries: had a matrix been dequantized whole, the int8 program
+    would need at least one float copy of the smallest layer matrix more than the float one. On a
+    GPU for this device; on a CPU host for the H200 target without a device (the CPU's own path
+    dequantizes small matrices whole by design, see quantize.linear)."""
     from llama_jax import plan
     from llama_jax.model import weight_specs
 
     one_row = lambda kind, shape: kind == "generate" and shape == {"rows": 1}
-    (int8,) = plan.compile_programs(cfg, config, select=one_row)
-    (flt,) = plan.compile_programs(cfg.replace(quantization=None), config, select=one_row)
+    mesh, name = None, target_of(host) if not host.cpu else "h200"
+    if host.cpu:
+        target, devices = platform.target(name)
+        config, mesh = dataclasses.replace(config, platform=target), plan.target_mesh(devices)
+    (int8,) = plan.compile_programs(cfg, config, mesh, select=one_row)
+    (flt,) = plan.compile_programs(cfg.replace(quantization=None), config, mesh, select=one_row)
     extra = int8.memory.temp_size_in_bytes - flt.memory.temp_size_in_bytes
     smallest = min(int(np.prod(s.tensor_shape)) for s in weight_specs(cfg).values() if len(s.tensor_shape) == 2)
     matrix = smallest * jnp.dtype(cfg.dtype).itemsize
     ok = extra < matrix
-    say(f"int8 decode temporaries {int8.memory.temp_size_in_bytes / 2**20:.1f} MiB vs {flt.memory.temp_size_in_bytes / 2**20:.1f} "
-        f"MiB with {cfg.dtype} weights; one {cfg.dtype} copy of the smallest matrix is {matrix / 2**20:.1f} MiB: "
-        f"{'no matrix dequantized whole' if ok else 'A MATRIX MAY BE DEQUANTIZED WHOLE'}")
+    say(f"int8 decode temporaries ({name or host.name}) {int8.memory.temp_size_in_bytes / 2**20:.1f} MiB vs "
+        f"{flt.memory.temp_size_in_bytes / 2**20:.1f} MiB with {cfg.dtype} weights; one {cfg.dtype} copy of the smallest "
+        f"matrix is {matrix / 2**20:.1f} MiB: {'no matrix dequantized whole' if ok else 'A MATRIX MAY BE DEQUANTIZED WHOLE'}")
     return {"int8_decode_temp_mib": round(int8.memory.temp_size_in_bytes / 2**20, 2),
-            "float_decode_temp_mib": round(flt.memory.temp_size_in_bytes / 2**20, 2),
-            "smallest_matrix_mib": round(matrix / 2**20, 2), "int8_no_whole_matrix_copy": bool(ok)}
+            "float_decode_temp_mib": round(flt.memory.temp_size_in_bytes / 2**20, 2), "int8_check_target": name,
+            "int8_kernels": int8.kernels, "smallest_matrix_mib": round(matrix / 2**20, 2),
+            "int8_no_whole_matrix_copy": bool(ok)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -346,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
     config = EngineConfig(**shape, attention=attn)
     if cfg.quantization:
-        result.update(int8_fusion_check(cfg, config))
+        result.update(int8_fusion_check(cfg, config, host))
     engine = Engine(model, tokenizer, config)
     per_program = []
     start = time.perf_counter()
