@@ -11,11 +11,12 @@ divides it, else one scale per row. Norm weights stay in the model dtype. A stac
 `[n_layers, out, in]` has scales `[n_layers, out, in / block]`: the scale's axes are the
 weight's axes, so scales shard with the weight's blocks.
 
-Why blocks (measured on the real SmolLM2-135M-Instruct, 2,224 tokens, docs/benchmarks.md): one
-scale per output channel cost +1.09 % perplexity, blocks of 64 +0.64 %, blocks of 32 +0.38 %.
-Quantizing the matmul inputs too (int8 x int8 dots, per row: +5.4 %; per block of 32: +0.61 %)
-misses the +0.5 % bar and, with block scales, is slower than weight-only on XLA's CPU backend,
-so int8 weights always multiply float inputs.
+Why blocks (the real SmolLM2-135M-Instruct, 2,044 tokens of English, `tools/int8_perplexity.py
+--schemes`): one scale per output channel cost +1.08 % perplexity, blocks of 64 +0.30 %, blocks
+of 32 -0.16 %. Quantizing the matmul inputs too costs +3.7 to +5.2 % per row; per block of 32
+(Q8_0 x Q8_0, what llama.cpp computes on a CPU) it costs nothing measurable, but XLA has no int8
+dot with per-block scales: batched over blocks it runs 5x slower than weight-only on the CPU
+(`tools/bench_int8_matmul.py`). So int8 weights always multiply float inputs.
 
 `Int8Weight` is a registered pytree, so stacking, scanning over layers, splitting per layer,
 sharding and AOT shapes all follow from its two leaves; its static `path` says how `linear`
