@@ -54,7 +54,9 @@ class AttentionConfig:
     many programs share one row's keys in the Pallas kernel (parallelism at batch 1). `mesh`:
     the tensor-parallel mesh, over which the kernels run per device on their own KV heads.
     `static_loops`: the XLA key-block loops run over the whole cache row, masked, instead of up to
-    the longest row: a trip count XLA knows, so no host round trip per iteration on a GPU.
+    the longest row: a trip count XLA knows, so no host round trip per iteration on a GPU; they
+    then take blocks of `static_block` keys (each iteration is a few kernel launches there, and
+    every block of the row is visited: fewer, larger ones; not yet measured on a GPU).
     """
 
     prefill: str = "xla"
@@ -64,6 +66,12 @@ class AttentionConfig:
     interpret: bool = False
     mesh: Mesh | None = None
     static_loops: bool = False
+    static_block: int = 512
+
+    @property
+    def loop_block(self) -> int:
+        """The key block of the XLA loops (decode fallback, suffix prefill)."""
+        return self.static_block if self.static_loops else self.block
 
     @staticmethod
     def for_platform(platform: Platform | None = None) -> AttentionConfig:
@@ -166,7 +174,7 @@ def prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     `suffix` (static): False when every start is 0 (the fresh path), True when some may not be (the
     cache-reading path, right for fresh rows too); None chooses on the device (a conditional)."""
     fresh = lambda: prefill_attention(q, k, v, lengths - starts, config)
-    cached = lambda: suffix_attention(q, k_cache, v_cache, layer, rows, starts, lengths, config.block,
+    cached = lambda: suffix_attention(q, k_cache, v_cache, layer, rows, starts, lengths, config.loop_block,
                                       static_loops=config.static_loops)
     if suffix is None:
         return lax.cond(jnp.all(starts == 0), fresh, cached)
@@ -229,12 +237,12 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         tp = 1 if config.mesh is None else config.mesh.shape.get("tp", 1)
         if tp > 1:  # a custom kernel is not partitioned by XLA: run it per device on its own heads
             if not _heads_split(config, k_cache.shape[2]):  # KV heads replicated over tp: no per-device kernel
-                return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block, config.static_loops)
+                return _decode_xla(q, k_cache, v_cache, layer, lengths, config.loop_block, config.static_loops)
             heads, cache = PartitionSpec(None, "tp", None), PartitionSpec(None, None, "tp", None, None)
             kernel = jax.shard_map(kernel, mesh=config.mesh, in_specs=(heads, cache, cache, PartitionSpec(), PartitionSpec()),
                                    out_specs=heads, check_vma=False)
         return kernel(q, k_cache, v_cache, layer, lengths)
-    return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block, config.static_loops)
+    return _decode_xla(q, k_cache, v_cache, layer, lengths, config.loop_block, config.static_loops)
 
 
 def _heads_split(config: AttentionConfig, kv_heads: int) -> bool:

@@ -13,7 +13,7 @@ from llama_jax.attention import AttentionConfig
 
 LAYERS, SLOTS, MAX_LEN, D = 2, 4, 256, 32
 PALLAS = AttentionConfig(decode="pallas", block=32, splits=4, interpret=True)
-STATIC = AttentionConfig(block=64, static_loops=True)  # a GPU's XLA loops: every key block, masked
+STATIC = AttentionConfig(block=64, static_loops=True, static_block=64)  # a GPU's XLA loops: every key block, masked
 
 
 def case(kv: int, groups: int, dtype, seed: int = 0, stale_nan: bool = False):
@@ -127,7 +127,7 @@ def test_prompt_attention_takes_the_fresh_path_only_when_every_start_is_zero():
     assert not np.allclose(np.asarray(mixed)[1, :20], np.asarray(want)[1, :20])
     # the path chosen on the host (a GPU's programs, `suffix` static) computes the same
     for suffix, starts, want_ in ((False, jnp.zeros(2, jnp.int32), fresh), (True, jnp.array([0, 5], jnp.int32), mixed)):
-        for config in (AttentionConfig(block=32), AttentionConfig(block=32, static_loops=True)):
+        for config in (AttentionConfig(block=32), AttentionConfig(block=32, static_loops=True, static_block=32)):
             got = jax.jit(lambda s: attention.prompt_attention(q, new_k, new_v, cache_k, cache_v, 0, rows, s, lengths,
                                                                config, suffix=suffix))(starts)
             np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want_)[valid], atol=1e-6)
