@@ -12,14 +12,14 @@
   each row's length, never copied out as a window. CPU: a loop over key blocks whose trip count
   follows the longest row (plain XLA, online softmax). GPU: a Pallas (Triton) kernel that reads
   the layer and row it needs straight out of the stacked cache, split over the key axis.
+* `cached_attention`: any queries at any positions against the cache with an explicit mask (for
+  scoring chunks and suffix prefills): reads the whole layer, off the serving hot path.
 
 No host round trips on a GPU: XLA:GPU runs a `lax.cond`, or a `while` loop whose trip count it
 cannot infer, by copying the predicate to the host and waiting for it each time. With
 `AttentionConfig.static_loops` (every platform but the CPU) the XLA loops run a static number of
 key blocks, the whole cache row, masking what lies past a row's length or a query's position;
 the CPU keeps its data-dependent trip counts, which follow the real context.
-* `cached_attention`: any queries at any positions against the cache with an explicit mask (for
-  scoring chunks and suffix prefills): reads the whole layer, off the serving hot path.
 
 All score arithmetic is float32; values beyond a row's length are zeroed before they meet a
 probability, so a stale NaN in an idle part of the cache can never leak in through 0 x NaN.
@@ -150,7 +150,8 @@ def causal_mask(lengths: jax.Array, t: int) -> jax.Array:
 
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                       config: AttentionConfig) -> jax.Array:
-    """Causal attention of fresh prompts: q `[B, T, H, D]`, k/v `[B, T, KV, D]`, true `lengths` `[B]`."""
+    """Causal attention of fresh prompts: q `[B, T, H, D]`, k/v `[B, T, KV, D]`, true `lengths` `[B]`.
+    cuDNN needs q, k and v sharded alike: with KV heads replicated over tp, the XLA path runs."""
     if config.prefill == "cudnn" and _heads_split(config, k.shape[2]):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, implementation="cudnn")

@@ -6,7 +6,8 @@ every program once per model graph with the state's shardings fixed on output, a
 shapes they run at is fixed up front (`program_shapes`: one prefill per (rows, length) shape,
 one generate per busy-slot bucket, the sum of the buckets, not their product), so no request mix
 ever compiles. On a GPU each prefill shape has two variants, fresh prompts and prompts after a
-cached prefix, chosen on the host (`prefill_variants`): no program waits on the host. Host-side state (slots, queue, text) is the scheduler's, in engine.py.
+cached prefix, chosen on the host (`prefill_variants`): no program waits on the host.
+Host-side state (slots, queue, text) is the scheduler's, in engine.py.
 """
 
 from __future__ import annotations
