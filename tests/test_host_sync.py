@@ -55,3 +55,17 @@ def test_cpu_keeps_one_prefill_per_shape_and_its_data_dependent_loops():
     programs = plan.plan(cfg, config, select=lambda kind, shape: kind != "copy")["per_program"]
     assert programs["prefill 1 x 64"]["conditionals"] >= 1  # the path, per layer (and the sampler's branches)
     assert programs["generate 1 slots"]["dynamic_whiles"] >= 1
+
+
+def test_plan_prints_the_counts_per_program(capsys):
+    """`llama-jax plan`'s text report has a row per program with both counts (here the CPU's)."""
+    from llama_jax import cli
+
+    assert cli.main(["plan", "--preset", "tiny-gqa", "--max-slots", "1", "--max-seq-len", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "conditionals  dynamic whiles" in line)
+    rows = {line.split("  ")[1].strip(): line.split()[-2:] for line in lines[header + 1:] if line.startswith("  ")
+            and not line.startswith("  slots")}
+    assert set(rows) == {"prefill 1 x 16", "prefill 1 x 32", "generate 1 slots", "slot copy"}
+    assert int(rows["prefill 1 x 32"][0]) >= 1 and int(rows["generate 1 slots"][1]) >= 1  # the CPU's, on purpose
+    assert rows["slot copy"] == ["0", "0"]
