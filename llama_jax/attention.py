@@ -6,12 +6,20 @@
   causal mask is top-left aligned, right only for queries starting at position 0. A batch with a
   suffix takes `suffix_attention`: an XLA loop over the cache rows' key blocks up to each query
   block's last position (the prefix's keys are in the cache, the suffix's were just written).
+  Which of the two runs is static where the caller knows (`suffix`: a GPU engine chooses on the
+  host, by the rows' starts) or else chosen on the device (a `lax.cond`: CPU).
 * `decode_attention`: one new token per row against the stacked KV cache, read in place up to
   each row's length, never copied out as a window. CPU: a loop over key blocks whose trip count
   follows the longest row (plain XLA, online softmax). GPU: a Pallas (Triton) kernel that reads
   the layer and row it needs straight out of the stacked cache, split over the key axis.
 * `cached_attention`: any queries at any positions against the cache with an explicit mask (for
   scoring chunks and suffix prefills): reads the whole layer, off the serving hot path.
+
+No host round trips on a GPU: XLA:GPU runs a `lax.cond`, or a `while` loop whose trip count it
+cannot infer, by copying the predicate to the host and waiting for it each time. With
+`AttentionConfig.static_loops` (every platform but the CPU) the XLA loops run a static number of
+key blocks, the whole cache row, masking what lies past a row's length or a query's position;
+the CPU keeps its data-dependent trip counts, which follow the real context.
 
 All score arithmetic is float32; values beyond a row's length are zeroed before they meet a
 probability, so a stale NaN in an idle part of the cache can never leak in through 0 x NaN.
@@ -45,6 +53,10 @@ class AttentionConfig:
     runs on any backend, for tests); `block` is the key block of the decode loop; `splits` how
     many programs share one row's keys in the Pallas kernel (parallelism at batch 1). `mesh`:
     the tensor-parallel mesh, over which the kernels run per device on their own KV heads.
+    `static_loops`: the XLA key-block loops run over the whole cache row, masked, instead of up to
+    the longest row: a trip count XLA knows, so no host round trip per iteration on a GPU; they
+    then take blocks of `static_block` keys (each iteration is a few kernel launches there, and
+    every block of the row is visited: fewer, larger ones; not yet measured on a GPU).
     """
 
     prefill: str = "xla"
@@ -53,14 +65,22 @@ class AttentionConfig:
     splits: int = 8
     interpret: bool = False
     mesh: Mesh | None = None
+    static_loops: bool = False
+    static_block: int = 512
+
+    @property
+    def loop_block(self) -> int:
+        """The key block of the XLA loops (decode fallback, suffix prefill)."""
+        return self.static_block if self.static_loops else self.block
 
     @staticmethod
     def for_platform(platform: Platform | None = None) -> AttentionConfig:
         """The fast choice for a platform (default: the host's): its kernels where it has them
-        (Pallas-Triton decode, cuDNN prefill), XLA elsewhere."""
+        (Pallas-Triton decode, cuDNN prefill), XLA elsewhere; static loop trip counts everywhere
+        but on the CPU (whose data-dependent ones follow the real context and cost no sync)."""
         platform = resolve(platform)
         return AttentionConfig(prefill="cudnn" if platform.has("cudnn") else "xla",
-                               decode="pallas" if platform.has("triton") else "xla")
+                               decode="pallas" if platform.has("triton") else "xla", static_loops=not platform.cpu)
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -130,8 +150,9 @@ def causal_mask(lengths: jax.Array, t: int) -> jax.Array:
 
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                       config: AttentionConfig) -> jax.Array:
-    """Causal attention of fresh prompts: q `[B, T, H, D]`, k/v `[B, T, KV, D]`, true `lengths` `[B]`."""
-    if config.prefill == "cudnn":
+    """Causal attention of fresh prompts: q `[B, T, H, D]`, k/v `[B, T, KV, D]`, true `lengths` `[B]`.
+    cuDNN needs q, k and v sharded alike: with KV heads replicated over tp, the XLA path runs."""
+    if config.prefill == "cudnn" and _heads_split(config, k.shape[2]):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, implementation="cudnn")
     t = q.shape[1]
@@ -147,19 +168,27 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
 
 def prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      layer: jax.Array | int, rows: jax.Array, starts: jax.Array, lengths: jax.Array,
-                     config: AttentionConfig) -> jax.Array:
+                     config: AttentionConfig, suffix: bool | None = None) -> jax.Array:
     """Queries `[B, T, H, D]` at positions `starts[b] + i` with their own keys `k`/`v` `[B, T, KV, D]`,
-    already written into cache rows `rows` of layer `layer`; `lengths` `[B]` counts the prefix too."""
+    already written into cache rows `rows` of layer `layer`; `lengths` `[B]` counts the prefix too.
+
+    `suffix` (static): False when every start is 0 (the fresh path), True when some may not be (the
+    cache-reading path, right for fresh rows too); None chooses on the device (a conditional)."""
     fresh = lambda: prefill_attention(q, k, v, lengths - starts, config)
-    suffix = lambda: suffix_attention(q, k_cache, v_cache, layer, rows, starts, lengths, config.block)
-    return lax.cond(jnp.all(starts == 0), fresh, suffix)
+    cached = lambda: suffix_attention(q, k_cache, v_cache, layer, rows, starts, lengths, config.loop_block,
+                                      static_loops=config.static_loops)
+    if suffix is None:
+        return lax.cond(jnp.all(starts == 0), fresh, cached)
+    return cached() if suffix else fresh()
 
 
 def suffix_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int,
-                     rows: jax.Array, starts: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
+                     rows: jax.Array, starts: jax.Array, lengths: jax.Array, block: int,
+                     static_loops: bool = False) -> jax.Array:
     """Causal attention of queries `[B, T, H, D]` at positions `starts[b] + i` over cache rows
     `rows` (keys `0..lengths[b]-1`): per query block, an online softmax over the key blocks up to
-    its last position, each block gathered from the rows' keys (nothing else is read)."""
+    its last position, each block gathered from the rows' keys (nothing else is read); with
+    `static_loops`, over every key block of the row, masked (a trip count XLA knows)."""
     b, t, h, d = q.shape
     kv, max_len = k_cache.shape[2], k_cache.shape[3]
     g, block = h // kv, key_block(max_len, block)
@@ -193,7 +222,8 @@ def suffix_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         init = (jnp.full((b, kv, g, tq), _MASKED, jnp.float32), jnp.zeros((b, kv, g, tq), jnp.float32),
                 jnp.zeros((b, kv, g, tq, d), jnp.float32))
         # block 0 holds key 0, visible to every query: the running max is real after it
-        _, l, o = lax.fori_loop(0, last // block + 1, body, init)
+        trips = max_len // block if static_loops else last // block + 1
+        _, l, o = lax.fori_loop(0, trips, body, init)
         o = o / jnp.maximum(l, 1e-30)[..., None]
         out.append(jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(b, tq, h, d))
     return jnp.concatenate(out, axis=1).astype(q.dtype)
@@ -207,13 +237,20 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
         kernel = functools.partial(_decode_pallas, config=config)
         tp = 1 if config.mesh is None else config.mesh.shape.get("tp", 1)
         if tp > 1:  # a custom kernel is not partitioned by XLA: run it per device on its own heads
-            if k_cache.shape[2] % tp:  # KV heads replicated over tp: no per-device split of the kernel
-                return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block)
+            if not _heads_split(config, k_cache.shape[2]):  # KV heads replicated over tp: no per-device kernel
+                return _decode_xla(q, k_cache, v_cache, layer, lengths, config.loop_block, config.static_loops)
             heads, cache = PartitionSpec(None, "tp", None), PartitionSpec(None, None, "tp", None, None)
             kernel = jax.shard_map(kernel, mesh=config.mesh, in_specs=(heads, cache, cache, PartitionSpec(), PartitionSpec()),
                                    out_specs=heads, check_vma=False)
         return kernel(q, k_cache, v_cache, layer, lengths)
-    return _decode_xla(q, k_cache, v_cache, layer, lengths, config.block)
+    return _decode_xla(q, k_cache, v_cache, layer, lengths, config.loop_block, config.static_loops)
+
+
+def _heads_split(config: AttentionConfig, kv_heads: int) -> bool:
+    """Whether the KV heads are split over the tp mesh like the query heads (no mesh: trivially),
+    as a custom kernel needs: per device (Pallas), or q, k and v sharded alike (cuDNN)."""
+    tp = 1 if config.mesh is None else config.mesh.shape.get("tp", 1)
+    return kv_heads % tp == 0
 
 
 def key_block(max_len: int, block: int) -> int:
@@ -223,9 +260,10 @@ def key_block(max_len: int, block: int) -> int:
     return block if max_len % block == 0 else max_len
 
 
-def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int) -> jax.Array:
+def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int, static_loops: bool = False) -> jax.Array:
     """Online softmax over key blocks; the trip count follows the longest row, so a step's cost
-    follows the real context and one program serves every context length."""
+    follows the real context and one program serves every context length (`static_loops`: every
+    block of the cache row, masked, so that XLA knows the trip count)."""
     b, h, d = q.shape
     kv, max_len = k_cache.shape[2], k_cache.shape[3]
     block = key_block(max_len, block)
@@ -249,7 +287,7 @@ def _decode_xla(q, k_cache, v_cache, layer, lengths, block: int) -> jax.Array:
     g = h // kv
     init = (jnp.full((b, kv, g), _MASKED, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
             jnp.zeros((b, kv, g, d), jnp.float32))
-    n_blocks = (jnp.max(lengths) + block - 1) // block
+    n_blocks = max_len // block if static_loops else (jnp.max(lengths) + block - 1) // block
     _, l, o = lax.fori_loop(0, n_blocks, body, init)
     return (o / l[..., None]).reshape(b, h, d).astype(q.dtype)
 

@@ -120,6 +120,10 @@ def _plan_report(args: argparse.Namespace, target: Platform, mesh, default_memor
     for kernel in report["kernels"]:
         calls = [name for name, p in report["per_program"].items() if kernel in p["kernels"]]
         print(f"  custom kernel {kernel}: in {len(calls)} of {report['programs']} programs")
+    width = max(map(len, report["per_program"]))
+    print(f"  {'program':<{width}}  compile s  temporaries  conditionals  dynamic whiles")  # the last two wait on the host on a GPU
+    for name, p in report["per_program"].items():
+        print(f"  {name:<{width}}  {p['compile_s']:9.1f}  {_human(p['temp']):>11}  {p['conditionals']:12d}  {p['dynamic_whiles']:14d}")
     if report["max_slots_that_fit"] is not None:
         print(f"  slots that fit {_human(memory)}: {report['max_slots_that_fit']}")
     return 0

@@ -5,7 +5,9 @@ All device state lives in one donated `DecodeState`, updated in place; `Programs
 every program once per model graph with the state's shardings fixed on output, and the set of
 shapes they run at is fixed up front (`program_shapes`: one prefill per (rows, length) shape,
 one generate per busy-slot bucket, the sum of the buckets, not their product), so no request mix
-ever compiles. Host-side state (slots, queue, text) is the scheduler's, in engine.py.
+ever compiles. On a GPU each prefill shape has two variants, fresh prompts and prompts after a
+cached prefix, chosen on the host (`prefill_variants`): no program waits on the host.
+Host-side state (slots, queue, text) is the scheduler's, in engine.py.
 """
 
 from __future__ import annotations
@@ -61,10 +63,27 @@ def smallest_prefill_shape(shapes: Sequence[tuple[int, int]], prompts: Sequence[
     return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
 
 
+def prefill_variants(target: Platform) -> tuple[bool | None, ...]:
+    """The prefill programs compiled per shape, by their static `suffix`. A GPU gets two, fresh
+    (False) and after a cached prefix (True), chosen on the host by the rows' starts: a choice on
+    the device is a conditional per layer, which XLA:GPU runs by waiting for the host. The CPU
+    gets one that chooses on the device (None): half the prefill compiles, and no sync to avoid."""
+    return (None,) if target.cpu else (False, True)
+
+
+def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) -> bool | None:
+    """The variant of `variants` that runs rows starting at `starts` (a prefix cached before them)."""
+    return None if variants == (None,) else bool(np.any(np.asarray(starts)))
+
+
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
-    """Every program serving runs, as (kind, shape): one prefill per (rows, length) shape and one
-    generate per busy-slot bucket, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
-    return ([("prefill", {"rows": r, "bucket": t}) for r, t in prefill_shapes(config, max_seq_len)]
+    """Every program serving runs on `config.platform` (default: the host's), as (kind, shape):
+    one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape
+    where there are two) and one generate per busy-slot bucket, and the slot copy of the prefix
+    cache. Warm-up compiles exactly these."""
+    variants = prefill_variants(platform.resolve(config.platform))
+    return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
+             for r, t in prefill_shapes(config, max_seq_len) for v in variants]
             + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
             + [("copy", {})])
 
@@ -105,18 +124,19 @@ def _scatter_rows(tree, slots: jax.Array, rows):
 
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
             lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
-            *, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+            *, attn: AttentionConfig, branch_free: bool, suffix: bool | None = None) -> tuple[DecodeState, SampleResult]:
     """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
     `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
     suffix is given), and sample each row's first token there (with its sampling row, among its
     `allowed` `[R, vocab]` tokens; `prompt_mask` marks the whole prompt's ids, prefix included).
 
     The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
-    slot index past the end marks a padding row, which writes nothing anywhere."""
+    slot index past the end marks a padding row, which writes nothing anywhere. `suffix` (static,
+    `prefill_variants`): whether some start may be past 0; None: the program checks."""
     model: Llama = nnx.merge(graphdef, params)
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, cache = model(tokens, positions, state.cache, starts + lengths, rows=slots,
-                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn)
+                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn, suffix=suffix)
     logits = replicate(logits, attn.mesh)
     zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
     fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
@@ -186,12 +206,13 @@ class Programs:
     state donated and its shardings fixed on output (so a step updates the state in place and
     never hands the next one a differently placed state, which would recompile)."""
 
-    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed) -> (state, result)
+    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, result)
     generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
     copy: Callable  # (cache, source, slot) -> cache
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
     shardings: DecodeState
+    prefill_variants: tuple[bool | None, ...]  # the values of prefill's static `suffix` compiled
 
     @staticmethod
     def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
@@ -204,11 +225,11 @@ class Programs:
         shardings = decode_state_shardings(cfg, mesh)
         static = dict(attn=attn, branch_free=branch_free)
         return Programs(
-            prefill=jax.jit(partial(prefill, graphdef, **static), donate_argnames="state",
+            prefill=jax.jit(partial(prefill, graphdef, **static), static_argnames="suffix", donate_argnames="state",
                             out_shardings=(shardings, None)),
             generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
                              out_shardings=(shardings, None)),
             copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
-            shardings=shardings)
+            shardings=shardings, prefill_variants=prefill_variants(target))

@@ -30,7 +30,8 @@ from jax.sharding import Mesh
 from llama_jax import kv_cache, platform, sampling, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import Programs, init_decode_state, prefill_shapes, program_shapes, smallest_prefill_shape
+from llama_jax.device import (Programs, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
+                               smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
@@ -77,6 +78,7 @@ class Engine:
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
+        self._prefill_variants = programs.prefill_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
@@ -156,8 +158,9 @@ class Engine:
                 rows, bucket = shape["rows"], shape["bucket"]
                 prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
                 result = self._run_prefill(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
-                                           [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows)
-                what = f"prefill {rows} x {bucket} tokens"
+                                           [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
+                                           suffix=shape.get("suffix"))
+                what = f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else "")
             elif kind == "generate":
                 self._state, result = self._generate(self.params, self._state, self._everything, rows=shape["rows"])
                 what = f"decode {shape['rows']} slots"
@@ -195,10 +198,12 @@ class Engine:
         return smallest_prefill_shape(self.prefill_shapes, prompts)
 
     def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
-                     rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
+                     rows: list[SamplingParams], constraints: list[Constraint | None],
+                     suffix: bool | None = None) -> SampleResult:
         """Prefill prompts straight into their slots, each from its `start` (the tokens before it
         are in the slot already), padded to a compiled shape, and sample each one's first token;
-        returns the step's result, row i for prompt i."""
+        returns the step's result, row i for prompt i. The program variant follows the starts
+        (`device.prefill_variant`) unless `suffix` names it (warm-up)."""
         suffixes = [p[start:] for p, start in zip(prompts, starts)]
         n_rows, bucket = self._prefill_shape(suffixes)
         pad = n_rows - len(prompts)
@@ -213,8 +218,9 @@ class Engine:
         params = sampling.stack_params([*rows, *[rows[0]] * pad])
         slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
         start_ids = np.array([*starts, *[0] * pad], np.int32)
+        variant = prefill_variant(self._prefill_variants, start_ids) if suffix is None else suffix
         self._state, result = self._prefill_rows(self.params, self._state, tokens, start_ids, lengths, slot_ids, params,
-                                                 prompt_mask, allowed)
+                                                 prompt_mask, allowed, suffix=variant)
         return result
 
     # ---- scheduler ----------------------------------------------------------------------------

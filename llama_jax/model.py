@@ -215,6 +215,7 @@ class _Step:
     cos: jax.Array
     sin: jax.Array
     mask: jax.Array | None  # [B, T, max_len] for mode "cached"
+    suffix: bool | None = None  # mode "prefill": the attention path, if known (`attention.prompt_attention`)
 
 
 def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax.Array,
@@ -232,7 +233,7 @@ def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax
     v_cache = write(v_cache, layer, v, step.rows, step.positions)
     if step.mode == "prefill":
         o = attention.prompt_attention(q, k, v, k_cache, v_cache, layer, step.rows, step.positions[:, 0],
-                                       step.lengths, step.attn)
+                                       step.lengths, step.attn, suffix=step.suffix)
     elif step.mode == "decode":
         o = attention.decode_attention(q[:, 0], k_cache, v_cache, layer, step.lengths, step.attn)[:, None]
     else:
@@ -324,6 +325,7 @@ class Llama(nnx.Module):
         mode: str = "cached",
         attn: AttentionConfig = AttentionConfig(),
         return_hidden: bool = False,
+        suffix: bool | None = None,
     ):
         """Run `tokens` `[B, T]` at `positions` `[B, T]` (contiguous per row) against cache rows
         `rows` `[B]` (default the first B: idle decode slots cost nothing).
@@ -336,7 +338,9 @@ class Llama(nnx.Module):
 
         `mode` (static) picks the attention: "cached" (any positions, explicit mask over the whole
         cache), "prefill" (prompts, or suffixes after a prefix already in the cache rows: causal,
-        see `attention.prompt_attention`) or
+        see `attention.prompt_attention`; `suffix` says which path, if the caller knows: False for
+        rows that all start at 0, True for rows that may start after a prefix, None to choose
+        on the device) or
         "decode" (T = 1, the first B rows: the cache is read in place up to each row's length).
         """
         cfg = self.cfg
@@ -350,7 +354,7 @@ class Llama(nnx.Module):
         lengths = positions[:, -1] + 1 if lengths is None else lengths
         cos, sin = rope_angles(positions, rope_frequencies(cfg))
         mask = attention_mask(positions, lengths, cache.max_len) if mode == "cached" else None
-        step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask)
+        step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask, suffix)
 
         # On CPU, 16-bit weights and caches go through the loop as bit patterns (see
         # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack. The

@@ -56,6 +56,12 @@ class Compiled:
     def kernels(self) -> list[str]:
         return custom_kernels(self.compiled.as_text())
 
+    @property
+    def host_syncs(self) -> dict[str, int]:
+        """`{"conditionals", "dynamic_whiles"}`: the control flow XLA:GPU runs by reading a
+        predicate back to the host (`host_sync_ops`)."""
+        return host_sync_ops(self.compiled.as_text())
+
 
 def custom_kernels(hlo: str) -> list[str]:
     """The custom kernels a compiled program calls, as `family:name`: Pallas-Triton kernels by
@@ -73,6 +79,19 @@ def custom_kernels(hlo: str) -> list[str]:
             kind = target.group(1).removeprefix("__cudnn$")
             found.add("cudnn:fmha" if kind.startswith("fmha") else f"cudnn:{kind}")
     return sorted(found)
+
+
+def host_sync_ops(hlo: str) -> dict[str, int]:
+    """The control flow of an optimized HLO module that XLA:GPU runs by copying a predicate to the
+    host and waiting for it: `conditional` ops, and `while` loops whose trip count XLA does not
+    know (no `known_trip_count` in their backend_config). Both should be 0 in a GPU serve program."""
+    conditionals = whiles = 0
+    for line in hlo.splitlines():
+        if re.search(r"\sconditional\(", line) and "_computation" in line:
+            conditionals += 1
+        elif re.search(r"\swhile\(", line) and "body=" in line and "known_trip_count" not in line:
+            whiles += 1
+    return {"conditionals": conditionals, "dynamic_whiles": whiles}
 
 
 def per_device_bytes(abstract) -> int:
@@ -133,8 +152,9 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
         if kind == "prefill":
             r, t = shape["rows"], shape["bucket"]
             mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_, sharding=rep)
-            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask)
-            name = f"prefill {r} x {t}"
+            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask,
+                                             suffix=shape.get("suffix"))
+            name = f"prefill {r} x {t}" + (" (suffix)" if shape.get("suffix") else "")
         elif kind == "copy":
             lowered = programs.copy.lower(state.cache, i32(), i32())
             name = "slot copy"
@@ -175,7 +195,8 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
 
     Returns `{"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes":
     {"weights", "kv_cache", "temp"}, "memory", "max_slots_that_fit", "kernels", "per_program":
-    {name: {"compile_s", "temp", "alias", "kernels"}}}`; `max_slots_that_fit` is None without `memory`.
+    {name: {"compile_s", "temp", "alias", "kernels", "conditionals", "dynamic_whiles"}}}` (the
+    last two: `host_sync_ops`); `max_slots_that_fit` is None without `memory`.
     """
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     target = platform.resolve(config.platform)
@@ -191,7 +212,8 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
     if memory is not None:
         fit = max(0, int((memory - weights - temp) // slot_bytes(cfg, max_len, tp_kv)))
     per_program = {c.name: {"compile_s": round(c.seconds, 2), "temp": c.memory.temp_size_in_bytes,
-                            "alias": c.memory.alias_size_in_bytes, "kernels": c.kernels} for c in compiled}
+                            "alias": c.memory.alias_size_in_bytes, "kernels": c.kernels, **c.host_syncs}
+                   for c in compiled}
     return {
         "platform": target.name,
         "device_kind": target.device_kind,

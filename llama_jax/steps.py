@@ -55,7 +55,7 @@ def _prefill(model: Llama, cache: KVCache, tokens: jax.Array, lengths: jax.Array
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return model(tokens, positions, cache, lengths, rows=rows, logits_at=jnp.maximum(lengths - 1, 0),
-                 mode="prefill", attn=attn)
+                 mode="prefill", attn=attn, suffix=False)  # every row starts at 0
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="attn")

@@ -13,6 +13,7 @@ from llama_jax.attention import AttentionConfig
 
 LAYERS, SLOTS, MAX_LEN, D = 2, 4, 256, 32
 PALLAS = AttentionConfig(decode="pallas", block=32, splits=4, interpret=True)
+STATIC = AttentionConfig(block=64, static_loops=True, static_block=64)  # a GPU's XLA loops: every key block, masked
 
 
 def case(kv: int, groups: int, dtype, seed: int = 0, stale_nan: bool = False):
@@ -34,7 +35,7 @@ def reference(q, k, v, layer, lengths):
 
 
 @pytest.mark.parametrize("kv,groups", [(4, 1), (2, 4)])  # multi-head (7B) and grouped-query (70B-like)
-@pytest.mark.parametrize("config", [AttentionConfig(block=64), PALLAS], ids=["xla", "pallas"])
+@pytest.mark.parametrize("config", [AttentionConfig(block=64), STATIC, PALLAS], ids=["xla", "xla-static", "pallas"])
 def test_decode_matches_dense_reference_float32(kv, groups, config):
     q, k, v, lengths = case(kv, groups, jnp.float32)
     for layer in range(LAYERS):
@@ -42,7 +43,7 @@ def test_decode_matches_dense_reference_float32(kv, groups, config):
         np.testing.assert_allclose(np.asarray(got), np.asarray(reference(q, k, v, layer, lengths)), atol=2e-6)
 
 
-@pytest.mark.parametrize("config", [AttentionConfig(block=64), PALLAS], ids=["xla", "pallas"])
+@pytest.mark.parametrize("config", [AttentionConfig(block=64), STATIC, PALLAS], ids=["xla", "xla-static", "pallas"])
 def test_decode_bfloat16_and_stale_nan(config):
     """bf16 keys within bf16 rounding of the float32 result; NaN past a row's length never leaks."""
     q, k, v, lengths = case(2, 4, jnp.bfloat16, seed=1, stale_nan=True)
@@ -78,8 +79,9 @@ def test_prefill_attention_is_causal_within_each_length():
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-6)
 
 
+@pytest.mark.parametrize("static_loops", [False, True], ids=["to-last-position", "static"])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
-def test_suffix_attention_reads_the_prefix_from_the_cache(dtype, atol):
+def test_suffix_attention_reads_the_prefix_from_the_cache(dtype, atol, static_loops):
     """Queries at offsets (a suffix after a cached prefix) against cache rows picked by index:
     equal to the dense masked reference, stale NaN past each row's length never leaking."""
     kv, groups, t = 2, 4, 150  # two query blocks
@@ -93,7 +95,8 @@ def test_suffix_attention_reads_the_prefix_from_the_cache(dtype, atol):
         v[:, row, :, n:] = np.nan
     q = jnp.asarray(rng.normal(size=(3, t, kv * groups, D)), dtype)
     k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
-    got = jax.jit(lambda *a: attention.suffix_attention(*a, block=64))(q, k, v, jnp.int32(1), rows, starts, lengths)
+    got = jax.jit(lambda *a: attention.suffix_attention(*a, block=64, static_loops=static_loops))(
+        q, k, v, jnp.int32(1), rows, starts, lengths)
     pos = starts[:, None] + jnp.arange(t)
     mask = (jnp.arange(MAX_LEN)[None, None] <= pos[:, :, None]) & (jnp.arange(MAX_LEN)[None, None] < lengths[:, None, None])
     clean = lambda a: jnp.nan_to_num(a[1][rows].astype(jnp.float32))
@@ -122,6 +125,12 @@ def test_prompt_attention_takes_the_fresh_path_only_when_every_start_is_zero():
     mixed = run(jnp.array([0, 5], jnp.int32))  # row 1 now has 5 cached keys before it: a different result
     np.testing.assert_allclose(np.asarray(mixed)[0], np.asarray(want)[0], atol=2e-6)
     assert not np.allclose(np.asarray(mixed)[1, :20], np.asarray(want)[1, :20])
+    # the path chosen on the host (a GPU's programs, `suffix` static) computes the same
+    for suffix, starts, want_ in ((False, jnp.zeros(2, jnp.int32), fresh), (True, jnp.array([0, 5], jnp.int32), mixed)):
+        for config in (AttentionConfig(block=32), AttentionConfig(block=32, static_loops=True, static_block=32)):
+            got = jax.jit(lambda s: attention.prompt_attention(q, new_k, new_v, cache_k, cache_v, 0, rows, s, lengths,
+                                                               config, suffix=suffix))(starts)
+            np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want_)[valid], atol=1e-6)
 
 
 def test_key_block_never_exceeds_the_cache():

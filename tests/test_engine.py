@@ -103,8 +103,8 @@ def _spy_prefill_shapes(engine, monkeypatch) -> list[tuple[int, int]]:
     """The (rows, length) shape of every prefill the engine runs from now on."""
     shapes = []
     real = engine._prefill_rows
-    monkeypatch.setattr(engine, "_prefill_rows", lambda params, state, tokens, *a: shapes.append(tokens.shape)
-                        or real(params, state, tokens, *a))
+    monkeypatch.setattr(engine, "_prefill_rows", lambda params, state, tokens, *a, **kw: shapes.append(tokens.shape)
+                        or real(params, state, tokens, *a, **kw))
     return shapes
 
 

@@ -194,6 +194,25 @@ def test_no_compiles_after_warmup_with_the_cache_on(cached):
     assert counter.count == 0
 
 
+def test_gpu_prefill_variants_chosen_on_the_host_match_the_uncached_engine(tiny_model, tokenizer, plain, monkeypatch):
+    """A GPU's programs on this CPU: each prefill shape compiled fresh and after a cached prefix
+    (`device.prefill_variants`), the engine picking by the rows' starts, and the static-trip-count
+    loops. Same replies as the uncached engine; nothing compiles after warm-up."""
+    from llama_jax import device
+    from llama_jax.attention import AttentionConfig
+
+    monkeypatch.setattr(device, "prefill_variants", lambda target: (False, True))
+    with Engine(tiny_model, tokenizer, _config(attention=AttentionConfig(static_loops=True))) as gpu_like:
+        ran = []
+        real = gpu_like._prefill_rows
+        monkeypatch.setattr(gpu_like, "_prefill_rows", lambda *a, suffix: ran.append(suffix) or real(*a, suffix=suffix))
+        with CompileCounter() as counter:
+            got = conversation(gpu_like, 21, 3, SEEDED)
+        assert counter.count == 0
+    assert [r for r, _ in got] == [r for r, _ in conversation(plain, 21, 3, SEEDED)]
+    assert ran == [False, True, True] and got[-1][1] > 0  # the first turn fresh, the next ones after their prefix
+
+
 # ---- through the HTTP API -----------------------------------------------------------------------
 
 def metric(url: str, name: str) -> float:

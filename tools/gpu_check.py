@@ -12,7 +12,8 @@ it ends:
 0. the custom kernels `llama-jax plan --target` lists (compiled without the device for the
    matching target, h100/h200) must be the ones this device's own compile puts into the same
    programs (the longest prefill, the widest decode); on other devices the expectation is the
-   platform's attention choice (on CPU: none);
+   platform's attention choice (on CPU: none); on a GPU neither program may hold a conditional
+   or a loop of unknown trip count (each waits on the host: `no_host_syncs_ok`);
 1. the kernels checked against the XLA path on this device (Pallas decode, cuDNN prefill);
    a kernel that fails or disagrees is reported and the engine falls back to XLA for it;
 1b. logits on this device (its kernels) against the CPU's XLA paths, both in the model's dtype
@@ -106,13 +107,19 @@ def target_of(host: Platform) -> str | None:
 def check_planned_kernels(cfg, config: EngineConfig, host: Platform) -> dict:
     """Step 0: the custom kernels per program that `plan --target` lists (compiled without a
     device) against those this device's compile puts in, for the longest prefill and the widest
-    decode. Without a matching target the expectation is the platform's attention choice."""
+    decode. Without a matching target the expectation is the platform's attention choice. On a
+    GPU also that neither program has control flow that waits on the host (`plan.host_sync_ops`)."""
     from llama_jax import plan
 
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    largest = lambda kind, shape: shape in ({"rows": 1, "bucket": max_len}, {"rows": config.max_slots})
+    largest = lambda kind, shape: (not shape.get("suffix")  # a GPU's fresh prefill (its suffix one has no kernel)
+                                   and {k: v for k, v in shape.items() if k != "suffix"} in
+                                   ({"rows": 1, "bucket": max_len}, {"rows": config.max_slots}))
     plain = dataclasses.replace(config, attention=None)
-    on_device = {c.name: c.kernels for c in plan.compile_programs(cfg, plain, select=largest)}
+    device_programs = plan.compile_programs(cfg, plain, select=largest)
+    on_device = {c.name: c.kernels for c in device_programs}
+    syncs = {} if host.cpu else {"device_host_syncs": {c.name: c.host_syncs for c in device_programs},
+                                 "no_host_syncs_ok": all(not any(c.host_syncs.values()) for c in device_programs)}
     name, planned = target_of(host), None
     if name:
         try:
@@ -129,7 +136,8 @@ def check_planned_kernels(cfg, config: EngineConfig, host: Platform) -> dict:
     ok = planned == on_device
     say(f"planned kernels ({name or 'this platform'}): {planned}; compiled on the device: {on_device}: "
         f"{'the same' if ok else 'DIFFERENT'}")
-    return {"planned_kernels": planned, "device_kernels": on_device, "planned_target": name, "kernels_as_planned": ok}
+    return {"planned_kernels": planned, "device_kernels": on_device, "planned_target": name, "kernels_as_planned": ok,
+            **syncs}
 
 
 def _logits(cfg, params, tokens: np.ndarray, device, on: Platform, attn: AttentionConfig) -> np.ndarray:
