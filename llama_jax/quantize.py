@@ -15,7 +15,7 @@ Why blocks (the real SmolLM2-135M-Instruct, 2,044 tokens of English, `tools/int8
 --schemes`): one scale per output channel cost +1.08 % perplexity, blocks of 64 +0.30 %, blocks
 of 32 -0.16 %. Quantizing the matmul inputs too costs +3.7 to +5.2 % per row; per block of 32
 (Q8_0 x Q8_0, what llama.cpp computes on a CPU) it costs nothing measurable, but XLA has no int8
-dot with per-block scales: batched over blocks it runs 5x slower than weight-only on the CPU
+dot with per-block scales: batched over blocks it runs 3-8x slower than weight-only on the CPU
 (`tools/bench_int8_matmul.py`). So int8 weights always multiply float inputs.
 
 `Int8Weight` is a registered pytree, so stacking, scanning over layers, splitting per layer,
