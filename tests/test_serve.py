@@ -169,7 +169,7 @@ def stream(url: str, max_tokens: int, first: threading.Event, out: dict) -> None
 @pytest.fixture
 def drained(env):
     """A server of its own for the SIGTERM test (the signal ends it, whatever runs after)."""
-    server = Serve(env, *SMALL, "--drain-timeout", "0.5")
+    server = Serve(env, "--max-slots", "4", "--max-seq-len", "1024", "--max-prefill-tokens", "128", "--drain-timeout", "0.5")
     yield server
     server.stop()
 
@@ -177,7 +177,7 @@ def drained(env):
 def test_sigterm_drains_16_streams_then_exits_0(drained):
     """4 slots, 16 streams: 8 short ones first (they finish), then 8 long ones and a long plain request
     (cut at the 0.5 s drain timeout). Every stream ends with [DONE]; nothing is cut silently."""
-    short, long = [4] * 8, [200] * 8
+    short, long = [4] * 8, [1000] * 8  # 1000 tokens: never done within the 0.5 s drain, however fast the box
     results = [{} for _ in short + long]
     threads = []
     for max_tokens, out in zip(short + long, results):
@@ -188,7 +188,7 @@ def test_sigterm_drains_16_streams_then_exits_0(drained):
     plain: dict = {}
 
     def plain_request() -> None:
-        body = {"model": DEMO, "messages": HELLO, "max_tokens": 200, "logit_bias": NO_EOS}
+        body = {"model": DEMO, "messages": HELLO, "max_tokens": 1000, "logit_bias": NO_EOS}
         plain["r"] = httpx.post(drained.url + "/v1/chat/completions", json=body, timeout=60)
 
     threads.append(threading.Thread(target=plain_request))
@@ -212,7 +212,7 @@ def test_sigterm_drains_16_streams_then_exits_0(drained):
         else:
             assert events[-1]["choices"][0]["finish_reason"] == "length"
             finished.append(max_tokens)
-    assert sorted(finished)[:8] == short and cut and set(cut) == {200}, (finished, cut)
+    assert sorted(finished)[:8] == short and cut and set(cut) == {1000}, (finished, cut)
     r = plain["r"]
     assert r.status_code in (200, 503) and r.headers["content-type"] == "application/json"
     if r.status_code == 503:
