@@ -53,6 +53,20 @@ def send(page, text: str) -> None:
     page.click("#send")
 
 
+def watch_streamed_text(page) -> None:
+    """Count, in `window.streamedRenders`, the DOM changes that put text into a reply still marked as streaming."""
+    page.evaluate("""() => {
+      window.streamedRenders = 0;
+      new MutationObserver(records => {
+        for (const r of records) {
+          const el = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+          const msg = el && el.closest(".msg.assistant.streaming");
+          if (msg && msg.querySelector(".body").textContent) window.streamedRenders++;
+        }
+      }).observe(document.getElementById("log"), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
 def busy_slots(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(float(v) for v in re.findall(r"^llama_jax_busy_slots(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE))
@@ -72,9 +86,12 @@ def test_a_message_streams_and_finishes_with_stats(browser, quick_start):
     page = open_page(browser, quick_start.url)
     page.wait_for_function("document.getElementById('model').textContent === 'SmolLM2-135M-Instruct'")
     page.fill("#temperature", "0")
+    watch_streamed_text(page)
     send(page, "What is the capital of France?")
-    page.wait_for_selector(".msg.assistant.streaming .body:not(:empty)", timeout=60_000)  # text arrives while streaming
     page.wait_for_selector(".msg.assistant[data-done]", timeout=120_000)
+    # Text arrived while the reply was still streaming. A short reply can stream and finish between two polls of
+    # wait_for_selector, so a MutationObserver counts the renders instead.
+    assert page.evaluate("window.streamedRenders") >= 1
     reply = page.inner_text(".msg.assistant .body")
     assert "Paris" in reply
     stats = page.inner_text(".msg.assistant .stats")
