@@ -142,6 +142,22 @@ def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     assert report["max_slots_that_fit"] == (target.memory - per["weights"] - per["temp"]) // plan.slot_bytes(cfg, 4096, 1)
 
 
+@pytest.mark.parametrize("max_len", [1000, 3000, 4000])
+def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
+    """The Pallas decode kernel lowers to Triton for a context that is no multiple of 128 (Triton
+    takes power-of-two blocks only; the kernel masks the row's tail): the decode program compiled
+    for an H200 calls it, with nothing that waits on the host. A one-layer model, one program."""
+    target, devices = platform.target("h200")
+    cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, max_seq_len=max_len)
+    config = EngineConfig(max_slots=2, max_seq_len=max_len, platform=target)
+    report = plan.plan(cfg, config, plan.target_mesh(devices), select=lambda kind, shape: shape == {"rows": 2})
+    assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * cfg.n_kv_heads * max_len * cfg.head_dim * 2  # no padding
+    assert report["per_program"] == {"generate 2 slots": report["per_program"]["generate 2 slots"]}
+    program = report["per_program"]["generate 2 slots"]
+    assert program["kernels"] == ["triton:decode_attention"]
+    assert (program["conditionals"], program["dynamic_whiles"]) == (0, 0)
+
+
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys):
     """`llama-jax plan --target h100 --tp 8` for Llama-2-70B over 8 abstract H100s, through the CLI
     (one slot of 16 tokens: four programs, prefill fresh and after a cached prefix, decode and slot
