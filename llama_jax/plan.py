@@ -116,9 +116,8 @@ def copies(hlo: str, min_bytes: int = COPY_MIN_BYTES) -> dict[str, int]:
         elif comps:
             lines.append(line)
     op = lambda line: (m.group(1) if (m := re.search(r"= \S+ ([\w-]+)\(", line)) else None)
-    moving = {name for name, lines in comps.items()
-              if {op(line) for line in lines} - {None} <= {"parameter", "constant", "slice", "dynamic-slice", "copy", "bitcast",
-                                                          "reshape", "transpose", "concatenate"}}
+    moves = {"parameter", "constant", "slice", "dynamic-slice", "copy", "bitcast", "reshape", "transpose", "concatenate"}
+    moving = {name for name, lines in comps.items() if {op(line) for line in lines} - {None} <= moves}
     runs = dict.fromkeys(comps, 1)  # how often each computation runs per execution (nested loops multiplied)
     for _ in range(4):
         for name, lines in comps.items():
@@ -157,15 +156,17 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, target: platform.Platfo
     form the engine runs them on `target` (default: the host); `split`: one buffer per layer."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s, split, platform=target, sharded=mesh is not None and mesh.size > 1),
-                            state)
+    sharded = mesh is not None and mesh.size > 1
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s, split, platform=target, sharded=sharded), state)
     flat = nnx.to_flat_state(stored)
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
 
     def place_weight(w, sh):
         if isinstance(w, tuple):  # split: each layer's buffer sharded as the stack
             return tuple(place_weight(x, sh) for x in w)
-        return dataclasses.replace(w, q=place(w.q, sh.q), scale=place(w.scale, sh.scale)) if quantize.is_int8(w) else place(w, sh)
+        if quantize.is_int8(w):
+            return dataclasses.replace(w, q=place(w.q, sh.q), scale=place(w.scale, sh.scale))
+        return place(w, sh)
 
     return graphdef, nnx.from_flat_state({p: v.replace(place_weight(v.get_value(), shardings[p])) for p, v in flat})
 

@@ -206,7 +206,8 @@ def _decode_for_h200(split_layers: bool | None) -> plan.Compiled:
     the 7B's (at the demo's 688 FFN, XLA also concatenates gate and up for one merged dot)."""
     target, devices = platform.target("h200")
     config = EngineConfig(max_slots=2, max_seq_len=256, platform=target, split_layers=split_layers)
-    (program,) = plan.compile_programs(SMALL_BF16, config, plan.target_mesh(devices), select=lambda kind, shape: shape == {"rows": 2})
+    (program,) = plan.compile_programs(SMALL_BF16, config, plan.target_mesh(devices),
+                                       select=lambda kind, shape: shape == {"rows": 2})
     assert program.kernels == ["triton:decode_attention"] and program.host_syncs == {"conditionals": 0, "dynamic_whiles": 0}
     return program
 
