@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_QUERY_BLOCK = 128  # XLA prefill runs causal query blocks of this many tokens
 _MASKED = -1e30  # finite: exp(_MASKED - m) is exactly 0 and never NaN
+PALLAS_MIN_KEYS = 16  # Triton's dots need 16 keys a block: shorter cache rows take the XLA loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +234,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer
                      lengths: jax.Array, config: AttentionConfig) -> jax.Array:
     """One query per row: q `[B, H, D]` against layer `layer` of the stacked cache
     `[L, slots, KV, S, D]`, rows `0..B-1`, keys `0..lengths[b]-1` (the new token included)."""
-    if config.decode == "pallas":
+    if config.decode == "pallas" and k_cache.shape[3] >= PALLAS_MIN_KEYS:
         kernel = functools.partial(_decode_pallas, config=config)
         tp = 1 if config.mesh is None else config.mesh.shape.get("tp", 1)
         if tp > 1:  # a custom kernel is not partitioned by XLA: run it per device on its own heads
@@ -297,7 +298,9 @@ def _decode_kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_
     """One (row, KV head, key split): online softmax over this split's blocks below the row's length.
 
     k_ref/v_ref are the whole cache flattened to `[L * slots * KV, S, D]`: the row of keys is
-    picked by index inside the kernel, so nothing is sliced or copied out of the cache.
+    picked by index inside the kernel, so nothing is sliced or copied out of the cache. A block
+    that would run past S (S not a multiple of `block`) is read from `S - block` instead, and the
+    keys before its nominal start, already counted, are masked: every read stays inside the row.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -308,13 +311,16 @@ def _decode_kernel(layer_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_
     q = q_ref[...].astype(jnp.float32)  # [Gp, D], pre-scaled, zero rows past `groups`
     start = split * split_len
     n_blocks = pl.cdiv(jnp.clip(length - start, 0, split_len), block)
+    max_len = k_ref.shape[1]
 
     def body(j, carry):
         m, l, o = carry
         pos = start + j * block
-        k = from_bits(k_ref[row, pl.ds(pos, block), :], dtype).astype(jnp.float32)  # [block, D]
-        v = from_bits(v_ref[row, pl.ds(pos, block), :], dtype)
-        valid = (pos + jnp.arange(block)) < length
+        read = jnp.minimum(pos, max_len - block)  # == pos but for a block past the end of the row
+        k = from_bits(k_ref[row, pl.ds(read, block), :], dtype).astype(jnp.float32)  # [block, D]
+        v = from_bits(v_ref[row, pl.ds(read, block), :], dtype)
+        keys = read + jnp.arange(block)
+        valid = (keys >= pos) & (keys < length)
         s = jnp.where(valid[None, :], plgpu.dot(q, k, trans_b=True), _MASKED)  # [Gp, block]
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
@@ -338,9 +344,7 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
     n_layers, slots, kv, max_len, _ = k_cache.shape
     g = h // kv
     gp = max(16, 1 << (g - 1).bit_length())  # tensor-core dots need >= 16 rows: pad the group
-    splits = config.splits if max_len % config.splits == 0 else 1
-    split_len = max_len // splits
-    block = key_block(split_len, config.block)
+    splits, split_len, block = pallas_blocks(max_len, config.splits, config.block)
     qg = (q.reshape(b, kv, g, d).astype(jnp.float32) * d**-0.5)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0))).astype(q.dtype)
     flat = (n_layers * slots * kv, max_len, d)
@@ -366,6 +370,18 @@ def _decode_pallas(q, k_cache, v_cache, layer, lengths, *, config: AttentionConf
     corr = jnp.exp(m - m_all[None])  # splits past a row's length hold m = _MASKED and l = 0
     out = (o * corr[..., None]).sum(0) / ((l * corr).sum(0)[..., None])
     return out[:, :, :g].reshape(b, h, d).astype(q.dtype)
+
+
+def pallas_blocks(max_len: int, splits: int, block: int) -> tuple[int, int, int]:
+    """`(splits, split_len, block)` of the Pallas decode kernel for a cache row of `max_len` keys
+    (>= `PALLAS_MIN_KEYS`). Triton lowers power-of-two blocks only, so the block is the largest
+    power of two <= `block` and <= the even split, each split a whole number of blocks (the last
+    may end past the row: the kernel reads it inside the row and masks what it repeats), and
+    splits left with no key are dropped. Rows of a multiple of `splits * block` split evenly."""
+    even = -(-max_len // splits)
+    block = max(16, min(block, 1 << (even.bit_length() - 1)))
+    split_len = -(-even // block) * block
+    return -(-max_len // split_len), split_len, block
 
 
 def _triton_params():

@@ -6,8 +6,10 @@ on `jax.ShapeDtypeStruct`s that carry the real shardings, compiles them for this
 backend, and reports per-device bytes: weights and KV cache (from the shardings, exact) and the
 largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
 70B plan at tp 8 runs on a laptop (`--xla_force_host_platform_device_count` gives the devices).
-The programs are compiled in the accelerators' layout (stacked layers, scanned); a CPU engine
-splits the layers into one buffer each, which holds the same bytes. An int8 config
+The programs are compiled in the layer layout `EngineConfig.split_layers` asks for; unset, in the
+engine's default on an accelerator and in the stacked one on CPU (layers scanned: one traced
+layer), where the engine splits the layers into one buffer each, which holds the same bytes. `copies`
+counts the bytes a program moves without computing, e.g. weights copied out of a stack. An int8 config
 (`quantization="int8"`, `plan --quantize int8`) counts its int8 matrices and float32 scales.
 
 `config.platform` says what the programs are built for: the host's devices by default, or a
@@ -31,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import platform, quantize, sampling
+from llama_jax import kv_cache, platform, quantize, sampling
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.model import abstract_model, storage_params
@@ -61,6 +63,11 @@ class Compiled:
         """`{"conditionals", "dynamic_whiles"}`: the control flow XLA:GPU runs by reading a
         predicate back to the host (`host_sync_ops`)."""
         return host_sync_ops(self.compiled.as_text())
+
+    @property
+    def copies(self) -> dict[str, int]:
+        """`{"count", "bytes"}` of the buffers filled only by moving bytes (`copies`)."""
+        return copies(self.compiled.as_text())
 
 
 def custom_kernels(hlo: str) -> list[str]:
@@ -94,6 +101,46 @@ def host_sync_ops(hlo: str) -> dict[str, int]:
     return {"conditionals": conditionals, "dynamic_whiles": whiles}
 
 
+COPY_MIN_BYTES = 64 << 10  # smaller moves (a layer's index, a norm's scale row) are not counted
+
+
+def copies(hlo: str, min_bytes: int = COPY_MIN_BYTES) -> dict[str, int]:
+    """`{"count", "bytes"}`: the buffers of at least `min_bytes` that an optimized HLO module fills
+    by only moving bytes (a fusion of slices, copies, concatenations, transposes), e.g. a layer's
+    weight matrix copied out of the stacked weights before its dot. `count` counts them as
+    written, `bytes` is what they write per run, loop bodies times their known trip counts."""
+    comps: dict[str, list[str]] = {}
+    for line in hlo.splitlines():
+        if head := re.match(r"^(?:ENTRY )?%(\S+) \(.*\{$", line):
+            comps[head.group(1)] = lines = []
+        elif comps:
+            lines.append(line)
+    op = lambda line: (m.group(1) if (m := re.search(r"= \S+ ([\w-]+)\(", line)) else None)
+    moves = {"parameter", "constant", "slice", "dynamic-slice", "copy", "bitcast", "reshape", "transpose", "concatenate"}
+    moving = {name for name, lines in comps.items() if {op(line) for line in lines} - {None} <= moves}
+    runs = dict.fromkeys(comps, 1)  # how often each computation runs per execution (nested loops multiplied)
+    for _ in range(4):
+        for name, lines in comps.items():
+            for line in lines:
+                if (body := re.search(r"\swhile\(.*body=%([\w.\-]+)", line)) and body.group(1) in runs:
+                    trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                    runs[body.group(1)] = runs[name] * (int(trips.group(1)) if trips else 1)
+    count = total = 0
+    for name, lines in comps.items():
+        for line in lines:
+            called = re.search(r"= (\w+)\[([\d,]*)\]\S* fusion\(.*calls=%([\w.\-]+)", line)
+            if called and called.group(3) in moving:
+                size = jnp.dtype(_HLO_DTYPES.get(called.group(1), called.group(1))).itemsize * math.prod(
+                    int(d) for d in called.group(2).split(",") if d)
+                if size >= min_bytes:
+                    count, total = count + 1, total + size * runs[name]
+    return {"count": count, "bytes": total}
+
+
+_HLO_DTYPES = {"pred": "bool", "s8": "int8", "s16": "int16", "s32": "int32", "s64": "int64", "u8": "uint8", "u16": "uint16",
+               "u32": "uint32", "u64": "uint64", "f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64"}
+
+
 def per_device_bytes(abstract) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
     total = 0
@@ -103,26 +150,34 @@ def per_device_bytes(abstract) -> int:
     return total
 
 
-def abstract_params(cfg: LlamaConfig, mesh: Mesh | None,
-                    target: platform.Platform | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, target: platform.Platform | None = None,
+                    split: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as sharded ShapeDtypeStructs (no memory), in the
-    form the engine runs them on `target` (default: the host)."""
+    form the engine runs them on `target` (default: the host); `split`: one buffer per layer."""
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(cfg, mesh)
-    stored = jax.eval_shape(lambda s: storage_params(cfg, s, platform=target, sharded=mesh is not None and mesh.size > 1), state)
+    sharded = mesh is not None and mesh.size > 1
+    stored = jax.eval_shape(lambda s: storage_params(cfg, s, split, platform=target, sharded=sharded), state)
     flat = nnx.to_flat_state(stored)
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
-    return graphdef, nnx.from_flat_state({
-        p: v.replace(dataclasses.replace(w, q=place(w.q, shardings[p].q), scale=place(w.scale, shardings[p].scale))
-                     if quantize.is_int8(w := v.get_value()) else place(w, shardings[p]))
-        for p, v in flat})
+
+    def place_weight(w, sh):
+        if isinstance(w, tuple):  # split: each layer's buffer sharded as the stack
+            return tuple(place_weight(x, sh) for x in w)
+        if quantize.is_int8(w):
+            return dataclasses.replace(w, q=place(w.q, sh.q), scale=place(w.scale, sh.scale))
+        return place(w, sh)
+
+    return graphdef, nnx.from_flat_state({p: v.replace(place_weight(v.get_value(), shardings[p])) for p, v in flat})
 
 
 def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: DecodeState,
-                   target: platform.Platform | None = None) -> DecodeState:
-    """The decode state as sharded ShapeDtypeStructs (in `target`'s storage form)."""
-    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len, platform=target))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+                   target: platform.Platform | None = None, split: bool = False) -> DecodeState:
+    """The decode state as sharded ShapeDtypeStructs (in `target`'s storage form; `split`: the
+    cache in one buffer per layer, each sharded as the stack)."""
+    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len, split, platform=target))
+    return jax.tree.map(lambda sh, s: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s),
+                        shardings, shapes)
 
 
 def _rows_params(rows: int, sharding) -> sampling.SamplingParams:
@@ -138,9 +193,11 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     need a `mesh` over them (`target_mesh`)."""
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     target = platform.resolve(config.platform)
-    graphdef, params = abstract_params(cfg, mesh, target)
+    # the engine's layer layout on an accelerator; a CPU plan keeps the stacked one (same bytes, one traced layer)
+    split = config.split_layers if config.split_layers is not None else not target.cpu and kv_cache.split_layers(target)
+    graphdef, params = abstract_params(cfg, mesh, target, split)
     programs = Programs.build(graphdef, cfg, config, mesh)
-    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings, target)
+    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings, target, split)
     rep = programs.shardings.tokens  # replicated over the mesh (None without one)
     options = DEVICELESS_OPTIONS if target.target else None
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
@@ -195,8 +252,8 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
 
     Returns `{"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes":
     {"weights", "kv_cache", "temp"}, "memory", "max_slots_that_fit", "kernels", "per_program":
-    {name: {"compile_s", "temp", "alias", "kernels", "conditionals", "dynamic_whiles"}}}` (the
-    last two: `host_sync_ops`); `max_slots_that_fit` is None without `memory`.
+    {name: {"compile_s", "temp", "alias", "kernels", "conditionals", "dynamic_whiles", "copy_bytes"}}}`
+    (`host_sync_ops`, and the bytes `copies` writes per run); `max_slots_that_fit` is None without `memory`.
     """
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     target = platform.resolve(config.platform)
@@ -212,7 +269,8 @@ def plan(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None = None, memor
     if memory is not None:
         fit = max(0, int((memory - weights - temp) // slot_bytes(cfg, max_len, tp_kv)))
     per_program = {c.name: {"compile_s": round(c.seconds, 2), "temp": c.memory.temp_size_in_bytes,
-                            "alias": c.memory.alias_size_in_bytes, "kernels": c.kernels, **c.host_syncs}
+                            "alias": c.memory.alias_size_in_bytes, "kernels": c.kernels, **c.host_syncs,
+                            "copy_bytes": c.copies["bytes"]}
                    for c in compiled}
     return {
         "platform": target.name,

@@ -135,3 +135,45 @@ def test_prompt_attention_takes_the_fresh_path_only_when_every_start_is_zero():
 
 def test_key_block_never_exceeds_the_cache():
     assert attention.key_block(4096, 256) == 256 and attention.key_block(100, 256) == 100
+
+
+def test_pallas_blocks_are_powers_of_two_covering_any_row():
+    """Triton lowers power-of-two blocks only: any cache length gets whole blocks of >= 16 keys
+    whose splits cover the row (the last block may end past it), and lengths that are a multiple
+    of splits x block split as evenly as before."""
+    assert attention.pallas_blocks(4096, 8, 64) == (8, 512, 64) and attention.pallas_blocks(256, 8, 64) == (8, 32, 32)
+    for max_len in (16, 100, 1000, 2050, 3000, 4000, 4097):
+        splits, split_len, block = attention.pallas_blocks(max_len, 8, 64)
+        assert block >= 16 and block & (block - 1) == 0 and block <= max_len and split_len % block == 0, max_len
+        assert (splits - 1) * split_len < max_len <= splits * split_len, max_len
+    # a row shorter than one Triton block takes the XLA loop
+    q, k, v = jnp.ones((1, 2, D)), jnp.ones((1, 1, 1, 8, D)), jnp.arange(8.0)[None, None, None, :, None] * jnp.ones(D)
+    got = attention.decode_attention(q, k, v, jnp.int32(0), jnp.array([4]), AttentionConfig(decode="pallas", interpret=True))
+    np.testing.assert_allclose(np.asarray(got), 1.5, atol=1e-6)  # the mean of values 0..3
+
+
+@pytest.mark.parametrize("max_len, config", [
+    (1000, AttentionConfig(decode="pallas", interpret=True)),  # the GPU's defaults: 8 splits of 128, blocks of 64
+    (200, AttentionConfig(decode="pallas", block=32, splits=4, interpret=True)),  # 4 x 64, the last block past the row
+], ids=["1000", "200"])
+def test_pallas_decode_on_a_cache_length_no_block_divides(max_len, config):
+    """A cache row whose length is no multiple of the kernel's block: the last block is read from
+    inside the row and its repeated keys masked, so the kernel equals the XLA loop and the dense
+    reference, rows reaching the very last key included, with stale NaN past each row's length."""
+    rng = np.random.default_rng(7)
+    kv, groups, slots = 2, 4, 4
+    q = jnp.asarray(rng.normal(size=(slots, kv * groups, D)), jnp.float32)
+    k, v = (rng.normal(size=(LAYERS, slots, kv, max_len, D)).astype(np.float32) for _ in range(2))
+    lengths = np.array([1, max_len // 2 + 3, max_len - 1, max_len], np.int32)
+    for row, n in enumerate(lengths):
+        k[:, row, :, n:] = np.nan
+        v[:, row, :, n:] = np.nan
+    k, v, lengths = jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths)
+    mask = jnp.arange(max_len)[None, None, :] < lengths[:, None, None]
+    for layer in range(LAYERS):
+        run = lambda c: np.asarray(jax.jit(lambda *a: attention.decode_attention(*a, c))(q, k, v, jnp.int32(layer), lengths))
+        got = run(config)
+        assert np.isfinite(got).all()
+        want = attention.masked_attention(q[:, None], jnp.nan_to_num(k[layer]), jnp.nan_to_num(v[layer]), mask)[:, 0]
+        np.testing.assert_allclose(got, np.asarray(want), atol=2e-6)
+        np.testing.assert_allclose(got, run(AttentionConfig(block=64, static_loops=True, static_block=64)), atol=2e-6)

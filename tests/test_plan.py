@@ -1,6 +1,7 @@
 """`llama-jax plan` (AOT capacity planning), `--max-slots auto`, and tools/gpu_check.py at a small
 preset on CPU (the same code path the GPU day runs)."""
 
+import functools
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from llama_jax import attention, cli, plan, platform
 from llama_jax.config import preset
@@ -142,6 +144,22 @@ def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     assert report["max_slots_that_fit"] == (target.memory - per["weights"] - per["temp"]) // plan.slot_bytes(cfg, 4096, 1)
 
 
+@pytest.mark.parametrize("max_len", [1000, 3000, 4000])
+def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
+    """The Pallas decode kernel lowers to Triton for a context that is no multiple of 128 (Triton
+    takes power-of-two blocks only; the kernel masks the row's tail): the decode program compiled
+    for an H200 calls it, with nothing that waits on the host. A one-layer model, one program."""
+    target, devices = platform.target("h200")
+    cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, max_seq_len=max_len)
+    config = EngineConfig(max_slots=2, max_seq_len=max_len, platform=target)
+    report = plan.plan(cfg, config, plan.target_mesh(devices), select=lambda kind, shape: shape == {"rows": 2})
+    assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * cfg.n_kv_heads * max_len * cfg.head_dim * 2  # no padding
+    assert report["per_program"] == {"generate 2 slots": report["per_program"]["generate 2 slots"]}
+    program = report["per_program"]["generate 2 slots"]
+    assert program["kernels"] == ["triton:decode_attention"]
+    assert (program["conditionals"], program["dynamic_whiles"]) == (0, 0)
+
+
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys):
     """`llama-jax plan --target h100 --tp 8` for Llama-2-70B over 8 abstract H100s, through the CLI
     (one slot of 16 tokens: four programs, prefill fresh and after a cached prefix, decode and slot
@@ -176,3 +194,35 @@ def test_only_the_platform_module_asks_jax_for_the_backend():
     hits = [f"{path.relative_to(REPO_ROOT)}:{n}" for root in ("llama_jax", "api") for path in (REPO_ROOT / root).rglob("*.py")
             for n, line in enumerate(path.read_text().splitlines(), 1) if "default_backend()" in line]
     assert hits and all(hit.startswith("llama_jax/platform.py:") for hit in hits), hits
+
+
+SMALL_BF16 = preset("demo").replace(dtype="bfloat16", n_layers=2, ffn_dim=768)
+
+
+@functools.cache
+def _decode_for_h200(split_layers: bool | None) -> plan.Compiled:
+    """The decode program of a small bf16 Llama compiled for an H200 in a layer layout (None: the
+    engine's default): 2 layers, GQA, matrices of 64-384 KiB whose sides are multiples of 128 like
+    the 7B's (at the demo's 688 FFN, XLA also concatenates gate and up for one merged dot)."""
+    target, devices = platform.target("h200")
+    config = EngineConfig(max_slots=2, max_seq_len=256, platform=target, split_layers=split_layers)
+    (program,) = plan.compile_programs(SMALL_BF16, config, plan.target_mesh(devices),
+                                       select=lambda kind, shape: shape == {"rows": 2})
+    assert program.kernels == ["triton:decode_attention"] and program.host_syncs == {"conditionals": 0, "dynamic_whiles": 0}
+    return program
+
+
+def test_stacked_layers_copy_every_weight_matrix_each_gpu_decode_step():
+    """What `plan.copies` finds: XLA:GPU runs the dot of a layer's weight sliced out of the stack
+    (the layer scan's `dynamic-slice`) on a copy of it, so each decode step writes a copy of every
+    layer matrix (Llama 2 7B: 12.1 GiB a step, docs/benchmarks.md); one buffer per layer copies nothing."""
+    _, params = plan.abstract_params(SMALL_BF16, None)
+    matrices = sum(a.size * 2 for p, a in nnx.to_flat_state(params) if p[0] == "layers" and len(a.shape) == 3)
+    assert _decode_for_h200(False).copies == {"count": 7, "bytes": matrices}  # wq wk wv wo gate up down, in the scan body
+    assert _decode_for_h200(True).copies == {"count": 0, "bytes": 0}
+
+
+@pytest.mark.xfail(strict=True, reason="the GPU default layout is stacked (kv_cache.split_layers): every layer's "
+                   "weights are copied each step until the engine uses one buffer per layer there")
+def test_gpu_decode_program_copies_no_layer_weights():
+    assert _decode_for_h200(None).copies == {"count": 0, "bytes": 0}
