@@ -14,14 +14,14 @@ import msgspec
 from litestar import Request, Response
 
 from api import fields, guided, validation
-from api.context import ServerContext, context, unless_disconnected
+from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import invalid
 from api.metrics import TokenTimer
 from api.openapi import body_operation, completion_route
 from api.protocol import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                           ChoiceLogprobs, ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut,
                           ToolCallOut, Usage)
-from api.replies import DONE, encode, json_reply, sse, sse_body, stream_reply, usage
+from api.replies import DONE, encode, respond, sse, usage
 from llama_jax import structured, tools
 from llama_jax.request import Constraint, Event, RequestHandle
 from llama_jax.request import Request as EngineRequest
@@ -39,15 +39,10 @@ CHAT_PATHS = ["/v1/chat/completions", "/v1/openai/chat/completions"]
                                                  "OpenAI chat-completions request; an unknown field is a 400 naming it."))
 async def chat_completions(request: Request) -> Response:
     """Check everything that can fail, submit to the engine, then answer (or stream) the reply."""
-    ctx = context(request)
-    timer = ctx.metrics.timer()
-    ctx.require_ready()
-    body = await ctx.read_request(request, ChatCompletionRequest, fields.CHAT)
+    ctx, body, timer = await accept_request(request, ChatCompletionRequest, fields.CHAT)
     prompt, handle, mode = await start_chat(ctx, body, request.receive)
     reply = ChatReply(ctx, body, handle, timer, len(prompt), tool_calls=mode != "none")
-    if body.stream:
-        return stream_reply(sse_body(reply.chunks()))
-    return json_reply(await reply.complete(request.receive))
+    return await respond(reply, bool(body.stream), request.receive)
 
 
 async def start_chat(ctx: ServerContext, body: ChatCompletionRequest,

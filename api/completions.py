@@ -22,13 +22,13 @@ import msgspec
 from litestar import Request, Response
 
 from api import fields, guided, validation
-from api.context import ServerContext, context, unless_disconnected
+from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.openapi import completion_route
 from api.protocol import (MAX_LOGPROBS, UNSET, CompletionChoice, CompletionLogprobs, CompletionRequest, TextCompletion,
                           Usage)
-from api.replies import DONE, encode, json_reply, sse, sse_body, stream_reply, usage
+from api.replies import DONE, encode, respond, sse, usage
 from llama_jax import scoring
 from llama_jax.request import Constraint, Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
@@ -269,10 +269,7 @@ def _prepare(ctx: ServerContext, body: CompletionRequest, items: list[str | list
                   "then `data: [DONE]`.")
 async def completions(request: Request) -> Response:
     """Check everything that can fail, submit every prompt to the engine, then answer (or stream)."""
-    ctx = context(request)
-    timer = ctx.metrics.timer()
-    ctx.require_ready()
-    body = await ctx.read_request(request, CompletionRequest, fields.COMPLETIONS)
+    ctx, body, timer = await accept_request(request, CompletionRequest, fields.COMPLETIONS)
     check(body)
     ctx.require_model(body.model)
     items = prompt_items(body.prompt)
@@ -286,7 +283,4 @@ async def completions(request: Request) -> Response:
         for handle in handles:
             handle.cancel()
         raise
-    run = _Run(ctx, body, items, ids, handles, timer)
-    if body.stream:
-        return stream_reply(sse_body(run.chunks()))
-    return json_reply(await run.complete(request.receive))
+    return await respond(_Run(ctx, body, items, ids, handles, timer), bool(body.stream), request.receive)

@@ -19,7 +19,7 @@ from msgspec import Struct
 
 from api import fields, validation
 from api.errors import APIError
-from api.metrics import Metrics
+from api.metrics import Metrics, TokenTimer
 from api.offload import Offload
 from api.replies import TokenText
 from api.settings import ServerSettings
@@ -132,6 +132,16 @@ class ServerContext:
 def context(connection: ASGIConnection) -> ServerContext:
     """The ServerContext of the app serving `connection`."""
     return connection.app.state[STATE_KEY]
+
+
+async def accept_request(request: Request, type: type[S], policy: fields.FieldPolicy
+                         ) -> tuple[ServerContext, S, TokenTimer]:
+    """A generating route's first steps: its timer started, a 503 unless the server can serve, then
+    its body read and decoded as `type` (see `read_request`). Returns (context, body, timer)."""
+    ctx = context(request)
+    timer = ctx.metrics.timer()
+    ctx.require_ready()
+    return ctx, await ctx.read_request(request, type, policy), timer
 
 
 async def unless_disconnected(work: Awaitable[T], receive: Callable, cancel: Callable[[], None]) -> T:

@@ -7,8 +7,8 @@ the error body is api/errors.py's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import msgspec
 from litestar import Response
@@ -54,6 +54,22 @@ async def sse_body(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield sse(encode(e.body()))
         if e.code == "server_shutting_down":
             yield DONE
+
+
+class Rendering(Protocol):
+    """One request's engine events rendered as a whole reply or as SSE chunks (each route has one)."""
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def complete(self, receive: Callable) -> Any: ...
+
+
+async def respond(rendering: Rendering, stream: bool, receive: Callable) -> Response:
+    """The reply of a generating route: the SSE stream of `rendering` (an APIError raised after the
+    headers becomes an error event: `sse_body`), or its whole reply as JSON."""
+    if stream:
+        return stream_reply(sse_body(rendering.chunks()))
+    return json_reply(await rendering.complete(receive))
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0) -> Usage:

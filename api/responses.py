@@ -31,12 +31,12 @@ from msgspec import Meta, Struct
 
 from api import fields, validation
 from api.chat import start_chat
-from api.context import ServerContext, context, unless_disconnected
+from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.openapi import body_operation, completion_route
 from api.protocol import ChatCompletionRequest, Name
-from api.replies import json_reply, stream_reply
+from api.replies import respond
 from llama_jax.request import RequestHandle
 from llama_jax.tools import ToolCallParser
 
@@ -430,16 +430,11 @@ def _frame(kind: str, data: dict[str, Any]) -> bytes:
                                                                    "naming it."))
 async def create_response(request: Request) -> Response:
     """Check everything that can fail, submit through the chat pipeline, then answer (or stream)."""
-    ctx = context(request)
-    timer = ctx.metrics.timer()
-    ctx.require_ready()
-    r = await ctx.read_request(request, ResponsesRequest, fields.RESPONSES)
+    ctx, r, timer = await accept_request(request, ResponsesRequest, fields.RESPONSES)
     check(r)
     origin: list[Any] = []
     with _renamed(origin):
         chat = to_chat(r, origin)
         prompt, handle, mode = await start_chat(ctx, chat, request.receive)
     run = _Run(ctx, r, handle, timer, len(prompt), tool_calls=mode != "none")
-    if r.stream:
-        return stream_reply(run.chunks())
-    return json_reply(await run.complete(request.receive))
+    return await respond(run, bool(r.stream), request.receive)  # an engine failure is already an event here
