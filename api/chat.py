@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from litestar import Request, Response
+from msgspec import UNSET
 
 from api import fields, guided, validation
 from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import invalid
 from api.metrics import TokenTimer
 from api.openapi import body_operation, completion_route
-from api.protocol import (UNSET, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+from api.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                           ChoiceLogprobs, ChunkChoice, Delta, DeltaFunction, DeltaToolCall, FunctionCallOut,
                           ToolCallOut, Usage)
 from api.replies import DONE, encode, respond, sse, usage

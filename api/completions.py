@@ -20,14 +20,14 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
+from msgspec import UNSET
 
 from api import fields, guided, validation
 from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.openapi import completion_route
-from api.protocol import (MAX_LOGPROBS, UNSET, CompletionChoice, CompletionLogprobs, CompletionRequest, TextCompletion,
-                          Usage)
+from api.protocol import MAX_LOGPROBS, CompletionChoice, CompletionLogprobs, CompletionRequest, TextCompletion, Usage
 from api.replies import DONE, encode, respond, sse, usage
 from llama_jax import scoring
 from llama_jax.request import Constraint, Event, RequestHandle, TokenLogprob
