@@ -11,14 +11,14 @@ tokens such as BOS/EOS decode to nothing, as in the replies). Neither needs the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from litestar import Request, Response
 from msgspec import Meta, Struct
 
 from api import fields
-from api.context import context
+from api.context import ServerContext, context
 from api.errors import invalid
 from api.openapi import body_operation, post_route
 from api.protocol import Message
@@ -26,6 +26,7 @@ from api.replies import json_reply
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
 MAX_TOKENS = 1_000_000  # token ids in one detokenize request
+B = TypeVar("B", "TokenizeRequest", "DetokenizeRequest")
 
 
 class TokenizeRequest(Struct, kw_only=True):
@@ -70,6 +71,15 @@ def _route(path: str, body: type, reply: type, summary: str) -> Callable:
                       operation_class=body_operation(body, f"{body.__name__}; an unknown field is a 400 naming it."))
 
 
+async def _read(request: Request, type: type[B]) -> tuple[ServerContext, B]:
+    """The context and the decoded body; a 404 when the body names a model this server does not serve."""
+    ctx = context(request)
+    body = await ctx.read_request(request, type, fields.FieldPolicy())
+    if body.model is not None:
+        ctx.require_model(body.model)
+    return ctx, body
+
+
 def prompt_tokens(tokenizer, body: TokenizeRequest) -> list[int]:
     """The ids of a tokenize request (a 400 naming the field for a request that has none)."""
     if (body.prompt is None) == (body.messages is None):
@@ -93,10 +103,7 @@ def prompt_tokens(tokenizer, body: TokenizeRequest) -> list[int]:
 
 @_route("/tokenize", TokenizeRequest, TokenizeResponse, "Tokenize a prompt or a chat (vLLM's shape)")
 async def tokenize(request: Request) -> Response:
-    ctx = context(request)
-    body = await ctx.read_request(request, TokenizeRequest, fields.FieldPolicy())
-    if body.model is not None:
-        ctx.require_model(body.model)
+    ctx, body = await _read(request, TokenizeRequest)
     tokenizer = ctx.engine.tokenizer
     ids = prompt_tokens(tokenizer, body)
     strs = [tokenizer.id_to_piece(t) for t in ids] if body.return_token_strs else None
@@ -105,10 +112,7 @@ async def tokenize(request: Request) -> Response:
 
 @_route("/detokenize", DetokenizeRequest, DetokenizeResponse, "Turn token ids back into text (vLLM's shape)")
 async def detokenize(request: Request) -> Response:
-    ctx = context(request)
-    body = await ctx.read_request(request, DetokenizeRequest, fields.FieldPolicy())
-    if body.model is not None:
-        ctx.require_model(body.model)
+    ctx, body = await _read(request, DetokenizeRequest)
     tokenizer = ctx.engine.tokenizer
     for i, t in enumerate(body.tokens):
         if not 0 <= t < tokenizer.vocab_size:
