@@ -168,7 +168,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     """The model, its (not yet started) engine and the draining server around the app."""
-    from api.app import STATE_KEY, create_app
+    from api.app import create_app
+    from api.context import STATE_KEY
     from api.settings import DEFAULT_MODEL_NAME, ServerSettings, api_keys_from
     from api.server import ConnectionLimits
     from api.shutdown import DrainingServer
@@ -284,7 +285,7 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
         gc.collect()
         gc.freeze()  # the model, JAX and the app out of the collector's sight: a full collection took 0.25 s
         if settings.scoring_warmup:  # echo + logprobs on /v1/completions: no first use compiles beside streams
-            from api.completions import MAX_LOGPROBS
+            from api.protocol import MAX_LOGPROBS
             from llama_jax import scoring
 
             scoring.warm_up(engine.model, engine.max_seq_len - 1, top_k=MAX_LOGPROBS, progress=scoring_progress)

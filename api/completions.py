@@ -16,21 +16,19 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.response import Stream
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET
 
-from api import fields, guided, responses, schemas
-from api.app import (ServerContext, _ctx, completion_route, read_request, require_model, require_ready, submit,
-                     unless_disconnected)
-from api.drain import DONE, engine_error, sse_body
+from api import fields, guided, validation
+from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
-from api.responses import Usage, encode, sse
-from api.schemas import ChatCompletionRequest
+from api.openapi import completion_route
+from api.protocol import MAX_LOGPROBS, CompletionChoice, CompletionLogprobs, CompletionRequest, TextCompletion, Usage
+from api.replies import DONE, encode, respond, sse, usage
 from llama_jax import scoring
 from llama_jax.request import Constraint, Event, RequestHandle, TokenLogprob
 from llama_jax.request import Request as EngineRequest
@@ -39,32 +37,13 @@ from llama_jax.structured import StructuredOutputError
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 COMPLETION_PATHS = ["/v1/completions", "/v1/openai/completions"]
-MAX_LOGPROBS = 5  # the legacy API's `logprobs` is at most 5
 MAX_PROMPTS = 32  # prompts in one request
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
-_SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias", "min_tokens", "ignore_eos",
-           "stop_token_ids", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-           "guided_grammar")  # declared (and checked) as in chat
-
-# POST /v1/completions. null means the default; other fields: see fields.py.
-CompletionRequest = msgspec.defstruct("CompletionRequest", [
-    ("model", str),
-    ("prompt", str | list[Any]),  # the list forms are checked by `prompt_items` (msgspec unions hold one array type)
-    ("max_tokens", Annotated[int, Meta(ge=0, le=1_000_000, description="default 16; 0 only with echo")] | None, None),
-    ("echo", Annotated[bool, Meta(description="return the prompt before the completion")] | None, None),
-    ("logprobs", Annotated[int, Meta(ge=0, le=MAX_LOGPROBS, description="0..5 alternatives per token")] | None, None),
-    ("best_of", int | None, None),
-    ("suffix", str | None, None),
-    *((f.name, f.type, f.default) for f in msgspec.structs.fields(ChatCompletionRequest) if f.name in _SHARED),
-], kw_only=True)
 
 
-def check(r: Any) -> None:
+def check(r: CompletionRequest) -> None:
     """Rules beyond types and ranges, and the fields this server refuses."""
-    stops = [r.stop] if isinstance(r.stop, str) else r.stop or []
-    if "" in stops:
-        raise invalid("Stop sequences must not be empty strings.", "stop")
+    validation.check_stops(r)
     if r.stream_options is not None and not r.stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     if r.max_tokens == 0 and not r.echo:
@@ -73,7 +52,7 @@ def check(r: Any) -> None:
         raise invalid("'suffix' is not supported: Llama 2 has no fill-in-the-middle.", "suffix", "unsupported_parameter")
     if r.best_of is not None and r.best_of != (r.n or 1):
         raise invalid("'best_of' is supported only equal to 'n'.", "best_of", "unsupported_parameter")
-    schemas.check_logit_bias(r)
+    validation.check_logit_bias(r)
 
 
 def prompt_items(prompt: str | list[Any]) -> list[str | list[int]]:
@@ -97,29 +76,6 @@ def prompt_ids(item: str | list[int], tokenizer: Tokenizer) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ responses
-
-
-class CompletionLogprobs(Struct):
-    tokens: list[str]
-    token_logprobs: list[float | None]  # null for the first prompt token
-    top_logprobs: list[dict[str, float] | None]  # the `logprobs` likeliest tokens at each position
-    text_offset: list[int]  # where each token's text starts in the choice's `text`
-
-
-class CompletionChoice(Struct):
-    text: str
-    index: int
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-
-
-class TextCompletion(Struct, omit_defaults=True):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None | UnsetType = UNSET  # streams: only with stream_options.include_usage
 
 
 class _Offsets:
@@ -146,7 +102,7 @@ def _prompt_tokens(s: TokenScores, k: int) -> list[TokenLogprob]:
 class _Run:
     """The engine requests of one completions call, rendered as a response or as SSE chunks."""
 
-    def __init__(self, ctx: ServerContext, body: Any, items: list[str | list[int]], ids: list[list[int]],
+    def __init__(self, ctx: ServerContext, body: CompletionRequest, items: list[str | list[int]], ids: list[list[int]],
                  handles: list[RequestHandle], timer: TokenTimer):
         self.ctx, self.body, self.handles, self.ids, self.timer = ctx, body, handles, ids, timer
         tokenizer = ctx.engine.tokenizer
@@ -203,7 +159,7 @@ class _Run:
                 while (item := await queue.get())[1] is not None:
                     prompt, event = item
                     if event.error:
-                        raise engine_error(self.ctx, event)
+                        raise self.ctx.engine_error(event)
                     self.timer.tokens(prompt * self.n + event.choice, len(event.tokens))
                     yield prompt * self.n + event.choice, event
         finally:
@@ -212,8 +168,8 @@ class _Run:
 
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
-        return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                               sum(h.cached_tokens for h in self.handles))
+        return usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
+                     sum(h.cached_tokens for h in self.handles))
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -244,10 +200,9 @@ class _Run:
         return TextCompletion(self.id, "text_completion", self.created, self.ctx.settings.model_name, choices,
                               self._usage())
 
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+    def _chunk(self, choices: list[CompletionChoice], totals: Usage | None = None) -> bytes:
         return sse(encode(TextCompletion(self.id, "text_completion", self.created, self.ctx.settings.model_name,
-                                         choices, usage if include_usage else UNSET)))
+                                         choices, totals if self.body.include_usage() else UNSET)))
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """SSE body: with `echo`, the prompt of each choice first; then text as it is generated (the
@@ -263,7 +218,7 @@ class _Run:
                 logprobs = self._generated(index, event.tokens)
                 yield self._chunk([CompletionChoice(event.text, index, logprobs, event.finish_reason)])
             finished = True
-            if self.body.stream_options and self.body.stream_options.include_usage:
+            if self.body.include_usage():
                 yield self._chunk([], self._usage())
             yield DONE
         finally:  # also on client disconnect
@@ -277,18 +232,18 @@ def _continues(tokenizer: Tokenizer, ids: Sequence[int]) -> bool:
     return any(0 <= t < tokenizer.vocab_size and not tokenizer.is_control(t) for t in ids)  # range: checked later
 
 
-def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer,
+def engine_request(body: CompletionRequest, ids: list[int], tokenizer: Tokenizer,
                    constraint: Callable[[], Constraint] | None = None) -> EngineRequest:
     """The engine request of one prompt (with its structured-output constraint factory, if any)."""
     return EngineRequest(
-        prompt=ids, sampling=schemas.sampling_options(body),
+        prompt=ids, sampling=body.sampling_options(),
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
-        stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), n=body.n or 1,
-        stop_token_ids=schemas.stop_token_ids(body, tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
+        stop=body.stops(), n=body.n or 1,
+        stop_token_ids=body.stop_ids(tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
         top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint)
 
 
-def _prepare(ctx: ServerContext, body: Any, items: list[str | list[int]]
+def _prepare(ctx: ServerContext, body: CompletionRequest, items: list[str | list[int]]
              ) -> tuple[list[list[int]], list[Callable[[], Constraint] | None]]:
     """A request's CPU work, in the offload pool (api/offload.py): each prompt's ids, and for a
     `structured_outputs`/`guided_*` request each prompt's constraint factory (Nones without), one
@@ -314,25 +269,18 @@ def _prepare(ctx: ServerContext, body: Any, items: list[str | list[int]]
                   "then `data: [DONE]`.")
 async def completions(request: Request) -> Response:
     """Check everything that can fail, submit every prompt to the engine, then answer (or stream)."""
-    ctx = _ctx(request)
-    timer = ctx.metrics.timer()
-    require_ready(ctx)
-    body = await read_request(request, ctx, CompletionRequest, fields.COMPLETIONS)
+    ctx, body, timer = await accept_request(request, CompletionRequest, fields.COMPLETIONS)
     check(body)
-    require_model(ctx, body.model)
+    ctx.require_model(body.model)
     items = prompt_items(body.prompt)
     ids, factories = await unless_disconnected(ctx.offload.run(_prepare, ctx, body, items), request.receive,
                                                lambda: None)  # tokens and grammars: in the pool, off the loop
     handles: list[RequestHandle] = []
     try:
         for prompt, constraint in zip(ids, factories):
-            handles.append(submit(ctx, engine_request(body, prompt, ctx.engine.tokenizer, constraint)))
+            handles.append(ctx.submit(engine_request(body, prompt, ctx.engine.tokenizer, constraint)))
     except APIError:  # one refused prompt refuses the request: the queued ones are withdrawn
         for handle in handles:
             handle.cancel()
         raise
-    run = _Run(ctx, body, items, ids, handles, timer)
-    if body.stream:
-        return Stream(sse_body(ctx, run.chunks()), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(encode(await run.complete(request.receive)), media_type="application/json")
+    return await respond(_Run(ctx, body, items, ids, handles, timer), bool(body.stream), request.receive)

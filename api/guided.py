@@ -1,7 +1,7 @@
 """Output constraints beyond JSON mode, in vLLM's names: the `structured_outputs` object (`regex`,
 `choice`, `grammar` in Lark form, `json`, `json_object`) and the older `guided_regex`,
 `guided_choice`, `guided_grammar`, `guided_json` fields, on chat and completions. The request
-fields are schemas.py's `GuidedFields`; llama_jax.structured compiles each distinct constraint once
+fields are protocol.py's `GuidedFields`; llama_jax.structured compiles each distinct constraint once
 (llguidance, a bounded cache), and the output is valid by construction.
 
 One constraint per request: two of these, or one with `response_format` json or with tool calls,
@@ -14,8 +14,9 @@ import dataclasses
 import json
 from typing import Any
 
-from api import schemas
+from api import validation
 from api.errors import invalid
+from api.protocol import GuidedFields
 from llama_jax import structured
 from llama_jax.structured import Grammar
 
@@ -32,7 +33,7 @@ class Spec:
     param: str
 
 
-def _given(r: Any) -> list[Spec]:
+def _given(r: GuidedFields) -> list[Spec]:
     found = []
     so = r.structured_outputs
     if so is not None:
@@ -52,7 +53,7 @@ def _given(r: Any) -> list[Spec]:
     return found
 
 
-def spec(r: Any, tool_calls: bool = False) -> Spec | None:
+def spec(r: GuidedFields, tool_calls: bool = False) -> Spec | None:
     """The one constraint a chat or completions request asks for through these fields (None: none).
     `tool_calls`: the request's tools may be called (then no other constraint fits)."""
     found = _given(r)
@@ -76,7 +77,7 @@ def spec(r: Any, tool_calls: bool = False) -> Spec | None:
                 schema = json.loads(schema)
             except ValueError as e:
                 raise invalid(f"'{first.param}' is not valid JSON: {e}", first.param, "invalid_schema") from None
-        schemas._check_schema(schema, first.param)
+        validation.check_schema(schema, first.param)
         return Spec("json", schema, first.param)
     if first.kind in ("regex", "grammar") and not first.value.strip():
         raise invalid(f"'{first.param}' must not be empty.", first.param)

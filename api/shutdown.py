@@ -3,8 +3,8 @@
 Draining: new requests get 503 `server_shutting_down` (and /health 503) at once; the requests
 already accepted (running or queued) go on for up to the drain timeout; whatever is left then is
 ended by stopping the engine, which every route turns into an error event and `data: [DONE]` for
-a stream and a JSON 503 for a plain request (api/drain.py). Only then does the server close the
-(now idle) connections. A second signal does the same at once: the engine stops, the requests
+a stream and a JSON 503 for a plain request (`ServerContext.engine_error`, `replies.sse_body`).
+Only then does the server close the (now idle) connections. A second signal does the same at once: the engine stops, the requests
 still running get the same endings, one line says how many were cut, and the exit status is 1
 if any were.
 """
@@ -28,7 +28,7 @@ from llama_jax.request import RequestHandle
 if TYPE_CHECKING:
     from litestar import Litestar
 
-    from api.app import ServerContext
+    from api.context import ServerContext
 
 POLL_S = 0.05
 

@@ -10,22 +10,23 @@ tokens such as BOS/EOS decode to nothing, as in the replies). Neither needs the 
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import msgspec
-from litestar import Request, Response, post
-from litestar.openapi import ResponseSpec
+from litestar import Request, Response
 from msgspec import Meta, Struct
 
-from api import fields, schemas
-from api.app import _ctx, _error_spec, read_body, require_model
+from api import fields
+from api.context import ServerContext, context
 from api.errors import invalid
-from api.openapi import body_operation
-from api.responses import encode
-from api.schemas import Message
+from api.openapi import body_operation, post_route
+from api.protocol import Message
+from api.replies import json_reply
 from llama_jax.tokenizer import ChatTemplateError, apply_chat_template
 
 MAX_TOKENS = 1_000_000  # token ids in one detokenize request
+B = TypeVar("B", "TokenizeRequest", "DetokenizeRequest")
 
 
 class TokenizeRequest(Struct, kw_only=True):
@@ -65,17 +66,18 @@ _ERRORS = {400: "invalid request (param names the field)", 401: "bad or missing 
            413: "body too large"}
 
 
-def _route(path: str, body: type, reply: type, summary: str):
-    return post(path, status_code=200, summary=summary,
-                operation_class=body_operation(body, f"{body.__name__}; an unknown field is a 400 naming it."),
-                responses={200: ResponseSpec(reply, description=reply.__name__, generate_examples=False),
-                           **{status: _error_spec(text) for status, text in _ERRORS.items()}})
+def _route(path: str, body: type, reply: type, summary: str) -> Callable:
+    return post_route(path, reply, summary, _ERRORS, reply.__name__,
+                      operation_class=body_operation(body, f"{body.__name__}; an unknown field is a 400 naming it."))
 
 
-def _decode(raw: bytes, request_type: type[Struct]):
-    body = schemas.decode_struct(raw, request_type)
-    fields.check(raw, request_type, fields.FieldPolicy())
-    return body
+async def _read(request: Request, type: type[B]) -> tuple[ServerContext, B]:
+    """The context and the decoded body; a 404 when the body names a model this server does not serve."""
+    ctx = context(request)
+    body = await ctx.read_request(request, type, fields.FieldPolicy())
+    if body.model is not None:
+        ctx.require_model(body.model)
+    return ctx, body
 
 
 def prompt_tokens(tokenizer, body: TokenizeRequest) -> list[int]:
@@ -101,25 +103,18 @@ def prompt_tokens(tokenizer, body: TokenizeRequest) -> list[int]:
 
 @_route("/tokenize", TokenizeRequest, TokenizeResponse, "Tokenize a prompt or a chat (vLLM's shape)")
 async def tokenize(request: Request) -> Response:
-    ctx = _ctx(request)
-    body = _decode(await read_body(request, ctx), TokenizeRequest)
-    if body.model is not None:
-        require_model(ctx, body.model)
+    ctx, body = await _read(request, TokenizeRequest)
     tokenizer = ctx.engine.tokenizer
     ids = prompt_tokens(tokenizer, body)
     strs = [tokenizer.id_to_piece(t) for t in ids] if body.return_token_strs else None
-    return Response(encode(TokenizeResponse(len(ids), ctx.engine.max_seq_len, ids, strs)),
-                    media_type="application/json")
+    return json_reply(TokenizeResponse(len(ids), ctx.engine.max_seq_len, ids, strs))
 
 
 @_route("/detokenize", DetokenizeRequest, DetokenizeResponse, "Turn token ids back into text (vLLM's shape)")
 async def detokenize(request: Request) -> Response:
-    ctx = _ctx(request)
-    body = _decode(await read_body(request, ctx), DetokenizeRequest)
-    if body.model is not None:
-        require_model(ctx, body.model)
+    ctx, body = await _read(request, DetokenizeRequest)
     tokenizer = ctx.engine.tokenizer
     for i, t in enumerate(body.tokens):
         if not 0 <= t < tokenizer.vocab_size:
             raise invalid(f"Token ids must be in [0, {tokenizer.vocab_size}); got {t}.", f"tokens[{i}]")
-    return Response(encode(DetokenizeResponse(tokenizer.decode(body.tokens))), media_type="application/json")
+    return json_reply(DetokenizeResponse(tokenizer.decode(body.tokens)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from api.app import create_app
-from api.responses import TokenText
+from api.replies import TokenText
 from api.settings import ServerSettings
 from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig

@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 
-from api.app import STATE_KEY, create_app
+from api.app import create_app
+from api.context import STATE_KEY
 from api.settings import ServerSettings
 from helpers import KEYS, error_of, wait_idle
 from live_server import LiveServer

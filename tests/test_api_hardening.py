@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from api.app import create_app
-from api.responses import TokenText
-from api.schemas import MAX_SCHEMA_DEPTH
+from api.replies import TokenText
+from api.validation import MAX_SCHEMA_DEPTH
 from api.settings import ServerSettings
 from live_server import LiveServer
 from llama_jax import checkpoint

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from api import responses, schemas
+from api import chat, protocol, replies, validation
 from api.cli import build_parser, curl_example
 from api.errors import APIError
 from api.settings import ServerSettings, api_keys_from
@@ -18,8 +18,8 @@ from llama_jax.tokenizer import Tokenizer
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
-def decode(**fields) -> schemas.ChatCompletionRequest:
-    return schemas.decode(json.dumps({"model": "m", "messages": HELLO, **fields}).encode())
+def decode(**fields) -> protocol.ChatCompletionRequest:
+    return validation.decode(json.dumps({"model": "m", "messages": HELLO, **fields}).encode())
 
 
 def error(**fields) -> APIError:
@@ -31,10 +31,10 @@ def error(**fields) -> APIError:
 
 def test_defaults_and_engine_request():
     r = decode(stop="END", seed=9, max_completion_tokens=7, top_logprobs=2, logprobs=True, n=2)
-    request = schemas.engine_request(r, [1, 2, 3])
+    request = chat.engine_request(r, [1, 2, 3])
     assert request.stop == ("END",) and request.max_tokens == 7 and request.n == 2 and request.top_logprobs == 2
     assert request.sampling.seed == 9 and request.sampling.temperature == 1.0 and request.sampling.top_p == 1.0
-    nulls = schemas.engine_request(decode(temperature=None, top_k=None, stop=None, n=None), [1])
+    nulls = chat.engine_request(decode(temperature=None, top_k=None, stop=None, n=None), [1])
     assert nulls.sampling.temperature == 1.0 and nulls.sampling.top_k == 0 and nulls.stop == () and nulls.n == 1
     assert nulls.max_tokens is None  # the rest of the context
 
@@ -45,7 +45,7 @@ def test_error_codes_and_params():
     missing = error(messages=[{"content": "x"}])
     assert (missing.param, missing.code) == ("messages[0].role", "missing_required_parameter")
     with pytest.raises(APIError) as e:
-        schemas.decode(b'{"messages": []}')
+        validation.decode(b'{"messages": []}')
     assert e.value.param in ("model", "messages")
     assert error(max_tokens=3, max_completion_tokens=4).param == "max_completion_tokens"
     assert decode(max_tokens=3, max_completion_tokens=3).max_tokens == 3
@@ -60,7 +60,7 @@ def test_error_body_shape():
 
 def test_logprob_token_strings(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
-    text = responses.TokenText(tokenizer)
+    text = replies.TokenText(tokenizer)
     hello = tokenizer.encode("Hello")[-1]
     assert tokenizer.id_to_piece(hello) == "\u2581Hello" and text(hello) == (" Hello", list(b" Hello"))
     newline = next(i for i in range(3, 300) if tokenizer.id_to_piece(i) == "<0x0A>")
@@ -74,9 +74,9 @@ def test_logprob_token_strings(tokenizer_path):
 
 
 def test_chunk_encoding_is_openai_ordered():
-    chunk = responses.ChatCompletionChunk("chatcmpl-1", "chat.completion.chunk", 1, "m",
-                                          [responses.ChunkChoice(0, responses.Delta())])
-    assert responses.sse(responses.encode(chunk)) == (
+    chunk = protocol.ChatCompletionChunk("chatcmpl-1", "chat.completion.chunk", 1, "m",
+                                          [protocol.ChunkChoice(0, protocol.Delta())])
+    assert replies.sse(replies.encode(chunk)) == (
         b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
         b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":null}]}\n\n')
 

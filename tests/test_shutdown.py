@@ -10,7 +10,8 @@ import threading
 import httpx
 import pytest
 
-from api.app import STATE_KEY, create_app
+from api.app import create_app
+from api.context import STATE_KEY
 from api.settings import ServerSettings
 from api.shutdown import drain, live
 from live_server import LiveServer
