@@ -2,7 +2,7 @@
 stores the dequantized matrix.
 
 Why: XLA's GPU compiler fuses a per-channel int8 weight's convert into its dot, but not the
-per-block (Q8_0, `quantize.BLOCK` = 32) dequantization `convert(q) * broadcast(scale)`: it writes a
+per-block (Q8_0, `BLOCK` = 32) dequantization `convert(q) * broadcast(scale)`: it writes a
 whole float copy of every matrix per matmul (86 MiB for 11008 x 4096 in bf16) and reads it back,
 which at decode (memory-bound: each weight byte is read once per step) is 5x the int8 bytes. This
 kernel loads int8 tiles and their scales, dequantizes them in registers and feeds the tensor-core
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from llama_jax.quantize import BLOCK
+BLOCK = 32  # weights per scale along the input axis (llama.cpp's Q8_0 block; quantize's scheme)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import int8_matmul
 from llama_jax.config import QUANTIZATIONS
+from llama_jax.int8_matmul import BLOCK
 from llama_jax.platform import Platform, resolve
 
 SCHEME = QUANTIZATIONS[0]  # the only scheme; recorded in config.json ("quantization") and the manifest
 QMAX = 127
-BLOCK = 32  # weights per scale along the input axis (llama.cpp's Q8_0 block)
 CPU_BLOCK_BYTES = 1 << 18  # on CPU: the float32 copy of one row block at a time (256 KiB: fastest, measured)
 PATHS = ("xla", "rows", "kernel")  # dequantize + dot; the same in row blocks (CPU); the Pallas GPU kernel
 INV_QMAX = np.float32(1 / QMAX)  # scales are max * (1/127): XLA rewrites a division by a constant that way
@@ -175,8 +176,6 @@ def linear(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     """
     path = w.path or for_platform(w).path
     if path == "kernel" and w.q.ndim == 2 and w.scale.shape[-1] * BLOCK == w.q.shape[-1]:
-        from llama_jax import int8_matmul  # it imports this module
-
         rows = int(np.prod(x.shape[:-1]))
         if rows <= int8_matmul.DEFAULT.decode_rows and int8_matmul.supported(rows, *w.q.shape):
             return int8_matmul.block_matmul(x, w.q, w.scale, out_dtype=out_dtype)
