@@ -191,3 +191,68 @@ def test_speculative_request_on_a_server_without_it_is_refused(tiny):
     with pytest.raises(RequestError) as e:
         engine.submit(Request(prompt=PROMPT, speculative=True))
     assert e.value.param == "speculative"
+
+
+# ---- the real model: greedy replies unchanged ---------------------------------------------------
+
+PARAGRAPH = ("The old lighthouse stood on the northern cliff for more than two hundred years. Every evening the "
+             "keeper climbed the spiral stairs, trimmed the wick and polished the great lens until it shone. Ships "
+             "passing in the night trusted its beam to guide them past the rocks.")
+GROUNDED = [f"Repeat this text exactly: {PARAGRAPH}",
+            f"Rewrite this paragraph, changing 'old' to 'ancient' and nothing else: {PARAGRAPH}",
+            f"Copy the first sentence of this text: {PARAGRAPH}",
+            "Repeat after me: one two three four five six seven eight nine ten.",
+            "Write the word 'hello' five times.",
+            'Convert to JSON with keys name and city: "Alice lives in Paris. Bob lives in Rome."',
+            "Fix the typo and repeat the sentence: The cat sat on teh mat.",
+            "List the days of the week, then list them again."]
+OPEN = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+        "Explain what a CPU does in one sentence.", "Say hello in French.", "Give me two tips for sleeping better.",
+        "What is 12 times 7?", "Name a famous painting and its painter.", "Describe a cat in one sentence.",
+        "Why is the sky blue?", "Tell me a fun fact about octopuses.", "What is the boiling point of water?"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (float32, from ../shared's GGUF) served with 4-token drafts
+    in 4 slots, compiled as requests need programs (no full warm-up), and its 20 chat prompts."""
+    if not GGUF.exists():
+        pytest.skip(f"the real SmolLM2 GGUF is not at {GGUF} (it lives in ../shared, never in the repo)")
+    from llama_jax import checkpoint
+    from llama_jax.convert import main
+    from llama_jax.tokenizer import apply_chat_template, load_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2") / "f32"
+    assert main([str(GGUF), str(out), "--quiet"]) == 0
+    loaded = checkpoint.load(out)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
+    config = EngineConfig(max_slots=4, max_seq_len=512, max_prefill_tokens=512, speculative=SpeculativeConfig(tokens=K))
+    engine = Engine(loaded.model, tokenizer, config).start(warmup=False)
+    prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": c}]) for c in GROUNDED + OPEN]
+    yield engine, prompts
+    engine.stop()
+
+
+def greedy(engine, prompts, speculative) -> list:
+    """All prompts submitted at once (so they run 4 at a time), speculation per prompt as given."""
+    flags = speculative if isinstance(speculative, list) else [speculative] * len(prompts)
+    handles = [engine.submit(Request(prompt=p, max_tokens=48, speculative=s, sampling=SamplingOptions(temperature=0)))
+               for p, s in zip(prompts, flags)]
+    return [h.result() for h in handles]
+
+
+@pytest.mark.slow
+def test_real_model_greedy_replies_are_unchanged_by_speculation(real):
+    engine, prompts = real
+    plain = greedy(engine, prompts, False)
+    fast = greedy(engine, prompts, True)  # the same prompts again: prefix-cache hits for those slots still hold
+    mixed = greedy(engine, prompts, [i % 2 == 0 for i in range(len(prompts))])  # plain rows ride in the verify step
+    assert len(prompts) >= 20
+    for p, f, m in zip(plain, fast, mixed):
+        assert tokens(f) == tokens(p) == tokens(m)
+        assert f.choices[0].text == p.choices[0].text and f.choices[0].finish_reason == p.choices[0].finish_reason
+    assert any(f.cached_tokens for f in fast) and any(m.cached_tokens for m in mixed)
+    grounded = fast[:len(GROUNDED)]
+    drafted, accepted = sum(f.drafted_tokens for f in grounded), sum(f.accepted_tokens for f in grounded)
+    assert accepted > 0.5 * drafted > 0  # the input-grounded replies copy their prompts: most drafts hold
+    assert all(m.drafted_tokens == 0 for m in mixed[1::2])
