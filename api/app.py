@@ -325,7 +325,7 @@ class _Reply:
     def _usage(self) -> responses.Usage:
         done = self.timer.completion_tokens
         return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                               self.handle.cached_tokens)
+                               self.handle.cached_tokens, (self.handle.drafted_tokens, self.handle.accepted_tokens))
 
     def _logprobs(self, event: Event) -> responses.ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None

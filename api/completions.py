@@ -45,7 +45,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 _SHARED = ("stream", "stream_options", "temperature", "top_p", "min_p", "top_k", "stop", "n", "presence_penalty",
            "frequency_penalty", "repetition_penalty", "user", "seed", "logit_bias", "min_tokens", "ignore_eos",
            "stop_token_ids", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-           "guided_grammar")  # declared (and checked) as in chat
+           "guided_grammar", "speculative")  # declared (and checked) as in chat
 
 # POST /v1/completions. null means the default; other fields: see fields.py.
 CompletionRequest = msgspec.defstruct("CompletionRequest", [
@@ -213,7 +213,8 @@ class _Run:
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
         return responses.usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                               sum(h.cached_tokens for h in self.handles))
+                               sum(h.cached_tokens for h in self.handles),
+                               tuple(sum(getattr(h, f) for h in self.handles) for f in ("drafted_tokens", "accepted_tokens")))
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -285,7 +286,8 @@ def engine_request(body: Any, ids: list[int], tokenizer: Tokenizer,
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
         stop=tuple([body.stop] if isinstance(body.stop, str) else body.stop or ()), n=body.n or 1,
         stop_token_ids=schemas.stop_token_ids(body, tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
-        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint)
+        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint,
+        speculative=body.speculative)
 
 
 def _prepare(ctx: ServerContext, body: Any, items: list[str | list[int]]

@@ -59,12 +59,20 @@ class PromptTokensDetails(Struct):
     cached_tokens: int  # prompt tokens whose keys the prefix cache held (not prefilled again)
 
 
+class CompletionTokensDetails(Struct):
+    """OpenAI's counts for predicted outputs, here of speculative drafts: accepted and rejected."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     estimated_cost: float
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET  # only when drafts were verified
 
 
 class ChatCompletion(Struct):
@@ -137,9 +145,12 @@ class ModelList(Struct):
     data: list[Model]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0,
+          drafts: tuple[int, int] = (0, 0)) -> Usage:
+    """`drafts`: speculative (drafted, accepted) tokens, reported as OpenAI's prediction tokens."""
+    details = CompletionTokensDetails(drafts[1], drafts[0] - drafts[1]) if drafts[0] else UNSET
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost,
-                 PromptTokensDetails(cached_tokens))
+                 PromptTokensDetails(cached_tokens), details)
 
 
 _encoder = msgspec.json.Encoder()

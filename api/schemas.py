@@ -166,6 +166,9 @@ class ChatCompletionRequest(GuidedFields, kw_only=True):
     stop_token_ids: Annotated[list[Annotated[int, Meta(ge=0)]],
                               _doc(f"vLLM's: token ids that also end a choice (the token is not returned as text); "
                                    f"at most {MAX_STOP_TOKEN_IDS}", max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    speculative: Annotated[bool, _doc("prompt-lookup speculative decoding for this request (the same output, often "
+                                      "faster when the reply copies the prompt); default: the server's "
+                                      "--speculative-ngram setting; true on a server without it is a 400")] | None = None
     functions: Annotated[Any, _doc("legacy; refused with a 400: use tools")] | None = None
     function_call: Annotated[Any, _doc("legacy; refused with a 400: use tool_choice")] | None = None
 
@@ -454,4 +457,5 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int], constraint: Call
         n=r.n or 1,
         top_logprobs=r.top_logprobs or 0,
         constraint=constraint,
+        speculative=r.speculative,
     )

@@ -78,6 +78,7 @@ class Engine:
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative
+        self.drafted_tokens = self.accepted_tokens = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants = programs.prefill_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
@@ -113,10 +114,10 @@ class Engine:
 
         Pass the running event loop to consume the handle with `async for`.
         """
-        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
         if request.speculative and not self.speculative.enabled:
             raise RequestError("speculative decoding is off on this server (start it with --speculative-ngram K)",
                                param="speculative")
+        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
         stop_ids = self.stop_ids(request)
@@ -291,6 +292,7 @@ class Engine:
         for a, n in zip(self.slots, counts):
             if n:
                 a.handle.drafted_tokens += int(n)
+                self.drafted_tokens += int(n)
         return (drafts, counts) if counts.any() else None
 
     def _free(self, slot: int) -> None:
@@ -466,6 +468,7 @@ class Engine:
                     self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
                     continue
                 active.handle.accepted_tokens += int(emitted[r]) - 1
+                self.accepted_tokens += int(emitted[r]) - 1
                 for j in range(emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
                     if self.slots[slot] is active:
                         self._advance(slot, active, int(tokens[r, j]), float(logprobs[r, j]), top_ids[r, j], top_lp[r, j])

@@ -8,6 +8,7 @@ prefix-cache hits, with drafts accepted."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import jax
@@ -256,3 +257,56 @@ def test_real_model_greedy_replies_are_unchanged_by_speculation(real):
     drafted, accepted = sum(f.drafted_tokens for f in grounded), sum(f.accepted_tokens for f in grounded)
     assert accepted > 0.5 * drafted > 0  # the input-grounded replies copy their prompts: most drafts hold
     assert all(m.drafted_tokens == 0 for m in mixed[1::2])
+
+
+# ---- the API: the request field, usage and metrics ----------------------------------------------
+
+@pytest.mark.slow
+def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine, _ = real
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        client = server.client()
+        ask = lambda spec: client.chat.completions.create(
+            model=ServerSettings().model_name, max_tokens=40, temperature=0, extra_body={"speculative": spec},
+            messages=[{"role": "user", "content": GROUNDED[0]}])
+        plain, fast = ask(False), ask(True)
+        assert fast.choices[0].message.content == plain.choices[0].message.content
+        details = fast.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > details.rejected_prediction_tokens >= 0
+        assert plain.usage.completion_tokens_details is None  # no drafts, no details
+        metrics = httpx.get(server.url + "/metrics").text
+        accepted = re.search(r'^llama_jax_spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)', metrics, re.M)
+        assert accepted and float(accepted.group(1)) >= details.accepted_prediction_tokens
+        bad = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": ServerSettings().model_name, "messages": [{"role": "user", "content": "hi"}], "speculative": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    finally:
+        server.stop()
+
+
+def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine = Engine(model, Tokenizer(tokenizer_path), EngineConfig(max_slots=2, max_seq_len=256)).start(warmup=False)
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            r = httpx.post(server.url + path, json={"model": ServerSettings().model_name, "speculative": True, **body})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "speculative" and "--speculative-ngram" in error["message"]
+    finally:
+        server.stop()
+        engine.stop()
