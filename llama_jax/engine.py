@@ -8,9 +8,11 @@ choice's text and constraint are its `RunningChoice`'s (request.py).
 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
-previous step's tokens on the host, so the device never waits for Python.
+previous step's tokens on the host, so the device never waits for Python. While any slot
+speculates (speculative.py), the previous step is processed first (drafts follow its tokens)
+and the step is a verify step of every busy slot's draft, when one has a draft.
 
-(Just over 400 lines: one class, the slot table and the queue that every step of it shares.)
+(Over 450 lines: one class, the slot table and the queue that every step of it shares.)
 """
 
 from __future__ import annotations
