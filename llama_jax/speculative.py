@@ -25,10 +25,11 @@ __all__ = ["SpeculativeConfig", "propose"]
 class SpeculativeConfig:
     """Prompt-lookup speculation: `tokens` drafted per step (static: the verify program's width;
     0 compiles nothing and turns speculation off), the n-gram sizes tried (`max_n` down to
-    `min_n`), and whether requests speculate unless they say otherwise (`default`)."""
+    `min_n`; `propose` itself defaults to 1..4), and whether requests speculate unless they say
+    otherwise (`default`)."""
 
     tokens: int = 0
-    min_n: int = 1
+    min_n: int = 2  # a 1-token match drafts poorly (measured: docs/benchmarks.md), and a verify step costs
     max_n: int = 4
     default: bool = True
 

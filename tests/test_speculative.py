@@ -74,7 +74,7 @@ def tiny():
     model = init_model(cfg, seed=0)
     model.lm_head.set_value(model.lm_head.get_value() * 40)
     config = EngineConfig(max_slots=8, max_seq_len=64, max_prefill_tokens=64, max_queue=2000,
-                          speculative=SpeculativeConfig(tokens=K))
+                          speculative=SpeculativeConfig(tokens=K, min_n=1))  # 1-grams: the chi-square prompt
     engine = Engine(model, Tokenizer(TOKENIZER), config).start()
     yield model, engine
     engine.stop()

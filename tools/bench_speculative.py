@@ -91,10 +91,11 @@ def bench_speculative(args) -> dict:
         loaded = checkpoint.load(Path(tmp) / "float32")
         tokenizer = load_tokenizer(loaded.tokenizer_path)
     config = EngineConfig(max_slots=8, max_seq_len=args.max_seq_len, compilation_cache_dir=args.compilation_cache,
-                          speculative=SpeculativeConfig(tokens=args.speculative_tokens))
+                          speculative=SpeculativeConfig(tokens=args.speculative_tokens, min_n=args.speculative_min_n))
     engine = Engine(loaded.model, tokenizer, config).start(warmup=False)  # compiled by the untimed pass below
     workloads = {"grounded": grounded_prompts(tokenizer), "open": open_prompts(tokenizer)}
     out: dict = {"model": gguf.name, "dtype": "float32", "speculative_tokens": args.speculative_tokens,
+                 "min_n": args.speculative_min_n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "prompt_tokens": {w: [len(p) for p in ps] for w, ps in workloads.items()}}
     try:
         for name, prompts in workloads.items():
