@@ -287,15 +287,17 @@ class Engine:
 
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Each speculating slot's draft (at most what its max_tokens and the context leave after
-        the token every step makes), or None when no slot has one (a plain step is cheaper)."""
+        the token every step makes), or None when too few busy slots have one (a plain step is cheaper)."""
         drafts, counts = speculative.draft_rows(
             [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a and a.speculative else None
              for a in self.slots], self.speculative)
+        if not counts.any() or np.count_nonzero(counts) < self.speculative.min_drafting_share * self.busy_slots:
+            return None
         for a, n in zip(self.slots, counts):
             if n:
                 a.handle.drafted_tokens += int(n)
                 self.drafted_tokens += int(n)
-        return (drafts, counts) if counts.any() else None
+        return drafts, counts
 
     def _free(self, slot: int) -> None:
         active, self.slots[slot] = self.slots[slot], None

@@ -32,10 +32,15 @@ class SpeculativeConfig:
     min_n: int = 2  # a 1-token match drafts poorly (measured: docs/benchmarks.md), and a verify step costs
     max_n: int = 4
     default: bool = True
+    # a verify step runs k + 1 positions in every busy slot: it is taken only when at least this
+    # share of the busy slots has a draft (else a plain step; measured on CPU: docs/benchmarks.md)
+    min_drafting_share: float = 0.5
 
     def __post_init__(self):
         if not 0 <= self.tokens <= 32:
             raise ValueError(f"speculative tokens must be in [0, 32], got {self.tokens}")
+        if not 0 <= self.min_drafting_share <= 1:
+            raise ValueError(f"min_drafting_share must be in [0, 1], got {self.min_drafting_share}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
 

@@ -58,6 +58,8 @@ def test_config_is_checked():
         SpeculativeConfig(tokens=-1)
     with pytest.raises(ValueError):
         SpeculativeConfig(tokens=4, min_n=3, max_n=2)
+    with pytest.raises(ValueError):
+        SpeculativeConfig(tokens=4, min_drafting_share=1.5)
     assert not SpeculativeConfig().enabled
 
 
@@ -140,7 +142,8 @@ def chained_prompt(model) -> list[int]:
 def test_output_distribution_is_the_targets_chi_square(tiny):
     """10,240 samples of 3 tokens (the 2nd and 3rd verified against a draft) against the exact
     joint distribution; cells expected below 5 pooled. Passes at p >= SIGNIFICANCE (2026-12-04:
-    chi2 66.4 on 62 degrees of freedom, p = 0.36; 1,620 of 10,240 drafts accepted)."""
+    chi2 66.4 on 62 degrees of freedom, p = 0.36; 1,329 of 8,270 drafts accepted. The samples are
+    the plain path's token for token, the seeds being the same, so the statistic is too)."""
     model, engine = tiny
     CHI_PROMPT = chained_prompt(model)
     n_requests, n = 1280, 8
@@ -149,7 +152,7 @@ def test_output_distribution_is_the_targets_chi_square(tiny):
     results = [h.result() for h in handles]
     samples = np.array([tokens(r, c) for r in results for c in range(n)])
     drafted, accepted = sum(r.drafted_tokens for r in results), sum(r.accepted_tokens for r in results)
-    assert drafted >= n_requests * n * 0.9 and 0.1 * drafted < accepted < 0.9 * drafted, (drafted, accepted)  # both branches, often
+    assert drafted >= n_requests * n * 0.5 and 0.1 * drafted < accepted < 0.9 * drafted, (drafted, accepted)  # both branches, often
     expected = exact_distribution(model, CHI_PROMPT, 3).ravel() * len(samples)
     observed = np.bincount(np.ravel_multi_index(samples.T, (VOCAB,) * 3), minlength=VOCAB**3)
     big = expected >= 5
@@ -184,6 +187,18 @@ def test_max_tokens_and_stop_ids_cut_where_plain_decoding_does(tiny):
                 prompt=PROMPT, max_tokens=max_tokens, stop_token_ids=stop, speculative=spec,
                 sampling=SamplingOptions(temperature=0))).result())
             assert run(True) == run(False)
+
+
+def test_a_verify_step_needs_half_the_busy_slots_drafting(tiny):
+    """`min_drafting_share`: one speculating choice among four busy slots never makes every slot
+    run k + 1 positions; two of four do."""
+    _, engine = tiny
+    for speculating, drafts in ((1, False), (2, True)):
+        handles = [engine.submit(Request(prompt=PROMPT, max_tokens=12, stop_token_ids=[], speculative=i < speculating,
+                                         sampling=SamplingOptions(temperature=0))) for i in range(4)]
+        results = [h.result() for h in handles]
+        assert (sum(r.drafted_tokens for r in results) > 0) == drafts
+        assert len({tuple(tokens(r)) for r in results}) == 1  # the same greedy reply in every slot
 
 
 def test_speculative_request_on_a_server_without_it_is_refused(tiny):
