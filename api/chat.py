@@ -69,7 +69,8 @@ def engine_request(r: ChatCompletionRequest, prompt: list[int], constraint: Call
     structured output, its constraint factory; `eos_ids`: the tokenizer's, for `stop_token_ids`)."""
     return EngineRequest(prompt=prompt, sampling=r.sampling_options(), max_tokens=r.max_new_tokens(), stop=r.stops(),
                          stop_token_ids=r.stop_ids(eos_ids), min_tokens=r.min_tokens or 0, n=r.n or 1,
-                         top_logprobs=r.top_logprobs or 0, constraint=constraint)
+                         top_logprobs=r.top_logprobs or 0, constraint=constraint,
+                         speculative=r.speculative)
 
 
 def _prepare(ctx: ServerContext, body: ChatCompletionRequest) -> tuple[list[int], Grammar | None, str]:
@@ -180,7 +181,7 @@ class ChatReply:
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
         return usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                     self.handle.cached_tokens)
+                     self.handle.cached_tokens, (self.handle.drafted_tokens, self.handle.accepted_tokens))
 
     def _logprobs(self, event: Event) -> ChoiceLogprobs | None:
         return self.ctx.token_text.logprobs(event.tokens) if self.body.logprobs else None

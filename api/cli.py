@@ -60,6 +60,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill every prompt in full (default: reuse the keys of prefixes the slots still hold)")
+    p.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding: draft up to K tokens per step from n-grams of the "
+                        "prompt and reply, verified in one step (the same output); on for requests unless they "
+                        "say speculative: false (default 0: off)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
@@ -175,6 +179,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     from api.shutdown import DrainingServer
     from llama_jax import checkpoint
     from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.speculative import SpeculativeConfig
     from llama_jax.sharding import make_mesh
     from llama_jax.tokenizer import load_tokenizer
 
@@ -205,7 +210,7 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
         _say(f"--max-slots auto: {max_slots} slots ({why})")
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
-                          prefix_cache=args.prefix_cache)
+                          prefix_cache=args.prefix_cache, speculative=SpeculativeConfig(tokens=args.speculative_ngram))
     template = args.chat_template.read_text() if args.chat_template else None
     engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
     app = create_app(engine, settings)

@@ -169,7 +169,8 @@ class _Run:
     def _usage(self) -> Usage:
         done = self.timer.completion_tokens
         return usage(self.prompt_tokens, done, self.ctx.settings.estimated_cost(self.prompt_tokens, done),
-                     sum(h.cached_tokens for h in self.handles))
+                     sum(h.cached_tokens for h in self.handles),
+                     (sum(h.drafted_tokens for h in self.handles), sum(h.accepted_tokens for h in self.handles)))
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -240,7 +241,8 @@ def engine_request(body: CompletionRequest, ids: list[int], tokenizer: Tokenizer
         max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
         stop=body.stops(), n=body.n or 1,
         stop_token_ids=body.stop_ids(tokenizer.eos_ids), min_tokens=body.min_tokens or 0,
-        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint)
+        top_logprobs=body.logprobs or 0, continues_prompt=_continues(tokenizer, ids), constraint=constraint,
+        speculative=body.speculative)
 
 
 def _prepare(ctx: ServerContext, body: CompletionRequest, items: list[str | list[int]]

@@ -71,6 +71,7 @@ class Metrics:
         gauge("llama_jax_slots", "Decode slots in total.", lambda: engine.config.max_slots)
         gauge("llama_jax_ready", "1 once warm-up is done and requests are served.", lambda: float(bool(engine.ready)))
         r.register(_PrefixCacheCollector(engine.prefix, model_name))
+        r.register(_SpeculativeCollector(engine, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -97,6 +98,21 @@ class _PrefixCacheCollector:
                 (GaugeMetricFamily, "llama_jax_prefix_cache_tokens", "Tokens whose keys the slots hold for reuse.",
                  p.cached_tokens)):
             metric = family(name, doc, labels=["model_name"])
+            metric.add_metric(self._labels, value)
+            yield metric
+
+
+class _SpeculativeCollector:
+    """The engine's speculative-decoding totals (vLLM's spec_decode counters), read at scrape time."""
+
+    def __init__(self, engine, model_name: str) -> None:
+        self._engine, self._labels = engine, [model_name]
+
+    def collect(self):
+        for name, doc, value in (
+                ("llama_jax_spec_decode_num_draft_tokens", "Draft tokens verified.", self._engine.drafted_tokens),
+                ("llama_jax_spec_decode_num_accepted_tokens", "Draft tokens accepted.", self._engine.accepted_tokens)):
+            metric = CounterMetricFamily(name, doc, labels=["model_name"])
             metric.add_metric(self._labels, value)
             yield metric
 

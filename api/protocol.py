@@ -146,6 +146,9 @@ class SamplingFields(GuidedFields, kw_only=True):
     stop_token_ids: Annotated[list[Annotated[int, Meta(ge=0)]],
                               _doc(f"vLLM's: token ids that also end a choice (the token is not returned as text); "
                                    f"at most {MAX_STOP_TOKEN_IDS}", max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    speculative: Annotated[bool, _doc("prompt-lookup speculative decoding for this request (the same output, often "
+                                      "faster when the reply copies the prompt); default: the server's "
+                                      "--speculative-ngram setting; true on a server without it is a 400")] | None = None
 
     def stops(self) -> tuple[str, ...]:
         """The stop strings, whether given as one string or a list."""
@@ -274,12 +277,20 @@ class PromptTokensDetails(Struct):
     cached_tokens: int  # prompt tokens whose keys the prefix cache held (not prefilled again)
 
 
+class CompletionTokensDetails(Struct):
+    """OpenAI's counts for predicted outputs, here of speculative drafts: accepted and rejected."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     estimated_cost: float
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET  # only when drafts were verified
 
 
 class ChatCompletion(Struct):

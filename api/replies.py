@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import msgspec
+from msgspec import UNSET
 from litestar import Response
 from litestar.response import Stream
 
 from api.errors import APIError
-from api.protocol import ChoiceLogprobs, ContentLogprob, PromptTokensDetails, TopLogprob, Usage
+from api.protocol import ChoiceLogprobs, CompletionTokensDetails, ContentLogprob, PromptTokensDetails, TopLogprob, Usage
 from llama_jax.request import TokenLogprob
 from llama_jax.tokenizer import Tokenizer
 
@@ -72,10 +73,13 @@ async def respond(rendering: Rendering, stream: bool, receive: Callable) -> Resp
     return json_reply(await rendering.complete(receive))
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0) -> Usage:
-    """The `usage` of a reply."""
+def usage(prompt_tokens: int, completion_tokens: int, cost: float, cached_tokens: int = 0,
+          drafts: tuple[int, int] = (0, 0)) -> Usage:
+    """The `usage` of a reply; `drafts`: speculative (drafted, accepted) tokens, reported as OpenAI's
+    prediction tokens."""
+    details = CompletionTokensDetails(drafts[1], drafts[0] - drafts[1]) if drafts[0] else UNSET
     return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cost,
-                 PromptTokensDetails(cached_tokens))
+                 PromptTokensDetails(cached_tokens), details)
 
 
 class TokenText:

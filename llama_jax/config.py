@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llama_jax.speculative import SpeculativeConfig
+
 if TYPE_CHECKING:
     from llama_jax.attention import AttentionConfig
     from llama_jax.platform import Platform
@@ -255,3 +257,4 @@ class EngineConfig:
     split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
     platform: Platform | None = None  # what the programs are built for (default: the host's devices; plan: a target)
+    speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts (off: tokens 0, no programs)

@@ -79,12 +79,13 @@ def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) ->
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
     """Every program serving runs on `config.platform` (default: the host's), as (kind, shape):
     one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape
-    where there are two) and one generate per busy-slot bucket, and the slot copy of the prefix
-    cache. Warm-up compiles exactly these."""
+    where there are two), one generate per busy-slot bucket (and one verify per bucket with
+    speculation on), and the slot copy of the prefix cache. Warm-up compiles exactly these."""
     variants = prefill_variants(platform.resolve(config.platform))
     return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
              for r, t in prefill_shapes(config, max_seq_len) for v in variants]
             + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
+            + [("verify", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1) if config.speculative.enabled]
             + [("copy", {})])
 
 
@@ -167,6 +168,69 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allo
     ), result
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """What one verify step returns per slot: the sampled token at each of its k + 1 positions
+    (`SampleResult` fields with a position axis after the row) and how many lead the output."""
+
+    sampled: SampleResult  # tokens [rows, k + 1], logprobs [rows, k + 1], top_* [rows, k + 1, top]
+    emitted: jax.Array  # int32 [rows]: 1 + the drafted tokens accepted; the first `emitted` samples are the output
+
+
+def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts: jax.Array, n_drafts: jax.Array,
+           allowed: jax.Array, *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, VerifyResult]:
+    """One speculative step for the first `rows` slots: each runs its last token and its first
+    `n_drafts` `[slots]` of `drafts` `[slots, k]` at its current length in one forward (the
+    prefill-after-a-prefix attention: causal over the new tokens, reading the row's cache), and
+    samples every position exactly as `generate` would there (same key, step and penalty counts,
+    as if the drafted tokens before it had been sampled). The longest prefix of drafts equal to
+    the samples is accepted, plus the sample after it (rejection sampling with a point-mass
+    draft: see speculative.py). Keys are written for all k + 1 positions; the row's length then
+    counts only the accepted ones (later steps overwrite the rest). Rows without a draft (n = 0,
+    idle or not speculating) take one plain decode step here. `allowed` `[slots, vocab]` masks
+    every position of a row (constrained rows never draft)."""
+    model: Llama = nnx.merge(graphdef, params)
+    k = drafts.shape[1]
+    width, max_len = k + 1, state.cache.max_len
+    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
+    starts = jnp.minimum(state.cache.lengths[:rows], max_len - 1)
+    tokens = jnp.concatenate([state.tokens[:rows, None], drafts[:rows]], axis=1)  # [R, k + 1]
+    offsets = jnp.arange(width, dtype=jnp.int32)
+    positions = starts[:, None] + offsets[None]  # positions past the cache write nothing
+    logits, cache = model(tokens, positions, state.cache, jnp.minimum(starts + width, max_len),
+                          rows=jnp.arange(rows, dtype=jnp.int32), mode="prefill", attn=attn, suffix=True)
+    logits = replicate(logits, attn.mesh)
+    vocab = logits.shape[-1]
+    sampler, row_params = head(state.sampler), head(state.params)
+    # position j sees the drafts before it as generated tokens: counts + one-hot of drafts[:j]
+    r, j, i = jnp.meshgrid(jnp.arange(rows), offsets, jnp.arange(k), indexing="ij")  # [R, k + 1, k]
+    counts = jnp.broadcast_to(sampler.counts[:, None], (rows, width, vocab))
+    counts = counts.at[r, j, drafts[:rows][r, i]].add((i < j).astype(jnp.int32), mode="drop")
+    flat = lambda a: a.reshape(rows * width, *a.shape[2:])
+    spread = lambda a: flat(jnp.broadcast_to(a[:, None], (rows, width, *a.shape[1:])))
+    at_positions = sampling.SamplerState(counts=flat(counts), prompt_mask=spread(sampler.prompt_mask),
+                                         step=flat(sampler.step[:, None] + offsets[None]))
+    result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions, spread(allowed[:rows]),
+                                branch_free=branch_free)
+    sampled = jax.tree.map(lambda a: a.reshape(rows, width, *a.shape[1:]), result)
+    drafted = offsets[None, :k] < jnp.minimum(n_drafts[:rows], k)[:, None]
+    agree = (sampled.tokens[:, :k] == drafts[:rows]) & drafted
+    accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # [R]
+    emitted = accepted + 1
+    last = jnp.take_along_axis(sampled.tokens, accepted[:, None], axis=1)[:, 0]
+    kept = (offsets[None] < emitted[:, None]).astype(jnp.int32)
+    new_counts = sampler.counts.at[jnp.arange(rows)[:, None], sampled.tokens].add(kept)
+    new_sampler = sampling.SamplerState(counts=new_counts, prompt_mask=sampler.prompt_mask, step=sampler.step + emitted)
+    lengths = cache.lengths.at[:rows].set(jnp.minimum(starts + emitted, max_len))
+    return DecodeState(
+        cache=cache.replace(lengths=lengths),
+        tokens=state.tokens.at[:rows].set(last),
+        sampler=jax.tree.map(lambda a, n: a.at[:rows].set(n), state.sampler, new_sampler),
+        params=state.params,
+    ), VerifyResult(sampled, emitted)
+
+
 def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
     """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
     cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
@@ -208,6 +272,7 @@ class Programs:
 
     prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, result)
     generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    verify: Callable  # (params, state, drafts, n_drafts, allowed, *, rows) -> (state, VerifyResult)
     copy: Callable  # (cache, source, slot) -> cache
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
@@ -229,6 +294,8 @@ class Programs:
                             out_shardings=(shardings, None)),
             generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
                              out_shardings=(shardings, None)),
+            verify=jax.jit(partial(verify, graphdef, **static), static_argnames="rows", donate_argnames="state",
+                           out_shardings=(shardings, None)),
             copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),

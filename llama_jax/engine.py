@@ -8,9 +8,11 @@ choice's text and constraint are its `RunningChoice`'s (request.py).
 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
-previous step's tokens on the host, so the device never waits for Python.
+previous step's tokens on the host, so the device never waits for Python. While any slot
+speculates (speculative.py), the previous step is processed first (drafts follow its tokens)
+and the step is a verify step of every busy slot's draft, when one has a draft.
 
-(Just over 400 lines: one class, the slot table and the queue that every step of it shares.)
+(Over 450 lines: one class, the slot table and the queue that every step of it shares.)
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import kv_cache, platform, sampling, steps
+from llama_jax import kv_cache, platform, sampling, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import (Programs, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
+from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
                                smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
@@ -77,6 +79,8 @@ class Engine:
         programs = Programs.build(self.graphdef, cfg, config, mesh)
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
+        self._verify, self.speculative = programs.verify, config.speculative
+        self.drafted_tokens = self.accepted_tokens = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants = programs.prefill_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
@@ -112,6 +116,9 @@ class Engine:
 
         Pass the running event loop to consume the handle with `async for`.
         """
+        if request.speculative and not self.speculative.enabled:
+            raise RequestError("speculative decoding is off on this server (start it with --speculative-ngram K)",
+                               param="speculative")
         max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
@@ -164,6 +171,10 @@ class Engine:
             elif kind == "generate":
                 self._state, result = self._generate(self.params, self._state, self._everything, rows=shape["rows"])
                 what = f"decode {shape['rows']} slots"
+            elif kind == "verify":
+                drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
+                self._state, result = self._verify(self.params, self._state, *drafts, self._everything, rows=shape["rows"])
+                what = f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens"
             else:
                 self._copy_slot(0, 0)
                 result, what = None, "slot copy"
@@ -257,15 +268,36 @@ class Engine:
             handle.put(None)
 
     def _iterate(self, pending):
-        """One scheduler iteration: admit, dispatch a step, process the previous one."""
+        """One scheduler iteration: admit, dispatch a step, process the previous one. Speculating
+        slots draft from their last tokens, so with any of them the previous step is processed first."""
         self._drop_cancelled()
         self._admit()
+        if pending and (isinstance(pending[1], VerifyResult) or self._speculating()):
+            self._process(*pending)
+            pending = None
         if pending:  # constrained slots need their last token before the next mask: only they wait
             self._process(*pending, which=lambda a: a.constraint is not None)
-        dispatched = self._dispatch() if any(self.slots) else None
+        dispatched = self._dispatch(self._drafts() if self._speculating() else None) if any(self.slots) else None
         if pending:
             self._process(*pending, which=lambda a: a.constraint is None)
         return dispatched
+
+    def _speculating(self) -> bool:
+        return any(a and a.speculative for a in self.slots)
+
+    def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Each speculating slot's draft (at most what its max_tokens and the context leave after
+        the token every step makes), or None when too few busy slots have one (a plain step is cheaper)."""
+        drafts, counts = speculative.draft_rows(
+            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a and a.speculative else None
+             for a in self.slots], self.speculative)
+        if not counts.any() or np.count_nonzero(counts) < self.speculative.min_drafting_share * self.busy_slots:
+            return None
+        for a, n in zip(self.slots, counts):
+            if n:
+                a.handle.drafted_tokens += int(n)
+                self.drafted_tokens += int(n)
+        return drafts, counts
 
     def _free(self, slot: int) -> None:
         active, self.slots[slot] = self.slots[slot], None
@@ -381,11 +413,15 @@ class Engine:
             self.prefix.hold(slot, request.prompt)
             owners[slot] = self.slots[slot] = RunningChoice(
                 handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
-                self.stop_ids(request), constraint, request.min_tokens, ids=list(request.prompt))
+                self.stop_ids(request), constraint, request.min_tokens, ids=list(request.prompt),
+                speculative=self.speculative.enabled and constraint is None and (
+                    self.speculative.default if request.speculative is None else request.speculative))
         self._process(owners, result, row_of={slot: i for i, (_, _, slot, _) in enumerate(rows)})
 
-    def _dispatch(self) -> tuple[list[RunningChoice | None], SampleResult]:
-        """Launch one generate step for the busy slots; its tokens are copied to the host asynchronously.
+    def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:
+        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and
+        draft counts); its tokens are copied to the host asynchronously.
 
         Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
         the batch.
@@ -404,20 +440,25 @@ class Engine:
             if not any(self.slots):
                 return [None] * len(self.slots), None
             allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
-        self._state, result = self._generate(self.params, self._state, allowed, rows=rows)
+        if drafts is None:
+            self._state, result = self._generate(self.params, self._state, allowed, rows=rows)
+        else:
+            self._state, result = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
         for leaf in jax.tree.leaves(result):
             leaf.copy_to_host_async()
         return list(self.slots), result
 
-    def _process(self, owners: list[RunningChoice | None], result: SampleResult | None, row_of: dict[int, int] | None = None,
-                 which: Callable[[RunningChoice], bool] = lambda a: True) -> None:
-        """Turn one step's sampled tokens into events for the choices (those `which` selects) that
-        still own their slot."""
+    def _process(self, owners: list[RunningChoice | None], result: SampleResult | VerifyResult | None,
+                 row_of: dict[int, int] | None = None, which: Callable[[RunningChoice], bool] = lambda a: True) -> None:
+        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for
+        the choices (those `which` selects) that still own their slot."""
         if result is None or not any(a and which(a) for a in owners):
             return
         try:  # device errors of an asynchronously dispatched step surface here
-            tokens, logprobs = np.asarray(result.tokens), np.asarray(result.logprobs)
-            top_ids, top_lp = np.asarray(result.top_ids), np.asarray(result.top_logprobs)
+            emitted = np.asarray(result.emitted) if isinstance(result, VerifyResult) else None
+            sampled = result.sampled if isinstance(result, VerifyResult) else result
+            tokens, logprobs = np.asarray(sampled.tokens), np.asarray(sampled.logprobs)
+            top_ids, top_lp = np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs)
         except Exception as e:
             log.exception("generate step failed")
             self._fail_running(f"generate step failed: {e}")
@@ -427,7 +468,14 @@ class Engine:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
+                if emitted is None:
+                    self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
+                    continue
+                active.handle.accepted_tokens += int(emitted[r]) - 1
+                self.accepted_tokens += int(emitted[r]) - 1
+                for j in range(emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
+                    if self.slots[slot] is active:
+                        self._advance(slot, active, int(tokens[r, j]), float(logprobs[r, j]), top_ids[r, j], top_lp[r, j])
             except Exception as e:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")

@@ -215,6 +215,12 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
         elif kind == "copy":
             lowered = programs.copy.lower(state.cache, i32(), i32())
             name = "slot copy"
+        elif kind == "verify":
+            allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
+            k = config.speculative.tokens
+            lowered = programs.verify.lower(params, state, i32(config.max_slots, k), i32(config.max_slots), allowed,
+                                            rows=shape["rows"])
+            name = f"verify {shape['rows']} slots x {k + 1} tokens"
         else:
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
             lowered = programs.generate.lower(params, state, allowed, rows=shape["rows"])

@@ -76,6 +76,7 @@ class Request:
     top_logprobs: int = 0  # alternatives reported per token (0..20); logprobs of chosen tokens always come
     constraint: Callable[[], Constraint] | None = None  # a fresh automaton per choice
     continues_prompt: bool = False  # the text continues the prompt's (raw completions): a leading space stays
+    speculative: bool | None = None  # prompt-lookup speculation (speculative.py); None: the engine's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,8 @@ class Completion:
     choices: list[Choice]
     prompt_tokens: int
     cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (first choice)
+    drafted_tokens: int = 0  # speculative draft tokens verified, all choices
+    accepted_tokens: int = 0  # of those, the ones accepted
 
     @property
     def completion_tokens(self) -> int:
@@ -141,6 +144,8 @@ class RequestHandle:
         self.admitted = 0  # choices given a slot so far (the rest wait in the queue)
         self.max_tokens = 0  # set by the engine when it accepts the request
         self.rows: list = []  # the sampling row of each choice, likewise
+        self.drafted_tokens = 0  # speculative drafts verified for this request, and accepted (engine thread)
+        self.accepted_tokens = 0
         self.cancelled = threading.Event()
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
@@ -179,6 +184,7 @@ class RequestHandle:
         for event in self:
             self._collect(completion, event)
         completion.cached_tokens = self.cached_tokens
+        completion.drafted_tokens, completion.accepted_tokens = self.drafted_tokens, self.accepted_tokens
         return completion
 
     async def aresult(self) -> Completion:
@@ -186,6 +192,7 @@ class RequestHandle:
         async for event in self:
             self._collect(completion, event)
         completion.cached_tokens = self.cached_tokens
+        completion.drafted_tokens, completion.accepted_tokens = self.drafted_tokens, self.accepted_tokens
         return completion
 
 
@@ -238,6 +245,7 @@ class RunningChoice:
     min_tokens: int = 0
     generated: int = 0
     ids: list[int] = dataclasses.field(default_factory=list)
+    speculative: bool = False  # drafts are proposed for it (speculative.py)
 
     def step(self, info: TokenLogprob) -> Event:
         """Take the sampled token `info.token_id`: the event it makes, with a finish_reason once the

@@ -8,6 +8,7 @@ concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
     python tools/bench_engine.py --preset llama-2-7b --dtype bfloat16 --no-hf --concurrency 1 8 32
     python tools/bench_engine.py --quantize int8 --concurrency 1 8 --llama-cpp BUILD_DIR
     python tools/bench_engine.py --gguf ../shared/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --llama-cpp BUILD_DIR
+    python tools/bench_engine.py --speculative          # prompt-lookup drafts on and off (bench_speculative.py)
 
 `--gguf FILE` runs the real model instead: the GGUF converted to float32 and to int8 for
 llama-jax, and (with `--llama-cpp`) the same GGUF requantized to F32 and Q8_0 by llama.cpp's own
@@ -208,7 +209,20 @@ def main() -> None:
                     help="a llama.cpp CMake build directory (llama-batched-bench): add llama.cpp Q8_0 as the peer")
     ap.add_argument("--llama-cpp-src", metavar="SRC_DIR", default=None,
                     help="the llama.cpp source holding convert_hf_to_gguf.py (default: BUILD_DIR/..)")
+    ap.add_argument("--speculative", action="store_true",
+                    help="prompt-lookup speculation on and off on the real model (--gguf, default ../shared's "
+                         "SmolLM2): tools/bench_speculative.py")
+    ap.add_argument("--speculative-tokens", type=int, default=4, help="--speculative: tokens drafted per step")
+    ap.add_argument("--speculative-min-n", type=int, default=2, help="--speculative: shortest n-gram matched")
+    ap.add_argument("--spec-max-tokens", type=int, default=256, help="--speculative: max_tokens of each reply")
+    ap.add_argument("--batch1-prompts", type=int, default=2, help="--speculative: prompts run one by one per round")
+    ap.add_argument("--rounds", type=int, default=2, help="--speculative: timed rounds, plain and speculative alternating")
     args = ap.parse_args()
+    if args.speculative:
+        from bench_speculative import bench_speculative
+
+        print(json.dumps(bench_speculative(args), indent=2))
+        return
     if args.gguf:
         from bench_real import bench_gguf
 

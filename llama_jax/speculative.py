@@ -1,0 +1,80 @@
+"""Prompt-lookup (n-gram) drafts for speculative decoding, proposed on the host.
+
+A choice that copies spans of its input (summaries with quotes, edits, refactors, extraction)
+keeps repeating n-grams it has seen. For each running slot, the longest recent n-gram ending its
+tokens (n from `max_n` down to `min_n`) is looked up earlier in its prompt and output; the tokens
+that followed its most recent earlier occurrence are the draft. The device then verifies the
+draft in one step (`device.verify`): every drafted position is sampled exactly as a plain decode
+step would sample it, and the longest prefix the samples agree with is kept, plus the model's
+next token. With a deterministic draft that is speculative rejection sampling with a point-mass
+proposal (accept d with probability p(d), else draw from p without d), so the output
+distribution, and for a given seed the tokens themselves, are the target model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["SpeculativeConfig", "propose"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Prompt-lookup speculation: `tokens` drafted per step (static: the verify program's width;
+    0 compiles nothing and turns speculation off), the n-gram sizes tried (`max_n` down to
+    `min_n`; `propose` itself defaults to 1..4), and whether requests speculate unless they say
+    otherwise (`default`)."""
+
+    tokens: int = 0
+    min_n: int = 2  # a 1-token match drafts poorly (measured: docs/benchmarks.md), and a verify step costs
+    max_n: int = 4
+    default: bool = True
+    # a verify step runs k + 1 positions in every busy slot: it is taken only when at least this
+    # share of the busy slots has a draft (else a plain step; measured on CPU: docs/benchmarks.md)
+    min_drafting_share: float = 0.5
+
+    def __post_init__(self):
+        if not 0 <= self.tokens <= 32:
+            raise ValueError(f"speculative tokens must be in [0, 32], got {self.tokens}")
+        if not 0 <= self.min_drafting_share <= 1:
+            raise ValueError(f"min_drafting_share must be in [0, 1], got {self.min_drafting_share}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+
+def propose(ids: Sequence[int] | np.ndarray, k: int, min_n: int = 1, max_n: int = 4) -> list[int]:
+    """Up to `k` draft tokens to follow `ids`: what followed the most recent earlier occurrence of
+    the longest n-gram (n in `max_n`..`min_n`) that ends `ids`; [] when none recurs."""
+    ids = np.asarray(ids, np.int32)
+    size = len(ids)
+    if k <= 0:
+        return []
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        pattern = ids[size - n:]
+        # windows starting at 0..size-n-1: each earlier occurrence has at least one token after it
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:size - 1], n)
+        hits = np.flatnonzero(np.all(windows == pattern, axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return ids[start:start + k].tolist()
+    return []
+
+
+def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: SpeculativeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The verify step's inputs for each slot: `rows[i]` is (its tokens, the most it may draft)
+    or None (idle or not speculating). Returns drafts `[slots, k]` (padded with 0) and their
+    counts `[slots]`."""
+    drafts = np.zeros((len(rows), config.tokens), np.int32)
+    counts = np.zeros(len(rows), np.int32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            draft = propose(row[0], min(config.tokens, row[1]), config.min_n, config.max_n)
+            drafts[i, :len(draft)], counts[i] = draft, len(draft)
+    return drafts, counts

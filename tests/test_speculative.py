@@ -1,0 +1,327 @@
+"""Speculative decoding with prompt-lookup drafts (llama_jax/speculative.py, device.verify): the
+drafts themselves; on a tiny random model with a 32-token vocabulary, the same tokens as plain
+decoding for the same seed under every sampling knob, a chi-square test of the output
+distribution against the target's computed exactly, and no compiles under any mix; on the real
+SmolLM2 (../shared), greedy replies equal to plain decoding token for token under concurrency and
+prefix-cache hits, with drafts accepted."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax import steps
+from llama_jax.compiles import CompileCounter
+from llama_jax.config import LlamaConfig
+from llama_jax.engine import Engine, EngineConfig
+from llama_jax.model import init_model
+from llama_jax.request import Request, RequestError, SamplingOptions
+from llama_jax.speculative import SpeculativeConfig, draft_rows, propose
+from llama_jax.tokenizer import Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO_ROOT.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
+GGUF = REPO_ROOT.parent / "shared" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+VOCAB = 32
+K = 4
+SIGNIFICANCE = 0.001  # the chi-square test fails when p < 0.001 (deterministic: fixed seeds, fixed tokens)
+PROMPT = [1, 3, 4, 5, 6, 3, 4, 5, 6, 3, 4, 5]  # repeats, so every step has a draft
+
+
+# ---- drafts -----------------------------------------------------------------------------------
+
+def test_propose_takes_the_longest_ngram_at_its_most_recent_occurrence():
+    # "7 8" occurred twice; the 2-gram wins over the 1-gram "8" (which also follows 9 below)
+    ids = [7, 8, 1, 2, 3, 9, 8, 5, 7, 8, 4, 6, 0, 7, 8]
+    assert propose(ids, 3) == [4, 6, 0]  # most recent earlier "7 8" is at 8..9
+    assert propose(ids, 3, min_n=3, max_n=4) == []  # no 3-gram "0 7 8" recurs
+    assert propose(ids, 1) == [4]
+    assert propose([5, 6, 5], 4) == [6, 5]  # what followed, up to the end
+    assert propose([1, 2, 3], 4) == [] and propose([1], 4) == [] and propose([1, 2, 1], 0) == []
+
+
+def test_draft_rows_pads_and_limits_each_row():
+    config = SpeculativeConfig(tokens=3)
+    drafts, counts = draft_rows([([1, 2, 3, 1, 2], 3), None, ([1, 2, 3, 1, 2], 1), ([4, 5], 3)], config)
+    assert drafts.shape == (4, 3) and counts.tolist() == [3, 0, 1, 0]
+    assert drafts[0].tolist() == [3, 1, 2] and drafts[2].tolist() == [3, 0, 0]
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError):
+        SpeculativeConfig(tokens=-1)
+    with pytest.raises(ValueError):
+        SpeculativeConfig(tokens=4, min_n=3, max_n=2)
+    with pytest.raises(ValueError):
+        SpeculativeConfig(tokens=4, min_drafting_share=1.5)
+    assert not SpeculativeConfig().enabled
+
+
+# ---- a tiny random model: exactness of sampling -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-layer float32 model over 32 tokens whose LM head is scaled up (peaked distributions, so
+    drafts are often accepted and often rejected), served with 4-token drafts, fully warmed up."""
+    if not TOKENIZER.exists():
+        pytest.skip(f"the Llama 2 tokenizer is not at {TOKENIZER} (../shared)")
+    cfg = LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                      dtype="float32")
+    model = init_model(cfg, seed=0)
+    model.lm_head.set_value(model.lm_head.get_value() * 40)
+    config = EngineConfig(max_slots=8, max_seq_len=64, max_prefill_tokens=64, max_queue=2000,
+                          speculative=SpeculativeConfig(tokens=K, min_n=1))  # 1-grams: the chi-square prompt
+    engine = Engine(model, Tokenizer(TOKENIZER), config).start()
+    yield model, engine
+    engine.stop()
+
+
+def tokens(completion, choice: int = 0) -> list[int]:
+    return [t.token_id for t in completion.choices[choice].tokens]
+
+
+KNOBS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.8, top_k=5),
+         dict(temperature=1.3, min_p=0.05, presence_penalty=1.5, frequency_penalty=0.5),
+         dict(temperature=1.0, repetition_penalty=1.8, logit_bias=((4, 3.0), (5, -100.0)))]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(k))
+def test_same_seed_gives_the_plain_tokens_and_the_same_tokens_run_to_run(tiny, knobs):
+    _, engine = tiny
+    drafted = accepted = 0
+    for seed in range(12):
+        run = lambda spec: engine.submit(Request(prompt=PROMPT, max_tokens=16, stop_token_ids=[], n=2, top_logprobs=3,
+                                                 min_tokens=4, speculative=spec,
+                                                 sampling=SamplingOptions(seed=seed, **knobs))).result()
+        plain, first, again = run(False), run(True), run(True)
+        for c in range(2):
+            assert tokens(first, c) == tokens(plain, c) == tokens(again, c)
+            np.testing.assert_allclose([t.logprob for t in first.choices[c].tokens],
+                                       [t.logprob for t in plain.choices[c].tokens], atol=1e-4)
+            assert [[i for i, _ in t.top] for t in first.choices[c].tokens] == \
+                   [[i for i, _ in t.top] for t in plain.choices[c].tokens]
+        assert plain.drafted_tokens == 0
+        drafted, accepted = drafted + first.drafted_tokens, accepted + first.accepted_tokens
+    assert drafted > 0 and 0 < accepted <= drafted
+
+
+def exact_distribution(model, prompt: list[int], n_tokens: int) -> np.ndarray:
+    """p(t1..tn | prompt) at temperature 1, `[VOCAB] * n`, from full forwards of every prefix."""
+    graphdef, params = nnx.split(model)
+    joint = np.ones(())
+    for depth in range(n_tokens):
+        seqs = [prompt + list(t) for t in itertools.product(range(VOCAB), repeat=depth)]
+        padded, lengths = steps.pad_prompts(seqs, 64)
+        logits, _ = steps.prefill(graphdef, params, padded, lengths)
+        p = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+        p /= p.sum(-1, keepdims=True)
+        joint = joint[..., None] * p.reshape((VOCAB,) * depth + (VOCAB,))
+    return joint
+
+
+def chained_prompt(model) -> list[int]:
+    """BOS and every token once, each followed where possible by the model's likeliest next token
+    after it: whatever the first sampled token, the second has a 1-gram draft, often accepted."""
+    graphdef, params = nnx.split(model)
+    padded, lengths = steps.pad_prompts([[1, t] for t in range(VOCAB)], 16)
+    likeliest = np.asarray(steps.prefill(graphdef, params, padded, lengths)[0]).argmax(-1)
+    order, unused, t = [], set(range(VOCAB)), 0
+    while unused:
+        order.append(t)
+        unused.discard(t)
+        t = int(likeliest[t]) if likeliest[t] in unused else min(unused, default=0)
+    return [1, *order]
+
+
+def test_output_distribution_is_the_targets_chi_square(tiny):
+    """10,240 samples of 3 tokens (the 2nd and 3rd verified against a draft) against the exact
+    joint distribution; cells expected below 5 pooled. Passes at p >= SIGNIFICANCE (2026-12-04:
+    chi2 66.4 on 62 degrees of freedom, p = 0.36; 1,329 of 8,270 drafts accepted. The samples are
+    the plain path's token for token, the seeds being the same, so the statistic is too)."""
+    model, engine = tiny
+    CHI_PROMPT = chained_prompt(model)
+    n_requests, n = 1280, 8
+    handles = [engine.submit(Request(prompt=CHI_PROMPT, max_tokens=3, stop_token_ids=[], n=n, speculative=True,
+                                     sampling=SamplingOptions(temperature=1.0, seed=seed))) for seed in range(n_requests)]
+    results = [h.result() for h in handles]
+    samples = np.array([tokens(r, c) for r in results for c in range(n)])
+    drafted, accepted = sum(r.drafted_tokens for r in results), sum(r.accepted_tokens for r in results)
+    assert drafted >= n_requests * n * 0.5 and 0.1 * drafted < accepted < 0.9 * drafted, (drafted, accepted)  # both branches, often
+    expected = exact_distribution(model, CHI_PROMPT, 3).ravel() * len(samples)
+    observed = np.bincount(np.ravel_multi_index(samples.T, (VOCAB,) * 3), minlength=VOCAB**3)
+    big = expected >= 5
+    f_obs = np.append(observed[big], observed[~big].sum())
+    f_exp = np.append(expected[big], expected[~big].sum())
+    assert big.sum() >= 30  # enough cells for the test to have power
+    chi2 = float(np.sum((f_obs - f_exp) ** 2 / f_exp))
+    p = float(jax.scipy.special.gammaincc((len(f_obs) - 1) / 2, chi2 / 2))  # the chi-square survival function
+    assert p >= SIGNIFICANCE, (chi2, p, big.sum())
+
+
+def test_no_compiles_after_warmup_with_speculation_under_any_mix(tiny):
+    _, engine = tiny
+    rng = np.random.default_rng(5)
+    with CompileCounter() as counter:
+        handles = [engine.submit(Request(
+            prompt=[1, *rng.integers(3, 8, size=int(rng.integers(2, 20))).tolist()], n=int(rng.integers(1, 4)),
+            max_tokens=int(rng.integers(1, 10)), top_logprobs=int(rng.integers(0, 21)),
+            speculative=bool(rng.random() < 0.7), stop_token_ids=[int(rng.integers(3, 8))],
+            sampling=SamplingOptions(temperature=float(rng.uniform(0, 2)), top_k=int(rng.integers(0, 10)),
+                                     seed=int(rng.integers(0, 2**62))))) for _ in range(40)]
+        results = [h.result() for h in handles]
+    assert counter.count == 0
+    assert sum(r.accepted_tokens for r in results) > 0
+
+
+def test_max_tokens_and_stop_ids_cut_where_plain_decoding_does(tiny):
+    _, engine = tiny
+    for max_tokens in range(1, 12):
+        for stop in ([], [4], [5, 6]):
+            run = lambda spec: tokens(engine.submit(Request(
+                prompt=PROMPT, max_tokens=max_tokens, stop_token_ids=stop, speculative=spec,
+                sampling=SamplingOptions(temperature=0))).result())
+            assert run(True) == run(False)
+
+
+def test_a_verify_step_needs_half_the_busy_slots_drafting(tiny):
+    """`min_drafting_share`: one speculating choice among four busy slots never makes every slot
+    run k + 1 positions; two of four do."""
+    _, engine = tiny
+    for speculating, drafts in ((1, False), (2, True)):
+        handles = [engine.submit(Request(prompt=PROMPT, max_tokens=12, stop_token_ids=[], speculative=i < speculating,
+                                         sampling=SamplingOptions(temperature=0))) for i in range(4)]
+        results = [h.result() for h in handles]
+        assert (sum(r.drafted_tokens for r in results) > 0) == drafts
+        assert len({tuple(tokens(r)) for r in results}) == 1  # the same greedy reply in every slot
+
+
+def test_speculative_request_on_a_server_without_it_is_refused(tiny):
+    model, _ = tiny
+    engine = Engine(model, Tokenizer(TOKENIZER), EngineConfig(max_slots=2, max_seq_len=64))  # never started
+    with pytest.raises(RequestError) as e:
+        engine.submit(Request(prompt=PROMPT, speculative=True))
+    assert e.value.param == "speculative"
+
+
+# ---- the real model: greedy replies unchanged ---------------------------------------------------
+
+PARAGRAPH = ("The old lighthouse stood on the northern cliff for more than two hundred years. Every evening the "
+             "keeper climbed the spiral stairs, trimmed the wick and polished the great lens until it shone. Ships "
+             "passing in the night trusted its beam to guide them past the rocks.")
+GROUNDED = [f"Repeat this text exactly: {PARAGRAPH}",
+            f"Rewrite this paragraph, changing 'old' to 'ancient' and nothing else: {PARAGRAPH}",
+            f"Copy the first sentence of this text: {PARAGRAPH}",
+            "Repeat after me: one two three four five six seven eight nine ten.",
+            "Write the word 'hello' five times.",
+            'Convert to JSON with keys name and city: "Alice lives in Paris. Bob lives in Rome."',
+            "Fix the typo and repeat the sentence: The cat sat on teh mat.",
+            "List the days of the week, then list them again."]
+OPEN = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+        "Explain what a CPU does in one sentence.", "Say hello in French.", "Give me two tips for sleeping better.",
+        "What is 12 times 7?", "Name a famous painting and its painter.", "Describe a cat in one sentence.",
+        "Why is the sky blue?", "Tell me a fun fact about octopuses.", "What is the boiling point of water?"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (float32, from ../shared's GGUF) served with 4-token drafts
+    in 4 slots, compiled as requests need programs (no full warm-up), and its 20 chat prompts."""
+    if not GGUF.exists():
+        pytest.skip(f"the real SmolLM2 GGUF is not at {GGUF} (it lives in ../shared, never in the repo)")
+    from llama_jax import checkpoint
+    from llama_jax.convert import main
+    from llama_jax.tokenizer import apply_chat_template, load_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2") / "f32"
+    assert main([str(GGUF), str(out), "--quiet"]) == 0
+    loaded = checkpoint.load(out)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
+    config = EngineConfig(max_slots=4, max_seq_len=512, max_prefill_tokens=512, speculative=SpeculativeConfig(tokens=K))
+    engine = Engine(loaded.model, tokenizer, config).start(warmup=False)
+    prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": c}]) for c in GROUNDED + OPEN]
+    yield engine, prompts
+    engine.stop()
+
+
+def greedy(engine, prompts, speculative) -> list:
+    """All prompts submitted at once (so they run 4 at a time), speculation per prompt as given."""
+    flags = speculative if isinstance(speculative, list) else [speculative] * len(prompts)
+    handles = [engine.submit(Request(prompt=p, max_tokens=48, speculative=s, sampling=SamplingOptions(temperature=0)))
+               for p, s in zip(prompts, flags)]
+    return [h.result() for h in handles]
+
+
+@pytest.mark.slow
+def test_real_model_greedy_replies_are_unchanged_by_speculation(real):
+    engine, prompts = real
+    plain = greedy(engine, prompts, False)
+    fast = greedy(engine, prompts, True)  # the same prompts again: prefix-cache hits for those slots still hold
+    mixed = greedy(engine, prompts, [i % 2 == 0 for i in range(len(prompts))])  # plain rows ride in the verify step
+    assert len(prompts) >= 20
+    for p, f, m in zip(plain, fast, mixed):
+        assert tokens(f) == tokens(p) == tokens(m)
+        assert f.choices[0].text == p.choices[0].text and f.choices[0].finish_reason == p.choices[0].finish_reason
+    assert any(f.cached_tokens for f in fast) and any(m.cached_tokens for m in mixed)
+    grounded = fast[:len(GROUNDED)]
+    drafted, accepted = sum(f.drafted_tokens for f in grounded), sum(f.accepted_tokens for f in grounded)
+    assert accepted > 0.5 * drafted > 0  # the input-grounded replies copy their prompts: most drafts hold
+    assert all(m.drafted_tokens == 0 for m in mixed[1::2])
+
+
+# ---- the API: the request field, usage and metrics ----------------------------------------------
+
+@pytest.mark.slow
+def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine, _ = real
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        client = server.client()
+        ask = lambda spec: client.chat.completions.create(
+            model=ServerSettings().model_name, max_tokens=40, temperature=0, extra_body={"speculative": spec},
+            messages=[{"role": "user", "content": GROUNDED[0]}])
+        plain, fast = ask(False), ask(True)
+        assert fast.choices[0].message.content == plain.choices[0].message.content
+        details = fast.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens > details.rejected_prediction_tokens >= 0
+        assert plain.usage.completion_tokens_details is None  # no drafts, no details
+        metrics = httpx.get(server.url + "/metrics").text
+        accepted = re.search(r'^llama_jax_spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)', metrics, re.M)
+        assert accepted and float(accepted.group(1)) >= details.accepted_prediction_tokens
+        bad = httpx.post(server.url + "/v1/chat/completions", json={
+            "model": ServerSettings().model_name, "messages": [{"role": "user", "content": "hi"}], "speculative": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    finally:
+        server.stop()
+
+
+def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine = Engine(model, Tokenizer(tokenizer_path), EngineConfig(max_slots=2, max_seq_len=256)).start(warmup=False)
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            r = httpx.post(server.url + path, json={"model": ServerSettings().model_name, "speculative": True, **body})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "speculative" and "--speculative-ngram" in error["message"]
+    finally:
+        server.stop()
+        engine.stop()
