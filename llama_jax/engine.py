@@ -2,17 +2,16 @@
 
 The scheduler, in token ids and slots: queued requests are prefilled together, one row per
 choice (prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`),
-straight into free decode slots, where each row samples its first token; `generate` steps then
-advance every busy slot at once. The device programs and their state are device.py's; a
-choice's text and constraint are its `RunningChoice`'s (request.py).
+straight into free decode slots (which requests, and in which prefills: admission.py), where
+each row samples its first token; `generate` steps then advance every busy slot at once. The
+device programs and their state are device.py's; a choice's text and constraint are its
+`RunningChoice`'s (request.py).
 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
 previous step's tokens on the host, so the device never waits for Python. While any slot
 speculates (speculative.py), the previous step is processed first (drafts follow its tokens)
 and the step is a verify step of every busy slot's draft, when one has a draft.
-
-(Over 450 lines: one class, the slot table and the queue that every step of it shares.)
 """
 
 from __future__ import annotations
@@ -29,14 +28,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import kv_cache, platform, sampling, speculative, steps
+from llama_jax import admission, kv_cache, platform, sampling, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
                                smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
-from llama_jax.request import (ChoiceText, Completion, Constraint, EngineError, Event, QueueFullError, Request,
+from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, validate)
 from llama_jax.sampling import SampleResult, SamplingParams
 from llama_jax.tokenizer import Tokenizer
@@ -86,8 +85,6 @@ class Engine:
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
-
-    # ---- public API -------------------------------------------------------------------------
 
     def start(self, warmup: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Engine:
         if warmup:
@@ -154,8 +151,6 @@ class Engine:
     @property
     def busy_slots(self) -> int:
         return sum(s is not None for s in self.slots)
-
-    # ---- device steps -------------------------------------------------------------------------
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
         """Compile (or load from the persistent cache) every program serving can run, then empty the slots."""
@@ -233,8 +228,6 @@ class Engine:
         self._state, result = self._prefill_rows(self.params, self._state, tokens, start_ids, lengths, slot_ids, params,
                                                  prompt_mask, allowed, suffix=variant)
         return result
-
-    # ---- scheduler ----------------------------------------------------------------------------
 
     def _notify(self) -> None:
         with self._wake:
@@ -334,89 +327,53 @@ class Engine:
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
-    def _take_batch(self, free: int) -> list[tuple[RequestHandle, range]]:
-        """The queued requests (in order) to prefill together, each with the choices admitted now:
-        they fit the `free` slots and their prompts (one row per choice; the part not cached) one
-        compiled prefill shape (the first request is always taken; its rows may need several
-        prefills). A request with more choices than free slots gives them as slots free up: it
-        stays first in the queue until its last choice has one."""
-        batch: list[tuple[RequestHandle, range]] = []
-        rows: list[Sequence[int]] = []
-        with self._wake:
-            while self._queue:
-                head = self._queue[0]
-                start = head.admitted
-                take = head.request.n - start if head.max_tokens == 0 else min(head.request.n - start, free)
-                if take == 0:
-                    break
-                suffix = head.request.prompt[self.prefix.reusable(head.request.prompt):]
-                if batch and self._prefill_shape([*rows, *[suffix] * take]) is None:
-                    break
-                batch.append((head, range(start, start + take)))
-                head.admitted += take
-                if head.max_tokens:
-                    free -= take
-                    rows.extend([suffix] * take)
-                if head.admitted < head.request.n:
-                    break
-                self._queue.popleft()
-        return batch
+    def _fits(self, prompts: list[Sequence[int]]) -> bool:
+        return self._prefill_shape(prompts) is not None
 
     def _admit(self) -> None:
         """Prefill the next queued requests straight into free slots, one row per choice, each
         from the longest prefix some slot holds (copied into its slot first if need be)."""
         free = [i for i, s in enumerate(self.slots) if s is None]
-        rows: list[tuple[RequestHandle, int, int, int]] = []  # (handle, choice, slot, start)
-        for handle, choices in self._take_batch(len(free)):
-            if handle.max_tokens == 0:  # nothing to generate: every choice ends at once
-                for choice in choices:
-                    handle.put(Event(choice, finish_reason="length"))
-                handle.unfinished = 0
-                handle.put(None)
+        with self._wake:
+            batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits)
+        admissions: list[Admission] = []
+        for handle, choices in batch:
+            if handle.max_tokens == 0:
+                handle.end_empty(choices)
                 continue
             for choice in choices:
                 placement = self.prefix.place(handle.request.prompt, free)
                 for source, slot in placement.copies:
                     self._copy_slot(source, slot)
                 free.remove(placement.slot)
-                rows.append((handle, choice, placement.slot, placement.start))
-                if choice == 0:
-                    handle.cached_tokens = placement.start
-        group: list[tuple[RequestHandle, int, int, int]] = []
-        for row in rows:
-            if group and self._prefill_shape([h.request.prompt[start:] for h, _, _, start in [*group, row]]) is None:
-                self._admit_rows(group)
-                group = []
-            group.append(row)
-        if group:
+                admissions.append(handle.accept(choice, placement.slot, placement.start))
+        for group in admission.prefill_groups(admissions, self._fits):
             self._admit_rows(group)
 
-    def _admit_rows(self, rows: list[tuple[RequestHandle, int, int, int]]) -> None:
-        """One prefill for these (handle, choice, slot, start) rows; each choice then owns its slot."""
-        rows = [r for r in rows if not r[0].cancelled.is_set()]  # an earlier prefill failed (or the client left)
+    def _admit_rows(self, rows: list[Admission]) -> None:
+        """One prefill for these admissions; each choice then owns its slot."""
+        rows = [r for r in rows if not r.handle.cancelled.is_set()]  # an earlier prefill failed (or the client left)
         if not rows:
             return
-        constraints = [h.request.constraint() if h.request.constraint else None for h, _, _, _ in rows]
+        constraints = [r.handle.request.constraint() if r.handle.request.constraint else None for r in rows]
         try:
-            result = self._run_prefill([h.request.prompt for h, _, _, _ in rows], [start for *_, start in rows],
-                                       [slot for _, _, slot, _ in rows], [h.rows[c] for h, c, _, _ in rows], constraints)
+            result = self._run_prefill([r.handle.request.prompt for r in rows], [r.start for r in rows],
+                                       [r.slot for r in rows], [r.handle.rows[r.choice] for r in rows], constraints)
         except Exception as e:  # a failed prefill fails these requests only
             log.exception("prefill failed")
-            for _, _, slot, _ in rows:
-                self.prefix.forget(slot)
-            for handle in {h for h, _, _, _ in rows}:
+            for r in rows:
+                self.prefix.forget(r.slot)
+            for handle in {r.handle for r in rows}:
                 self._release(handle, f"prefill failed: {e}")
             return
         owners: list[RunningChoice | None] = [None] * len(self.slots)
-        for (handle, choice, slot, _), constraint in zip(rows, constraints):
-            request = handle.request
-            self.prefix.hold(slot, request.prompt)
-            owners[slot] = self.slots[slot] = RunningChoice(
-                handle, choice, handle.max_tokens, ChoiceText(self.tokenizer, request.stop, request.continues_prompt),
-                self.stop_ids(request), constraint, request.min_tokens, ids=list(request.prompt),
-                speculative=self.speculative.enabled and constraint is None and (
-                    self.speculative.default if request.speculative is None else request.speculative))
-        self._process(owners, result, row_of={slot: i for i, (_, _, slot, _) in enumerate(rows)})
+        for r, constraint in zip(rows, constraints):
+            request = r.handle.request
+            self.prefix.hold(r.slot, request.prompt)
+            owners[r.slot] = self.slots[r.slot] = r.running(
+                self.tokenizer, self.stop_ids(request), constraint,
+                self.speculative.applies(request.speculative, constraint is not None))
+        self._process(owners, result, row_of={r.slot: i for i, r in enumerate(rows)})
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:

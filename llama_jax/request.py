@@ -127,6 +127,29 @@ class EngineError(RuntimeError):
 _ids = itertools.count()
 
 
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """One choice of a request given a decode slot: its prompt is prefilled there from `start`
+    (the tokens before it are a cached prefix already in the slot)."""
+
+    handle: RequestHandle
+    choice: int
+    slot: int
+    start: int
+
+    @property
+    def suffix(self) -> Sequence[int]:
+        return self.handle.request.prompt[self.start:]
+
+    def running(self, tokenizer: Tokenizer, stop_ids: frozenset[int], constraint: Constraint | None,
+                speculative: bool) -> RunningChoice:
+        """The running choice this admission starts once its prompt is prefilled."""
+        request = self.handle.request
+        return RunningChoice(self.handle, self.choice, self.handle.max_tokens,
+                             ChoiceText(tokenizer, request.stop, request.continues_prompt), stop_ids, constraint,
+                             request.min_tokens, ids=list(request.prompt), speculative=speculative)
+
+
 class RequestHandle:
     """Streams a request's events, from a background engine thread to plain Python or asyncio.
 
@@ -154,6 +177,31 @@ class RequestHandle:
     def cancel(self) -> None:
         self.cancelled.set()
         self._on_cancel()
+
+    def waiting_choices(self, free: int) -> int:
+        """How many of the choices still queued can be admitted into `free` slots (all of them
+        when there is nothing to generate: they need no slot)."""
+        waiting = self.request.n - self.admitted
+        return waiting if self.max_tokens == 0 else min(waiting, free)
+
+    def admit(self, take: int) -> range:
+        """Admit the next `take` choices; their indices."""
+        self.admitted += take
+        return range(self.admitted - take, self.admitted)
+
+    def accept(self, choice: int, slot: int, start: int) -> Admission:
+        """`choice` runs in `slot`, its prompt prefilled from `start`; the first choice's start is
+        the request's cached tokens."""
+        if choice == 0:
+            self.cached_tokens = start
+        return Admission(self, choice, slot, start)
+
+    def end_empty(self, choices: range) -> None:
+        """Nothing to generate (max_tokens 0): every choice ends at once, by length."""
+        for choice in choices:
+            self.put(Event(choice, finish_reason="length"))
+        self.unfinished = 0
+        self.put(None)
 
     def put(self, event: Event | None) -> None:
         """Called by the engine thread; None ends the stream."""

@@ -48,6 +48,11 @@ class SpeculativeConfig:
     def enabled(self) -> bool:
         return self.tokens > 0
 
+    def applies(self, requested: bool | None, constrained: bool) -> bool:
+        """Whether a request speculates: its own choice (`requested`), else the server's default;
+        never with a grammar constraint (its mask is per position) or with speculation off."""
+        return self.enabled and not constrained and (self.default if requested is None else requested)
+
 
 def propose(ids: Sequence[int] | np.ndarray, k: int, min_n: int = 1, max_n: int = 4) -> list[int]:
     """Up to `k` draft tokens to follow `ids`: what followed the most recent earlier occurrence of

@@ -1,0 +1,53 @@
+"""Admission: which queued requests get free decode slots now, and how they group into prefills.
+
+Pure decisions over the queue and the free slots; the engine carries them out (copies cached
+prefixes, runs each group's prefill, hands each choice its slot). A request with more choices
+than free slots is admitted in parts: it stays first in the queue until its last choice has one.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Sequence
+
+from llama_jax.request import Admission, RequestHandle
+
+Fits = Callable[[list[Sequence[int]]], bool]  # whether these prompt suffixes fit one compiled prefill
+
+
+def take_batch(queue: collections.deque[RequestHandle], free: int, reusable: Callable[[Sequence[int]], int],
+               fits: Fits) -> list[tuple[RequestHandle, range]]:
+    """The queued requests (in order) to prefill together, each with the choices admitted now:
+    they fit the `free` slots and, one row per choice (the part of the prompt `reusable` does not
+    cover), one compiled prefill. The first request is always taken; its rows may need several
+    prefills. Taken requests leave `queue` once their last choice is admitted."""
+    batch: list[tuple[RequestHandle, range]] = []
+    rows: list[Sequence[int]] = []
+    while queue:
+        head = queue[0]
+        take = head.waiting_choices(free)
+        if take == 0:
+            break
+        suffix = head.request.prompt[reusable(head.request.prompt):]
+        if batch and not fits([*rows, *[suffix] * take]):
+            break
+        batch.append((head, head.admit(take)))
+        if head.max_tokens:
+            free -= take
+            rows.extend([suffix] * take)
+        if head.admitted < head.request.n:
+            break
+        queue.popleft()
+    return batch
+
+
+def prefill_groups(admissions: list[Admission], fits: Fits) -> Iterator[list[Admission]]:
+    """Consecutive admissions in groups that each fit one compiled prefill."""
+    group: list[Admission] = []
+    for admission in admissions:
+        if group and not fits([a.suffix for a in [*group, admission]]):
+            yield group
+            group = []
+        group.append(admission)
+    if group:
+        yield group
