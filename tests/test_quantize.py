@@ -240,15 +240,16 @@ def _weight_shaped_f32(hlo: str, cfg) -> list[str]:
 
 
 def _cpu_decode(cfg, rows: int = 8):
-    """The CPU engine's own decode program (layers split into one buffer each), compiled from
-    abstract shapes: no weight is allocated."""
+    """The CPU engine's own decode program (in its own layer layout, `split_layers`), compiled
+    from abstract shapes: no weight is allocated."""
     from llama_jax.device import Programs, empty_state
+    from llama_jax.layers import split_layers
     from llama_jax.model import abstract_model
 
     config = EngineConfig(max_slots=8, max_seq_len=256)
     graphdef, state = nnx.split(abstract_model(cfg))
-    params = jax.eval_shape(lambda s: storage_params(cfg, s, True), state)
-    decode = jax.eval_shape(lambda: empty_state(cfg, 8, 256, split=True))
+    params = jax.eval_shape(lambda s: storage_params(cfg, s, split_layers(cfg)), state)
+    decode = jax.eval_shape(lambda: empty_state(cfg, 8, 256))
     allowed = jax.ShapeDtypeStruct((8, cfg.vocab_size), jnp.bool_)
     compiled = Programs.build(graphdef, cfg, config, None).generate.lower(params, decode, allowed, rows=rows).compile()
     return compiled, plan.per_device_bytes(params)
