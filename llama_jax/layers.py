@@ -79,8 +79,12 @@ class LayerWeights:
         return self.pick(lambda w: from_bits(w[name], self.dtype), ())
 
     def linear(self, names: tuple[str, ...], x: jax.Array) -> tuple[jax.Array, ...]:
-        """`x @ w.T` for each weight named, from one pick of the layer (one switch when split)."""
-        return self.pick(lambda w, x: tuple(self.matmul(x, unbits(w[n], self.dtype)) for n in names), (x,))
+        """`x @ w.T` for each weight named, from one pick of the layer (one switch when split).
+        The matmuls see `x` as rows `[N, in]`: inside a switch branch a reshape would be one more
+        kernel per branch to compile (30 layers x 4 switches)."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = self.pick(lambda w, rows: tuple(self.matmul(rows, unbits(w[n], self.dtype)) for n in names), (rows,))
+        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in out)
 
 
 @dataclasses.dataclass(frozen=True)
