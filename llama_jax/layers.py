@@ -39,13 +39,14 @@ Matmul = Callable[[jax.Array, Any], jax.Array]  # (x, one layer's weight) -> x @
 @partial(jax.tree_util.register_dataclass, data_fields=["parts"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SplitWeight:
-    """One layer weight as one buffer per layer: `parts[i]` is layer i's (no layer axis)."""
+    """One layer weight as one buffer per layer: `parts[i]` is layer i's, a one-layer stack
+    `[1, ...]` (so each keeps the stacked weight's axes and shardings)."""
 
     parts: tuple[Any, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.parts), *self.parts[0].shape)
+        return (len(self.parts), *self.parts[0].shape[1:])
 
 
 def split_layers(cfg: LlamaConfig, platform: Platform | None = None) -> bool:
@@ -56,7 +57,7 @@ def split_layers(cfg: LlamaConfig, platform: Platform | None = None) -> bool:
 
 def split_weight(w) -> SplitWeight:
     """A stacked layer weight (array or `Int8Weight`) as one buffer per layer (idempotent)."""
-    return w if isinstance(w, SplitWeight) else SplitWeight(tuple(w[i] for i in range(w.shape[0])))
+    return w if isinstance(w, SplitWeight) else SplitWeight(tuple(w[i:i + 1] for i in range(w.shape[0])))
 
 
 def unbits(w, dtype):
@@ -111,7 +112,7 @@ class SplitLayers:
     def scan(self, body: Callable, carry, n_layers: int, dtype, matmul: Matmul):
         """As `StackedLayers.scan`; each group of matmuls is a switch whose branch i reads layer i's
         buffers in place (a dot's only copy-free operand on CPU)."""
-        layers = [{name: w.parts[i] for name, w in self.weights.items()} for i in range(n_layers)]
+        layers = [{name: w.parts[i][0] for name, w in self.weights.items()} for i in range(n_layers)]
 
         def step(carry, layer):
             def pick(fn, args):
