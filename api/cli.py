@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shlex
 import socket
 import sys
@@ -101,9 +102,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "the API with the key typed into it)")
     p.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without an API key (for a Prometheus scraper) even with --api-key")
-    p.add_argument("--compilation-cache-dir", type=Path, default=cache_root() / "xla",
-                   help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s)")
+    p.add_argument("--compilation-cache-dir", type=Path, default=_compilation_cache_default(),
+                   help="JAX's persistent compilation cache: restarts skip compiling (default %(default)s; "
+                        "$LLAMA_JAX_COMPILATION_CACHE moves it, or turns it off with 'off')")
+    p.add_argument("--no-compilation-cache", dest="compilation_cache_dir", action="store_const", const=None,
+                   help="compile every program at start, keeping nothing on disk")
     p.set_defaults(run=serve)
+
+
+def _compilation_cache_default() -> Path | None:
+    """$LLAMA_JAX_COMPILATION_CACHE (a folder, or `off`), else the XLA folder of the cache root."""
+    chosen = os.environ.get("LLAMA_JAX_COMPILATION_CACHE")
+    if chosen:
+        return None if chosen.lower() == "off" else Path(chosen)
+    return cache_root() / "xla"
 
 
 def _slots(text: str) -> int | str:
@@ -209,7 +221,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
                f"{used['per_slot'] / 2**20:.0f} MiB per slot of {used['max_len']} tokens")
         _say(f"--max-slots auto: {max_slots} slots ({why})")
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
-                          max_prefill_tokens=args.max_prefill_tokens, compilation_cache_dir=str(args.compilation_cache_dir),
+                          max_prefill_tokens=args.max_prefill_tokens,
+                          compilation_cache_dir=args.compilation_cache_dir and str(args.compilation_cache_dir),
                           prefix_cache=args.prefix_cache, speculative=SpeculativeConfig(tokens=args.speculative_ngram))
     template = args.chat_template.read_text() if args.chat_template else None
     engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
@@ -272,15 +285,20 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
     start = time.time()
     settings = server.ctx.settings
 
-    def progress(done: int, total: int, what: str) -> None:
-        _say(f"warm-up {done}/{total}: compiled {what} ({time.time() - start:.1f} s)")
+    last = [start]
+
+    def report(kind: str, done: int, total: int, what: str) -> None:
+        now = time.time()
+        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {now - last[0]:.1f} s ({now - start:.1f} s in all)")
+        last[0] = now
         if stopping.is_set():
             raise _WarmupCancelled
 
+    def progress(done: int, total: int, what: str) -> None:
+        report("", done, total, what)
+
     def scoring_progress(done: int, total: int, what: str) -> None:
-        _say(f"warm-up scoring {done}/{total}: compiled {what} ({time.time() - start:.1f} s)")
-        if stopping.is_set():
-            raise _WarmupCancelled
+        report("scoring ", done, total, what)
 
     try:
         engine.warmup(progress)

@@ -254,7 +254,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
     attention: AttentionConfig | None = None  # default: the fast choice for the platform
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
-    split_layers: bool | None = None  # one buffer per layer (CPU) or stacked (accelerators); default per platform
+    split_layers: bool | None = None  # weights one buffer per layer or stacked; default `layers.split_layers`
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
     platform: Platform | None = None  # what the programs are built for (default: the host's devices; plan: a target)
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts (off: tokens 0, no programs)

@@ -97,13 +97,12 @@ def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
                        params=jax.tree.map(lambda _: rep, sampling.make_params(seed=0)))
 
 
-def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False,
-                platform: Platform | None = None) -> DecodeState:
-    """Empty slots: zero cache (stacked or `split` per layer, in `platform`'s storage form),
-    neutral sampling rows (trace it under jit to build it in place)."""
+def empty_state(cfg: LlamaConfig, slots: int, max_len: int, platform: Platform | None = None) -> DecodeState:
+    """Empty slots: zero cache (in `platform`'s storage form), neutral sampling rows (trace it
+    under jit to build it in place)."""
     neutral = sampling.make_params(seed=0)
     return DecodeState(
-        cache=kv_cache.init_cache(cfg, slots, max_len, split, platform),
+        cache=kv_cache.init_cache(cfg, slots, max_len, platform),
         tokens=jnp.zeros((slots,), jnp.int32),
         sampler=sampling.init_state(slots, cfg.vocab_size),
         params=jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (slots, *np.shape(a))), neutral),
@@ -111,10 +110,10 @@ def empty_state(cfg: LlamaConfig, slots: int, max_len: int, split: bool = False,
 
 
 def init_decode_state(cfg: LlamaConfig, slots: int, max_len: int, mesh: Mesh | None = None,
-                      split: bool = False, platform: Platform | None = None) -> DecodeState:
+                      platform: Platform | None = None) -> DecodeState:
     """Empty slots created directly with their shardings: no device ever holds the whole state
     unless the sharding says so."""
-    return jax.jit(partial(empty_state, cfg, slots, max_len, split, platform),
+    return jax.jit(partial(empty_state, cfg, slots, max_len, platform),
                    out_shardings=decode_state_shardings(cfg, mesh))()
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, kv_cache, platform, sampling, speculative, steps
+from llama_jax import admission, layers, platform, sampling, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
@@ -62,7 +62,7 @@ class Engine:
         self.config = config
         self.graphdef, params = nnx.split(model)
         self.platform = platform.resolve(config.platform)
-        self.split = kv_cache.split_layers(self.platform) if config.split_layers is None else config.split_layers
+        self.split = layers.split_layers(cfg, self.platform) if config.split_layers is None else config.split_layers
         # a one-time copy on CPU (split, 16-bit as bits); int8 weights get their compute mode
         self.params = storage_params(cfg, params, self.split, self.platform, sharded=mesh is not None and mesh.size > 1)
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
@@ -76,7 +76,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         programs = Programs.build(self.graphdef, cfg, config, mesh)
-        self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.split, self.platform)
+        self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative
         self.drafted_tokens = self.accepted_tokens = 0  # speculative totals, all requests (metrics)
@@ -185,8 +185,7 @@ class Engine:
         for leaf in jax.tree.leaves(self._state):
             if not leaf.is_deleted():
                 leaf.delete()
-        self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.split,
-                                        self.platform)
+        self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.platform)
         self.prefix.forget()
 
     def _copy_slot(self, source: int, slot: int) -> None:

@@ -1,10 +1,8 @@
 """Static-shape KV cache: keys and values of every layer, every row written at its own positions.
 
-Two layouts of the layers, the same arithmetic: *stacked*, one `[n_layers, ...]` buffer for k and
-one for v (accelerators: the model scans over layers, indexing the layer in place), or *split*,
-a tuple of one-layer stacks `[1, ...]`, one buffer per layer (CPU: XLA's CPU backend copies a
-layer out of a stacked buffer before using it, so there each layer gets its own buffer). Every
-function below takes a buffer and a layer index into it, so it serves both.
+One `[n_layers, ...]` buffer for k and one for v on every platform: the model's layer scan
+carries them and writes each layer's keys in place; attention reads a layer's keys (in blocks)
+by its index.
 
 Every row (a decode slot, or one prompt of a prefill batch) has its own length; attention masks
 are built from those lengths, so one row's result never depends on what other rows hold. Shapes
@@ -27,8 +25,7 @@ from llama_jax.platform import Platform, resolve
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values `[n_layers, rows, n_kv_heads, max_len, head_dim]` (or `split`: a tuple of
-`n_layers` buffers `[1, rows, ...]`) and valid lengths `[rows]`.
+    """Keys and values `[n_layers, rows, n_kv_heads, max_len, head_dim]` and valid lengths `[rows]`.
 
     Layers first, so the scan over layers indexes one layer with a scalar; heads before positions,
     so one (row, head)'s keys are contiguous: attention is a batched matmul with leading batch
@@ -42,16 +39,16 @@ class KVCache:
 
     @property
     def rows(self) -> int:
-        return layer_buffer(self.k, 0)[0].shape[1]
+        return self.k.shape[1]
 
     @property
     def max_len(self) -> int:
-        return layer_buffer(self.k, 0)[0].shape[3]
+        return self.k.shape[3]
 
     @property
     def bits(self) -> bool:
         """True when keys are stored as `to_bits` patterns (16-bit floats on CPU, `storage_dtype`)."""
-        return layer_buffer(self.k, 0)[0].dtype == jnp.uint16
+        return self.k.dtype == jnp.uint16
 
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
@@ -70,32 +67,11 @@ def storage_dtype(dtype, platform: Platform | None = None) -> jnp.dtype:
     return jnp.dtype(jnp.uint16) if cpu16 else jnp.dtype(dtype)
 
 
-def init_cache(cfg: LlamaConfig, rows: int, max_len: int, split: bool = False,
-               platform: Platform | None = None) -> KVCache:
+def init_cache(cfg: LlamaConfig, rows: int, max_len: int, platform: Platform | None = None) -> KVCache:
     """A zeroed cache for `rows` sequences of up to `max_len` tokens each, in `platform`'s storage
-    form (see `storage_dtype`), stacked or `split` into one buffer per layer."""
+    form (see `storage_dtype`)."""
     shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype, platform)
-    if split:
-        zeros = lambda: tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(cfg.n_layers))
-        return KVCache(k=zeros(), v=zeros(), lengths=jnp.zeros((rows,), jnp.int32))
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((rows,), jnp.int32))
-
-
-def split_layers(platform: Platform | None = None) -> bool:
-    """The layout that runs fastest on a platform (default: the host's): split on CPU, stacked on
-    accelerators (where a layer of a stacked buffer is a pointer offset and the layer scan
-    compiles once for any depth)."""
-    return resolve(platform).cpu
-
-
-def unstack(stack: jax.Array) -> tuple[jax.Array, ...]:
-    """A stacked `[n_layers, ...]` array as a tuple of one-layer stacks `[1, ...]`: separate buffers."""
-    return tuple(stack[i:i + 1] for i in range(stack.shape[0]))
-
-
-def layer_buffer(stack: jax.Array | tuple[jax.Array, ...], layer: int) -> tuple[jax.Array, int]:
-    """The buffer that holds layer `layer` of a stacked or split stack, and the layer's index in it."""
-    return (stack[layer], 0) if isinstance(stack, (tuple, list)) else (stack, layer)
 
 
 def to_bits(x: jax.Array) -> jax.Array:

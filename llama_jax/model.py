@@ -1,11 +1,10 @@
 """Llama 2 as a Flax NNX module: embedding, RMSNorm, rotary embeddings, grouped-query attention,
 SwiGLU MLP, and an explicit static-shape KV cache passed in and returned.
 
-The decoder layers' weights are stacked along a leading layer axis and run by `jax.lax.scan`:
-one traced layer, so compile time and program size do not grow with depth (80 layers compile
-like one), and the stacked KV cache is carried through the loop and updated in place. On CPU the
-engine splits weights and cache into one buffer per layer (`storage_params(split=True)`,
-`kv_cache` explains why) and the layers run as a Python loop: the same layer function, unrolled.
+The decoder layers run as one `jax.lax.scan`: one traced layer, so compile time and program size
+do not grow with depth (80 layers compile like one), and the stacked KV cache is carried through
+the loop and updated in place. The layer weights are stacked along a leading layer axis, or on
+CPU split into one buffer per layer (`storage_params(split=True)`; `layers` explains both).
 
 NNX keeps the module readable as plain Python objects; the serving path uses it functionally:
 `nnx.split` once, then jitted steps that `merge` at trace time, so the hot path is a pure function
@@ -36,7 +35,8 @@ from flax import nnx
 from llama_jax import attention, quantize
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache, attention_mask, from_bits, layer_buffer, to_bits, unstack, write
+from llama_jax.kv_cache import KVCache, attention_mask, from_bits, to_bits, write
+from llama_jax.layers import LayerWeights, layout, split_weight, unbits
 from llama_jax.platform import Platform, resolve
 
 Path = tuple[str, ...]
@@ -138,11 +138,6 @@ def linear(x: jax.Array, w: Weight, out_dtype: jnp.dtype | None = None) -> jax.A
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
-def unbits(w, dtype):
-    """`from_bits` on every array of a weight (an array, or an Int8Weight's q and scale)."""
-    return jax.tree.map(lambda a: from_bits(a, dtype), w)
-
-
 def constrain(x: jax.Array, mesh, last: str | None = None) -> jax.Array:
     """Pin `x`'s layout on the mesh: replicated, or with its last axis split over mesh axis `last`."""
     spec = jax.sharding.PartitionSpec(*([None] * (x.ndim - 1)), last)
@@ -218,16 +213,17 @@ class _Step:
     suffix: bool | None = None  # mode "prefill": the attention path, if known (`attention.prompt_attention`)
 
 
-def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax.Array,
+def decoder_layer(step: _Step, w: LayerWeights, layer: jax.Array, x: jax.Array,
                   k_cache: jax.Array, v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm attention block and pre-norm SwiGLU block, each with a residual connection;
     writes this layer's new keys/values into the stacked cache."""
     cfg = step.cfg
     b, t, _ = x.shape
-    h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-    q = linear(h, w["wq"]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = linear(h, w["wk"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = linear(h, w["wv"]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    h = rms_norm(x, w.norm("attn_norm"), cfg.norm_eps)
+    q, k, v = w.linear(("wq", "wk", "wv"), h)
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
     k_cache = write(k_cache, layer, k, step.rows, step.positions)
     v_cache = write(v_cache, layer, v, step.rows, step.positions)
@@ -238,56 +234,35 @@ def decoder_layer(step: _Step, w: dict[str, jax.Array], layer: jax.Array, x: jax
         o = attention.decode_attention(q[:, 0], k_cache, v_cache, layer, step.lengths, step.attn)[:, None]
     else:
         o = attention.cached_attention(q, k_cache, v_cache, layer, step.rows, step.mask)
-    x = x + linear(o.reshape(b, t, -1), w["wo"])
-    h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
-    x = x + linear(jax.nn.silu(linear(h, w["w_gate"])) * linear(h, w["w_up"]), w["w_down"])
+    x = x + w.linear(("wo",), o.reshape(b, t, -1))[0]
+    h = rms_norm(x, w.norm("mlp_norm"), cfg.norm_eps)
+    gate, up = w.linear(("w_gate", "w_up"), h)
+    x = x + w.linear(("w_down",), jax.nn.silu(gate) * up)[0]
     return x, k_cache, v_cache
 
 
-def _run_layers(step: _Step, weights: dict, k, v, x: jax.Array, return_hidden: bool):
-    """Every decoder layer over `x`: scanned when weights and cache are stacked, else a Python loop
-    over the split buffers. Returns (x, k, v, residual stream after each layer or None)."""
-    def layer_weights(i):
-        return {name: unbits(a[i][0] if isinstance(a, tuple) else a[i], step.cfg.dtype) for name, a in weights.items()}
+def _run_layers(step: _Step, weights: dict, k: jax.Array, v: jax.Array, x: jax.Array, return_hidden: bool):
+    """Every decoder layer over `x`, scanned in the weights' layout (`layers.layout`).
+    Returns (x, k, v, residual stream after each layer or None)."""
+    def body(carry, w: LayerWeights, layer: jax.Array):
+        x, k, v = decoder_layer(step, w, layer, *carry)
+        return (x, k, v), (x if return_hidden else None)
 
-    if not any(isinstance(a, tuple) for a in (k, v, *weights.values())):
-        def body(carry, xs):
-            x, k, v = carry
-            w, layer = xs
-            w = {name: unbits(a, step.cfg.dtype) for name, a in w.items()}
-            x, k, v = decoder_layer(step, w, layer, x, k, v)
-            return (x, k, v), (x if return_hidden else None)
-
-        (x, k, v), hidden = jax.lax.scan(body, (x, k, v), (weights, jnp.arange(step.cfg.n_layers, dtype=jnp.int32)))
-        return x, k, v, hidden
-    k, v, hidden = list(k) if isinstance(k, tuple) else k, list(v) if isinstance(v, tuple) else v, []
-    for i in range(step.cfg.n_layers):
-        (kb, layer), (vb, _) = layer_buffer(k, i), layer_buffer(v, i)
-        x, kb, vb = decoder_layer(step, layer_weights(i), layer, x, kb, vb)
-        k, v = _put_layer(k, i, kb), _put_layer(v, i, vb)
-        hidden.append(x)
-    k, v = tuple(k) if isinstance(k, list) else k, tuple(v) if isinstance(v, list) else v
-    return x, k, v, (jnp.stack(hidden) if return_hidden else None)
-
-
-def _put_layer(stack, i: int, buffer: jax.Array):
-    """Put back the buffer `layer_buffer` took layer `i` from (a list of split buffers, or the stack)."""
-    if isinstance(stack, list):
-        stack[i] = buffer
-        return stack
-    return buffer
+    # `linear` looked up here, at trace time: tools/int8_perplexity.py swaps it
+    (x, k, v), hidden = layout(weights).scan(body, (x, k, v), step.cfg.n_layers, step.cfg.dtype, linear)
+    return x, k, v, hidden
 
 
 class Layers(nnx.Module):
     """The decoder layers' weights, each stacked along a leading `n_layers` axis (or, after
-    `storage_params(split=True)`, a tuple of one-layer stacks `[1, ...]`)."""
+    `storage_params(split=True)`, a `layers.SplitWeight`: one buffer per layer)."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         for path, spec in weight_specs(cfg).items():
             if spec.stacked:
                 setattr(self, path[-1], _init_param(spec, rngs, cfg))
 
-    def weights(self) -> dict[str, jax.Array | tuple[jax.Array, ...]]:
+    def weights(self) -> dict:
         return {name: value.get_value() for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
 
@@ -307,11 +282,6 @@ class Llama(nnx.Module):
     def head(self) -> Weight:
         """The LM head's weight: the embedding table itself when embeddings are tied."""
         return self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
-
-    @property
-    def split(self) -> bool:
-        """True when the layer weights are one buffer per layer (`storage_params(split=True)`)."""
-        return isinstance(self.layers.wq.get_value(), tuple)
 
     def __call__(
         self,
@@ -356,21 +326,14 @@ class Llama(nnx.Module):
         mask = attention_mask(positions, lengths, cache.max_len) if mode == "cached" else None
         step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask, suffix)
 
-        # On CPU, 16-bit weights and caches go through the loop as bit patterns (see
-        # kv_cache.to_bits): only the layer in use is ever upcast, never the whole stack. The
-        # cache's storage form (chosen for the platform by `init_cache`) says which form this is.
-        as_bits = cache.bits
-        bits = to_bits if as_bits else (lambda a: a)  # no-op on arrays already in that form
-
+        # On CPU, 16-bit weights and caches are stored as bit patterns (kv_cache.to_bits, chosen
+        # by `storage_params` and `init_cache`); each is converted back where it is read.
         table = self.embed[...]
         if quantize.is_int8(table):
             x0 = quantize.embed(table, tokens, cfg.dtype)
         else:
-            x0 = from_bits(jnp.take(bits(table), tokens, axis=0), cfg.dtype)
-        weights = jax.tree.map(bits, self.layers.weights())
-        x, k, v, hidden = _run_layers(step, weights, jax.tree.map(bits, cache.k), jax.tree.map(bits, cache.v), x0,
-                                      return_hidden)
-        k, v = (jax.tree.map(lambda a, old: from_bits(a, old.dtype), new, old) for new, old in ((k, cache.k), (v, cache.v)))
+            x0 = from_bits(jnp.take(table, tokens, axis=0), cfg.dtype)
+        x, k, v, hidden = _run_layers(step, self.layers.weights(), cache.k, cache.v, x0, return_hidden)
         if return_hidden:
             hidden = jnp.concatenate([x0[None], hidden], axis=0)
         if logits_at is not None:
@@ -380,8 +343,8 @@ class Llama(nnx.Module):
         if attn.mesh is not None:  # vocab-parallel head, on purpose: replicated x, logits split by vocab
             x = constrain(x, attn.mesh)
             logits = constrain(linear(x, unbits(head, cfg.dtype), jnp.float32), attn.mesh, "tp")
-        elif as_bits and not quantize.is_int8(head):  # in vocab chunks: one chunk of the head upcast at a time
-            logits = chunked_linear(x, bits(head), cfg.dtype, LM_HEAD_CHUNKS)
+        elif cache.bits and not quantize.is_int8(head):  # in vocab chunks: one chunk of the head upcast at a time
+            logits = chunked_linear(x, to_bits(head), cfg.dtype, LM_HEAD_CHUNKS)
         else:
             logits = linear(x, unbits(head, cfg.dtype), jnp.float32)
         cache = KVCache(k=k, v=v, lengths=cache.lengths.at[rows].set(lengths, mode="drop"))
@@ -398,8 +361,8 @@ def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
                    platform: Platform | None = None, sharded: bool = False) -> nnx.State:
     """Parameters in the form the jitted steps run fastest on, on `platform` (default: the
     host's): on CPU, 16-bit floats as their bit patterns, so a step never converts the whole
-    model; with `split`, each stacked layer weight as a tuple of one-layer buffers (see
-    `kv_cache`). Either is a one-time copy. int8 weights learn how to compute there
+    model; with `split`, each stacked layer weight as one buffer per layer (`layers.SplitWeight`,
+    see `layers.split_layers`; run unrolled off CPU). Either is a one-time copy. int8 weights learn how to compute there
     (`quantize.for_platform`; `sharded`: over a mesh of more than one device)."""
     platform = resolve(platform)
     params = jax.tree.map(to_bits, params) if cpu16(cfg, platform) else params
@@ -409,14 +372,9 @@ def storage_params(cfg: LlamaConfig, params: nnx.State, split: bool = False,
     if not split:
         return params
     flat = nnx.to_flat_state(params)
-
-    def split_one(v):
-        w = v.get_value()
-        if isinstance(w, tuple):  # idempotent
-            return v
-        return v.replace(tuple(w[i:i + 1] for i in range(w.shape[0])) if quantize.is_int8(w) else unstack(w))
-
-    return nnx.from_flat_state({p: split_one(v) if p[0] == "layers" else v for p, v in flat})
+    unrolled = not platform.cpu  # a switch would wait on the host there
+    return nnx.from_flat_state({p: v.replace(split_weight(v.get_value(), unrolled)) if p[0] == "layers" else v
+                                for p, v in flat})
 
 
 def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:

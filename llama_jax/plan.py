@@ -7,8 +7,7 @@ backend, and reports per-device bytes: weights and KV cache (from the shardings,
 largest program's temporaries (`compiled.memory_analysis()`). No weight is ever allocated, so a
 70B plan at tp 8 runs on a laptop (`--xla_force_host_platform_device_count` gives the devices).
 The programs are compiled in the layer layout `EngineConfig.split_layers` asks for; unset, in the
-engine's default on an accelerator and in the stacked one on CPU (layers scanned: one traced
-layer), where the engine splits the layers into one buffer each, which holds the same bytes. `copies`
+engine's default (`layers.split_layers`). `copies`
 counts the bytes a program moves without computing, e.g. weights copied out of a stack. An int8 config
 (`quantization="int8"`, `plan --quantize int8`) counts its int8 matrices and float32 scales.
 
@@ -33,9 +32,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import kv_cache, platform, quantize, sampling
+from llama_jax import layers, platform, quantize, sampling
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
+from llama_jax.layers import SplitWeight
 from llama_jax.model import abstract_model, storage_params
 from llama_jax.sharding import make_mesh, param_shardings
 
@@ -162,8 +162,8 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, target: platform.Platfo
     place = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
 
     def place_weight(w, sh):
-        if isinstance(w, tuple):  # split: each layer's buffer sharded as the stack
-            return tuple(place_weight(x, sh) for x in w)
+        if isinstance(w, SplitWeight):  # each layer's buffer sharded as the stack
+            return dataclasses.replace(w, parts=tuple(place_weight(x, sh) for x in w.parts))
         if quantize.is_int8(w):
             return dataclasses.replace(w, q=place(w.q, sh.q), scale=place(w.scale, sh.scale))
         return place(w, sh)
@@ -172,10 +172,9 @@ def abstract_params(cfg: LlamaConfig, mesh: Mesh | None, target: platform.Platfo
 
 
 def abstract_state(cfg: LlamaConfig, slots: int, max_len: int, shardings: DecodeState,
-                   target: platform.Platform | None = None, split: bool = False) -> DecodeState:
-    """The decode state as sharded ShapeDtypeStructs (in `target`'s storage form; `split`: the
-    cache in one buffer per layer, each sharded as the stack)."""
-    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len, split, platform=target))
+                   target: platform.Platform | None = None) -> DecodeState:
+    """The decode state as sharded ShapeDtypeStructs (in `target`'s storage form)."""
+    shapes = jax.eval_shape(lambda: empty_state(cfg, slots, max_len, platform=target))
     return jax.tree.map(lambda sh, s: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s),
                         shardings, shapes)
 
@@ -193,11 +192,10 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     need a `mesh` over them (`target_mesh`)."""
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
     target = platform.resolve(config.platform)
-    # the engine's layer layout on an accelerator; a CPU plan keeps the stacked one (same bytes, one traced layer)
-    split = config.split_layers if config.split_layers is not None else not target.cpu and kv_cache.split_layers(target)
+    split = layers.split_layers(cfg, target) if config.split_layers is None else config.split_layers  # the engine's
     graphdef, params = abstract_params(cfg, mesh, target, split)
     programs = Programs.build(graphdef, cfg, config, mesh)
-    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings, target, split)
+    state = abstract_state(cfg, config.max_slots, max_len, programs.shardings, target)
     rep = programs.shardings.tokens  # replicated over the mesh (None without one)
     options = DEVICELESS_OPTIONS if target.target else None
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)

@@ -70,7 +70,7 @@ def _score_padded(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, 
         return cache, (chosen, top_ids, top_lp)
 
     starts = jnp.arange(0, length, chunk, dtype=jnp.int32)
-    _, (chosen, top_ids, top_lp) = jax.lax.scan(step, kv_cache.init_cache(model.cfg, b, length, model.split), starts)
+    _, (chosen, top_ids, top_lp) = jax.lax.scan(step, kv_cache.init_cache(model.cfg, b, length), starts)
     join = lambda a: jnp.moveaxis(a, 0, 1).reshape(b, length, *a.shape[3:])  # [chunks, B, chunk, ...] -> [B, L, ...]
     return join(chosen), join(top_ids), join(top_lp)
 

@@ -67,7 +67,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
     """
     model: Llama = nnx.merge(graphdef, params)
     b, t = tokens.shape
-    return _prefill(model, kv_cache.init_cache(model.cfg, b, t, model.split), tokens, lengths, jnp.arange(b), attn)
+    return _prefill(model, kv_cache.init_cache(model.cfg, b, t), tokens, lengths, jnp.arange(b), attn)
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="attn", donate_argnames="cache")
@@ -98,7 +98,7 @@ def greedy_generate(model: Llama, prompt: list[int], max_new_tokens: int, stop_i
     if len(prompt) + max_new_tokens > max_len:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {max_len}")
     tokens, lengths = pad_prompts([prompt], bucket_for(len(prompt), length_buckets(max_len)))
-    cache = kv_cache.init_cache(model.cfg, 1, max_len, model.split)
+    cache = kv_cache.init_cache(model.cfg, 1, max_len)
     logits, cache = prefill_into(graphdef, params, cache, tokens, lengths, np.zeros(1, np.int32))
     out: list[int] = []
     for _ in range(max_new_tokens):

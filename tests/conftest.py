@@ -14,13 +14,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 @pytest.fixture(scope="session", autouse=True)
 def session_compilation_cache():
-    """One persistent compilation cache for the session's in-process engines, empty at the start:
-    a program that several modules' engines build (the same model and shapes) compiles once.
-    CompileCounter counts cache loads as builds, so the zero-compile tests lose nothing."""
+    """One persistent compilation cache for the session's in-process engines and the `llama-jax
+    serve` processes its tests start (through $LLAMA_JAX_COMPILATION_CACHE), empty at the start: a
+    program that several engines or servers build (the same model and shapes) compiles once, and
+    no test writes into the user's own cache. CompileCounter counts cache loads as builds, so the
+    zero-compile tests lose nothing."""
     from llama_jax.compiles import enable_compilation_cache
 
     directory = tempfile.mkdtemp(prefix="llama-jax-test-xla-")
     enable_compilation_cache(directory)
+    os.environ["LLAMA_JAX_COMPILATION_CACHE"] = directory
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 

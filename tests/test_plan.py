@@ -140,7 +140,10 @@ def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     per = report["per_device_bytes"]
     assert per["weights"] == param_count(cfg) * 2 and round(per["weights"] / GiB, 2) == 12.55
     assert per["kv_cache"] == 16 * GiB  # 8 slots x 4096 tokens x 32 layers x k and v x 4096 x bf16
-    assert 0 < per["temp"] < GiB
+    # one buffer per layer, unrolled: the 1 x 4096 prefill keeps more activations live (1.23 GiB,
+    # against 12 GiB of weight copies a step in the stacked scan: docs/benchmarks.md)
+    assert 0 < per["temp"] < 1.5 * GiB
+    assert all(p["copy_bytes"] < GiB for p in programs.values())  # no layer's weights copied
     assert report["max_slots_that_fit"] == (target.memory - per["weights"] - per["temp"]) // plan.slot_bytes(cfg, 4096, 1)
 
 
@@ -222,7 +225,6 @@ def test_stacked_layers_copy_every_weight_matrix_each_gpu_decode_step():
     assert _decode_for_h200(True).copies == {"count": 0, "bytes": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="the GPU default layout is stacked (kv_cache.split_layers): every layer's "
-                   "weights are copied each step until the engine uses one buffer per layer there")
 def test_gpu_decode_program_copies_no_layer_weights():
+    """The engine's default layout on a GPU (`layers.split_layers`: one buffer per layer, unrolled)."""
     assert _decode_for_h200(None).copies == {"count": 0, "bytes": 0}

@@ -112,19 +112,19 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     """One generate step at a 128-token context, with max_seq_len 4096 vs 256: decode reads each
     row's keys up to its length, so the context (not the cache size) should set the cost. The two
     are timed alternately, so drift in the machine's speed hits both alike."""
-    from llama_jax import kv_cache
     from llama_jax.device import Programs, init_decode_state
+    from llama_jax.layers import split_layers
     from llama_jax.model import storage_params
 
     graphdef, params = nnx.split(model)
-    split = kv_cache.split_layers()
+    split = split_layers(model.cfg)
     params = storage_params(model.cfg, params, split)
     allowed = jnp.ones((slots, model.cfg.vocab_size), bool)
     states, programs, samples = {}, {}, {256: [], 4096: []}
     for max_len in samples:
         config = EngineConfig(max_slots=slots, max_seq_len=max_len)
         programs[max_len] = Programs.build(graphdef, model.cfg, config, None).generate
-        state = init_decode_state(model.cfg, slots, max_len, split=split)
+        state = init_decode_state(model.cfg, slots, max_len)
         states[max_len] = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
     for i in range(iters + 3):
         for max_len in samples:
