@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from llama_jax.kv_cache import from_bits
+from llama_jax.bits import from_bits
 from llama_jax.platform import Platform, resolve
 
 log = logging.getLogger(__name__)

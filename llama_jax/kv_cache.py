@@ -18,6 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from llama_jax.bits import to_bits
 from llama_jax.config import LlamaConfig
 from llama_jax.platform import Platform, resolve
 
@@ -72,23 +73,6 @@ def init_cache(cfg: LlamaConfig, rows: int, max_len: int, platform: Platform | N
     form (see `storage_dtype`)."""
     shape, dtype = cache_shape(cfg, rows, max_len), storage_dtype(cfg.dtype, platform)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((rows,), jnp.int32))
-
-
-def to_bits(x: jax.Array) -> jax.Array:
-    """A 16-bit float array as its uint16 bit patterns (other arrays unchanged).
-
-    XLA's CPU backend computes every 16-bit float op in float32 (float normalization), and then
-    hoists the convert of a loop-invariant operand out of the layer loop: the whole stacked
-    weights and cache would be upcast at once (60 GB of temporaries at 7B). Carried and sliced as
-    integers, only the one layer or key block in use is ever converted.
-    """
-    floating16 = jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if floating16 else x
-
-
-def from_bits(x: jax.Array, dtype) -> jax.Array:
-    """Undo `to_bits`: uint16 bit patterns back to the 16-bit float `dtype` (others unchanged)."""
-    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
 
 
 def write(buffer: jax.Array, layer: jax.Array, new: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ split layers run *unrolled*: XLA:GPU also copies each layer's slice of a stacked
 GEMM (12 GiB a 7B decode step, docs/benchmarks.md), and a switch would wait on the host; the
 cost is compile time that grows with depth.
 
-16-bit floats on CPU stay `kv_cache.to_bits` patterns between the two boundaries: `storage_params`
+16-bit floats on CPU stay `bits.to_bits` patterns between the two boundaries: `storage_params`
 (weights enter) and `LayerWeights` (a layer's weights leave for its matmuls and norms).
 """
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import from_bits
+from llama_jax.bits import from_bits
 from llama_jax.platform import Platform, resolve
 
 Matmul = Callable[[jax.Array, Any], jax.Array]  # (x, one layer's weight) -> x @ w.T
