@@ -135,8 +135,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
     `prefill_variants`): whether some start may be past 0; None: the program checks."""
     model: Llama = nnx.merge(graphdef, params)
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    logits, cache = model(tokens, positions, state.cache, starts + lengths, rows=slots,
-                          logits_at=jnp.maximum(lengths - 1, 0), mode="prefill", attn=attn, suffix=suffix)
+    logits, cache = model.prefill(tokens, positions, state.cache, starts + lengths, rows=slots,
+                                  logits_at=jnp.maximum(lengths - 1, 0), attn=attn, suffix=suffix)
     logits = replicate(logits, attn.mesh)
     zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
     fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
@@ -197,8 +197,8 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     tokens = jnp.concatenate([state.tokens[:rows, None], drafts[:rows]], axis=1)  # [R, k + 1]
     offsets = jnp.arange(width, dtype=jnp.int32)
     positions = starts[:, None] + offsets[None]  # positions past the cache write nothing
-    logits, cache = model(tokens, positions, state.cache, jnp.minimum(starts + width, max_len),
-                          rows=jnp.arange(rows, dtype=jnp.int32), mode="prefill", attn=attn, suffix=True)
+    logits, cache = model.prefill(tokens, positions, state.cache, jnp.minimum(starts + width, max_len),
+                                  rows=jnp.arange(rows, dtype=jnp.int32), attn=attn, suffix=True)
     logits = replicate(logits, attn.mesh)
     vocab = logits.shape[-1]
     sampler, row_params = head(state.sampler), head(state.params)

@@ -35,13 +35,13 @@ from flax import nnx
 from llama_jax import attention, quantize
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import LlamaConfig
-from llama_jax.kv_cache import KVCache, attention_mask, from_bits, to_bits, write
+from llama_jax.bits import from_bits, to_bits
+from llama_jax.kv_cache import KVCache, attention_mask, write
 from llama_jax.layers import LayerWeights, layout, split_weight, unbits
 from llama_jax.platform import Platform, resolve
 
 Path = tuple[str, ...]
 LAYER_HF = "model.layers.{layer}."
-MODES = ("cached", "prefill", "decode")
 LM_HEAD_CHUNKS = 8
 
 
@@ -283,50 +283,49 @@ class Llama(nnx.Module):
         """The LM head's weight: the embedding table itself when embeddings are tied."""
         return self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        cache: KVCache,
-        lengths: jax.Array | None = None,
-        *,
-        rows: jax.Array | None = None,
-        logits_at: jax.Array | None = None,
-        mode: str = "cached",
-        attn: AttentionConfig = AttentionConfig(),
-        return_hidden: bool = False,
-        suffix: bool | None = None,
-    ):
-        """Run `tokens` `[B, T]` at `positions` `[B, T]` (contiguous per row) against cache rows
-        `rows` `[B]` (default the first B: idle decode slots cost nothing).
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, lengths: jax.Array | None = None, *,
+                 rows: jax.Array | None = None, logits_at: jax.Array | None = None,
+                 attn: AttentionConfig = AttentionConfig(), return_hidden: bool = False):
+        """Run `tokens` `[B, T]` at any `positions` `[B, T]` against cache rows `rows` `[B]`
+        (default the first B), attending through an explicit mask over the whole cache: the
+        general forward (scoring, notebooks, references). Returns (logits, cache), and with
+        `return_hidden` also the residual stream `[n_layers + 1, B, T, dim]` after the embedding
+        and after each layer. Arguments and results otherwise as `_forward`."""
+        return self._forward(tokens, positions, cache, lengths, rows, logits_at, "cached", attn, None, return_hidden)
 
-        New keys/values are written at each row's positions (a row out of range writes nothing);
-        `lengths` `[B]` is each row's valid length after this step (default: last position + 1;
-        a padded prefill passes the true lengths). Returns float32 logits `[B, T, V]`, or `[B, V]`
-        at per-row indices `logits_at`, and the updated cache; with `return_hidden`, also the
-        residual stream `[n_layers + 1, B, T, dim]` after the embedding and after each layer.
+    def prefill(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, lengths: jax.Array | None = None, *,
+                rows: jax.Array | None = None, logits_at: jax.Array | None = None,
+                attn: AttentionConfig = AttentionConfig(), suffix: bool | None = None) -> tuple[jax.Array, KVCache]:
+        """Prompts (padded: pass the true `lengths`), or suffixes after a prefix already in cache rows `rows`,
+        with causal attention (`attention.prompt_attention`). `suffix`: False when every row starts
+        at 0, True when some may start after a prefix, None to choose on the device."""
+        return self._forward(tokens, positions, cache, lengths, rows, logits_at, "prefill", attn, suffix)
 
-        `mode` (static) picks the attention: "cached" (any positions, explicit mask over the whole
-        cache), "prefill" (prompts, or suffixes after a prefix already in the cache rows: causal,
-        see `attention.prompt_attention`; `suffix` says which path, if the caller knows: False for
-        rows that all start at 0, True for rows that may start after a prefix, None to choose
-        on the device) or
-        "decode" (T = 1, the first B rows: the cache is read in place up to each row's length).
-        """
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+               attn: AttentionConfig = AttentionConfig()) -> tuple[jax.Array, KVCache]:
+        """One token per row (`[B, 1]`) for the first B cache rows, each read in place up to its
+        length: the decode step."""
+        return self._forward(tokens, positions, cache, None, None, None, "decode", attn, None)
+
+    def _forward(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, lengths: jax.Array | None,
+                 rows: jax.Array | None, logits_at: jax.Array | None, mode: str, attn: AttentionConfig,
+                 suffix: bool | None, return_hidden: bool = False):
+        """The forward behind the entry points, `mode` (static) picking the attention.
+
+        New keys/values are written at each row's positions (contiguous per row; a row out of
+        range writes nothing); `lengths` `[B]` is each row's valid length after this step (default:
+        last position + 1). Returns float32 logits `[B, T, V]`, or `[B, V]` at per-row indices
+        `logits_at`, and the updated cache (and the residual stream with `return_hidden`)."""
         cfg = self.cfg
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         b = tokens.shape[0]
         if rows is None:
             rows = jnp.arange(b, dtype=jnp.int32)
-        elif mode == "decode":
-            raise ValueError("decode runs the first B cache rows: rows must not be given")
         lengths = positions[:, -1] + 1 if lengths is None else lengths
         cos, sin = rope_angles(positions, rope_frequencies(cfg))
         mask = attention_mask(positions, lengths, cache.max_len) if mode == "cached" else None
         step = _Step(cfg, mode, attn, rows, positions, lengths, cos, sin, mask, suffix)
 
-        # On CPU, 16-bit weights and caches are stored as bit patterns (kv_cache.to_bits, chosen
+        # On CPU, 16-bit weights and caches are stored as bit patterns (bits.to_bits, chosen
         # by `storage_params` and `init_cache`); each is converted back where it is read.
         table = self.embed[...]
         if quantize.is_int8(table):
@@ -352,7 +351,7 @@ class Llama(nnx.Module):
 
 
 def cpu16(cfg: LlamaConfig, platform: Platform | None = None) -> bool:
-    """True where 16-bit weights and caches are kept as bit patterns (see `kv_cache.to_bits`):
+    """True where 16-bit weights and caches are kept as bit patterns (see `bits.to_bits`):
     16-bit models on a CPU platform (default: the host's)."""
     return resolve(platform).cpu and jnp.dtype(cfg.dtype).itemsize == 2
 

@@ -54,8 +54,8 @@ def _prefill(model: Llama, cache: KVCache, tokens: jax.Array, lengths: jax.Array
              attn: AttentionConfig) -> tuple[jax.Array, KVCache]:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return model(tokens, positions, cache, lengths, rows=rows, logits_at=jnp.maximum(lengths - 1, 0),
-                 mode="prefill", attn=attn, suffix=False)  # every row starts at 0
+    return model.prefill(tokens, positions, cache, lengths, rows=rows, logits_at=jnp.maximum(lengths - 1, 0),
+                         attn=attn, suffix=False)  # every row starts at 0
 
 
 @partial(jax.jit, static_argnums=0, static_argnames="attn")
@@ -87,7 +87,7 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, token
     at the end of the cache stays there: its last entry is overwritten)."""
     model: Llama = nnx.merge(graphdef, params)
     positions = jnp.minimum(cache.lengths[: tokens.shape[0]], cache.max_len - 1)[:, None]
-    logits, cache = model(tokens[:, None], positions, cache, mode="decode", attn=attn)
+    logits, cache = model.decode(tokens[:, None], positions, cache, attn=attn)
     return logits[:, 0], cache
 
 

@@ -146,7 +146,7 @@ def _logits(cfg, params, tokens: np.ndarray, device, on: Platform, attn: Attenti
     params = jax.device_put(params, device)
     with jax.default_device(device):
         cache = init_cache(cfg, 1, len(tokens), platform=on)
-        run = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, jnp.arange(t.shape[1])[None], c, mode="prefill", attn=attn)[0])
+        run = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).prefill(t, jnp.arange(t.shape[1])[None], c, attn=attn)[0])
         return np.asarray(run(params, cache, jnp.asarray(tokens[None], jnp.int32))[0], np.float32)
 
 
