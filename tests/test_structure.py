@@ -16,14 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("llama_jax", "api")
 MAX_LINES = 450
 
-# issue 29: core part pending. These live in llama_jax/, which other work is changing now; each
-# entry is removed when that part of issue 29 lands (the test then fails until it is).
-KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"llama_jax.attention", "llama_jax.kv_cache", "llama_jax.config"}),  # config's import is type-only
-})
-KNOWN_LONG: frozenset[str] = frozenset({"llama_jax.sampling"})  # 464 lines
-KNOWN_PRIVATE: frozenset[tuple[str, str, str]] = frozenset()  # (importer, module, name)
-
 
 def module_files() -> dict[str, Path]:
     """Every module of the project packages, by dotted name (a package by its own name)."""
@@ -137,9 +129,7 @@ def test_the_walk_sees_every_kind_of_import():
 
 
 def test_no_import_cycles():
-    found = set(cycles(GRAPH))
-    assert found - KNOWN_CYCLES == set(), "new import cycles"
-    assert KNOWN_CYCLES - found == set(), "a known cycle is gone: remove it from KNOWN_CYCLES"
+    assert set(cycles(GRAPH)) == set(), "import cycles"
 
 
 def test_engine_never_imports_the_server():
@@ -150,11 +140,10 @@ def test_engine_never_imports_the_server():
 
 def test_no_module_over_450_lines():
     long = {name for name, path in MODULES.items() if len(path.read_text().splitlines()) > MAX_LINES}
-    assert long - KNOWN_LONG == set(), f"modules over {MAX_LINES} lines"
-    assert KNOWN_LONG - long == set(), "a known long module is short now: remove it from KNOWN_LONG"
+    assert long == set(), f"modules over {MAX_LINES} lines"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_private_names_cross_modules(name):
     used = {(name, module, private) for module, private in imports(name)[1]}
-    assert used - KNOWN_PRIVATE == set()
+    assert used == set()
