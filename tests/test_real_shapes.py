@@ -14,6 +14,7 @@ from llama_jax import plan, sharding
 from llama_jax.config import preset
 from llama_jax.device import decode_state_shardings, program_shapes
 from llama_jax.engine import EngineConfig
+from llama_jax.layers import split_layers
 
 GiB = 1 << 30
 
@@ -57,7 +58,7 @@ def test_7b_every_cache_buffer_is_donated_in_place(decode_7b):
     assert compiled.memory.alias_size_in_bytes >= cache
     header = compiled.compiled.as_text().splitlines()[0]
     aliased = {int(p) for p in re.findall(r"\{\d+\}: \((\d+), \{\}", header)}
-    n_params = len(jax.tree.leaves(plan.abstract_params(cfg, None)[1]))
+    n_params = len(jax.tree.leaves(plan.abstract_params(cfg, None, split=split_layers(cfg))[1]))  # the plan's layout
     n_state = len(jax.tree.leaves(plan.abstract_state(cfg, config.max_slots, cfg.max_seq_len,
                                                       decode_state_shardings(cfg, None))))
     assert set(range(n_params, n_params + n_state)) <= aliased, "every decode-state buffer (k and v first) is donated"
