@@ -252,6 +252,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # queued prompts are prefilled together up to rows x bucket tokens
     max_queue: int = 64
     compilation_cache_dir: str | None = None  # JAX's persistent cache: restarts skip compiling
+    compile_threads: int | None = None  # programs compiled at once at warm-up (default: the CPU count)
     attention: AttentionConfig | None = None  # default: the fast choice for the platform
     branch_free_sampler: bool | None = None  # default: on for accelerators, off on CPU
     split_layers: bool | None = None  # weights one buffer per layer or stacked; default `layers.split_layers`

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -153,32 +155,52 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
-        """Compile (or load from the persistent cache) every program serving can run, then empty the slots."""
+        """Compile every program serving can run (several at once: XLA compiles outside the GIL;
+        or load them from the persistent cache), run each once, then empty the slots."""
         programs = program_shapes(self.config, self.max_seq_len)
-        for done, (kind, shape) in enumerate(programs, 1):
-            if kind == "prefill":
-                rows, bucket = shape["rows"], shape["bucket"]
-                prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
-                result = self._run_prefill(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
-                                           [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
-                                           suffix=shape.get("suffix"))
-                what = f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else "")
-            elif kind == "generate":
-                self._state, result = self._generate(self.params, self._state, self._everything, rows=shape["rows"])
-                what = f"decode {shape['rows']} slots"
-            elif kind == "verify":
-                drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
-                self._state, result = self._verify(self.params, self._state, *drafts, self._everything, rows=shape["rows"])
-                what = f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens"
+        lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
+        threads = min(len(lowered), self.config.compile_threads or os.cpu_count() or 1)
+        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama-jax-compile")
+        try:  # jit keeps each executable: the calls below compile nothing more
+            futures = {pool.submit(low.compile): what for what, low in lowered}
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                future.result()
+                log.info("warm-up %d/%d: %s", done, len(lowered), futures[future])
+                if progress:
+                    progress(done, len(lowered), futures[future])
+        finally:  # a cancelled warm-up waits only for the compiles already running
+            pool.shutdown(wait=True, cancel_futures=True)
+        for kind, shape in programs:
+            _, fn, args, static = self._warmup_call((kind, shape))
+            out = fn(*args, **static)
+            if kind == "copy":
+                self._state = dataclasses.replace(self._state, cache=out)
             else:
-                self._copy_slot(0, 0)
-                result, what = None, "slot copy"
-            jax.block_until_ready((self._state, result))
-            log.info("warm-up %d/%d: %s", done, len(programs), what)
-            if progress:
-                progress(done, len(programs), what)
+                self._state = out[0]
+            jax.block_until_ready(self._state)
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
+
+    def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
+        """One serving program as (what, jitted function, arguments, static arguments), over the
+        engine's own buffers: padding rows write nothing, drafts are empty."""
+        kind, shape = program
+        if kind == "prefill":
+            rows, bucket = shape["rows"], shape["bucket"]
+            prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
+            args, static = self._prefill_args(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
+                                              [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
+                                              suffix=shape.get("suffix"))
+            what = f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else "")
+            return what, self._prefill_rows, args, static
+        if kind == "generate":
+            return (f"decode {shape['rows']} slots", self._generate, (self.params, self._state, self._everything),
+                    {"rows": shape["rows"]})
+        if kind == "verify":
+            drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
+            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._verify,
+                    (self.params, self._state, *drafts, self._everything), {"rows": shape["rows"]})
+        return "slot copy", self._copy, (self._state.cache, np.int32(0), np.int32(0)), {}
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
@@ -203,11 +225,18 @@ class Engine:
         return smallest_prefill_shape(self.prefill_shapes, prompts)
 
     def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
-                     rows: list[SamplingParams], constraints: list[Constraint | None],
-                     suffix: bool | None = None) -> SampleResult:
+                     rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
         """Prefill prompts straight into their slots, each from its `start` (the tokens before it
         are in the slot already), padded to a compiled shape, and sample each one's first token;
-        returns the step's result, row i for prompt i. The program variant follows the starts
+        returns the step's result, row i for prompt i."""
+        args, static = self._prefill_args(prompts, starts, slots, rows, constraints)
+        self._state, result = self._prefill_rows(*args, **static)
+        return result
+
+    def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
+                      rows: list[SamplingParams], constraints: list[Constraint | None],
+                      suffix: bool | None = None) -> tuple[tuple, dict]:
+        """The prefill program's arguments for these prompts. Its variant follows the starts
         (`device.prefill_variant`) unless `suffix` names it (warm-up)."""
         suffixes = [p[start:] for p, start in zip(prompts, starts)]
         n_rows, bucket = self._prefill_shape(suffixes)
@@ -224,9 +253,7 @@ class Engine:
         slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
         start_ids = np.array([*starts, *[0] * pad], np.int32)
         variant = prefill_variant(self._prefill_variants, start_ids) if suffix is None else suffix
-        self._state, result = self._prefill_rows(self.params, self._state, tokens, start_ids, lengths, slot_ids, params,
-                                                 prompt_mask, allowed, suffix=variant)
-        return result
+        return (self.params, self._state, tokens, start_ids, lengths, slot_ids, params, prompt_mask, allowed), {"suffix": variant}
 
     def _notify(self) -> None:
         with self._wake:
@@ -336,43 +363,66 @@ class Engine:
         with self._wake:
             batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits)
         admissions: list[Admission] = []
-        for handle, choices in batch:
-            if handle.max_tokens == 0:
-                handle.end_empty(choices)
-                continue
-            for choice in choices:
-                placement = self.prefix.place(handle.request.prompt, free)
-                for source, slot in placement.copies:
-                    self._copy_slot(source, slot)
-                free.remove(placement.slot)
-                admissions.append(handle.accept(choice, placement.slot, placement.start))
+        try:
+            for handle, choices in batch:
+                if handle.max_tokens == 0:
+                    handle.end_empty(choices)
+                    continue
+                for choice in choices:
+                    placement = self.prefix.place(handle.request.prompt, free)
+                    for source, slot in placement.copies:
+                        self._copy_slot(source, slot)
+                    free.remove(placement.slot)
+                    admissions.append(handle.accept(choice, placement.slot, placement.start))
+        except Exception as e:  # out of the queue and in no slot yet: fail them here, or they wait forever
+            for handle, _ in batch:
+                self._release(handle, f"admission failed: {e}")
+            raise
         for group in admission.prefill_groups(admissions, self._fits):
-            self._admit_rows(group)
+            rows = [r for r in group if not r.handle.cancelled.is_set()]  # an earlier group failed (or the client left)
+            try:
+                self._admit_rows(rows)
+            except Exception as e:  # a failed prefill fails this group's requests only
+                for r in rows:
+                    self._fail_admission(r, e)
 
     def _admit_rows(self, rows: list[Admission]) -> None:
-        """One prefill for these admissions; each choice then owns its slot."""
-        rows = [r for r in rows if not r.handle.cancelled.is_set()]  # an earlier prefill failed (or the client left)
-        if not rows:
+        """One prefill for these admissions; each choice then owns its slot. A request whose own
+        parts fail (its constraint, its detokenizer) fails alone."""
+        made = []
+        for r in rows:
+            try:
+                made.append((r, r.handle.request.constraint() if r.handle.request.constraint else None))
+            except Exception as e:
+                self._fail_admission(r, e)
+        made = [(r, c) for r, c in made if not r.handle.cancelled.is_set()]
+        if not made:
             return
-        constraints = [r.handle.request.constraint() if r.handle.request.constraint else None for r in rows]
-        try:
-            result = self._run_prefill([r.handle.request.prompt for r in rows], [r.start for r in rows],
-                                       [r.slot for r in rows], [r.handle.rows[r.choice] for r in rows], constraints)
-        except Exception as e:  # a failed prefill fails these requests only
-            log.exception("prefill failed")
-            for r in rows:
-                self.prefix.forget(r.slot)
-            for handle in {r.handle for r in rows}:
-                self._release(handle, f"prefill failed: {e}")
-            return
+        result = self._run_prefill([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
+                                   [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
+                                   [c for _, c in made])
         owners: list[RunningChoice | None] = [None] * len(self.slots)
-        for r, constraint in zip(rows, constraints):
+        for r, constraint in made:
             request = r.handle.request
+            if r.handle.cancelled.is_set():  # another choice of it failed just now
+                self.prefix.forget(r.slot)
+                continue
+            try:
+                owners[r.slot] = self.slots[r.slot] = r.running(
+                    self.tokenizer, self.stop_ids(request), constraint,
+                    self.speculative.applies(request.speculative, constraint is not None))
+            except Exception as e:
+                self._fail_admission(r, e)
+                continue
             self.prefix.hold(r.slot, request.prompt)
-            owners[r.slot] = self.slots[r.slot] = r.running(
-                self.tokenizer, self.stop_ids(request), constraint,
-                self.speculative.applies(request.speculative, constraint is not None))
-        self._process(owners, result, row_of={r.slot: i for i, r in enumerate(rows)})
+        self._process(owners, result, row_of={r.slot: i for i, (r, _) in enumerate(made)})
+
+    def _fail_admission(self, admission: Admission, error: Exception) -> None:
+        """Fail the request of `admission` (once: its other choices may fail too) and free its slots."""
+        log.exception("admission failed")
+        self.prefix.forget(admission.slot)
+        first = not admission.handle.cancelled.is_set()
+        self._release(admission.handle, f"admission failed: {error}" if first else None)
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:

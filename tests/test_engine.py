@@ -2,6 +2,7 @@
 n choices, cancellation, limits, failure isolation and zero compiles after warm-up."""
 
 import asyncio
+import concurrent.futures
 import random
 import time
 
@@ -408,3 +409,18 @@ def test_a_finished_slot_goes_back_to_neutral_sampling(engine):
     assert len(out.choices[0].tokens) == 4
     params = engine._state.params
     assert int(np.max(np.asarray(params.top_k))) == 0 and float(np.min(np.asarray(params.top_p))) == 1.0
+
+
+def test_a_failing_admission_fails_its_request_instead_of_hanging(engine):
+    """A request that breaks while being admitted (here its constraint factory) is out of the
+    queue and in no slot yet: it must get the error, and the engine must go on serving."""
+    def broken_factory():
+        raise RuntimeError("injected admission fault")
+
+    healthy = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=20, stop_token_ids=[]))
+    broken = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=10, n=2, constraint=broken_factory))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(Exception, match="injected admission fault"):
+        pool.submit(broken.result).result(timeout=60)  # before the fix: waited forever
+    assert len(healthy.result().choices[0].tokens) == 20
+    assert len(engine.generate([[1, 15043]], max_tokens=3)[0].choices[0].tokens) == 3
+    assert engine.busy_slots == 0

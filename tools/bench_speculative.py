@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama_jax import checkpoint  # noqa: E402
@@ -87,14 +89,15 @@ def run(engine: Engine, prompts: list[list[int]], concurrent: bool, speculative:
 def bench_speculative(args) -> dict:
     gguf = args.gguf or DEFAULT_GGUF
     with tempfile.TemporaryDirectory() as tmp:
-        convert(gguf, Path(tmp) / "float32", dtype="float32", progress=False)
-        loaded = checkpoint.load(Path(tmp) / "float32")
+        dtype = args.dtype or "float32"
+        convert(gguf, Path(tmp) / dtype, dtype=dtype, progress=False)
+        loaded = checkpoint.load(Path(tmp) / dtype)
         tokenizer = load_tokenizer(loaded.tokenizer_path)
     config = EngineConfig(max_slots=8, max_seq_len=args.max_seq_len, compilation_cache_dir=args.compilation_cache,
                           speculative=SpeculativeConfig(tokens=args.speculative_tokens, min_n=args.speculative_min_n))
     engine = Engine(loaded.model, tokenizer, config).start(warmup=False)  # compiled by the untimed pass below
     workloads = {"grounded": grounded_prompts(tokenizer), "open": open_prompts(tokenizer)}
-    out: dict = {"model": gguf.name, "dtype": "float32", "speculative_tokens": args.speculative_tokens,
+    out: dict = {"model": gguf.name, "dtype": dtype, "device": jax.devices()[0].device_kind, "speculative_tokens": args.speculative_tokens,
                  "min_n": args.speculative_min_n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "prompt_tokens": {w: [len(p) for p in ps] for w, ps in workloads.items()}}
     try:
@@ -108,12 +111,13 @@ def bench_speculative(args) -> dict:
                     for spec in (False, True):
                         totals[spec].append(run(engine, chosen, batch > 1, spec, args.spec_max_tokens))
                 plain, fast = totals[False], totals[True]
-                assert all(p["replies"] == f["replies"] for p, f in zip(plain, fast)), "speculation changed a reply"
+                same = sum(a == b for p, f in zip(plain, fast) for a, b in zip(p["replies"], f["replies"]))
                 rate = lambda runs: sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs)
                 drafted, accepted = sum(r["drafted"] for r in fast), sum(r["accepted"] for r in fast)
                 key = f"{name}_batch{batch}"
                 out[key] = {"plain_tok_s": round(rate(plain), 2), "speculative_tok_s": round(rate(fast), 2),
                             "ratio": round(rate(fast) / rate(plain), 3), "tokens_per_run": plain[0]["tokens"],
+                            "identical_replies": f"{same}/{sum(len(p['replies']) for p in plain)}",
                             "drafted": drafted, "accepted": accepted,
                             "acceptance": round(accepted / drafted, 3) if drafted else None,
                             "runs_s": {"plain": [round(r["seconds"], 2) for r in plain],

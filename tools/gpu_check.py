@@ -63,35 +63,13 @@ from llama_jax.model import abstract_model, init_model  # noqa: E402
 from llama_jax.platform import Platform  # noqa: E402
 from llama_jax.request import Request  # noqa: E402
 
-SMOLLM2_GGUF = Path(__file__).resolve().parents[2] / "shared" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMOLLM2_GGUF = SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA2_TOKENIZER = SHARED / "llama2-tokenizer" / "tokenizer.model"
 LOGIT_TEXT = ("The Apache License, Version 2.0, lets anyone use, modify and distribute the work, provided that "
               "they keep the copyright notices and state the changes they made. Paris is the capital of France.")
 LOGIT_TOKENS = 64
 MAX_REL_DIFF, MIN_TOP1 = 0.05, 0.9  # device vs CPU, same dtype: max |diff| / max |logit|, argmax agreement
-
-
-class StandInTokenizer:
-    """Token ids only, for a run without a tokenizer.model: every id decodes to one letter."""
-
-    bos_id, eos_id, unk_id = 1, 2, 0
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [3 + ord(c) % (self.vocab_size - 3) for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join("a" for i in ids if i > 2)
-
-    def id_to_piece(self, token_id: int) -> str:
-        return "a"
-
-    def is_byte(self, token_id: int) -> bool:
-        return False
-
-    def is_control(self, token_id: int) -> bool:
-        return token_id <= 2
 
 
 def say(message: str) -> None:
@@ -206,7 +184,7 @@ def check_kernels(host: Platform, cfg, slots: int, max_len: int) -> AttentionCon
     size (large offsets included: the last layer and slot); keep the kernels that agree."""
     chosen = attention.choose(host, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dtype)
     interpret = host.cpu  # the Pallas kernel runs interpreted on CPU: same code, slow
-    h, kv, d, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    h, kv, d, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 2  # 2 layers: the XLA reference transposes it whole
     b = min(4, slots)
     keys = jax.random.split(jax.random.key(0), 3)
     shape = (layers, slots, kv, max_len, d)
@@ -322,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--context", type=int, default=1024, help="tokens of context per concurrent request")
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--tokenizer", type=Path, default=None, help="a Llama 2 tokenizer.model (optional)")
+    ap.add_argument("--tokenizer", type=Path, default=LLAMA2_TOKENIZER, help="the Llama 2 tokenizer.model")
     ap.add_argument("--smollm2", type=Path, default=SMOLLM2_GGUF, help="the real SmolLM2 GGUF (step 1b)")
     ap.add_argument("--compilation-cache", default=str(Path(__file__).resolve().parents[1] / ".jax_cache"))
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
@@ -352,12 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(weight_gb=round(weight_bytes / 1e9, 2), copy_bandwidth_gb_s=round(bandwidth / 1e9, 1))
     say(f"weights {weight_bytes / 1e9:.2f} GB on the device; copy bandwidth {bandwidth / 1e9:.0f} GB/s")
 
-    if args.tokenizer:
-        from llama_jax.tokenizer import Tokenizer
+    from llama_jax.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer(args.tokenizer)
-    else:
-        tokenizer = StandInTokenizer(cfg.vocab_size)
+    tokenizer = Tokenizer(args.tokenizer)
     model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
     config = EngineConfig(**shape, attention=attn)
     if cfg.quantization:
