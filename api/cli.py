@@ -63,8 +63,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                    help="prefill every prompt in full (default: reuse the keys of prefixes the slots still hold)")
     p.add_argument("--speculative-ngram", type=int, default=0, metavar="K",
                    help="prompt-lookup speculative decoding: draft up to K tokens per step from n-grams of the "
-                        "prompt and reply, verified in one step (the same output); on for requests unless they "
-                        "say speculative: false (default 0: off)")
+                        "prompt and reply, verified in one step (the same output up to rounding); on for requests "
+                        "unless they say speculative: false (default 0: off)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
