@@ -20,8 +20,10 @@ plan memory, not speed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -199,35 +201,39 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     rep = programs.shardings.tokens  # replicated over the mesh (None without one)
     options = DEVICELESS_OPTIONS if target.target else None
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-    out = []
+    lowered = []
     for kind, shape in program_shapes(config, max_len):
         if select is not None and not select(kind, shape):
             continue
-        start = time.perf_counter()
         if kind == "prefill":
             r, t = shape["rows"], shape["bucket"]
             mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_, sharding=rep)
-            lowered = programs.prefill.lower(params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask,
-                                             suffix=shape.get("suffix"))
-            name = f"prefill {r} x {t}" + (" (suffix)" if shape.get("suffix") else "")
+            lowered.append((f"prefill {r} x {t}" + (" (suffix)" if shape.get("suffix") else ""), programs.prefill.lower(
+                params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask, suffix=shape.get("suffix"))))
         elif kind == "copy":
-            lowered = programs.copy.lower(state.cache, i32(), i32())
-            name = "slot copy"
+            lowered.append(("slot copy", programs.copy.lower(state.cache, i32(), i32())))
         elif kind == "verify":
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
             k = config.speculative.tokens
-            lowered = programs.verify.lower(params, state, i32(config.max_slots, k), i32(config.max_slots), allowed,
-                                            rows=shape["rows"])
-            name = f"verify {shape['rows']} slots x {k + 1} tokens"
+            lowered.append((f"verify {shape['rows']} slots x {k + 1} tokens", programs.verify.lower(
+                params, state, i32(config.max_slots, k), i32(config.max_slots), allowed, rows=shape["rows"])))
         else:
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
-            lowered = programs.generate.lower(params, state, allowed, rows=shape["rows"])
-            name = f"generate {shape['rows']} slots"
-        compiled = Compiled(name, lowered.compile(options), time.perf_counter() - start)
-        out.append(compiled)
-        if progress:
-            progress(name, compiled.seconds)
-    return out
+            lowered.append((f"generate {shape['rows']} slots", programs.generate.lower(params, state, allowed, rows=shape["rows"])))
+
+    def build(name: str, low: jax.stages.Lowered) -> Compiled:
+        start = time.perf_counter()
+        return Compiled(name, low.compile(options), time.perf_counter() - start)
+
+    out: dict[str, Compiled] = {}
+    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1) or 1) as pool:
+        futures = [pool.submit(build, name, low) for name, low in lowered]  # XLA compiles outside the GIL
+        for future in concurrent.futures.as_completed(futures):
+            compiled = future.result()
+            out[compiled.name] = compiled
+            if progress:
+                progress(compiled.name, compiled.seconds)
+    return [out[name] for name, _ in lowered]
 
 
 def slot_bytes(cfg: LlamaConfig, max_len: int, tp_kv: int) -> int:
