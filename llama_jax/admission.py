@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator, Sequence
 
+from llama_jax.prefix_cache import Placement
 from llama_jax.request import Admission, RequestHandle
 
 Fits = Callable[[list[Sequence[int]]], bool]  # whether these prompt suffixes fit one compiled prefill
@@ -39,6 +40,26 @@ def take_batch(queue: collections.deque[RequestHandle], free: int, reusable: Cal
             break
         queue.popleft()
     return batch
+
+
+def place_batch(batch: list[tuple[RequestHandle, range]], free: list[int],
+                place: Callable[[Sequence[int], list[int]], Placement],
+                copy: Callable[[int, int], None]) -> list[Admission]:
+    """A slot of `free` for each admitted choice (the one `place` picks: where the longest cached
+    prefix of its prompt is, `copy`-ed there first if it sits in a busy slot); a request with
+    max_tokens 0 ends at once."""
+    admissions: list[Admission] = []
+    for handle, choices in batch:
+        if handle.max_tokens == 0:
+            handle.end_empty(choices)
+            continue
+        for choice in choices:
+            placement = place(handle.request.prompt, free)
+            for source, slot in placement.copies:
+                copy(source, slot)
+            free.remove(placement.slot)
+            admissions.append(handle.accept(choice, placement.slot, placement.start))
+    return admissions
 
 
 def prefill_groups(admissions: list[Admission], fits: Fits) -> Iterator[list[Admission]]:

@@ -76,6 +76,26 @@ def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) ->
     return None if variants == (None,) else bool(np.any(np.asarray(starts)))
 
 
+def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
+                   rows: Sequence[SamplingParams], allowed: Sequence[np.ndarray | None], shape: tuple[int, int],
+                   pad_id: int, vocab: int, max_slots: int) -> tuple:
+    """The host inputs of one prefill, in the program's order after (params, state): each prompt's
+    suffix after its start, padded to `shape` (rows, bucket), the starts, lengths and slots (padding
+    rows write to slot `max_slots`: nowhere), the sampler rows, each prompt's token mask (the
+    penalties' "seen") and each row's allowed tokens (a constraint's mask, or everything)."""
+    n_rows, bucket = shape
+    pad = n_rows - len(prompts)
+    tokens, lengths = steps.pad_prompts([*[p[s:] for p, s in zip(prompts, starts)], *[[pad_id]] * pad], bucket)
+    prompt_mask = np.zeros((n_rows, vocab), bool)
+    allowed_rows = np.ones((n_rows, vocab), bool)
+    for i, (prompt, mask) in enumerate(zip(prompts, allowed)):
+        prompt_mask[i, np.asarray(prompt)] = True
+        if mask is not None:
+            allowed_rows[i] = mask
+    return (tokens, np.array([*starts, *[0] * pad], np.int32), lengths, np.array([*slots, *[max_slots] * pad], np.int32),
+            sampling.stack_params([*rows, *[rows[0]] * pad]), prompt_mask, allowed_rows)
+
+
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
     """Every program serving runs on `config.platform` (default: the host's), as (kind, shape):
     one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape

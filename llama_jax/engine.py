@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -31,14 +29,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax import admission, layers, platform, sampling, speculative, steps
-from llama_jax.compiles import enable_compilation_cache
+from llama_jax.compiles import compile_in_threads, enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
-                               smallest_prefill_shape)
+from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
+                              program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, validate)
+                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, sampling_row,
+                               validate)
 from llama_jax.sampling import SampleResult, SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -122,7 +121,7 @@ class Engine:
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
         stop_ids = self.stop_ids(request)
-        rows = [self._sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
+        rows = [sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
                 for i in range(request.n)]  # range errors name the field
         handle = RequestHandle(request, loop)
         handle.max_tokens, handle.rows = max_tokens, rows
@@ -159,25 +158,12 @@ class Engine:
         or load them from the persistent cache), run each once, then empty the slots."""
         programs = program_shapes(self.config, self.max_seq_len)
         lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
-        threads = min(len(lowered), self.config.compile_threads or os.cpu_count() or 1)
-        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama-jax-compile")
-        try:  # jit keeps each executable: the calls below compile nothing more
-            futures = {pool.submit(low.compile): what for what, low in lowered}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                future.result()
-                log.info("warm-up %d/%d: %s", done, len(lowered), futures[future])
-                if progress:
-                    progress(done, len(lowered), futures[future])
-        finally:  # a cancelled warm-up waits only for the compiles already running
-            pool.shutdown(wait=True, cancel_futures=True)
-        for kind, shape in programs:
-            _, fn, args, static = self._warmup_call((kind, shape))
+        compile_in_threads(lowered, self.config.compile_threads,  # jit keeps each executable
+                           progress and (lambda done, total, what, seconds: progress(done, total, what)))
+        for program in programs:
+            _, fn, args, static = self._warmup_call(program)
             out = fn(*args, **static)
-            if kind == "copy":
-                self._state = dataclasses.replace(self._state, cache=out)
-            else:
-                self._state = out[0]
-            jax.block_until_ready(self._state)
+            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
@@ -189,10 +175,10 @@ class Engine:
             rows, bucket = shape["rows"], shape["bucket"]
             prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
             args, static = self._prefill_args(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
-                                              [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
+                                              [sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
                                               suffix=shape.get("suffix"))
-            what = f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else "")
-            return what, self._prefill_rows, args, static
+            return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
+                self._prefill_rows, args, static
         if kind == "generate":
             return (f"decode {shape['rows']} slots", self._generate, (self.params, self._state, self._everything),
                     {"rows": shape["rows"]})
@@ -213,47 +199,20 @@ class Engine:
     def _copy_slot(self, source: int, slot: int) -> None:
         self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
-    def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
-                      stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
-        try:
-            return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
-                                        min_tokens=min_tokens, stop_ids=sorted(stop_ids))
-        except ValueError as e:
-            raise RequestError(str(e), param=str(e).split()[0]) from None
-
     def _prefill_shape(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
         return smallest_prefill_shape(self.prefill_shapes, prompts)
-
-    def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
-                     rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
-        """Prefill prompts straight into their slots, each from its `start` (the tokens before it
-        are in the slot already), padded to a compiled shape, and sample each one's first token;
-        returns the step's result, row i for prompt i."""
-        args, static = self._prefill_args(prompts, starts, slots, rows, constraints)
-        self._state, result = self._prefill_rows(*args, **static)
-        return result
 
     def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
                       rows: list[SamplingParams], constraints: list[Constraint | None],
                       suffix: bool | None = None) -> tuple[tuple, dict]:
-        """The prefill program's arguments for these prompts. Its variant follows the starts
-        (`device.prefill_variant`) unless `suffix` names it (warm-up)."""
-        suffixes = [p[start:] for p, start in zip(prompts, starts)]
-        n_rows, bucket = self._prefill_shape(suffixes)
-        pad = n_rows - len(prompts)
-        tokens, lengths = steps.pad_prompts([*suffixes, *[[self.tokenizer.bos_id]] * pad], bucket)
-        vocab = self.model.cfg.vocab_size
-        allowed = np.ones((n_rows, vocab), bool)
-        prompt_mask = np.zeros((n_rows, vocab), bool)
-        for i, (prompt, c) in enumerate(zip(prompts, constraints)):
-            prompt_mask[i, np.asarray(prompt)] = True
-            if c is not None:
-                allowed[i] = c.allowed()
-        params = sampling.stack_params([*rows, *[rows[0]] * pad])
-        slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
-        start_ids = np.array([*starts, *[0] * pad], np.int32)
-        variant = prefill_variant(self._prefill_variants, start_ids) if suffix is None else suffix
-        return (self.params, self._state, tokens, start_ids, lengths, slot_ids, params, prompt_mask, allowed), {"suffix": variant}
+        """The arguments of one prefill into the prompts' slots, each from its `start` (the tokens before it are in the
+        slot already), padded to a compiled shape; its variant follows the starts unless `suffix` names it."""
+        shape = self._prefill_shape([p[start:] for p, start in zip(prompts, starts)])
+        allowed = [c.allowed() if c is not None else None for c in constraints]
+        inputs = prefill_inputs(prompts, starts, slots, rows, allowed, shape, self.tokenizer.bos_id,
+                                self.model.cfg.vocab_size, self.config.max_slots)
+        variant = prefill_variant(self._prefill_variants, starts) if suffix is None else suffix
+        return (self.params, self._state, *inputs), {"suffix": variant}
 
     def _notify(self) -> None:
         with self._wake:
@@ -362,18 +321,8 @@ class Engine:
         free = [i for i, s in enumerate(self.slots) if s is None]
         with self._wake:
             batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits)
-        admissions: list[Admission] = []
         try:
-            for handle, choices in batch:
-                if handle.max_tokens == 0:
-                    handle.end_empty(choices)
-                    continue
-                for choice in choices:
-                    placement = self.prefix.place(handle.request.prompt, free)
-                    for source, slot in placement.copies:
-                        self._copy_slot(source, slot)
-                    free.remove(placement.slot)
-                    admissions.append(handle.accept(choice, placement.slot, placement.start))
+            admissions = admission.place_batch(batch, free, self.prefix.place, self._copy_slot)
         except Exception as e:  # out of the queue and in no slot yet: fail them here, or they wait forever
             for handle, _ in batch:
                 self._release(handle, f"admission failed: {e}")
@@ -398,31 +347,31 @@ class Engine:
         made = [(r, c) for r, c in made if not r.handle.cancelled.is_set()]
         if not made:
             return
-        result = self._run_prefill([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
-                                   [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
-                                   [c for _, c in made])
+        args, static = self._prefill_args([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
+                                          [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
+                                          [c for _, c in made])
+        self._state, result = self._prefill_rows(*args, **static)
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for r, constraint in made:
-            request = r.handle.request
             if r.handle.cancelled.is_set():  # another choice of it failed just now
                 self.prefix.forget(r.slot)
                 continue
             try:
                 owners[r.slot] = self.slots[r.slot] = r.running(
-                    self.tokenizer, self.stop_ids(request), constraint,
-                    self.speculative.applies(request.speculative, constraint is not None))
+                    self.tokenizer, self.stop_ids(r.handle.request), constraint,
+                    self.speculative.applies(r.handle.request.speculative, constraint is not None))
             except Exception as e:
                 self._fail_admission(r, e)
                 continue
-            self.prefix.hold(r.slot, request.prompt)
+            self.prefix.hold(r.slot, r.handle.request.prompt)
         self._process(owners, result, row_of={r.slot: i for i, (r, _) in enumerate(made)})
 
-    def _fail_admission(self, admission: Admission, error: Exception) -> None:
-        """Fail the request of `admission` (once: its other choices may fail too) and free its slots."""
+    def _fail_admission(self, row: Admission, error: Exception) -> None:
+        """Fail the request of `row` (once: its other choices may fail too) and free its slots."""
         log.exception("admission failed")
-        self.prefix.forget(admission.slot)
-        first = not admission.handle.cancelled.is_set()
-        self._release(admission.handle, f"admission failed: {error}" if first else None)
+        self.prefix.forget(row.slot)
+        first = not row.handle.cancelled.is_set()
+        self._release(row.handle, f"admission failed: {error}" if first else None)
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:

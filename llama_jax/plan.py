@@ -20,10 +20,8 @@ plan memory, not speed.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax import layers, platform, quantize, sampling
+from llama_jax.compiles import compile_in_threads
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
 from llama_jax.layers import SplitWeight
@@ -221,19 +220,9 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
             lowered.append((f"generate {shape['rows']} slots", programs.generate.lower(params, state, allowed, rows=shape["rows"])))
 
-    def build(name: str, low: jax.stages.Lowered) -> Compiled:
-        start = time.perf_counter()
-        return Compiled(name, low.compile(options), time.perf_counter() - start)
-
-    out: dict[str, Compiled] = {}
-    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1) or 1) as pool:
-        futures = [pool.submit(build, name, low) for name, low in lowered]  # XLA compiles outside the GIL
-        for future in concurrent.futures.as_completed(futures):
-            compiled = future.result()
-            out[compiled.name] = compiled
-            if progress:
-                progress(compiled.name, compiled.seconds)
-    return [out[name] for name, _ in lowered]
+    report = (lambda done, total, name, seconds: progress(name, seconds)) if progress else None
+    built = compile_in_threads(lowered, progress=report, **(options or {}))
+    return [Compiled(name, *built[name]) for name, _ in lowered]
 
 
 def slot_bytes(cfg: LlamaConfig, max_len: int, tp_kv: int) -> int:

@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS
+from llama_jax import sampling
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 MAX_STOP_STRINGS = 16
@@ -357,3 +358,13 @@ def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     return max_tokens
+
+
+def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
+                 stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
+    """One choice's sampler row; an out-of-range option is a RequestError naming its field."""
+    try:
+        return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
+                                    min_tokens=min_tokens, stop_ids=sorted(stop_ids))
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split()[0]) from None
