@@ -9,6 +9,7 @@ concurrency levels, and (same run, same weights) HF `generate` at batch 1 and 8.
     python tools/bench_engine.py --quantize int8 --concurrency 1 8 --llama-cpp BUILD_DIR
     python tools/bench_engine.py --gguf ../shared/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --llama-cpp BUILD_DIR
     python tools/bench_engine.py --speculative          # prompt-lookup drafts on and off (bench_speculative.py)
+    python tools/bench_engine.py --host                 # the scheduler's host time per step (bench_host.py)
 
 `--gguf FILE` runs the real model instead: the GGUF converted to float32 and to int8 for
 llama-jax, and (with `--llama-cpp`) the same GGUF requantized to F32 and Q8_0 by llama.cpp's own
@@ -216,7 +217,17 @@ def main() -> None:
     ap.add_argument("--spec-max-tokens", type=int, default=256, help="--speculative: max_tokens of each reply")
     ap.add_argument("--batch1-prompts", type=int, default=2, help="--speculative: prompts run one by one per round")
     ap.add_argument("--rounds", type=int, default=2, help="--speculative: timed rounds, plain and speculative alternating")
+    ap.add_argument("--host", action="store_true",
+                    help="the scheduler's host time per step at 1, 8 and 64 busy slots, with and without a "
+                         "grammar-constrained slot (tools/bench_host.py)")
+    ap.add_argument("--host-slots", type=int, nargs="+", default=[1, 8, 64], help="--host: busy slots")
+    ap.add_argument("--host-tokens", type=int, default=200, help="--host: tokens per request")
     args = ap.parse_args()
+    if args.host:
+        from bench_host import bench_host
+
+        print(json.dumps(bench_host(args), indent=2))
+        return
     if args.speculative:
         from bench_speculative import bench_speculative
 
