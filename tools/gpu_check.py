@@ -7,8 +7,10 @@ real engine warmed up, and one table of what matters, within 10 minutes from a c
     PYTHONUNBUFFERED=1 python tools/gpu_check.py --quantize int8     # 7B with int8 weights (goal: >= 520 tok/s on an H200)
 
 Needs only jax/flax/orbax/safetensors/sentencepiece (the GPU image): no Litestar, no torch, no
-weights on disk (the real SmolLM2 check also needs `gguf` and ../shared). Steps, each printed as
-it ends:
+weights on disk; the Llama 2 tokenizer.model (`--tokenizer`, default ../shared's) and, for the
+real SmolLM2 check, `gguf` and the GGUF (over one device call's 64 MiB: it went in two parts over
+two calls in the first GPU run, docs/benchmarks.md). Ran on an H200 on 2026-12-04: about 3.5
+minutes for 7B bf16 with a cold compilation cache. Steps, each printed as it ends:
 0. the custom kernels `llama-jax plan --target` lists (compiled without the device for the
    matching target, h100/h200) must be the ones this device's own compile puts into the same
    programs (the longest prefill, the widest decode); on other devices the expectation is the
