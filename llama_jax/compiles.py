@@ -3,13 +3,34 @@ proves serving never compiles after warm-up."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 
+log = logging.getLogger(__name__)
+
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # a program loaded from the persistent cache: compiled elsewhere
+
+
+def compile_all(lowered: Sequence[tuple[str, jax.stages.Lowered]], threads: int,
+                progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Compile lowered programs (named by what they are) in `threads` threads at once: XLA compiles
+    outside the GIL, and jit keeps each executable. A failure cancels the compiles not yet started."""
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), threads)), thread_name_prefix="llama-jax-compile")
+    try:
+        futures = {pool.submit(low.compile): what for what, low in lowered}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            future.result()
+            log.info("warm-up %d/%d: %s", done, len(lowered), futures[future])
+            if progress:
+                progress(done, len(lowered), futures[future])
+    finally:  # a cancelled warm-up waits only for the compiles already running
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def enable_compilation_cache(directory: str | Path) -> None:

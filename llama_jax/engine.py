@@ -10,15 +10,14 @@ device programs and their state are device.py's; a choice's text and constraint 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
 previous step's tokens on the host, so the device never waits for Python. While any slot
-speculates (speculative.py), the previous step is processed first (drafts follow its tokens)
-and the step is a verify step of every busy slot's draft, when one has a draft.
+drafts (speculative.py), the previous step is processed first (drafts follow its tokens), and
+the step verifies the drafts when their expected accepted tokens pay for its extra cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -31,14 +30,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama_jax import admission, layers, platform, sampling, speculative, steps
-from llama_jax.compiles import enable_compilation_cache
+from llama_jax.compiles import compile_all, enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_shapes, prefill_variant, program_shapes,
-                               smallest_prefill_shape)
+from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
+                               program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, validate)
+                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, sampling_row,
+                               validate)
 from llama_jax.sampling import SampleResult, SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ class Engine:
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative
-        self.drafted_tokens = self.accepted_tokens = 0  # speculative totals, all requests (metrics)
+        self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants = programs.prefill_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
@@ -122,7 +122,7 @@ class Engine:
         if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
             request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
         stop_ids = self.stop_ids(request)
-        rows = [self._sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
+        rows = [sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
                 for i in range(request.n)]  # range errors name the field
         handle = RequestHandle(request, loop)
         handle.max_tokens, handle.rows = max_tokens, rows
@@ -159,24 +159,11 @@ class Engine:
         or load them from the persistent cache), run each once, then empty the slots."""
         programs = program_shapes(self.config, self.max_seq_len)
         lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
-        threads = min(len(lowered), self.config.compile_threads or os.cpu_count() or 1)
-        pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llama-jax-compile")
-        try:  # jit keeps each executable: the calls below compile nothing more
-            futures = {pool.submit(low.compile): what for what, low in lowered}
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                future.result()
-                log.info("warm-up %d/%d: %s", done, len(lowered), futures[future])
-                if progress:
-                    progress(done, len(lowered), futures[future])
-        finally:  # a cancelled warm-up waits only for the compiles already running
-            pool.shutdown(wait=True, cancel_futures=True)
+        compile_all(lowered, self.config.compile_threads or os.cpu_count() or 1, progress)  # the calls below compile nothing more
         for kind, shape in programs:
             _, fn, args, static = self._warmup_call((kind, shape))
             out = fn(*args, **static)
-            if kind == "copy":
-                self._state = dataclasses.replace(self._state, cache=out)
-            else:
-                self._state = out[0]
+            self._state = dataclasses.replace(self._state, cache=out) if kind == "copy" else out[0]
             jax.block_until_ready(self._state)
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
@@ -189,7 +176,7 @@ class Engine:
             rows, bucket = shape["rows"], shape["bucket"]
             prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
             args, static = self._prefill_args(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
-                                              [self._sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
+                                              [sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
                                               suffix=shape.get("suffix"))
             what = f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else "")
             return what, self._prefill_rows, args, static
@@ -213,47 +200,16 @@ class Engine:
     def _copy_slot(self, source: int, slot: int) -> None:
         self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
-    def _sampling_row(self, options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
-                      stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
-        try:
-            return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
-                                        min_tokens=min_tokens, stop_ids=sorted(stop_ids))
-        except ValueError as e:
-            raise RequestError(str(e), param=str(e).split()[0]) from None
-
-    def _prefill_shape(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
-        return smallest_prefill_shape(self.prefill_shapes, prompts)
-
-    def _run_prefill(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
-                     rows: list[SamplingParams], constraints: list[Constraint | None]) -> SampleResult:
-        """Prefill prompts straight into their slots, each from its `start` (the tokens before it
-        are in the slot already), padded to a compiled shape, and sample each one's first token;
-        returns the step's result, row i for prompt i."""
-        args, static = self._prefill_args(prompts, starts, slots, rows, constraints)
-        self._state, result = self._prefill_rows(*args, **static)
-        return result
-
     def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
                       rows: list[SamplingParams], constraints: list[Constraint | None],
                       suffix: bool | None = None) -> tuple[tuple, dict]:
-        """The prefill program's arguments for these prompts. Its variant follows the starts
-        (`device.prefill_variant`) unless `suffix` names it (warm-up)."""
-        suffixes = [p[start:] for p, start in zip(prompts, starts)]
-        n_rows, bucket = self._prefill_shape(suffixes)
-        pad = n_rows - len(prompts)
-        tokens, lengths = steps.pad_prompts([*suffixes, *[[self.tokenizer.bos_id]] * pad], bucket)
-        vocab = self.model.cfg.vocab_size
-        allowed = np.ones((n_rows, vocab), bool)
-        prompt_mask = np.zeros((n_rows, vocab), bool)
-        for i, (prompt, c) in enumerate(zip(prompts, constraints)):
-            prompt_mask[i, np.asarray(prompt)] = True
-            if c is not None:
-                allowed[i] = c.allowed()
-        params = sampling.stack_params([*rows, *[rows[0]] * pad])
-        slot_ids = np.array([*slots, *[self.config.max_slots] * pad], np.int32)
-        start_ids = np.array([*starts, *[0] * pad], np.int32)
-        variant = prefill_variant(self._prefill_variants, start_ids) if suffix is None else suffix
-        return (self.params, self._state, tokens, start_ids, lengths, slot_ids, params, prompt_mask, allowed), {"suffix": variant}
+        """The arguments of a prefill of `prompts` straight into their slots, each from its start (the
+        tokens before it are in the slot already). Its variant follows the starts unless `suffix` names it (warm-up)."""
+        shape = smallest_prefill_shape(self.prefill_shapes, [p[start:] for p, start in zip(prompts, starts)])
+        inputs = prefill_inputs(prompts, starts, slots, rows, [None if c is None else c.allowed() for c in constraints],
+                                shape, self.tokenizer.bos_id, self.model.cfg.vocab_size, self.config.max_slots)
+        variant = prefill_variant(self._prefill_variants, inputs[1]) if suffix is None else suffix
+        return (self.params, self._state, *inputs), {"suffix": variant}
 
     def _notify(self) -> None:
         with self._wake:
@@ -291,31 +247,31 @@ class Engine:
         slots draft from their last tokens, so with any of them the previous step is processed first."""
         self._drop_cancelled()
         self._admit()
-        if pending and (isinstance(pending[1], VerifyResult) or self._speculating()):
+        speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
+        if pending and (isinstance(pending[1], VerifyResult) or speculating):
             self._process(*pending)
             pending = None
         if pending:  # constrained slots need their last token before the next mask: only they wait
             self._process(*pending, which=lambda a: a.constraint is not None)
-        dispatched = self._dispatch(self._drafts() if self._speculating() else None) if any(self.slots) else None
+        dispatched = self._dispatch(self._drafts() if speculating else None) if any(self.slots) else None
         if pending:
             self._process(*pending, which=lambda a: a.constraint is None)
         return dispatched
 
-    def _speculating(self) -> bool:
-        return any(a and a.speculative for a in self.slots)
-
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Each speculating slot's draft (at most what its max_tokens and the context leave after
-        the token every step makes), or None when too few busy slots have one (a plain step is cheaper)."""
+        """The draft of each slot not backing off (at most what its max_tokens and the context
+        leave after the token every step makes), or None when a plain step is worth more."""
+        drafting = [a if a and a.drafts_now() else None for a in self.slots]
         drafts, counts = speculative.draft_rows(
-            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a and a.speculative else None
-             for a in self.slots], self.speculative)
-        if not counts.any() or np.count_nonzero(counts) < self.speculative.min_drafting_share * self.busy_slots:
+            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a else None
+             for a in drafting], self.speculative)
+        expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
+        if not speculative.worth_verifying(expected, self.busy_slots, self.speculative):
             return None
         for a, n in zip(self.slots, counts):
-            if n:
-                a.handle.drafted_tokens += int(n)
-                self.drafted_tokens += int(n)
+            if a:
+                a.drafted(int(n))
+        self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(counts.sum()), self.verify_steps + 1
         return drafts, counts
 
     def _free(self, slot: int) -> None:
@@ -326,9 +282,8 @@ class Engine:
 
     def _fail_running(self, error: str) -> None:
         """Fail every request holding a slot and start from fresh device state."""
-        for active in list(self.slots):
-            if active:
-                self._release(active.handle, error)
+        for active in [a for a in self.slots if a]:
+            self._release(active.handle, error)
         self._replace_state()
 
     def _drop_cancelled(self) -> None:
@@ -354,7 +309,7 @@ class Engine:
             handle.put(None)
 
     def _fits(self, prompts: list[Sequence[int]]) -> bool:
-        return self._prefill_shape(prompts) is not None
+        return smallest_prefill_shape(self.prefill_shapes, prompts) is not None
 
     def _admit(self) -> None:
         """Prefill the next queued requests straight into free slots, one row per choice, each
@@ -398,9 +353,10 @@ class Engine:
         made = [(r, c) for r, c in made if not r.handle.cancelled.is_set()]
         if not made:
             return
-        result = self._run_prefill([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
-                                   [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
-                                   [c for _, c in made])
+        args, static = self._prefill_args([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
+                                          [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
+                                          [c for _, c in made])
+        self._state, result = self._prefill_rows(*args, **static)  # row i samples prompt i's first token
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for r, constraint in made:
             request = r.handle.request
@@ -426,12 +382,9 @@ class Engine:
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:
-        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and
-        draft counts); its tokens are copied to the host asynchronously.
-
-        Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
-        the batch.
-        """
+        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and draft
+        counts); its tokens are copied to the host asynchronously. Slots are taken lowest first, so
+        the busy ones sit in a prefix whose bucketed size sets the batch."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         allowed = self._everything
         if any(a and a.constraint for a in self.slots):
@@ -460,11 +413,12 @@ class Engine:
         the choices (those `which` selects) that still own their slot."""
         if result is None or not any(a and which(a) for a in owners):
             return
-        try:  # device errors of an asynchronously dispatched step surface here
-            emitted = np.asarray(result.emitted) if isinstance(result, VerifyResult) else None
-            sampled = result.sampled if isinstance(result, VerifyResult) else result
-            tokens, logprobs = np.asarray(sampled.tokens), np.asarray(sampled.logprobs)
-            top_ids, top_lp = np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs)
+        try:  # device errors of an asynchronously dispatched step surface here; a plain step has one position
+            verify = isinstance(result, VerifyResult)
+            emitted = np.asarray(result.emitted) if verify else None
+            sampled = result.sampled if verify else result
+            tokens, logprobs, top_ids, top_lp = (np.asarray(x) if verify else np.asarray(x)[:, None] for x in
+                                                 (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
         except Exception as e:
             log.exception("generate step failed")
             self._fail_running(f"generate step failed: {e}")
@@ -474,12 +428,10 @@ class Engine:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                if emitted is None:
-                    self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
-                    continue
-                active.handle.accepted_tokens += int(emitted[r]) - 1
-                self.accepted_tokens += int(emitted[r]) - 1
-                for j in range(emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
+                if verify:
+                    active.verified(int(emitted[r]) - 1, self.speculative)
+                    self.accepted_tokens += int(emitted[r]) - 1
+                for j in range(emitted[r] if verify else 1):  # until the choice finishes: the rest is cut as a plain step would
                     if self.slots[slot] is active:
                         self._advance(slot, active, int(tokens[r, j]), float(logprobs[r, j]), top_ids[r, j], top_lp[r, j])
             except Exception as e:
