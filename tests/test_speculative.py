@@ -385,6 +385,35 @@ def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
         server.stop()
 
 
+@pytest.mark.slow
+def test_api_responses_speculative_field_and_usage_on_the_real_model(real):
+    """/v1/responses honours `speculative` like chat: the same text, and the drafts in
+    `usage.output_tokens_details` under chat's names (only when there were drafts)."""
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine, _ = real
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        ask = lambda spec: server.client().responses.create(
+            model=ServerSettings().model_name, max_output_tokens=40, temperature=0, extra_body={"speculative": spec},
+            input=GROUNDED[0])
+        plain, fast = ask(False), ask(True)
+        assert fast.output_text == plain.output_text and fast.usage.output_tokens == plain.usage.output_tokens
+        details = fast.usage.output_tokens_details.model_dump()
+        assert details["reasoning_tokens"] == 0
+        assert details["accepted_prediction_tokens"] > details["rejected_prediction_tokens"] >= 0
+        assert plain.usage.output_tokens_details.model_dump() == {"reasoning_tokens": 0}  # no drafts, no details
+        bad = httpx.post(server.url + "/v1/responses", json={
+            "model": ServerSettings().model_name, "input": "hi", "speculative": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    finally:
+        server.stop()
+
+
 def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
     import httpx
 
@@ -396,7 +425,7 @@ def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
     server = LiveServer(create_app(engine, ServerSettings()), engine)
     try:
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                           ("/v1/completions", {"prompt": "hi"})):
+                           ("/v1/completions", {"prompt": "hi"}), ("/v1/responses", {"input": "hi"})):
             r = httpx.post(server.url + path, json={"model": ServerSettings().model_name, "speculative": True, **body})
             assert r.status_code == 400, r.text
             error = r.json()["error"]
