@@ -243,8 +243,8 @@ class Engine:
             handle.put(None)
 
     def _iterate(self, pending):
-        """One scheduler iteration: admit, dispatch a step, process the previous one. Speculating
-        slots draft from their last tokens, so with any of them the previous step is processed first."""
+        """One scheduler iteration: admit, dispatch a step, process the previous one. Drafts follow
+        a slot's last tokens, so with any slot drafting (not backing off) the previous step is processed first."""
         self._drop_cancelled()
         self._admit()
         speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
