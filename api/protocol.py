@@ -82,6 +82,11 @@ class StreamOptions(Struct, kw_only=True):
     include_usage: bool | None = None
 
 
+SPECULATIVE_DOC = ("prompt-lookup speculative decoding for this request (the same output up to rounding, often "
+                   "faster when the reply copies the prompt); default: the server's --speculative-ngram setting; "
+                   "true on a server without it is a 400")
+
+
 def _doc(description: str, **constraints: Any) -> Meta:
     return Meta(description=description, **constraints)
 
@@ -146,9 +151,7 @@ class SamplingFields(GuidedFields, kw_only=True):
     stop_token_ids: Annotated[list[Annotated[int, Meta(ge=0)]],
                               _doc(f"vLLM's: token ids that also end a choice (the token is not returned as text); "
                                    f"at most {MAX_STOP_TOKEN_IDS}", max_length=MAX_STOP_TOKEN_IDS)] | None = None
-    speculative: Annotated[bool, _doc("prompt-lookup speculative decoding for this request (the same output up to "
-                                      "rounding, often faster when the reply copies the prompt); default: the server's "
-                                      "--speculative-ngram setting; true on a server without it is a 400")] | None = None
+    speculative: Annotated[bool, _doc(SPECULATIVE_DOC)] | None = None
 
     def stops(self) -> tuple[str, ...]:
         """The stop strings, whether given as one string or a list."""

@@ -35,7 +35,7 @@ from api.context import ServerContext, accept_request, unless_disconnected
 from api.errors import APIError, invalid
 from api.metrics import TokenTimer
 from api.openapi import body_operation, completion_route
-from api.protocol import ChatCompletionRequest, Name
+from api.protocol import SPECULATIVE_DOC, ChatCompletionRequest, Name
 from api.replies import respond
 from llama_jax.request import RequestHandle
 from llama_jax.tools import ToolCallParser
@@ -96,6 +96,7 @@ class ResponsesRequest(Struct, kw_only=True):
     include: Annotated[list[str], Meta(description="only empty")] | None = None
     truncation: Annotated[Literal["auto", "disabled"], Meta(description="only disabled")] | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20, description="only 0")] | None = None
+    speculative: Annotated[bool, Meta(description=SPECULATIVE_DOC)] | None = None
 
 
 class ResponseObject(Struct):
@@ -210,7 +211,7 @@ def to_chat(r: ResponsesRequest, origin: list[Any]) -> ChatCompletionRequest:
                   for t in r.tools] if r.tools else None,
         "tool_choice": {"type": "function", "function": {"name": choice.name}}
         if isinstance(choice, ToolChoiceFunction) else choice,
-        "parallel_tool_calls": r.parallel_tool_calls if r.tools else None,
+        "parallel_tool_calls": r.parallel_tool_calls if r.tools else None, "speculative": r.speculative,
     }
     try:
         body = msgspec.convert({k: v for k, v in chat.items() if v is not None}, ChatCompletionRequest)
@@ -283,11 +284,12 @@ class _Run:
         r, done = self.r, status in ("completed", "incomplete", "failed")
         usage = None
         if done:
-            out = self.timer.completion_tokens
+            out, drafted, accepted = self.timer.completion_tokens, self.handle.drafted_tokens, self.handle.accepted_tokens
+            details = {"reasoning_tokens": 0} | ({"accepted_prediction_tokens": accepted,  # chat's names for drafts
+                                                  "rejected_prediction_tokens": drafted - accepted} if drafted else {})
             usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens":
                                                                                   self.handle.cached_tokens},
-                     "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
-                     "total_tokens": self.prompt_tokens + out}
+                     "output_tokens": out, "output_tokens_details": details, "total_tokens": self.prompt_tokens + out}
         choice = r.tool_choice
         fmt = r.text.format if r.text is not None and r.text.format is not None else None
         return {

@@ -63,6 +63,27 @@ def smallest_prefill_shape(shapes: Sequence[tuple[int, int]], prompts: Sequence[
     return min(fitting, key=lambda s: s[0] * s[1]) if fitting else None
 
 
+def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
+                   rows: Sequence[SamplingParams], allowed: Sequence[np.ndarray | None], shape: tuple[int, int],
+                   pad_id: int, vocab: int, max_slots: int) -> tuple:
+    """The host arrays of one prefill: each prompt's tokens from its start into its slot, padded to
+    the compiled `shape` (padding rows go to slot `max_slots`: they write nothing), with its
+    sampling row, prompt-token mask and `allowed` mask (None: every token). Returns (tokens,
+    starts, lengths, slots, sampling params, prompt mask, allowed mask), the prefill's order."""
+    n_rows, bucket = shape
+    pad = n_rows - len(prompts)
+    tokens, lengths = steps.pad_prompts([*[p[s:] for p, s in zip(prompts, starts)], *[[pad_id]] * pad], bucket)
+    allowed_mask = np.ones((n_rows, vocab), bool)
+    prompt_mask = np.zeros((n_rows, vocab), bool)
+    for i, (prompt, mask) in enumerate(zip(prompts, allowed)):
+        prompt_mask[i, np.asarray(prompt)] = True
+        if mask is not None:
+            allowed_mask[i] = mask
+    params = sampling.stack_params([*rows, *[rows[0]] * pad])
+    slot_ids = np.array([*slots, *[max_slots] * pad], np.int32)
+    return tokens, np.array([*starts, *[0] * pad], np.int32), lengths, slot_ids, params, prompt_mask, allowed_mask
+
+
 def prefill_variants(target: Platform) -> tuple[bool | None, ...]:
     """The prefill programs compiled per shape, by their static `suffix`. A GPU gets two, fresh
     (False) and after a cached prefix (True), chosen on the host by the rows' starts: a choice on
@@ -74,26 +95,6 @@ def prefill_variants(target: Platform) -> tuple[bool | None, ...]:
 def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) -> bool | None:
     """The variant of `variants` that runs rows starting at `starts` (a prefix cached before them)."""
     return None if variants == (None,) else bool(np.any(np.asarray(starts)))
-
-
-def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
-                   rows: Sequence[SamplingParams], allowed: Sequence[np.ndarray | None], shape: tuple[int, int],
-                   pad_id: int, vocab: int, max_slots: int) -> tuple:
-    """The host inputs of one prefill, in the program's order after (params, state): each prompt's
-    suffix after its start, padded to `shape` (rows, bucket), the starts, lengths and slots (padding
-    rows write to slot `max_slots`: nowhere), the sampler rows, each prompt's token mask (the
-    penalties' "seen") and each row's allowed tokens (a constraint's mask, or everything)."""
-    n_rows, bucket = shape
-    pad = n_rows - len(prompts)
-    tokens, lengths = steps.pad_prompts([*[p[s:] for p, s in zip(prompts, starts)], *[[pad_id]] * pad], bucket)
-    prompt_mask = np.zeros((n_rows, vocab), bool)
-    allowed_rows = np.ones((n_rows, vocab), bool)
-    for i, (prompt, mask) in enumerate(zip(prompts, allowed)):
-        prompt_mask[i, np.asarray(prompt)] = True
-        if mask is not None:
-            allowed_rows[i] = mask
-    return (tokens, np.array([*starts, *[0] * pad], np.int32), lengths, np.array([*slots, *[max_slots] * pad], np.int32),
-            sampling.stack_params([*rows, *[rows[0]] * pad]), prompt_mask, allowed_rows)
 
 
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:

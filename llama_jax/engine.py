@@ -10,8 +10,8 @@ device programs and their state are device.py's; a choice's text and constraint 
 A background thread schedules: each iteration admits one prefill batch (so running streams stall
 for about one bucketed prefill), then dispatches a generate step before it processes the
 previous step's tokens on the host, so the device never waits for Python. While any slot
-speculates (speculative.py), the previous step is processed first (drafts follow its tokens)
-and the step is a verify step of every busy slot's draft, when one has a draft.
+drafts (speculative.py), the previous step is processed first (drafts follow its tokens), and
+the step verifies the drafts when their expected accepted tokens pay for its extra cost.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Engine:
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative
-        self.drafted_tokens = self.accepted_tokens = 0  # speculative totals, all requests (metrics)
+        self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants = programs.prefill_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
@@ -199,19 +199,15 @@ class Engine:
     def _copy_slot(self, source: int, slot: int) -> None:
         self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
 
-    def _prefill_shape(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int] | None:
-        return smallest_prefill_shape(self.prefill_shapes, prompts)
-
     def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
                       rows: list[SamplingParams], constraints: list[Constraint | None],
                       suffix: bool | None = None) -> tuple[tuple, dict]:
-        """The arguments of one prefill into the prompts' slots, each from its `start` (the tokens before it are in the
-        slot already), padded to a compiled shape; its variant follows the starts unless `suffix` names it."""
-        shape = self._prefill_shape([p[start:] for p, start in zip(prompts, starts)])
-        allowed = [c.allowed() if c is not None else None for c in constraints]
-        inputs = prefill_inputs(prompts, starts, slots, rows, allowed, shape, self.tokenizer.bos_id,
-                                self.model.cfg.vocab_size, self.config.max_slots)
-        variant = prefill_variant(self._prefill_variants, starts) if suffix is None else suffix
+        """The arguments of a prefill of `prompts` straight into their slots, each from its start (the
+        tokens before it are in the slot already). Its variant follows the starts unless `suffix` names it (warm-up)."""
+        shape = smallest_prefill_shape(self.prefill_shapes, [p[start:] for p, start in zip(prompts, starts)])
+        inputs = prefill_inputs(prompts, starts, slots, rows, [None if c is None else c.allowed() for c in constraints],
+                                shape, self.tokenizer.bos_id, self.model.cfg.vocab_size, self.config.max_slots)
+        variant = prefill_variant(self._prefill_variants, inputs[1]) if suffix is None else suffix
         return (self.params, self._state, *inputs), {"suffix": variant}
 
     def _notify(self) -> None:
@@ -246,35 +242,35 @@ class Engine:
             handle.put(None)
 
     def _iterate(self, pending):
-        """One scheduler iteration: admit, dispatch a step, process the previous one. Speculating
-        slots draft from their last tokens, so with any of them the previous step is processed first."""
+        """One scheduler iteration: admit, dispatch a step, process the previous one. Drafts follow
+        a slot's last tokens, so with any slot drafting (not backing off) the previous step is processed first."""
         self._drop_cancelled()
         self._admit()
-        if pending and (isinstance(pending[1], VerifyResult) or self._speculating()):
+        speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
+        if pending and (isinstance(pending[1], VerifyResult) or speculating):
             self._process(*pending)
             pending = None
         if pending:  # constrained slots need their last token before the next mask: only they wait
             self._process(*pending, which=lambda a: a.constraint is not None)
-        dispatched = self._dispatch(self._drafts() if self._speculating() else None) if any(self.slots) else None
+        dispatched = self._dispatch(self._drafts() if speculating else None) if any(self.slots) else None
         if pending:
             self._process(*pending, which=lambda a: a.constraint is None)
         return dispatched
 
-    def _speculating(self) -> bool:
-        return any(a and a.speculative for a in self.slots)
-
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Each speculating slot's draft (at most what its max_tokens and the context leave after
-        the token every step makes), or None when too few busy slots have one (a plain step is cheaper)."""
+        """The draft of each slot not backing off (at most what its max_tokens and the context
+        leave after the token every step makes), or None when a plain step is worth more."""
+        drafting = [a if a and a.drafts_now() else None for a in self.slots]
         drafts, counts = speculative.draft_rows(
-            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a and a.speculative else None
-             for a in self.slots], self.speculative)
-        if not counts.any() or np.count_nonzero(counts) < self.speculative.min_drafting_share * self.busy_slots:
+            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a else None
+             for a in drafting], self.speculative)
+        expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
+        if not speculative.worth_verifying(expected, self.busy_slots, self.speculative):
             return None
         for a, n in zip(self.slots, counts):
-            if n:
-                a.handle.drafted_tokens += int(n)
-                self.drafted_tokens += int(n)
+            if a:
+                a.drafted(int(n))
+        self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(counts.sum()), self.verify_steps + 1
         return drafts, counts
 
     def _free(self, slot: int) -> None:
@@ -285,9 +281,8 @@ class Engine:
 
     def _fail_running(self, error: str) -> None:
         """Fail every request holding a slot and start from fresh device state."""
-        for active in list(self.slots):
-            if active:
-                self._release(active.handle, error)
+        for active in [a for a in self.slots if a]:
+            self._release(active.handle, error)
         self._replace_state()
 
     def _drop_cancelled(self) -> None:
@@ -313,7 +308,7 @@ class Engine:
             handle.put(None)
 
     def _fits(self, prompts: list[Sequence[int]]) -> bool:
-        return self._prefill_shape(prompts) is not None
+        return smallest_prefill_shape(self.prefill_shapes, prompts) is not None
 
     def _admit(self) -> None:
         """Prefill the next queued requests straight into free slots, one row per choice, each
@@ -350,7 +345,7 @@ class Engine:
         args, static = self._prefill_args([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
                                           [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
                                           [c for _, c in made])
-        self._state, result = self._prefill_rows(*args, **static)
+        self._state, result = self._prefill_rows(*args, **static)  # row i samples prompt i's first token
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for r, constraint in made:
             if r.handle.cancelled.is_set():  # another choice of it failed just now
@@ -375,12 +370,9 @@ class Engine:
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
                   ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:
-        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and
-        draft counts); its tokens are copied to the host asynchronously.
-
-        Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size sets
-        the batch.
-        """
+        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and draft
+        counts); its tokens are copied to the host asynchronously. Slots are taken lowest first, so
+        the busy ones sit in a prefix whose bucketed size sets the batch."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         allowed = self._everything
         if any(a and a.constraint for a in self.slots):
@@ -409,11 +401,12 @@ class Engine:
         the choices (those `which` selects) that still own their slot."""
         if result is None or not any(a and which(a) for a in owners):
             return
-        try:  # device errors of an asynchronously dispatched step surface here
-            emitted = np.asarray(result.emitted) if isinstance(result, VerifyResult) else None
-            sampled = result.sampled if isinstance(result, VerifyResult) else result
-            tokens, logprobs = np.asarray(sampled.tokens), np.asarray(sampled.logprobs)
-            top_ids, top_lp = np.asarray(sampled.top_ids), np.asarray(sampled.top_logprobs)
+        try:  # device errors of an asynchronously dispatched step surface here; a plain step has one position
+            verify = isinstance(result, VerifyResult)
+            emitted = np.asarray(result.emitted) if verify else None
+            sampled = result.sampled if verify else result
+            tokens, logprobs, top_ids, top_lp = (np.asarray(x) if verify else np.asarray(x)[:, None] for x in
+                                                 (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
         except Exception as e:
             log.exception("generate step failed")
             self._fail_running(f"generate step failed: {e}")
@@ -423,12 +416,10 @@ class Engine:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                if emitted is None:
-                    self._advance(slot, active, int(tokens[r]), float(logprobs[r]), top_ids[r], top_lp[r])
-                    continue
-                active.handle.accepted_tokens += int(emitted[r]) - 1
-                self.accepted_tokens += int(emitted[r]) - 1
-                for j in range(emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
+                if verify:
+                    active.verified(int(emitted[r]) - 1, self.speculative)
+                    self.accepted_tokens += int(emitted[r]) - 1
+                for j in range(emitted[r] if verify else 1):  # until the choice finishes: the rest is cut as a plain step would
                     if self.slots[slot] is active:
                         self._advance(slot, active, int(tokens[r, j]), float(logprobs[r, j]), top_ids[r, j], top_lp[r, j])
             except Exception as e:

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from llama_jax import sampling
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, make_params
+from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
 MAX_STOP_STRINGS = 16
@@ -295,6 +295,23 @@ class RunningChoice:
     generated: int = 0
     ids: list[int] = dataclasses.field(default_factory=list)
     speculative: bool = False  # drafts are proposed for it (speculative.py)
+    drafting: Drafting = Drafting()  # its recent acceptance and backoff
+    draft: int = 0  # tokens drafted for the step in flight (0: none)
+
+    def drafts_now(self) -> bool:
+        return self.speculative and self.drafting.may_draft(self.generated)
+
+    def drafted(self, n: int) -> None:
+        """Its draft for the next step has `n` tokens (counted once verified: the step is dispatched)."""
+        self.draft = n
+        self.handle.drafted_tokens += n
+
+    def verified(self, accepted: int, config: SpeculativeConfig) -> None:
+        """Its draft was verified and `accepted` of its tokens held: update its record."""
+        if self.draft:
+            self.handle.accepted_tokens += accepted
+            self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config)
+            self.draft = 0
 
     def step(self, info: TokenLogprob) -> Event:
         """Take the sampled token `info.token_id`: the event it makes, with a finish_reason once the
@@ -314,6 +331,16 @@ class RunningChoice:
             if finish and not hit:
                 text += self.text.finish()
         return Event(self.choice, text, (info,), finish)
+
+
+def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
+                 stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
+    """The device sampling row of one choice; an out-of-range knob is a RequestError naming it."""
+    try:
+        return make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
+                           min_tokens=min_tokens, stop_ids=sorted(stop_ids))
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split()[0]) from None
 
 
 def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
@@ -359,12 +386,3 @@ def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
         raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     return max_tokens
 
-
-def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,
-                 stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
-    """One choice's sampler row; an out-of-range option is a RequestError naming its field."""
-    try:
-        return sampling.make_params(**dataclasses.asdict(options), choice=choice, top_logprobs=top_logprobs,
-                                    min_tokens=min_tokens, stop_ids=sorted(stop_ids))
-    except ValueError as e:
-        raise RequestError(str(e), param=str(e).split()[0]) from None

@@ -9,6 +9,12 @@ step would sample it, and the longest prefix the samples agree with is kept, plu
 next token. With a deterministic draft that is speculative rejection sampling with a point-mass
 proposal (accept d with probability p(d), else draw from p without d), so the output
 distribution, and for a given seed the tokens themselves, are the target model's.
+
+Whether a step verifies is a cost decision (`worth_verifying`): a verify step runs k + 1
+positions in every busy slot, so it is taken only when the drafts' expected accepted tokens (each
+choice's recent acceptance, `Drafting`, times its draft's length) beat its extra cost. A choice
+whose drafts keep failing backs off: it drafts nothing for a doubling number of tokens, then
+retries afresh. All of it is deterministic and changes only which program runs, never a token.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["SpeculativeConfig", "propose"]
+__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "propose", "worth_verifying"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +38,23 @@ class SpeculativeConfig:
     min_n: int = 2  # a 1-token match drafts poorly (measured: docs/benchmarks.md), and a verify step costs
     max_n: int = 4
     default: bool = True
-    # a verify step runs k + 1 positions in every busy slot: it is taken only when at least this
-    # share of the busy slots has a draft (else a plain step; measured on CPU: docs/benchmarks.md)
-    min_drafting_share: float = 0.5
+    # a verify step's time in plain decode steps: it pays when the drafts' expected accepted tokens
+    # exceed (verify_cost - 1) x the busy slots. About 1-1.5 where a step reads the weights once
+    # either way (a GPU at small batch); 2.4-3.8 on a 2-core CPU (measured: docs/benchmarks.md)
+    verify_cost: float = 1.5
+    smoothing: float = 0.5  # weight of the latest draft in a choice's acceptance average
+    backoff: int = 4  # tokens a choice drafts nothing after its first failed draft; doubles per failure
+    max_backoff: int = 128
 
     def __post_init__(self):
         if not 0 <= self.tokens <= 32:
             raise ValueError(f"speculative tokens must be in [0, 32], got {self.tokens}")
-        if not 0 <= self.min_drafting_share <= 1:
-            raise ValueError(f"min_drafting_share must be in [0, 1], got {self.min_drafting_share}")
+        if self.verify_cost < 1:
+            raise ValueError(f"verify_cost must be >= 1 (a verify step does a plain step's work), got {self.verify_cost}")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if not 0 <= self.backoff <= self.max_backoff:
+            raise ValueError(f"speculative backoff needs 0 <= backoff <= max_backoff, got {self.backoff}, {self.max_backoff}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
 
@@ -83,3 +97,42 @@ def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: Specula
             draft = propose(row[0], min(config.tokens, row[1]), config.min_n, config.max_n)
             drafts[i, :len(draft)], counts[i] = draft, len(draft)
     return drafts, counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafting:
+    """One choice's drafting record: the moving average of the share of its drafted tokens that
+    were accepted (1 before any: a fresh choice drafts at once), its failed drafts in a row, and
+    how many tokens it must have generated before it drafts again (its backoff)."""
+
+    acceptance: float = 1.0
+    failures: int = 0
+    resume_at: int = 0
+
+    def may_draft(self, generated: int) -> bool:
+        return generated >= self.resume_at
+
+    def expected(self, drafted: int) -> float:
+        """The tokens of a `drafted`-token draft this choice is expected to have accepted."""
+        return self.acceptance * drafted
+
+
+def after_verify(record: Drafting, drafted: int, accepted: int, generated: int, config: SpeculativeConfig) -> Drafting:
+    """`record` after a verified draft of `drafted` tokens of which `accepted` held, the choice
+    having generated `generated` tokens. The draft failed when none held or when the average fell
+    below what pays for the choice's own row (acceptance x k < verify_cost - 1); then the choice
+    backs off (`backoff` tokens, doubled per failure in a row, at most `max_backoff`) and its
+    retry starts from a fresh average."""
+    acceptance = (1 - config.smoothing) * record.acceptance + config.smoothing * accepted / drafted
+    if accepted > 0 and acceptance * config.tokens >= config.verify_cost - 1:
+        return Drafting(acceptance, 0, 0)
+    failures = record.failures + 1
+    wait = min(config.backoff << min(failures - 1, 30), config.max_backoff)
+    return Drafting(1.0, failures, generated + wait)
+
+
+def worth_verifying(expected: float, busy: int, config: SpeculativeConfig) -> bool:
+    """Whether a verify step beats a plain one: the `expected` accepted draft tokens over all slots
+    make more tokens per unit of time than `busy` slots' plain step (busy + expected tokens in
+    `verify_cost` plain steps' time, against busy per step)."""
+    return expected > 0 and expected >= (config.verify_cost - 1) * busy

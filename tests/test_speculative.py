@@ -22,7 +22,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.request import Request, RequestError, SamplingOptions
-from llama_jax.speculative import SpeculativeConfig, draft_rows, propose
+from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify, draft_rows, propose, worth_verifying
 from llama_jax.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,47 @@ def test_config_is_checked():
         SpeculativeConfig(tokens=-1)
     with pytest.raises(ValueError):
         SpeculativeConfig(tokens=4, min_n=3, max_n=2)
-    with pytest.raises(ValueError):
-        SpeculativeConfig(tokens=4, min_drafting_share=1.5)
+    for bad in (dict(verify_cost=0.5), dict(smoothing=0.0), dict(backoff=8, max_backoff=4), dict(backoff=-1)):
+        with pytest.raises(ValueError):
+            SpeculativeConfig(tokens=4, **bad)
     assert not SpeculativeConfig().enabled
+
+
+# ---- the policy: backoff and the cost decision -------------------------------------------------
+
+def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries():
+    config = SpeculativeConfig(tokens=4, backoff=4, max_backoff=16)
+    record, generated, waits = Drafting(), 10, []
+    assert record.may_draft(0) and record.expected(4) == 4.0  # a fresh choice drafts at once, trusted
+    for _ in range(5):  # every draft rejected
+        record = after_verify(record, 4, 0, generated, config)
+        wait = record.resume_at - generated
+        assert not record.may_draft(generated + wait - 1) and record.may_draft(generated + wait)
+        assert record.acceptance == 1.0  # the retry is judged afresh
+        waits.append(wait)
+        generated += wait
+    assert waits == [4, 8, 16, 16, 16] and record.failures == 5
+    record = after_verify(record, 4, 3, generated, config)  # the retry holds: drafting resumes, no wait
+    assert record.failures == 0 and record.may_draft(generated) and record.acceptance == pytest.approx(0.875)
+    record = after_verify(record, 4, 0, generated + 1, config)  # a failure after a success starts over at 4
+    assert record.failures == 1 and record.resume_at == generated + 1 + 4
+
+
+def test_acceptance_is_a_moving_average_and_a_poor_one_backs_off_too():
+    cheap, dear = SpeculativeConfig(tokens=4, smoothing=0.5), SpeculativeConfig(tokens=4, smoothing=0.5, verify_cost=3)
+    record = after_verify(Drafting(), 4, 2, 0, cheap)
+    assert record.acceptance == 0.75 and record.expected(4) == 3.0 and record.failures == 0
+    record = after_verify(record, 4, 1, 0, cheap)
+    assert record.acceptance == 0.5 and record.failures == 0  # 0.5 x 4 pays for a row costing 0.5 more
+    poor = after_verify(Drafting(0.5), 4, 1, 7, dear)  # 0.375 x 4 < 2: its own row's extra cost is not paid
+    assert poor.failures == 1 and not poor.may_draft(7 + 3) and poor.may_draft(7 + 4)
+
+
+def test_a_verify_step_is_taken_when_the_expected_tokens_pay_for_it():
+    config = SpeculativeConfig(tokens=4, verify_cost=3)  # a verify step costs 2 plain steps more
+    assert worth_verifying(2.0, 1, config) and not worth_verifying(1.9, 1, config)
+    assert worth_verifying(16.0, 8, config) and not worth_verifying(12.0, 8, config)
+    assert not worth_verifying(0.0, 1, SpeculativeConfig(tokens=4, verify_cost=1))  # no draft, no verify
 
 
 # ---- a tiny random model: exactness of sampling -----------------------------------------------
@@ -189,16 +227,57 @@ def test_max_tokens_and_stop_ids_cut_where_plain_decoding_does(tiny):
             assert run(True) == run(False)
 
 
-def test_a_verify_step_needs_half_the_busy_slots_drafting(tiny):
-    """`min_drafting_share`: one speculating choice among four busy slots never makes every slot
-    run k + 1 positions; two of four do."""
-    _, engine = tiny
-    for speculating, drafts in ((1, False), (2, True)):
+def test_a_verify_step_needs_drafts_that_pay_for_every_busy_slot(tiny):
+    """`verify_cost` 2.5: a verify step must expect 1.5 accepted tokens per busy slot. One fresh
+    speculating choice among four busy slots (at most 4 expected) never makes every slot run k + 1
+    positions; four of four do. The requests are queued before the engine starts: one prefill."""
+    model, _ = tiny
+    config = EngineConfig(max_slots=4, max_seq_len=64, max_prefill_tokens=64,
+                          speculative=SpeculativeConfig(tokens=K, min_n=1, verify_cost=2.5))
+    for speculating, drafts in ((1, False), (4, True)):
+        engine = Engine(model, Tokenizer(TOKENIZER), config)
         handles = [engine.submit(Request(prompt=PROMPT, max_tokens=12, stop_token_ids=[], speculative=i < speculating,
                                          sampling=SamplingOptions(temperature=0))) for i in range(4)]
-        results = [h.result() for h in handles]
-        assert (sum(r.drafted_tokens for r in results) > 0) == drafts
+        with engine.start(warmup=False):
+            results = [h.result() for h in handles]
+        assert (sum(r.drafted_tokens for r in results) > 0) == drafts == (engine.verify_steps > 0)
         assert len({tuple(tokens(r)) for r in results}) == 1  # the same greedy reply in every slot
+
+
+def replayed_draft_steps(prompt: list[int], reply: list[int], k: int = K, max_n: int = 4) -> int:
+    """The steps that would verify a draft if every step drafted (no backoff), replayed on the host
+    over a greedy `reply` (exact for greedy: a draft token holds while it equals the reply)."""
+    steps, pos = 0, 1
+    while pos < len(reply):
+        draft = propose(prompt + reply[:pos], min(k, len(reply) - pos - 1), 1, max_n)
+        held = next((i for i, (d, t) in enumerate(zip(draft, reply[pos:])) if d != t), len(draft))
+        steps, pos = steps + bool(draft), pos + held + 1
+    return steps
+
+
+def test_rejected_drafts_back_off_and_the_tokens_stay_the_same(tiny):
+    """Greedy replies under a strong repetition penalty avoid the tokens they have seen, so drafts
+    (which are seen tokens) mostly fail. A choice whose every draft failed verified at most 5 of
+    its 40 steps (backoff 4, 8, 16, 32 tokens), where drafting at every step would verify at most
+    every step; the tokens are plain decoding's."""
+    _, engine = tiny
+    rng = np.random.default_rng(0)
+    max_tokens, never_accepted, verified, replayed = 40, 0, 0, 0  # the last two: of the choices never accepted
+    for _ in range(8):
+        prompt = [1, *rng.integers(3, VOCAB, size=10).tolist()]
+        run = lambda spec: engine.submit(Request(prompt=prompt, max_tokens=max_tokens, stop_token_ids=[], speculative=spec,
+                                                 sampling=SamplingOptions(temperature=0, repetition_penalty=2.0))).result()
+        plain = run(False)
+        before = engine.verify_steps
+        fast = run(True)
+        steps = engine.verify_steps - before
+        assert tokens(fast) == tokens(plain) and len(tokens(fast)) == max_tokens
+        if fast.accepted_tokens == 0:  # every draft failed
+            never_accepted += 1
+            assert 0 < steps <= 5, steps
+            verified, replayed = verified + steps, replayed + replayed_draft_steps(prompt, tokens(plain))
+    assert never_accepted >= 3  # the case this test is about occurred
+    assert verified * 3 < replayed, (verified, replayed)
 
 
 def test_speculative_request_on_a_server_without_it_is_refused(tiny):
@@ -306,6 +385,35 @@ def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
         server.stop()
 
 
+@pytest.mark.slow
+def test_api_responses_speculative_field_and_usage_on_the_real_model(real):
+    """/v1/responses honours `speculative` like chat: the same text, and the drafts in
+    `usage.output_tokens_details` under chat's names (only when there were drafts)."""
+    import httpx
+
+    from api.app import create_app
+    from api.settings import ServerSettings
+    from live_server import LiveServer
+
+    engine, _ = real
+    server = LiveServer(create_app(engine, ServerSettings()), engine)
+    try:
+        ask = lambda spec: server.client().responses.create(
+            model=ServerSettings().model_name, max_output_tokens=40, temperature=0, extra_body={"speculative": spec},
+            input=GROUNDED[0])
+        plain, fast = ask(False), ask(True)
+        assert fast.output_text == plain.output_text and fast.usage.output_tokens == plain.usage.output_tokens
+        details = fast.usage.output_tokens_details.model_dump()
+        assert details["reasoning_tokens"] == 0
+        assert details["accepted_prediction_tokens"] > details["rejected_prediction_tokens"] >= 0
+        assert plain.usage.output_tokens_details.model_dump() == {"reasoning_tokens": 0}  # no drafts, no details
+        bad = httpx.post(server.url + "/v1/responses", json={
+            "model": ServerSettings().model_name, "input": "hi", "speculative": "yes"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+    finally:
+        server.stop()
+
+
 def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
     import httpx
 
@@ -317,7 +425,7 @@ def test_api_refuses_speculative_on_a_server_without_it(model, tokenizer_path):
     server = LiveServer(create_app(engine, ServerSettings()), engine)
     try:
         for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                           ("/v1/completions", {"prompt": "hi"})):
+                           ("/v1/completions", {"prompt": "hi"}), ("/v1/responses", {"input": "hi"})):
             r = httpx.post(server.url + path, json={"model": ServerSettings().model_name, "speculative": True, **body})
             assert r.status_code == 400, r.text
             error = r.json()["error"]
