@@ -385,4 +385,3 @@ def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     return max_tokens
-
