@@ -67,7 +67,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "unless they say speculative: false (default 0: off)")
     p.add_argument("--speculative-verify-cost", type=float, default=None, metavar="X",
                    help="a verify step's time in plain decode steps: drafts are verified only when their expected "
-                        "accepted tokens pay for it (default 1.5, for a GPU; about 3 on a CPU)")
+                        "accepted tokens pay for it (default: 1.5 on a GPU, 3 on a CPU)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")
@@ -226,8 +226,8 @@ def _server(args: argparse.Namespace) -> tuple[DrainingServer, Engine]:
     config = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, max_queue=args.max_queue,
                           max_prefill_tokens=args.max_prefill_tokens,
                           compilation_cache_dir=args.compilation_cache_dir and str(args.compilation_cache_dir),
-                          prefix_cache=args.prefix_cache, speculative=SpeculativeConfig(tokens=args.speculative_ngram, **(
-                              {} if args.speculative_verify_cost is None else {"verify_cost": args.speculative_verify_cost})))
+                          prefix_cache=args.prefix_cache,
+                          speculative=SpeculativeConfig(tokens=args.speculative_ngram, verify_cost=args.speculative_verify_cost))
     template = args.chat_template.read_text() if args.chat_template else None
     engine = Engine(loaded.model, load_tokenizer(loaded.tokenizer_path, template), config, mesh=loaded.mesh)
     app = create_app(engine, settings)

@@ -79,7 +79,7 @@ class Engine:
         programs = Programs.build(self.graphdef, cfg, config, mesh)
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
-        self._verify, self.speculative = programs.verify, config.speculative
+        self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants = programs.prefill_variants

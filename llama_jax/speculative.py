@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 3.0, 1.5  # a verify step's time in plain decode steps
+
 __all__ = ["Drafting", "SpeculativeConfig", "after_verify", "propose", "worth_verifying"]
 
 
@@ -39,9 +41,8 @@ class SpeculativeConfig:
     max_n: int = 4
     default: bool = True
     # a verify step's time in plain decode steps: it pays when the drafts' expected accepted tokens
-    # exceed (verify_cost - 1) x the busy slots. About 1-1.5 where a step reads the weights once
-    # either way (a GPU at small batch); 2.4-3.8 on a 2-core CPU (measured: docs/benchmarks.md)
-    verify_cost: float = 1.5
+    # exceed (verify_cost - 1) x the busy slots. None: the platform's (`for_platform`)
+    verify_cost: float | None = None
     smoothing: float = 0.5  # weight of the latest draft in a choice's acceptance average
     backoff: int = 4  # tokens a choice drafts nothing after its first failed draft; doubles per failure
     max_backoff: int = 128
@@ -49,7 +50,7 @@ class SpeculativeConfig:
     def __post_init__(self):
         if not 0 <= self.tokens <= 32:
             raise ValueError(f"speculative tokens must be in [0, 32], got {self.tokens}")
-        if self.verify_cost < 1:
+        if self.verify_cost is not None and self.verify_cost < 1:
             raise ValueError(f"verify_cost must be >= 1 (a verify step does a plain step's work), got {self.verify_cost}")
         if not 0 < self.smoothing <= 1:
             raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
@@ -57,6 +58,14 @@ class SpeculativeConfig:
             raise ValueError(f"speculative backoff needs 0 <= backoff <= max_backoff, got {self.backoff}, {self.max_backoff}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
+
+    def for_platform(self, cpu: bool) -> SpeculativeConfig:
+        """This config with `verify_cost` set where it was left to the platform: about 1.5 where a step
+        reads the weights once either way (a GPU at small batch), 3 on a CPU, where the extra positions
+        cost compute (2.4-3.8 measured on 2 cores: docs/benchmarks.md)."""
+        if self.verify_cost is not None:
+            return self
+        return dataclasses.replace(self, verify_cost=CPU_VERIFY_COST if cpu else ACCELERATOR_VERIFY_COST)
 
     @property
     def enabled(self) -> bool:

@@ -22,7 +22,8 @@ from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.request import Request, RequestError, SamplingOptions
-from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify, draft_rows, propose, worth_verifying
+from llama_jax.speculative import (ACCELERATOR_VERIFY_COST, CPU_VERIFY_COST, Drafting, SpeculativeConfig, after_verify,
+                                   draft_rows, propose, worth_verifying)
 from llama_jax.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_config_is_checked():
 # ---- the policy: backoff and the cost decision -------------------------------------------------
 
 def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries():
-    config = SpeculativeConfig(tokens=4, backoff=4, max_backoff=16)
+    config = SpeculativeConfig(tokens=4, backoff=4, max_backoff=16, verify_cost=1.5)
     record, generated, waits = Drafting(), 10, []
     assert record.may_draft(0) and record.expected(4) == 4.0  # a fresh choice drafts at once, trusted
     for _ in range(5):  # every draft rejected
@@ -84,8 +85,14 @@ def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries
     assert record.failures == 1 and record.resume_at == generated + 1 + 4
 
 
+def test_the_verify_cost_left_to_the_platform_is_a_cpus_or_a_gpus():
+    assert SpeculativeConfig(tokens=4).for_platform(cpu=True).verify_cost == CPU_VERIFY_COST == 3.0
+    assert SpeculativeConfig(tokens=4).for_platform(cpu=False).verify_cost == ACCELERATOR_VERIFY_COST == 1.5
+    assert SpeculativeConfig(tokens=4, verify_cost=2).for_platform(cpu=True).verify_cost == 2  # a given one stays
+
+
 def test_acceptance_is_a_moving_average_and_a_poor_one_backs_off_too():
-    cheap, dear = SpeculativeConfig(tokens=4, smoothing=0.5), SpeculativeConfig(tokens=4, smoothing=0.5, verify_cost=3)
+    cheap, dear = (SpeculativeConfig(tokens=4, smoothing=0.5, verify_cost=cost) for cost in (1.5, 3))
     record = after_verify(Drafting(), 4, 2, 0, cheap)
     assert record.acceptance == 0.75 and record.expected(4) == 3.0 and record.failures == 0
     record = after_verify(record, 4, 1, 0, cheap)
@@ -114,7 +121,7 @@ def tiny():
     model = init_model(cfg, seed=0)
     model.lm_head.set_value(model.lm_head.get_value() * 40)
     config = EngineConfig(max_slots=8, max_seq_len=64, max_prefill_tokens=64, max_queue=2000,
-                          speculative=SpeculativeConfig(tokens=K, min_n=1))  # 1-grams: the chi-square prompt
+                          speculative=SpeculativeConfig(tokens=K, min_n=1, verify_cost=1.5))  # 1-grams: the chi-square prompt; a GPU's cost: drafts verified often
     engine = Engine(model, Tokenizer(TOKENIZER), config).start()
     yield model, engine
     engine.stop()
@@ -321,7 +328,8 @@ def real(tmp_path_factory):
     assert main([str(GGUF), str(out), "--quiet"]) == 0
     loaded = checkpoint.load(out)
     tokenizer = load_tokenizer(loaded.tokenizer_path)
-    config = EngineConfig(max_slots=4, max_seq_len=512, max_prefill_tokens=512, speculative=SpeculativeConfig(tokens=K))
+    config = EngineConfig(max_slots=4, max_seq_len=512, max_prefill_tokens=512,
+                          speculative=SpeculativeConfig(tokens=K, verify_cost=1.5))  # a GPU's cost: drafts verified often
     engine = Engine(loaded.model, tokenizer, config).start(warmup=False)
     prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": c}]) for c in GROUNDED + OPEN]
     yield engine, prompts

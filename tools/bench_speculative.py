@@ -56,7 +56,6 @@ PARAGRAPHS = [
 ]
 CHANGES = [("town", "village"), ("boats", "ships"), ("quiet", "silent"), ("evening", "night"),
            ("team", "group"), ("system", "platform"), ("committee", "panel"), ("staff", "employees")]
-CPU_VERIFY_COST = 3.0  # a 5-position verify step in plain decode steps on the 2-core CPU: 2.4-3.8 (docs/benchmarks.md)
 OPEN = ["Write a short story about a dragon who is afraid of the dark.", "Describe your ideal holiday.",
         "Invent a new sport and explain its rules.", "Write a poem about autumn leaves.",
         "What would you do with a time machine?", "Tell me about a robot learning to cook.",
@@ -94,15 +93,14 @@ def bench_speculative(args) -> dict:
         convert(gguf, Path(tmp) / dtype, dtype=dtype, progress=False)
         loaded = checkpoint.load(Path(tmp) / dtype)
         tokenizer = load_tokenizer(loaded.tokenizer_path)
-    cost = args.speculative_verify_cost or (CPU_VERIFY_COST if jax.devices()[0].platform == "cpu" else None)
     speculative = SpeculativeConfig(tokens=args.speculative_tokens, min_n=args.speculative_min_n,
-                                    **({} if cost is None else {"verify_cost": cost}))
+                                    verify_cost=args.speculative_verify_cost)  # None: the platform's
     config = EngineConfig(max_slots=8, max_seq_len=args.max_seq_len, compilation_cache_dir=args.compilation_cache,
                           speculative=speculative)
     engine = Engine(loaded.model, tokenizer, config).start(warmup=False)  # compiled by the untimed pass below
     workloads = {"grounded": grounded_prompts(tokenizer), "open": open_prompts(tokenizer)}
     out: dict = {"model": gguf.name, "dtype": dtype, "device": jax.devices()[0].device_kind, "speculative_tokens": args.speculative_tokens,
-                 "verify_cost": speculative.verify_cost,
+                 "verify_cost": engine.speculative.verify_cost,
                  "min_n": args.speculative_min_n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "prompt_tokens": {w: [len(p) for p in ps] for w, ps in workloads.items()}}
     try:
