@@ -291,18 +291,18 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
 
     last = [start]
 
-    def report(kind: str, done: int, total: int, what: str) -> None:
+    def report(kind: str, done: int, total: int, what: str, seconds: float) -> None:
         now = time.time()
-        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {now - last[0]:.1f} s ({now - start:.1f} s in all)")
+        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {seconds:.1f} s ({now - start:.1f} s in all)")
         last[0] = now
         if stopping.is_set():
             raise _WarmupCancelled
 
-    def progress(done: int, total: int, what: str) -> None:
-        report("", done, total, what)
+    def progress(done: int, total: int, what: str, seconds: float) -> None:  # compiled several at once
+        report("", done, total, what, seconds)
 
-    def scoring_progress(done: int, total: int, what: str) -> None:
-        report("scoring ", done, total, what)
+    def scoring_progress(done: int, total: int, what: str) -> None:  # one after another
+        report("scoring ", done, total, what, time.time() - last[0])
 
     try:
         engine.warmup(progress)

@@ -211,7 +211,8 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = apply_chat_template(tokenizer, messages)
     config = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len)
     engine = Engine(loaded.model, tokenizer, config)
-    engine.start(progress=lambda done, total, what: print(f"\rcompiling {done}/{total} ({what})   ", end="", file=sys.stderr))
+    engine.start(progress=lambda done, total, what, seconds: print(f"\rcompiling {done}/{total} ({what})   ", end="",
+                                                                 file=sys.stderr))
     print(file=sys.stderr)
     try:
         sampling = SamplingOptions(temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -87,7 +87,7 @@ class Engine:
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
 
-    def start(self, warmup: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Engine:
+    def start(self, warmup: bool = True, progress: Callable[[int, int, str, float], None] | None = None) -> Engine:
         if warmup:
             self.warmup(progress)
         self._thread = threading.Thread(target=self._run, name="llama-jax-engine", daemon=True)
@@ -153,13 +153,13 @@ class Engine:
     def busy_slots(self) -> int:
         return sum(s is not None for s in self.slots)
 
-    def warmup(self, progress: Callable[[int, int, str], None] | None = None) -> None:
+    def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
         """Compile every program serving can run (several at once: XLA compiles outside the GIL;
-        or load them from the persistent cache), run each once, then empty the slots."""
+        or load them from the persistent cache; `progress(done, total, what, its seconds)` as each
+        finishes), run each once, then empty the slots."""
         programs = program_shapes(self.config, self.max_seq_len)
         lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
-        compile_in_threads(lowered, self.config.compile_threads,  # jit keeps each executable
-                           progress and (lambda done, total, what, seconds: progress(done, total, what)))
+        compile_in_threads(lowered, self.config.compile_threads, progress)  # jit keeps each executable
         for program in programs:
             _, fn, args, static = self._warmup_call(program)
             out = fn(*args, **static)

@@ -68,6 +68,17 @@ def assert_one_clear_error(run: subprocess.CompletedProcess, message: str) -> No
     assert "Traceback" not in run.stderr and "terminate called" not in run.stderr
 
 
+def test_generate_streams_a_reply_with_compile_progress(env, demo_checkpoint_dir):
+    """`llama-jax generate` on the demo model: one line per compiled program (several compile at
+    once), then the reply streamed to stdout."""
+    out = subprocess.run([sys.executable, "-m", "api.cli", "generate", "Hello!", "--checkpoint", str(demo_checkpoint_dir),
+                          "--max-tokens", "5", "--max-seq-len", "64"], env=env, capture_output=True, text=True,
+                         timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"compiling (\d+)/\1 ", out.stderr), out.stderr[-3000:]
+    assert out.stdout.strip(), "the reply is streamed to stdout"
+
+
 @pytest.mark.parametrize("with_checkpoint", [False, True], ids=["demo", "checkpoint"])
 def test_port_in_use_exits_1_with_one_message(env, demo_checkpoint_dir, with_checkpoint):
     with socket.create_server(("127.0.0.1", 0)) as taken:

@@ -91,8 +91,8 @@ def bench_engine(model, args, tokenizer=None) -> dict:
                        compilation_cache_dir=args.compilation_cache)
     engine = Engine(model, tokenizer or Tokenizer(args.tokenizer), cfg)
     t0 = time.perf_counter()
-    engine.start(progress=lambda done, total, what: print(
-        f"warm-up {done}/{total}: {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True))
+    engine.start(progress=lambda done, total, what, seconds: print(
+        f"warm-up {done}/{total}: {what} ({seconds:.0f} s; {time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True))
     out = {"warmup_s": round(time.perf_counter() - t0, 1), "slots": cfg.max_slots}
     try:
         out["batch1_decode_tok_s"] = round(statistics.median(
