@@ -1,5 +1,5 @@
-"""Raw decode step times of random Llama 2 7B bf16 weights under several XLA settings and layer
-layouts, each in its own process (XLA reads its flags once per process): the next GPU session's
+"""Raw decode step times of random Llama 2 7B bf16 weights under several XLA settings, layer
+layouts and int8 weights, each in its own process (XLA reads its flags once per process): the next GPU session's
 measurement of where the batch-1 step loses 37 % to the bandwidth ceiling (docs/benchmarks.md,
 "The first run on a GPU": 699 kernel launches a step).
 
@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (XLA_FLAGS added, EngineConfig overrides)
-    "default": ("", {}),
+VARIANTS = {  # name: (XLA_FLAGS added, EngineConfig overrides, ModelConfig overrides)
+    "default": ("", {}, {}),
     "command-buffers": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN "
-                        "--xla_gpu_graph_min_graph_size=1", {}),
-    "no-command-buffers": ("--xla_gpu_enable_command_buffer=", {}),
-    "cublas-gemms": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0", {}),
-    "stacked": ("", {"split_layers": False}),
+                        "--xla_gpu_graph_min_graph_size=1", {}, {}),
+    "no-command-buffers": ("--xla_gpu_enable_command_buffer=", {}, {}),
+    "cublas-gemms": ("--xla_gpu_enable_triton_gemm=false --xla_gpu_dot_merger_threshold_mb=0", {}, {}),
+    "stacked": ("", {"split_layers": False}, {}),
+    "int8": ("", {}, {"quantization": "int8"}),
 }
 
 
@@ -44,13 +45,14 @@ def measure(args: argparse.Namespace) -> dict:
     from llama_jax.tokenizer import Tokenizer
     from flax import nnx
 
-    cfg = preset(args.preset).replace(dtype=args.dtype)
+    cfg = preset(args.preset).replace(dtype=args.dtype, **VARIANTS[args.worker][2])
     params = random_params(cfg)
     model = nnx.merge(nnx.split(abstract_model(cfg))[0], params)
     config = EngineConfig(max_slots=args.rows, max_seq_len=min(args.max_seq_len, cfg.max_seq_len),
                           **VARIANTS[args.worker][1])
     engine = Engine(model, Tokenizer(args.tokenizer), config)
-    out = {"variant": args.worker, "device": jax.devices()[0].device_kind}
+    out = {"variant": args.worker, "device": jax.devices()[0].device_kind,
+           "weight_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(params))}
     for rows in (1, args.rows):
         start = time.perf_counter()
         decode_steps(engine, rows, args.context, steps=2)  # compiles
