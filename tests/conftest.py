@@ -12,20 +12,34 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 
+def pytest_configure(config):
+    """One persistent compilation cache for the whole run, empty at the start, made once by the
+    process that runs the tests or, under `-n`, by xdist's controller before its workers start, so
+    every worker shares it (they inherit $LLAMA_JAX_COMPILATION_CACHE)."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made it
+        return
+    config.compilation_cache = tempfile.mkdtemp(prefix="llama-jax-test-xla-")
+    os.environ["LLAMA_JAX_COMPILATION_CACHE"] = config.compilation_cache
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "compilation_cache", None):
+        shutil.rmtree(config.compilation_cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_compilation_cache():
-    """One persistent compilation cache for the session's in-process engines and the `llama-jax
-    serve` processes its tests start (through $LLAMA_JAX_COMPILATION_CACHE), empty at the start: a
-    program that several engines or servers build (the same model and shapes) compiles once, and
-    no test writes into the user's own cache. CompileCounter counts cache loads as builds, so the
-    zero-compile tests lose nothing."""
+    """The run's compilation cache for in-process engines; `llama-jax serve` processes the tests
+    start read the same folder through $LLAMA_JAX_COMPILATION_CACHE. A program that several
+    engines or servers build (the same model and shapes) compiles once, and no test writes into
+    the user's own cache. CompileCounter counts cache loads as builds, so the zero-compile tests
+    lose nothing."""
     from llama_jax.compiles import enable_compilation_cache
 
-    directory = tempfile.mkdtemp(prefix="llama-jax-test-xla-")
+    directory = os.environ["LLAMA_JAX_COMPILATION_CACHE"]
     enable_compilation_cache(directory)
-    os.environ["LLAMA_JAX_COMPILATION_CACHE"] = directory
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+    return directory
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_PATH = REPO_ROOT.parent / "shared" / "llama2-tokenizer" / "tokenizer.model"
