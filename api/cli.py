@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -289,20 +290,13 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
     start = time.time()
     settings = server.ctx.settings
 
-    last = [start]
-
     def report(kind: str, done: int, total: int, what: str, seconds: float) -> None:
-        now = time.time()
-        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {seconds:.1f} s ({now - start:.1f} s in all)")
-        last[0] = now
+        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {seconds:.1f} s ({time.time() - start:.1f} s in all)")
         if stopping.is_set():
             raise _WarmupCancelled
 
-    def progress(done: int, total: int, what: str, seconds: float) -> None:  # compiled several at once
-        report("", done, total, what, seconds)
-
-    def scoring_progress(done: int, total: int, what: str) -> None:  # one after another
-        report("scoring ", done, total, what, time.time() - last[0])
+    progress = partial(report, "")  # (done, total, what, seconds), compiled several at once
+    scoring_progress = partial(report, "scoring ")
 
     try:
         engine.warmup(progress)

@@ -156,12 +156,13 @@ class Engine:
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
         """Compile every program serving can run (several at once: XLA compiles outside the GIL;
         or load them from the persistent cache; `progress(done, total, what, its seconds)` as each
-        finishes), run each once, then empty the slots."""
+        finishes), run each once on an accelerator (a CPU's executables need no first run, and the
+        long prefill and scoring runs took a quarter of its start), then empty the slots."""
         programs = program_shapes(self.config, self.max_seq_len)
         lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
         compile_in_threads(lowered, self.config.compile_threads, progress)  # jit keeps each executable
-        for program in programs:
-            _, fn, args, static = self._warmup_call(program)
+        for program in programs if not self.platform.cpu else ():  # a GPU initialises a program on its first run
+            _, fn, args, static = self._warmup_call(program)  # (modules, cuDNN plans, command buffers): not in a request
             out = fn(*args, **static)
             self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs

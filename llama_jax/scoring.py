@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import kv_cache, steps
+from llama_jax.compiles import compile_in_threads
 from llama_jax.model import Llama
 
 SCORE_CHUNK = 128  # tokens per chunk: [rows, 128, 32000] float32 logits is 16 MB per row
@@ -75,6 +76,16 @@ def _score_padded(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, 
     return join(chosen), join(top_ids), join(top_lp)
 
 
+def _padded(group: list[list[int]], buckets: list[int], chunk: int, max_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """A group's tokens and lengths padded to its length bucket (a whole number of chunks) and its
+    rows to a power of two, and the chunk size: the shapes its scoring program is compiled for."""
+    bucket = steps.bucket_for(max(map(len, group)), buckets)
+    size = min(chunk, bucket)
+    rows = steps.bucket_for(len(group), steps.length_buckets(max_rows, 1))
+    tokens, lengths = steps.pad_prompts(group + [[0]] * (rows - len(group)), -(-bucket // size) * size)
+    return tokens, lengths, size
+
+
 def score_batch(model: Llama, sequences: Sequence[Sequence[int]], *, top_k: int = 0, chunk: int = SCORE_CHUNK,
                 max_rows: int = MAX_ROWS) -> list[TokenScores]:
     """Per-token logprobs of each token sequence (each within the model's context), `max_rows` at a time."""
@@ -88,10 +99,7 @@ def score_batch(model: Llama, sequences: Sequence[Sequence[int]], *, top_k: int 
         group = [list(s) for s in sequences[first:first + max_rows]]
         if any(not s or len(s) > cfg.max_seq_len or not all(0 <= t < cfg.vocab_size for t in s) for s in group):
             raise ValueError(f"sequences must be 1..{cfg.max_seq_len} token ids in [0, {cfg.vocab_size})")
-        bucket = steps.bucket_for(max(map(len, group)), buckets)
-        size = min(chunk, bucket)
-        rows = steps.bucket_for(len(group), steps.length_buckets(max_rows, 1))
-        tokens, lengths = steps.pad_prompts(group + [[0]] * (rows - len(group)), -(-bucket // size) * size)
+        tokens, lengths, size = _padded(group, buckets, chunk, max_rows)
         chosen, top_ids, top_lp = jax.device_get(
             _score_padded(graphdef, params, tokens, lengths, chunk=size, top_k=top_k))
         for i, s in enumerate(group):
@@ -109,13 +117,17 @@ def score(model: Llama, token_ids: Sequence[int], *, top_k: int = 0, chunk: int 
     return score_batch(model, [token_ids], top_k=top_k, chunk=chunk)[0]
 
 
-def warm_up(model: Llama, max_len: int, *, top_k: int, progress: Callable[[int, int, str], None] | None = None) -> None:
-    """Compile (or load from the persistent cache) the one-row scoring program of every length
-    bucket a sequence of up to `max_len` tokens lands in, with `top_k` alternatives: what the
-    server's prompt scoring runs, so that no request compiles one while others stream."""
+def warm_up(model: Llama, max_len: int, *, top_k: int, threads: int | None = None,
+            progress: Callable[[int, int, str, float], None] | None = None) -> None:
+    """Compile (or load from the persistent cache), several at once, the one-row scoring program of
+    every length bucket a sequence of up to `max_len` tokens lands in, with `top_k` alternatives:
+    what the server's prompt scoring runs, so that no request compiles one while others stream."""
+    graphdef, params = nnx.split(model)
     buckets = steps.length_buckets(model.cfg.max_seq_len)
     needed = buckets[:buckets.index(steps.bucket_for(max_len, buckets)) + 1]
-    for done, bucket in enumerate(needed, 1):
-        score_batch(model, [[0] * min(bucket, max_len)], top_k=top_k, max_rows=1)
-        if progress:
-            progress(done, len(needed), f"prompt scoring at {bucket} tokens")
+    lowered = []
+    for bucket in needed:
+        tokens, lengths, size = _padded([[0] * min(bucket, max_len)], buckets, SCORE_CHUNK, 1)
+        lowered.append((f"prompt scoring at {bucket} tokens",
+                        _score_padded.lower(graphdef, params, tokens, lengths, chunk=size, top_k=top_k)))
+    compile_in_threads(lowered, threads, progress)  # jit keeps each executable

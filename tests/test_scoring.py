@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llama_jax import scoring
+from llama_jax.compiles import CompileCounter
 from llama_jax.hf_checkpoint import load_hf_model
 from llama_jax.kv_cache import init_cache
 from llama_jax.model import linear, rms_norm
@@ -35,6 +36,21 @@ def test_scores_match_hf_log_softmax_over_several_chunks(path):
         assert s.total == pytest.approx(float(expected.sum()), abs=1e-3)
         assert s.perplexity == pytest.approx(float(np.exp(-expected.mean())), rel=1e-4)
     assert ours[0].top_ids.shape == (150, 5) and ours[1].logprobs.shape == (7,)
+
+
+def test_warm_up_compiles_every_one_row_program_scoring_runs(path):
+    """`warm_up` compiles the one-row programs of every length bucket up to `max_len` (several at
+    once, nothing run); scoring one sequence of any length then compiles nothing."""
+    model, lengths, seen = load_hf_model(path), [1, 5, 64, 65, 129, 255], []
+    scoring.warm_up(model, max(lengths), top_k=5, progress=lambda done, total, what, s: seen.append((done, total, what)))
+    assert len(seen) >= 3 and [(d, t) for d, t, _ in seen] == [(d, len(seen)) for d in range(1, len(seen) + 1)]
+    with CompileCounter() as compiles:
+        scores = [scoring.score(model, [1] * n, top_k=5) for n in lengths]
+    assert compiles.count == 0
+    assert [s.logprobs.shape for s in scores] == [(n,) for n in lengths]
+    with CompileCounter() as compiles:
+        scoring.score(model, [1] * 5, top_k=3)  # another k is another program: the server warms only its own
+    assert compiles.count == 1
 
 
 def test_score_rejects_bad_sequences(path):
