@@ -27,8 +27,9 @@ from llama_jax.attention import AttentionConfig
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
+from llama_jax.packed import pack
 from llama_jax.platform import Platform
-from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
+from llama_jax.sampling import SamplerState, SamplingParams
 from llama_jax.sharding import cache_sharding, replicated
 
 
@@ -145,7 +146,7 @@ def _scatter_rows(tree, slots: jax.Array, rows):
 
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
             lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
-            *, attn: AttentionConfig, branch_free: bool, suffix: bool | None = None) -> tuple[DecodeState, SampleResult]:
+            *, attn: AttentionConfig, branch_free: bool, suffix: bool | None = None) -> tuple[DecodeState, jax.Array]:
     """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
     `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
     suffix is given), and sample each row's first token there (with its sampling row, among its
@@ -167,14 +168,14 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
         tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
         sampler=_scatter_rows(state.sampler, slots, sampled),
         params=_scatter_rows(state.params, slots, rows),
-    ), result
+    ), pack(result)
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
-             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, jax.Array]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; each busy slot
-    reads its own keys in place up to its length, so the cost follows the real context."""
+    `allowed` [slots, vocab] tokens, returned `pack`ed. Slots past `rows` are idle and cost nothing;
+    each busy slot reads its own keys in place up to its length, so the cost follows the real context."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
     logits = replicate(logits, attn.mesh)
@@ -185,17 +186,16 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allo
         tokens=state.tokens.at[:rows].set(result.tokens),
         sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
         params=state.params,
-    ), result
+    ), pack(result)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
-    """What one verify step returns per slot: the sampled token at each of its k + 1 positions
-    (`SampleResult` fields with a position axis after the row) and how many lead the output."""
+    """What one verify step returns: per slot, the sampled token at each of its k + 1 positions
+    and how many lead the output (1 + the drafted tokens accepted), `pack`ed."""
 
-    sampled: SampleResult  # tokens [rows, k + 1], logprobs [rows, k + 1], top_* [rows, k + 1, top]
-    emitted: jax.Array  # int32 [rows]: 1 + the drafted tokens accepted; the first `emitted` samples are the output
+    packed: jax.Array  # int32 [rows, k + 1, PACKED_COLUMNS]
 
 
 def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts: jax.Array, n_drafts: jax.Array,
@@ -248,7 +248,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
         tokens=state.tokens.at[:rows].set(last),
         sampler=jax.tree.map(lambda a, n: a.at[:rows].set(n), state.sampler, new_sampler),
         params=state.params,
-    ), VerifyResult(sampled, emitted)
+    ), VerifyResult(pack(sampled, emitted))
 
 
 def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
@@ -290,8 +290,8 @@ class Programs:
     state donated and its shardings fixed on output (so a step updates the state in place and
     never hands the next one a differently placed state, which would recompile)."""
 
-    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, result)
-    generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, packed)
+    generate: Callable  # (params, state, allowed, *, rows) -> (state, packed: packed.py)
     verify: Callable  # (params, state, drafts, n_drafts, allowed, *, rows) -> (state, VerifyResult)
     copy: Callable  # (cache, source, slot) -> cache
     reset: Callable  # (state) -> state

@@ -256,7 +256,7 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
             jax.block_until_ready(engine._state)
             start = time.perf_counter()
         engine._state, result = engine._generate(engine.params, engine._state, engine._everything, rows=rows)
-    result.tokens.block_until_ready()
+    result.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     engine._state = engine._reset(engine._state)
     engine.prefix.forget()  # the lengths are zero again: no slot holds what its record says
