@@ -85,7 +85,7 @@ class Engine:
         self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
-        self._prefill_variants = programs.prefill_variants
+        self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.generate_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
@@ -183,8 +183,8 @@ class Engine:
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
                 self._prefill_rows, args, static
         if kind == "generate":
-            return (f"decode {shape['rows']} slots", self._generate, (self.params, self._state, self._everything),
-                    {"rows": shape["rows"]})
+            return (f"decode {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""), self._generate,
+                    (self.params, self._state, self._everything), {"rows": shape["rows"], "greedy": shape.get("greedy")})
         if kind == "verify":
             drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
             return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._verify,
@@ -394,7 +394,8 @@ class Engine:
                 return [None] * len(self.slots), None
             allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
         if drafts is None:
-            self._state, result = self._generate(self.params, self._state, allowed, rows=rows)
+            lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
+            self._state, result = self._generate(self.params, self._state, allowed, rows=rows, greedy=lean or None)
         else:
             self._state, result = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
         for leaf in jax.tree.leaves(result):

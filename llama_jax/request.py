@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_jax.outbox import Outbox
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, make_params
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params
 from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
@@ -302,6 +302,10 @@ class RunningChoice:
     speculative: bool = False  # drafts are proposed for it (speculative.py)
     drafting: Drafting = Drafting()  # its recent acceptance and backoff
     draft: int = 0  # tokens drafted for the step in flight (0: none)
+
+    def lean(self) -> bool:
+        """Greedy with no alternatives reported: a step of such rows needs neither a draw nor a top-k."""
+        return self.handle.request.sampling.temperature < MIN_TEMPERATURE and not self.handle.request.top_logprobs
 
     def drafts_now(self) -> bool:
         return self.speculative and self.drafting.may_draft(self.generated)

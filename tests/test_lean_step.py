@@ -4,6 +4,7 @@ asyncio loop and a real engine."""
 
 import asyncio
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,3 +92,54 @@ def test_async_streams_get_every_token_with_one_loop_wakeup_per_iteration(engine
         assert a.choices[0].text == b.choices[0].text and a.choices[0].finish_reason == "length"
         assert all(len(t.top) == top_logprobs for t in a.choices[0].tokens)
     assert wakeups <= 12 + 4, f"{wakeups} loop wake-ups for 4 x 12 tokens"
+
+
+@pytest.mark.parametrize("branch_free", [False, True])
+def test_the_greedy_only_sampler_takes_the_same_tokens_without_a_draw_or_top_k(branch_free):
+    from llama_jax import sampling
+
+    rows, vocab = 3, 500
+    logits = jax.random.normal(jax.random.key(0), (rows, vocab)) * 3
+    params = sampling.stack_params([sampling.make_params(seed=i, temperature=0.0, repetition_penalty=1.3)
+                                    for i in range(rows)])
+    state = sampling.init_state(rows, vocab)
+    full, full_state = sampling.sample(logits, params, state, branch_free=branch_free)
+    lean, lean_state = sampling.sample(logits, params, state, branch_free=branch_free, greedy_only=True)
+    assert lean.tokens.tolist() == full.tokens.tolist() == jnp.argmax(logits, -1).tolist()
+    assert np.allclose(lean.logprobs, full.logprobs)
+    assert lean.top_ids.shape == lean.top_logprobs.shape == (rows, 0)
+    assert (lean_state.counts == full_state.counts).all()
+
+
+def test_an_accelerator_engine_runs_greedy_rows_in_the_greedy_variant_with_the_same_replies(
+        engine, tiny_model, tokenizer, monkeypatch):
+    """A GPU's generate variants on this CPU (`device.generate_variants`, the sort-based sampler):
+    greedy rows without alternatives run the greedy program, any other row in the batch the full
+    one; the replies equal the CPU engine's and nothing compiles after warm-up."""
+    from llama_jax import device
+    from llama_jax.compiles import CompileCounter
+    from llama_jax.engine import Engine, EngineConfig
+    from llama_jax.request import Request, SamplingOptions
+
+    monkeypatch.setattr(device, "generate_variants", lambda target: (None, True))
+    greedy = lambda p, k=0: Request(prompt=p, max_tokens=10, stop_token_ids=[], top_logprobs=k,
+                                    sampling=SamplingOptions(temperature=0))
+    sampled = Request(prompt=[1, 450, 4996], max_tokens=10, stop_token_ids=[], sampling=SamplingOptions(seed=5))
+    config = EngineConfig(max_slots=4, max_seq_len=64, branch_free_sampler=True)
+    with Engine(tiny_model, tokenizer, config) as gpu_like:
+        ran = []
+        real = gpu_like._generate
+        monkeypatch.setattr(gpu_like, "_generate", lambda *a, rows, greedy: ran.append(greedy) or real(*a, rows=rows, greedy=greedy))
+        with CompileCounter() as counter:
+            alone = gpu_like.submit(greedy([1, 450, 4996])).result()
+            assert set(ran) == {True}
+            ran.clear()
+            mixed = [gpu_like.submit(r) for r in (greedy([1, 450, 4997], 2), sampled)]
+            mixed = [h.result() for h in mixed]
+            assert None in ran and True not in ran[:5]  # the rows that need a draw or a top-k: the full program
+        assert counter.count == 0
+    expected = engine.submit(greedy([1, 450, 4996])).result()
+    assert [t.token_id for t in alone.choices[0].tokens] == [t.token_id for t in expected.choices[0].tokens]
+    assert alone.choices[0].tokens[0].top == () and len(mixed[0].choices[0].tokens[3].top) == 2
+    assert [t.token_id for t in mixed[0].choices[0].tokens] == \
+        [t.token_id for t in engine.submit(greedy([1, 450, 4997])).result().choices[0].tokens]
