@@ -161,8 +161,8 @@ class Engine:
         programs = program_shapes(self.config, self.max_seq_len)
         lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
         compile_in_threads(lowered, self.config.compile_threads, progress)  # jit keeps each executable
-        for program in programs if not self.platform.cpu else ():  # a GPU initialises a program on its first run
-            _, fn, args, static = self._warmup_call(program)  # (modules, cuDNN plans, command buffers): not in a request
+        for program in [] if self.platform.cpu else programs:  # an accelerator initialises a program on its first
+            _, fn, args, static = self._warmup_call(program)  # run (modules, cuDNN plans, command buffers): not in a request
             out = fn(*args, **static)
             self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs

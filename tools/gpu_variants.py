@@ -1,7 +1,7 @@
 """Raw decode step times of random Llama 2 7B bf16 weights under several XLA settings, layer
-layouts and int8 weights, each in its own process (XLA reads its flags once per process): the next GPU session's
-measurement of where the batch-1 step loses 37 % to the bandwidth ceiling (docs/benchmarks.md,
-"The first run on a GPU": 699 kernel launches a step).
+layouts and int8 weights, each in its own process (XLA reads its flags once per process): where
+the batch-1 step loses 37 % to the bandwidth ceiling (docs/benchmarks.md, "The first run on a
+GPU": 699 kernel launches a step; "The second GPU run": the figures).
 
     PYTHONUNBUFFERED=1 python tools/gpu_variants.py                    # on the GPU, all variants
     python tools/gpu_variants.py --preset tiny-gqa --variants default stacked --max-seq-len 256   # CPU
