@@ -159,7 +159,8 @@ def big_schema(properties: int, description: int) -> dict:
 def test_six_600kb_schemas_do_not_block_the_loop(server):
     """Three schemas over the size limit (8,000 properties: a 400 naming it) and three within it
     (500 long-described properties: checked and compiled for about a second each) in flight at
-    once, while a stream runs and /health is polled: neither waits more than 200 ms."""
+    once, while a stream runs and /health is polled: neither waits more than 0.5 s (one schema's
+    work on the loop would stall both for about a second; 0.5 s leaves room for a loaded box)."""
     gaps: list[float] = []
     stream_done = threading.Event()
 
@@ -205,8 +206,8 @@ def test_six_600kb_schemas_do_not_block_the_loop(server):
     streamer.join(120)
     assert sorted(s for s, _ in statuses) == [200] * 3 + [400] * 3, statuses
     assert all("MAX_SCHEMA_VALUES" in message for status, message in statuses if status == 400), statuses
-    assert len(health) >= 5 and max(health) <= 0.2, sorted(health)[-5:]
-    assert stream_done.is_set() and len(gaps) > 50 and max(gaps) <= 0.2, sorted(gaps)[-5:]
+    assert len(health) >= 5 and max(health) <= 0.5, sorted(health)[-5:]
+    assert stream_done.is_set() and len(gaps) > 50 and max(gaps) <= 0.5, sorted(gaps)[-5:]
 
 
 def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
