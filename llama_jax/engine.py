@@ -21,15 +21,16 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, layers, platform, sampling, speculative, steps
-from llama_jax.compiles import compile_in_threads, enable_compilation_cache
+from llama_jax import admission, executables, layers, platform, sampling, speculative, steps
+from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
                               program_shapes, smallest_prefill_shape)
@@ -76,7 +77,9 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        programs = Programs.build(self.graphdef, cfg, config, mesh)
+        programs = self._programs = Programs.build(self.graphdef, cfg, config, mesh)
+        # compiled programs stored beside the compilation cache (executables.py); also scoring's
+        self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
@@ -154,19 +157,33 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
-        """Compile every program serving can run (several at once: XLA compiles outside the GIL;
-        or load them from the persistent cache; `progress(done, total, what, its seconds)` as each
-        finishes), run each once on an accelerator (a CPU's executables need no first run, and the
-        long prefill and scoring runs took a quarter of its start), then empty the slots."""
-        programs = program_shapes(self.config, self.max_seq_len)
-        lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
-        compile_in_threads(lowered, self.config.compile_threads, progress)  # jit keeps each executable
-        for program in [] if self.platform.cpu else programs:  # an accelerator initialises a program on its first
-            _, fn, args, static = self._warmup_call(program)  # run (modules, cuDNN plans, command buffers): not in a request
-            out = fn(*args, **static)
-            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
+        """Build every program serving can run: load it from the executables stored beside the
+        compilation cache (executables.py: no tracing, no lowering), or compile it (several at once:
+        XLA compiles outside the GIL; or loaded from JAX's persistent cache) and store it.
+        `progress(done, total, what, its seconds)` as each is ready. Run each once on an
+        accelerator (a CPU's executables need no first run, and the long prefill and scoring runs
+        took a quarter of its start), then empty the slots."""
+        calls = {}
+        for kind, shape in program_shapes(self.config, self.max_seq_len):
+            what, fn, args, static = self._warmup_call((kind, shape))
+            calls[program_id(kind, args, static)] = (what, fn, args, static)
+        built = executables.build(calls, self.executables_dir, self._program_context(), self.config.compile_threads,
+                                  progress)
+        for kind in ("prefill", "generate", "verify", "copy"):  # serving calls these executables from now on
+            setattr(self, self._CALLS[kind], _executable_call(kind, getattr(self._programs, kind), built))
+        for ident, (_, _, args, static) in [] if self.platform.cpu else calls.items():  # an accelerator initialises a
+            out = built[ident](*args)  # program on its first run (modules, cuDNN plans, command buffers): not in a request
+            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if ident[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
+
+    _CALLS = {"prefill": "_prefill_rows", "generate": "_generate", "verify": "_verify", "copy": "_copy"}
+
+    def _program_context(self) -> str:
+        """What fixes the programs beyond their arguments (executables.py's key): the model and
+        serving configs, the layer layout and the target, not where the cache lives."""
+        config = dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None, max_queue=0)
+        return repr((self.model.cfg, config, self.max_seq_len, self.split, self.platform, self.mesh))
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
         """One serving program as (what, jitted function, arguments, static arguments), over the
@@ -179,15 +196,15 @@ class Engine:
                                               [sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
                                               suffix=shape.get("suffix"))
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
-                self._prefill_rows, args, static
+                self._programs.prefill, args, static
         if kind == "generate":
-            return (f"decode {shape['rows']} slots", self._generate, (self.params, self._state, self._everything),
+            return (f"decode {shape['rows']} slots", self._programs.generate, (self.params, self._state, self._everything),
                     {"rows": shape["rows"]})
         if kind == "verify":
             drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
-            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._verify,
+            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._programs.verify,
                     (self.params, self._state, *drafts, self._everything), {"rows": shape["rows"]})
-        return "slot copy", self._copy, (self._state.cache, np.int32(0), np.int32(0)), {}
+        return "slot copy", self._programs.copy, (self._state.cache, np.int32(0), np.int32(0)), {}
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
@@ -436,3 +453,21 @@ class Engine:
             active.handle.unfinished -= 1
             if active.handle.unfinished == 0:
                 active.handle.put(None)
+
+
+def program_id(kind: str, args: tuple, static: dict) -> tuple:
+    """Which warmed-up program a call of `kind` runs: a prefill by its (rows, length) shape and
+    variant, the others by their busy-slot bucket (the slot copy has one)."""
+    if kind == "prefill":
+        return (kind, *np.shape(args[2]), static.get("suffix"))
+    return (kind, static.get("rows"))
+
+
+def _executable_call(kind: str, jitted: Callable, built: Mapping[Hashable, jax.stages.Compiled]) -> Callable:
+    """`jitted`'s calls, run by the warmed-up executable of their program (`program_id`); a call
+    no warm-up program covers goes to `jitted` (and compiles, as the compile-counting tests would see)."""
+    def call(*args, **static):
+        executable = built.get(program_id(kind, args, static))
+        return jitted(*args, **static) if executable is None else executable(*args)
+
+    return call
