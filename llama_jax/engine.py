@@ -171,9 +171,10 @@ class Engine:
                                   progress)
         for kind in ("prefill", "generate", "verify", "copy"):  # serving calls these executables from now on
             setattr(self, self._CALLS[kind], _executable_call(kind, getattr(self._programs, kind), built))
-        for ident, (_, _, args, static) in [] if self.platform.cpu else calls.items():  # an accelerator initialises a
-            out = built[ident](*args)  # program on its first run (modules, cuDNN plans, command buffers): not in a request
-            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if ident[0] == "copy" else out[0])
+        for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
+            _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
+            out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
+            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
