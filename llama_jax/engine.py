@@ -21,7 +21,8 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ from llama_jax import admission, executables, layers, platform, sampling, specul
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
-                              program_shapes, smallest_prefill_shape)
+                              program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
@@ -157,20 +158,17 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
-        """Build every program serving can run: load it from the executables stored beside the
-        compilation cache (executables.py: no tracing, no lowering), or compile it (several at once:
-        XLA compiles outside the GIL; or loaded from JAX's persistent cache) and store it.
+        """Build every program serving can run: loaded from the executables stored beside the
+        compilation cache (executables.py: no tracing), or compiled several at once and stored;
         `progress(done, total, what, its seconds)` as each is ready. Run each once on an
-        accelerator (a CPU's executables need no first run, and the long prefill and scoring runs
-        took a quarter of its start), then empty the slots."""
-        calls = {}
-        for kind, shape in program_shapes(self.config, self.max_seq_len):
-            what, fn, args, static = self._warmup_call((kind, shape))
-            calls[program_id(kind, args, static)] = (what, fn, args, static)
-        built = executables.build(calls, self.executables_dir, self._program_context(), self.config.compile_threads,
-                                  progress)
-        for kind in ("prefill", "generate", "verify", "copy"):  # serving calls these executables from now on
-            setattr(self, self._CALLS[kind], _executable_call(kind, getattr(self._programs, kind), built))
+        accelerator (a CPU's executables need no first run), then empty the slots."""
+        calls = {program_id(kind, c[2], c[3]): c for kind, c in
+                 ((p[0], self._warmup_call(p)) for p in program_shapes(self.config, self.max_seq_len))}
+        context = repr((self.model.cfg, dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None),
+                        self.max_seq_len, self.split, self.platform, self.mesh))  # what fixes them beyond their arguments
+        built = executables.build(calls, self.executables_dir, context, self.config.compile_threads, progress)
+        for kind, name in self._CALLS.items():  # serving calls these executables from now on
+            setattr(self, name, executables.calls_through(getattr(self._programs, kind), built, partial(program_id, kind)))
         for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
             _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
             out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
@@ -179,12 +177,6 @@ class Engine:
         self._state = self._reset(self._state)
 
     _CALLS = {"prefill": "_prefill_rows", "generate": "_generate", "verify": "_verify", "copy": "_copy"}
-
-    def _program_context(self) -> str:
-        """What fixes the programs beyond their arguments (executables.py's key): the model and
-        serving configs, the layer layout and the target, not where the cache lives."""
-        config = dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None, max_queue=0)
-        return repr((self.model.cfg, config, self.max_seq_len, self.split, self.platform, self.mesh))
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
         """One serving program as (what, jitted function, arguments, static arguments), over the
@@ -455,20 +447,3 @@ class Engine:
             if active.handle.unfinished == 0:
                 active.handle.put(None)
 
-
-def program_id(kind: str, args: tuple, static: dict) -> tuple:
-    """Which warmed-up program a call of `kind` runs: a prefill by its (rows, length) shape and
-    variant, the others by their busy-slot bucket (the slot copy has one)."""
-    if kind == "prefill":
-        return (kind, *np.shape(args[2]), static.get("suffix"))
-    return (kind, static.get("rows"))
-
-
-def _executable_call(kind: str, jitted: Callable, built: Mapping[Hashable, jax.stages.Compiled]) -> Callable:
-    """`jitted`'s calls, run by the warmed-up executable of their program (`program_id`); a call
-    no warm-up program covers goes to `jitted` (and compiles, as the compile-counting tests would see)."""
-    def call(*args, **static):
-        executable = built.get(program_id(kind, args, static))
-        return jitted(*args, **static) if executable is None else executable(*args)
-
-    return call

@@ -162,6 +162,16 @@ def build(programs: Mapping[Hashable, Program], directory: Path | None, context:
     return out
 
 
+def calls_through(jitted: Callable, built: Mapping[Hashable, jax.stages.Compiled],
+                  ident: Callable[[tuple, dict], Hashable]) -> Callable:
+    """`jitted`, its calls run by the executable `built` holds for their program (`ident(args,
+    static)`); a call of no built program goes to `jitted` (and compiles, as a compile counter sees)."""
+    def call(*args, **static):
+        executable = built.get(ident(args, static))
+        return jitted(*args, **static) if executable is None else executable(*args)
+
+    return call
+
 
 def _named(lowered: jax.stages.Lowered, key: str | None) -> jax.stages.Lowered:
     """`lowered` with its module named for its store `key`, so that JAX's persistent cache, keyed
