@@ -23,6 +23,7 @@ import os
 import pickle
 import threading
 import time
+import zlib
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def load(directory: Path, key: str) -> jax.stages.Compiled | None:
     except FileNotFoundError:
         return None
     try:
-        executable, in_tree, out_tree, device_ids = pickle.loads(blob)
+        executable, in_tree, out_tree, device_ids = pickle.loads(zlib.decompress(blob))
         devices = {d.id: d for d in jax.devices()}
         return serialize_executable.deserialize_and_load(executable, in_tree, out_tree,
                                                          execution_devices=[devices[i] for i in device_ids])
@@ -88,7 +89,8 @@ def save(directory: Path, key: str, compiled: jax.stages.Compiled) -> None:
     path = directory / f"{key}.exe"
     partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     devices = compiled._executable.xla_executable.local_devices()  # its device assignment, in order
-    partial.write_bytes(pickle.dumps((*serialize_executable.serialize(compiled), [d.id for d in devices])))
+    blob = pickle.dumps((*serialize_executable.serialize(compiled), [d.id for d in devices]))
+    partial.write_bytes(zlib.compress(blob, 1))  # a sixth of the size, 10 ms a program
     partial.replace(path)
 
 
@@ -113,16 +115,22 @@ class _FreshCompiles:
 
 @dataclasses.dataclass
 class _Tracked:
-    """A lowered program whose compile notes whether it ran fresh (for `compile_in_threads`)."""
+    """A lowered program that, compiled (by `compile_in_threads`, in its thread), stores its
+    executable under `key` in `directory` if the compile ran fresh."""
 
     lowered: jax.stages.Lowered
     counter: _FreshCompiles
-    fresh: bool = False
+    directory: Path | None
+    key: str | None
 
     def compile(self, options: dict | None = None) -> jax.stages.Compiled:
         before = self.counter.hits[threading.get_ident()]
         compiled = self.lowered.compile(options)
-        self.fresh = self.counter.hits[threading.get_ident()] == before
+        if self.directory is not None and self.key is not None and self.counter.hits[threading.get_ident()] == before:
+            try:
+                save(self.directory, self.key, compiled)
+            except Exception:  # noqa: BLE001 - a full disk or an unserializable program: serve anyway
+                log.warning("cannot store an executable under %s", self.directory, exc_info=True)
         return compiled
 
 
@@ -148,17 +156,10 @@ def build(programs: Mapping[Hashable, Program], directory: Path | None, context:
     step = None if progress is None else (lambda done, total, name, seconds:
                                           progress(offset + done, len(programs), f"compiled {name}", seconds))
     with _FreshCompiles() as counter:
-        tracked = {name: _Tracked(_named(fn.lower(*args, **static), keys.get(names[name])), counter)
-                   for name, fn, args, static in missing.values()}
-        compiled = compile_in_threads(list(tracked.items()), threads, step)  # type: ignore[arg-type]
-    for name, (executable, _) in compiled.items():
-        ident = names[name]
-        out[ident] = executable
-        if directory is not None and tracked[name].fresh:
-            try:
-                save(directory, keys[ident], executable)
-            except Exception:  # noqa: BLE001 - a full disk or an unserializable program: serve anyway
-                log.warning("cannot store the executable of %s", name, exc_info=True)
+        tracked = [(name, _Tracked(_named(fn.lower(*args, **static), keys.get(names[name])), counter, directory,
+                                   keys.get(names[name]))) for name, fn, args, static in missing.values()]
+        compiled = compile_in_threads(tracked, threads, step)  # type: ignore[arg-type]
+    out.update({names[name]: executable for name, (executable, _) in compiled.items()})
     return out
 
 
