@@ -446,4 +446,3 @@ class Engine:
             active.handle.unfinished -= 1
             if active.handle.unfinished == 0:
                 active.handle.put(None)
-
