@@ -291,7 +291,7 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
     settings = server.ctx.settings
 
     def report(kind: str, done: int, total: int, what: str, seconds: float) -> None:
-        _say(f"warm-up {kind}{done}/{total}: compiled {what} in {seconds:.1f} s ({time.time() - start:.1f} s in all)")
+        _say(f"warm-up {kind}{done}/{total}: {what} in {seconds:.1f} s ({time.time() - start:.1f} s in all)")
         if stopping.is_set():
             raise _WarmupCancelled
 
@@ -309,7 +309,8 @@ def _warm_up(engine, server, sock: socket.socket, stopping: threading.Event, fai
             from api.protocol import MAX_LOGPROBS
             from llama_jax import scoring
 
-            scoring.warm_up(engine.model, engine.max_seq_len - 1, top_k=MAX_LOGPROBS, progress=scoring_progress)
+            server.ctx.scoring_programs.update(scoring.warm_up(engine.model, engine.max_seq_len - 1, top_k=MAX_LOGPROBS,
+                                                               progress=scoring_progress, directory=engine.executables_dir))
         engine.start(warmup=False)
     except _WarmupCancelled:
         return

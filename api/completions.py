@@ -115,7 +115,8 @@ class _Run:
         self.scores = None
         if body.echo and body.logprobs is not None:  # scored on a worker thread while the engine generates
             self.scores = asyncio.ensure_future(asyncio.to_thread(
-                scoring.score_batch, ctx.engine.model, ids, top_k=MAX_LOGPROBS, max_rows=1))
+                scoring.score_batch, ctx.engine.model, ids, top_k=MAX_LOGPROBS, max_rows=1,
+                programs=ctx.scoring_programs))
 
     @property
     def prompt_tokens(self) -> int:

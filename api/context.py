@@ -44,6 +44,7 @@ class ServerContext:
     offload: Offload = dataclasses.field(default_factory=Offload)  # the worker pool of request CPU work
     draining: bool = False  # set by the serve command's shutdown (api.shutdown): new requests get 503
     handles: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)  # accepted requests, for the drain
+    scoring_programs: dict = dataclasses.field(default_factory=dict)  # prompt scoring's, by shape (scoring.warm_up)
 
     def unavailable(self) -> APIError | None:
         """The 503 a generating request gets while the server cannot serve it (warming up, failed,

@@ -110,6 +110,14 @@ def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, di
             + [("copy", {})])
 
 
+def program_id(kind: str, args: tuple, static: dict) -> tuple:
+    """Which of `program_shapes`' programs a call of `kind` with these arguments runs: a prefill
+    by its (rows, length) shape and variant, the others by their busy-slot bucket."""
+    if kind == "prefill":
+        return (kind, *np.shape(args[2]), static.get("suffix"))
+    return (kind, static.get("rows"))
+
+
 def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
     """Where each part of the state lives: the KV cache split like the k/v projections, the rest replicated."""
     rep = replicated(mesh)

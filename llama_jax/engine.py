@@ -22,17 +22,19 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, layers, platform, sampling, speculative, steps
-from llama_jax.compiles import compile_in_threads, enable_compilation_cache
+from llama_jax import admission, executables, layers, platform, sampling, speculative, steps
+from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
-                              program_shapes, smallest_prefill_shape)
+                              program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
@@ -76,7 +78,9 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        programs = Programs.build(self.graphdef, cfg, config, mesh)
+        programs = self._programs = Programs.build(self.graphdef, cfg, config, mesh)
+        # compiled programs stored beside the compilation cache (executables.py); also scoring's
+        self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
         self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
@@ -154,19 +158,25 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
-        """Compile every program serving can run (several at once: XLA compiles outside the GIL;
-        or load them from the persistent cache; `progress(done, total, what, its seconds)` as each
-        finishes), run each once on an accelerator (a CPU's executables need no first run, and the
-        long prefill and scoring runs took a quarter of its start), then empty the slots."""
-        programs = program_shapes(self.config, self.max_seq_len)
-        lowered = [(what, fn.lower(*args, **static)) for what, fn, args, static in map(self._warmup_call, programs)]
-        compile_in_threads(lowered, self.config.compile_threads, progress)  # jit keeps each executable
-        for program in [] if self.platform.cpu else programs:  # an accelerator initialises a program on its first
-            _, fn, args, static = self._warmup_call(program)  # run (modules, cuDNN plans, command buffers): not in a request
-            out = fn(*args, **static)
+        """Build every program serving can run: loaded from the executables stored beside the
+        compilation cache (executables.py: no tracing), or compiled several at once and stored;
+        `progress(done, total, what, its seconds)` as each is ready. Run each once on an
+        accelerator (a CPU's executables need no first run), then empty the slots."""
+        calls = {program_id(kind, c[2], c[3]): c for kind, c in
+                 ((p[0], self._warmup_call(p)) for p in program_shapes(self.config, self.max_seq_len))}
+        context = repr((self.model.cfg, dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None),
+                        self.max_seq_len, self.split, self.platform, self.mesh))  # what fixes them beyond their arguments
+        built = executables.build(calls, self.executables_dir, context, self.config.compile_threads, progress)
+        for kind, name in self._CALLS.items():  # serving calls these executables from now on
+            setattr(self, name, executables.calls_through(getattr(self._programs, kind), built, partial(program_id, kind)))
+        for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
+            _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
+            out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
             self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
+
+    _CALLS = {"prefill": "_prefill_rows", "generate": "_generate", "verify": "_verify", "copy": "_copy"}
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
         """One serving program as (what, jitted function, arguments, static arguments), over the
@@ -179,15 +189,15 @@ class Engine:
                                               [sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
                                               suffix=shape.get("suffix"))
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
-                self._prefill_rows, args, static
+                self._programs.prefill, args, static
         if kind == "generate":
-            return (f"decode {shape['rows']} slots", self._generate, (self.params, self._state, self._everything),
+            return (f"decode {shape['rows']} slots", self._programs.generate, (self.params, self._state, self._everything),
                     {"rows": shape["rows"]})
         if kind == "verify":
             drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
-            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._verify,
+            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._programs.verify,
                     (self.params, self._state, *drafts, self._everything), {"rows": shape["rows"]})
-        return "slot copy", self._copy, (self._state.cache, np.int32(0), np.int32(0)), {}
+        return "slot copy", self._programs.copy, (self._state.cache, np.int32(0), np.int32(0)), {}
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""

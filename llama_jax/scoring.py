@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from functools import partial
 
 import jax
@@ -20,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import kv_cache, steps
-from llama_jax.compiles import compile_in_threads
+from llama_jax import executables, kv_cache, steps
 from llama_jax.model import Llama
 
 SCORE_CHUNK = 128  # tokens per chunk: [rows, 128, 32000] float32 logits is 16 MB per row
@@ -87,8 +88,9 @@ def _padded(group: list[list[int]], buckets: list[int], chunk: int, max_rows: in
 
 
 def score_batch(model: Llama, sequences: Sequence[Sequence[int]], *, top_k: int = 0, chunk: int = SCORE_CHUNK,
-                max_rows: int = MAX_ROWS) -> list[TokenScores]:
-    """Per-token logprobs of each token sequence (each within the model's context), `max_rows` at a time."""
+                max_rows: int = MAX_ROWS, programs: Mapping[tuple, jax.stages.Compiled] | None = None) -> list[TokenScores]:
+    """Per-token logprobs of each token sequence (each within the model's context), `max_rows` at a
+    time; run by `programs` (`warm_up`'s) where one has the shape, else compiled by jit."""
     graphdef, params = nnx.split(model)
     cfg = model.cfg
     if not 0 <= top_k <= cfg.vocab_size:
@@ -100,8 +102,10 @@ def score_batch(model: Llama, sequences: Sequence[Sequence[int]], *, top_k: int 
         if any(not s or len(s) > cfg.max_seq_len or not all(0 <= t < cfg.vocab_size for t in s) for s in group):
             raise ValueError(f"sequences must be 1..{cfg.max_seq_len} token ids in [0, {cfg.vocab_size})")
         tokens, lengths, size = _padded(group, buckets, chunk, max_rows)
+        executable = (programs or {}).get(_program_id(tokens.shape, size, top_k))
         chosen, top_ids, top_lp = jax.device_get(
-            _score_padded(graphdef, params, tokens, lengths, chunk=size, top_k=top_k))
+            _score_padded(graphdef, params, tokens, lengths, chunk=size, top_k=top_k) if executable is None
+            else executable(params, tokens, lengths))
         for i, s in enumerate(group):
             n = len(s)
             out.append(TokenScores(
@@ -117,17 +121,24 @@ def score(model: Llama, token_ids: Sequence[int], *, top_k: int = 0, chunk: int 
     return score_batch(model, [token_ids], top_k=top_k, chunk=chunk)[0]
 
 
+def _program_id(shape: tuple[int, ...], chunk: int, top_k: int) -> tuple:
+    return (*shape, chunk, top_k)
+
+
 def warm_up(model: Llama, max_len: int, *, top_k: int, threads: int | None = None,
-            progress: Callable[[int, int, str, float], None] | None = None) -> None:
-    """Compile (or load from the persistent cache), several at once, the one-row scoring program of
-    every length bucket a sequence of up to `max_len` tokens lands in, with `top_k` alternatives:
-    what the server's prompt scoring runs, so that no request compiles one while others stream."""
+            progress: Callable[[int, int, str, float], None] | None = None,
+            directory: Path | None = None) -> dict[tuple, jax.stages.Compiled]:
+    """The one-row scoring program of every length bucket a sequence of up to `max_len` tokens
+    lands in, with `top_k` alternatives: what the server's prompt scoring runs (pass them to
+    `score_batch`), so that no request compiles one while others stream. Compiled several at once
+    (or loaded from the persistent cache), or loaded from the executables stored in `directory`."""
     graphdef, params = nnx.split(model)
     buckets = steps.length_buckets(model.cfg.max_seq_len)
     needed = buckets[:buckets.index(steps.bucket_for(max_len, buckets)) + 1]
-    lowered = []
+    lower = types.SimpleNamespace(lower=partial(_score_padded.lower, graphdef))  # graphdef: in the key's context
+    calls = {}
     for bucket in needed:
         tokens, lengths, size = _padded([[0] * min(bucket, max_len)], buckets, SCORE_CHUNK, 1)
-        lowered.append((f"prompt scoring at {bucket} tokens",
-                        _score_padded.lower(graphdef, params, tokens, lengths, chunk=size, top_k=top_k)))
-    compile_in_threads(lowered, threads, progress)  # jit keeps each executable
+        calls[_program_id(tokens.shape, size, top_k)] = (f"prompt scoring at {bucket} tokens", lower,
+                                                         (params, tokens, lengths), {"chunk": size, "top_k": top_k})
+    return executables.build(calls, directory, repr(model.cfg), threads, progress)

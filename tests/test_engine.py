@@ -360,7 +360,9 @@ def test_restart_reuses_the_persistent_compilation_cache(tmp_path, tokenizer_pat
     first_hits, first_misses = warm_up()
     assert first_misses > 0 and first_hits == 0
     hits, misses = warm_up()
-    assert misses == 0 and hits == first_misses  # every warm-up program came from the cache
+    # nothing compiles: the serve programs load from the stored executables (test_executables.py),
+    # the small ones (empty state, reset, a row cleared) from JAX's cache
+    assert misses == 0 and 0 < hits < first_misses
 
 
 class BreaksAfter(OnlyTheseTokens):
