@@ -124,8 +124,8 @@ GiB = 2**30
 def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     """Llama-2-7B bf16 at tp 1, compiled here by XLA's GPU compiler for an H200 (no GPU). To keep
     CI short it compiles the two programs whose temporaries bound the plan, the longest (fresh)
-    prefill (1 x 4096) and the widest decode (8 slots) (all 29, 12 prefill shapes fresh and after
-    a cached prefix: docs/serving.md); weights and KV cache come from the full shapes'
+    prefill (1 x 4096) and the widest decode (8 slots) (all 33, 12 prefill shapes fresh and after
+    a cached prefix, 4 decode buckets for any rows and for greedy rows only: docs/serving.md); weights and KV cache come from the full shapes'
     shardings, compiled or not."""
     target, devices = platform.target("h200")
     assert target.device_kind == "NVIDIA H200 141GB HBM3e" and target.memory == 151397597184
