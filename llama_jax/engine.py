@@ -258,10 +258,10 @@ class Engine:
             self._process(*pending)
             pending = None
         if pending:  # constrained slots need their last token before the next mask: only they wait
-            self._process(*pending, which=lambda a: a.constraint is not None)
+            self._process(*pending, constrained=True)
         dispatched = self._dispatch(self._drafts() if speculating else None) if any(self.slots) else None
         if pending:
-            self._process(*pending, which=lambda a: a.constraint is None)
+            self._process(*pending, constrained=False)
         return dispatched
 
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -404,10 +404,12 @@ class Engine:
         return list(self.slots), result
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
-                 row_of: dict[int, int] | None = None, which: Callable[[RunningChoice], bool] = lambda a: True) -> None:
-        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for
-        the choices (those `which` selects) that still own their slot."""
-        if result is None or not any(a and which(a) for a in owners):
+                 row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
+        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for the
+        choices that still own their slot (with `constrained` given, only those with or without a constraint)."""
+        if constrained is not None:
+            owners = [a if a and (a.constraint is not None) == constrained else None for a in owners]
+        if result is None or not any(owners):
             return
         try:  # device errors of an asynchronously dispatched step surface here; a plain step has one position
             verify = isinstance(result, VerifyResult)
@@ -416,16 +418,19 @@ class Engine:
             log.exception("generate step failed")
             self._fail_running(f"generate step failed: {e}")
             return
+        slots = self.slots
         for slot, active in enumerate(owners):
-            if active is None or self.slots[slot] is not active or not which(active):
+            if active is None or slots[slot] is not active:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                if verify:
-                    active.verified(out.emitted[r] - 1, self.speculative)
-                    self.accepted_tokens += out.emitted[r] - 1
+                if not verify:  # a plain step: one token
+                    self._advance(slot, active, out, r, 0)
+                    continue
+                active.verified(out.emitted[r] - 1, self.speculative)
+                self.accepted_tokens += out.emitted[r] - 1
                 for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
-                    if self.slots[slot] is active:
+                    if slots[slot] is active:
                         self._advance(slot, active, out, r, j)
             except Exception as e:
                 log.exception("processing a token failed")

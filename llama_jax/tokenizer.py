@@ -389,7 +389,9 @@ class IncrementalDetokenizer:
             if text is None and not self._tokenizer.is_byte(token_id):
                 text = self._texts[token_id] = self._decode([token_id])
             if text is not None:
-                return self._emit(text)
+                if text:
+                    self._deltas.append(text)  # `_emit`, inlined: this is the per-token path
+                return text
         self._window.append(int(token_id))
         pending = self._pending_bytes()
         if pending == len(self._window):
