@@ -27,8 +27,9 @@ from llama_jax.attention import AttentionConfig
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
+from llama_jax.packed import pack
 from llama_jax.platform import Platform
-from llama_jax.sampling import SampleResult, SamplerState, SamplingParams
+from llama_jax.sampling import SamplerState, SamplingParams
 from llama_jax.sharding import cache_sharding, replicated
 
 
@@ -97,25 +98,37 @@ def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) ->
     return None if variants == (None,) else bool(np.any(np.asarray(starts)))
 
 
+def generate_variants(target: Platform) -> tuple[bool | None, ...]:
+    """The generate programs compiled per row bucket, by their static `greedy`. An accelerator gets
+    two, any rows (None) and greedy rows without alternatives (True: no sort, no top-k), chosen on
+    the host by the busy rows' requests; the CPU gets one, whose sampler skips both on the device
+    (`lax.cond`, no host round trip there): no more programs to compile at start-up."""
+    return (None,) if target.cpu else (None, True)
+
+
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
     """Every program serving runs on `config.platform` (default: the host's), as (kind, shape):
     one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape
-    where there are two), one generate per busy-slot bucket (and one verify per bucket with
-    speculation on), and the slot copy of the prefix cache. Warm-up compiles exactly these."""
-    variants = prefill_variants(platform.resolve(config.platform))
+    where there are two), one generate per busy-slot bucket and variant (`generate_variants`;
+    "greedy" in the shape of the second), one verify per bucket with speculation on, and the slot
+    copy of the prefix cache. Warm-up compiles exactly these."""
+    target = platform.resolve(config.platform)
+    variants = prefill_variants(target)
     return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
              for r, t in prefill_shapes(config, max_seq_len) for v in variants]
-            + [("generate", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
+            + [("generate", {"rows": r} | ({} if g is None else {"greedy": g}))
+               for r in steps.length_buckets(config.max_slots, 1) for g in generate_variants(target)]
             + [("verify", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1) if config.speculative.enabled]
             + [("copy", {})])
 
 
 def program_id(kind: str, args: tuple, static: dict) -> tuple:
     """Which of `program_shapes`' programs a call of `kind` with these arguments runs: a prefill
-    by its (rows, length) shape and variant, the others by their busy-slot bucket."""
+    by its (rows, length) shape and variant, the others by their busy-slot bucket (and a decode's
+    greedy variant)."""
     if kind == "prefill":
         return (kind, *np.shape(args[2]), static.get("suffix"))
-    return (kind, static.get("rows"))
+    return (kind, static.get("rows"), static.get("greedy") or None)
 
 
 def decode_state_shardings(cfg: LlamaConfig, mesh: Mesh | None) -> DecodeState:
@@ -153,7 +166,7 @@ def _scatter_rows(tree, slots: jax.Array, rows):
 
 def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, tokens: jax.Array, starts: jax.Array,
             lengths: jax.Array, slots: jax.Array, rows: SamplingParams, prompt_mask: jax.Array, allowed: jax.Array,
-            *, attn: AttentionConfig, branch_free: bool, suffix: bool | None = None) -> tuple[DecodeState, SampleResult]:
+            *, attn: AttentionConfig, branch_free: bool, suffix: bool | None = None) -> tuple[DecodeState, jax.Array]:
     """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
     `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
     suffix is given), and sample each row's first token there (with its sampling row, among its
@@ -175,35 +188,37 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
         tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
         sampler=_scatter_rows(state.sampler, slots, sampled),
         params=_scatter_rows(state.params, slots, rows),
-    ), result
+    ), pack(result)
 
 
 def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
-             *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, SampleResult]:
+             *, rows: int, attn: AttentionConfig, branch_free: bool, greedy: bool | None = None
+             ) -> tuple[DecodeState, jax.Array]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` [slots, vocab] tokens. Slots past `rows` are idle and cost nothing; each busy slot
-    reads its own keys in place up to its length, so the cost follows the real context."""
+    `allowed` [slots, vocab] tokens, returned `pack`ed. Slots past `rows` are idle and cost nothing;
+    each busy slot reads its own keys in place up to its length, so the cost follows the real context.
+    `greedy` (static, `generate_variants`): every busy row is greedy without alternatives, so the
+    sampler takes the argmax alone (no sort, no top-k, nothing of them copied)."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
     logits = replicate(logits, attn.mesh)
     result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows],
-                                      branch_free=branch_free)
+                                      branch_free=branch_free, greedy_only=bool(greedy))
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[:rows].set(result.tokens),
         sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
         params=state.params,
-    ), result
+    ), pack(result)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
-    """What one verify step returns per slot: the sampled token at each of its k + 1 positions
-    (`SampleResult` fields with a position axis after the row) and how many lead the output."""
+    """What one verify step returns: per slot, the sampled token at each of its k + 1 positions
+    and how many lead the output (1 + the drafted tokens accepted), `pack`ed."""
 
-    sampled: SampleResult  # tokens [rows, k + 1], logprobs [rows, k + 1], top_* [rows, k + 1, top]
-    emitted: jax.Array  # int32 [rows]: 1 + the drafted tokens accepted; the first `emitted` samples are the output
+    packed: jax.Array  # int32 [rows, k + 1, PACKED_COLUMNS]
 
 
 def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts: jax.Array, n_drafts: jax.Array,
@@ -256,7 +271,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
         tokens=state.tokens.at[:rows].set(last),
         sampler=jax.tree.map(lambda a, n: a.at[:rows].set(n), state.sampler, new_sampler),
         params=state.params,
-    ), VerifyResult(sampled, emitted)
+    ), VerifyResult(pack(sampled, emitted))
 
 
 def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
@@ -298,14 +313,15 @@ class Programs:
     state donated and its shardings fixed on output (so a step updates the state in place and
     never hands the next one a differently placed state, which would recompile)."""
 
-    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, result)
-    generate: Callable  # (params, state, allowed, *, rows) -> (state, result)
+    prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, packed)
+    generate: Callable  # (params, state, allowed, *, rows, greedy) -> (state, packed: packed.py)
     verify: Callable  # (params, state, drafts, n_drafts, allowed, *, rows) -> (state, VerifyResult)
     copy: Callable  # (cache, source, slot) -> cache
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
     shardings: DecodeState
     prefill_variants: tuple[bool | None, ...]  # the values of prefill's static `suffix` compiled
+    generate_variants: tuple[bool | None, ...]  # the values of generate's static `greedy` compiled
 
     @staticmethod
     def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
@@ -320,11 +336,11 @@ class Programs:
         return Programs(
             prefill=jax.jit(partial(prefill, graphdef, **static), static_argnames="suffix", donate_argnames="state",
                             out_shardings=(shardings, None)),
-            generate=jax.jit(partial(generate, graphdef, **static), static_argnames="rows", donate_argnames="state",
+            generate=jax.jit(partial(generate, graphdef, **static), static_argnames=("rows", "greedy"), donate_argnames="state",
                              out_shardings=(shardings, None)),
             verify=jax.jit(partial(verify, graphdef, **static), static_argnames="rows", donate_argnames="state",
                            out_shardings=(shardings, None)),
             copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
-            shardings=shardings, prefill_variants=prefill_variants(target))
+            shardings=shardings, prefill_variants=prefill_variants(target), generate_variants=generate_variants(target))

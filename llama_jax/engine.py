@@ -36,11 +36,13 @@ from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
                               program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
+from llama_jax.outbox import Outbox
+from llama_jax.packed import StepTokens, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, sampling_row,
                                validate)
-from llama_jax.sampling import SampleResult, SamplingParams
+from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineConfig"]
@@ -78,6 +80,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._outbox = Outbox()  # asyncio consumers' events, handed over once per iteration
         programs = self._programs = Programs.build(self.graphdef, cfg, config, mesh)
         # compiled programs stored beside the compilation cache (executables.py); also scoring's
         self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
@@ -86,7 +89,7 @@ class Engine:
         self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
-        self._prefill_variants = programs.prefill_variants
+        self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.generate_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
             np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
@@ -127,7 +130,7 @@ class Engine:
         stop_ids = self.stop_ids(request)
         rows = [sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
                 for i in range(request.n)]  # range errors name the field
-        handle = RequestHandle(request, loop)
+        handle = RequestHandle(request, loop, self._outbox)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
             if self._stopping:
@@ -191,8 +194,9 @@ class Engine:
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
                 self._programs.prefill, args, static
         if kind == "generate":
-            return (f"decode {shape['rows']} slots", self._programs.generate, (self.params, self._state, self._everything),
-                    {"rows": shape["rows"]})
+            return (f"decode {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
+                    self._programs.generate, (self.params, self._state, self._everything),
+                    {"rows": shape["rows"], "greedy": shape.get("greedy")})
         if kind == "verify":
             drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
             return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._programs.verify,
@@ -226,7 +230,7 @@ class Engine:
             self._wake.notify()
 
     def _run(self) -> None:
-        pending: tuple[list[RunningChoice | None], SampleResult] | None = None
+        pending: tuple[list[RunningChoice | None], jax.Array | VerifyResult] | None = None
         while True:
             with self._wake:
                 while not (self._stopping or self._queue or any(self.slots) or pending):
@@ -246,11 +250,14 @@ class Engine:
                     with self._wake:
                         self._stopping = True
                     break
+            finally:
+                self._outbox.flush()
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for handle in {a.handle for a in self.slots if a} | set(queued):
             handle.put(Event(choice=0, error=self.error or "the engine stopped"))
             handle.put(None)
+        self._outbox.flush()
 
     def _iterate(self, pending):
         """One scheduler iteration: admit, dispatch a step, process the previous one. Drafts follow
@@ -262,10 +269,10 @@ class Engine:
             self._process(*pending)
             pending = None
         if pending:  # constrained slots need their last token before the next mask: only they wait
-            self._process(*pending, which=lambda a: a.constraint is not None)
+            self._process(*pending, constrained=True)
         dispatched = self._dispatch(self._drafts() if speculating else None) if any(self.slots) else None
         if pending:
-            self._process(*pending, which=lambda a: a.constraint is None)
+            self._process(*pending, constrained=False)
         return dispatched
 
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -380,10 +387,10 @@ class Engine:
         self._release(row.handle, f"admission failed: {error}" if first else None)
 
     def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> tuple[list[RunningChoice | None], SampleResult | VerifyResult]:
+                  ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
         """Launch one generate step for the busy slots, or a verify step of their `drafts` (and draft
         counts); its tokens are copied to the host asynchronously. Slots are taken lowest first, so
-        the busy ones sit in a prefix whose bucketed size sets the batch."""
+        the busy ones sit in a prefix whose bucketed size sets the batch (one packed array: packed.py)."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         allowed = self._everything
         if any(a and a.constraint for a in self.slots):
@@ -399,47 +406,52 @@ class Engine:
                 return [None] * len(self.slots), None
             allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
         if drafts is None:
-            self._state, result = self._generate(self.params, self._state, allowed, rows=rows)
+            lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
+            self._state, result = self._generate(self.params, self._state, allowed, rows=rows, greedy=lean or None)
         else:
             self._state, result = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
         for leaf in jax.tree.leaves(result):
             leaf.copy_to_host_async()
         return list(self.slots), result
 
-    def _process(self, owners: list[RunningChoice | None], result: SampleResult | VerifyResult | None,
-                 row_of: dict[int, int] | None = None, which: Callable[[RunningChoice], bool] = lambda a: True) -> None:
-        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for
-        the choices (those `which` selects) that still own their slot."""
-        if result is None or not any(a and which(a) for a in owners):
+    def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
+                 row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
+        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for the
+        choices that still own their slot (with `constrained` given, only those with or without a constraint)."""
+        if constrained is not None:
+            owners = [a if a and (a.constraint is not None) == constrained else None for a in owners]
+        if result is None or not any(owners):
             return
         try:  # device errors of an asynchronously dispatched step surface here; a plain step has one position
             verify = isinstance(result, VerifyResult)
-            emitted = np.asarray(result.emitted) if verify else None
-            sampled = result.sampled if verify else result
-            tokens, logprobs, top_ids, top_lp = (np.asarray(x) if verify else np.asarray(x)[:, None] for x in
-                                                 (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
+            out = unpack(np.asarray(result.packed if verify else result))
         except Exception as e:
             log.exception("generate step failed")
             self._fail_running(f"generate step failed: {e}")
             return
+        slots = self.slots
         for slot, active in enumerate(owners):
-            if active is None or self.slots[slot] is not active or not which(active):
+            if active is None or slots[slot] is not active:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                if verify:
-                    active.verified(int(emitted[r]) - 1, self.speculative)
-                    self.accepted_tokens += int(emitted[r]) - 1
-                for j in range(emitted[r] if verify else 1):  # until the choice finishes: the rest is cut as a plain step would
-                    if self.slots[slot] is active:
-                        self._advance(slot, active, int(tokens[r, j]), float(logprobs[r, j]), top_ids[r, j], top_lp[r, j])
+                if not verify:  # a plain step: one token
+                    self._advance(slot, active, out, r, 0)
+                    continue
+                active.verified(out.emitted[r] - 1, self.speculative)
+                self.accepted_tokens += out.emitted[r] - 1
+                for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
+                    if slots[slot] is active:
+                        self._advance(slot, active, out, r, j)
             except Exception as e:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")
 
-    def _advance(self, slot: int, active: RunningChoice, token: int, logprob: float, top_ids, top_lp) -> None:
+    def _advance(self, slot: int, active: RunningChoice, out: StepTokens, r: int, j: int) -> None:
+        """Row `r`'s token at position `j` of a step to `active` in `slot`: its event, and the slot freed once it finishes."""
         k = active.handle.request.top_logprobs
-        event = active.step(TokenLogprob(token, logprob, tuple(zip(top_ids[:k].tolist(), top_lp[:k].tolist()))))
+        top = tuple(zip(out.top_ids[r, j, :k].tolist(), out.top_logprobs[r, j, :k].tolist())) if k else ()
+        event = active.step(TokenLogprob(out.tokens[r][j], out.logprobs[r][j], top))
         active.handle.put(event)
         if event.finish_reason:
             self._free(slot)

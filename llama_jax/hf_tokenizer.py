@@ -67,6 +67,7 @@ class HFTokenizer:
         self._specials = frozenset(self.special_ids.values())
         self.byte_level = "ByteLevel" in json.dumps(json.loads(tok.to_str()).get("decoder"))
         self._alphabet = byte_alphabet()
+        self.piece_texts: dict[int, str] = {}  # IncrementalDetokenizer's memo (SentencePiece-style vocabularies)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no BOS/EOS; special-token text stays text."""

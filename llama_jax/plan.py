@@ -218,7 +218,8 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
                 params, state, i32(config.max_slots, k), i32(config.max_slots), allowed, rows=shape["rows"])))
         else:
             allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
-            lowered.append((f"generate {shape['rows']} slots", programs.generate.lower(params, state, allowed, rows=shape["rows"])))
+            lowered.append((f"generate {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
+                            programs.generate.lower(params, state, allowed, rows=shape["rows"], greedy=shape.get("greedy"))))
 
     report = (lambda done, total, name, seconds: progress(name, seconds)) if progress else None
     built = compile_in_threads(lowered, progress=report, **(options or {}))

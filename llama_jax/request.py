@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, make_params
+from llama_jax.outbox import Outbox
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params
 from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
@@ -80,14 +81,14 @@ class Request:
     speculative: bool | None = None  # prompt-lookup speculation (speculative.py); None: the engine's default
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: one is made per token, and a frozen one costs 3x as much
 class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen, like TokenLogprob: one per token
 class Event:
     """Progress of one choice: new text, the tokens generated since the last event, and at the end
     a `finish_reason` ("stop" or "length"), or `error` if the engine failed this request."""
@@ -159,8 +160,10 @@ class RequestHandle:
     engine step.
     """
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None, outbox: Outbox | None = None):
+        """With an `outbox` (the engine's), events for `loop` wait there until the engine flushes it."""
         self.request = request
+        self.outbox = outbox
         self.id = next(_ids)
         self.prompt_tokens = len(request.prompt)
         self.cached_tokens = 0  # set by the engine at admission, before the first event
@@ -208,6 +211,8 @@ class RequestHandle:
         """Called by the engine thread; None ends the stream."""
         if self._loop is None:
             self._queue.put(event)
+        elif self.outbox is not None:
+            self.outbox.put(self._loop, self._queue.put_nowait, event)
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
@@ -258,7 +263,7 @@ class ChoiceText:
         """Feed a token; returns (text safe to emit, whether a stop string was hit). With `stops`
         false (before `min_tokens`) no stop string is looked for and nothing is held back."""
         text = self._held + self._detok.add(token_id)
-        if not stops:
+        if not stops or not self._stop:
             self._held = ""
             return text, False
         return self._release(text)
@@ -297,6 +302,10 @@ class RunningChoice:
     speculative: bool = False  # drafts are proposed for it (speculative.py)
     drafting: Drafting = Drafting()  # its recent acceptance and backoff
     draft: int = 0  # tokens drafted for the step in flight (0: none)
+
+    def lean(self) -> bool:
+        """Greedy with no alternatives reported: a step of such rows needs neither a draw nor a top-k."""
+        return self.handle.request.sampling.temperature < MIN_TEMPERATURE and not self.handle.request.top_logprobs
 
     def drafts_now(self) -> bool:
         return self.speculative and self.drafting.may_draft(self.generated)

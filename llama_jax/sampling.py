@@ -211,7 +211,7 @@ def _exponential_noise(keys: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(lambda k: -jnp.log(jax.random.uniform(k, (vocab,), minval=tiny, maxval=1.0)))(keys)
 
 
-@partial(jax.jit, static_argnames=("num_top_logprobs", "branch_free"))
+@partial(jax.jit, static_argnames=("num_top_logprobs", "branch_free", "greedy_only"))
 def sample(
     logits: jax.Array,
     params: SamplingParams,
@@ -220,12 +220,15 @@ def sample(
     *,
     num_top_logprobs: int = MAX_TOP_LOGPROBS,
     branch_free: bool = False,
+    greedy_only: bool = False,
 ) -> tuple[SampleResult, SamplerState]:
     """Sample one token per row of logits [rows, vocab]; returns the result and the advanced state.
 
     Compiles once per (shapes, mask given or not, num_top_logprobs, branch_free); parameter
     values never recompile. The new state counts the sampled tokens and has step + 1 in every
-    row. `branch_free` selects the sort-based, control-flow-free path for accelerators.
+    row. `branch_free` selects the sort-based, control-flow-free path for accelerators;
+    `greedy_only` (the caller knows every row is greedy and none reports alternatives) drops the
+    draw and the top-k: the argmax alone, no sort, and top fields of width 0.
     """
     x = apply_logit_bias(logits.astype(jnp.float32), params)
     rows = x.shape[0]
@@ -250,7 +253,10 @@ def sample(
         return tuple(lax.top_k(logprobs, num_top_logprobs))
 
     argmax = _argmax(x)
-    if branch_free:
+    if greedy_only:
+        tokens = argmax.astype(jnp.int32)
+        top_logprobs, top_ids = jnp.zeros((rows, 0), jnp.float32), jnp.zeros((rows, 0), jnp.int32)
+    elif branch_free:
         tokens = jnp.where(greedy, argmax, draw()).astype(jnp.int32)
         top_logprobs, top_ids = top()
     else:  # an all-greedy batch skips the noise and truncation (half the sampler's time on CPU)

@@ -46,6 +46,7 @@ class Tokenizer:
         self.vocab_size: int = self._sp.get_piece_size()
         self.chat_template = chat_template
         self.special_ids = {"<s>": self.bos_id, "</s>": self.eos_id}  # what `encode_with_specials` reads as ids
+        self.piece_texts: dict[int, str] = {}  # IncrementalDetokenizer's memo: a non-byte piece's text after text
         if chat_template:
             self.special_tokens = {"bos_token": self.id_to_piece(self.bos_id), "eos_token": self.id_to_piece(self.eos_id)}
 
@@ -349,6 +350,7 @@ class IncrementalDetokenizer:
         self._window: list[int] = []  # ids whose text is not settled yet (at most 3 bytes between calls)
         self._after_visible = after_text  # whether a non-control id precedes the window
         self._deltas: list[str] = []
+        self._texts: dict[int, str] = tokenizer.piece_texts  # shared by every stream of the tokenizer
 
     @property
     def text(self) -> str:
@@ -382,6 +384,14 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one generated id; return the newly settled text (possibly "")."""
+        if not self._window and self._after_visible:  # the common case: a whole piece after text, memoized
+            text = self._texts.get(token_id)
+            if text is None and not self._tokenizer.is_byte(token_id):
+                text = self._texts[token_id] = self._decode([token_id])
+            if text is not None:
+                if text:
+                    self._deltas.append(text)  # `_emit`, inlined: this is the per-token path
+                return text
         self._window.append(int(token_id))
         pending = self._pending_bytes()
         if pending == len(self._window):

@@ -270,12 +270,24 @@ def metrics(live) -> dict[str, float]:
     return samples
 
 
-def streaming(live, n: int, stop: threading.Event) -> None:
-    body = {"model": DEMO, "messages": HELLO, "max_tokens": 400, "n": n, "stream": True, "logit_bias": NO_EOS}
+def streaming(live, n: int, stop: threading.Event, ended: threading.Event) -> None:
+    """A stream of `n` choices to the end of the context, unless `stop` is set first (leaving cancels
+    the request); `ended` is set once it ran to its end."""
+    body = {"model": DEMO, "messages": HELLO, "n": n, "stream": True, "logit_bias": NO_EOS}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
         for _ in r.iter_lines():
             if stop.is_set():
-                return  # leaving cancels the request
+                return
+    ended.set()
+
+
+def wait_for(live, name: str, value: float) -> dict[str, float]:
+    """Scrape /metrics until the sample `name` reaches `value` (30 s at most); that scrape."""
+    deadline = time.time() + 30
+    while (now := metrics(live))[name] < value:
+        assert time.time() < deadline, (name, now[name], value)
+        time.sleep(0.01)
+    return now
 
 
 def test_router_metrics_with_the_model_name_label(live):
@@ -286,21 +298,15 @@ def test_router_metrics_with_the_model_name_label(live):
                        ("e2e_request_latency_seconds", "histogram"), ("prompt_tokens_total", "counter"),
                        ("completion_tokens_total", "counter")):
         assert f"# TYPE llama_jax_{name} {kind}" in text, name
-    stop, threads = threading.Event(), []
-    try:
-        for n in (2, 2, 2, 2, 1):  # 8 slots taken by 4 requests, the fifth waits
-            threads.append(threading.Thread(target=streaming, args=(live, n, stop), daemon=True))
-            if n == 1:  # the four start together, so none can finish before the fifth arrives on a loaded box
-                deadline = time.time() + 60
-                while metrics(live)[f"llama_jax_busy_slots{label}"] < 8:
-                    assert time.time() < deadline, "the four requests never took the 8 slots"
-                    time.sleep(0.05)
+    stop, threads, ended = threading.Event(), [], []
+    try:  # 8 slots taken by 4 requests, the fifth waits; a stream's first line (its role) comes before its
+        for i, n in enumerate((2, 2, 2, 2, 1)):  # admission, so each step waits for the gauges themselves
+            ended.append(threading.Event())
+            threads.append(threading.Thread(target=streaming, args=(live, n, stop, ended[-1]), daemon=True))
             threads[-1].start()
-        deadline = time.time() + 30
-        while (busy := metrics(live))[f"llama_jax_num_requests_waiting{label}"] < 1:
-            assert time.time() < deadline, "the fifth request never queued"
-            time.sleep(0.05)
-        # one scrape's view of that moment (a later scrape could see a stream ended and the fifth admitted)
+            busy = wait_for(live, f"llama_jax_busy_slots{label}" if n == 2 else f"llama_jax_num_requests_waiting{label}",
+                            2 * (i + 1) if n == 2 else 1)  # one scrape: the gauges of one moment
+        assert not any(e.is_set() for e in ended)  # each stream runs to the end of the context (about 500 tokens)
         assert busy[f"llama_jax_num_requests_running{label}"] == 4  # requests, not slots
         assert busy[f"llama_jax_kv_cache_usage_perc{label}"] == 1.0  # 8 busy slots of 8
         assert busy[f"llama_jax_busy_slots{label}"] == 8

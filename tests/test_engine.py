@@ -232,6 +232,7 @@ def test_a_failing_request_does_not_stop_the_others(model, tokenizer_path):
         prompt = [1, 450, 4996]
         doomed = engine.generate([prompt], max_tokens=8, sampling=SamplingOptions(temperature=0))[0]
         tokenizer.bad_id = ids(doomed)[4]
+        tokenizer.piece_texts.clear()  # the detokenizer's memo of piece texts: decode the bad id afresh
         healthy = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=30, stop_token_ids=[]))
         failing = engine.submit(Request(prompt=prompt, max_tokens=8, sampling=SamplingOptions(temperature=0)))
         with pytest.raises(Exception, match="injected fault"):

@@ -33,17 +33,18 @@ def test_host_sync_ops_counts_conditionals_and_unknown_trip_counts():
 def test_no_host_synchronising_control_flow_in_gpu_serve_programs(tp, kv_heads, kernels):
     target, devices = platform.target("h200", tp)
     cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, n_kv_heads=kv_heads)
-    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 4 programs
+    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 5 programs
     report = plan.plan(cfg, config, plan.target_mesh(devices))
     programs = report["per_program"]
-    # prefill fresh and after a cached prefix, generate, slot copy
-    assert sorted(programs) == ["generate 1 slots", "prefill 1 x 256", "prefill 1 x 256 (suffix)", "slot copy"]
+    # prefill fresh and after a cached prefix, generate any rows and greedy rows only, slot copy
+    assert sorted(programs) == ["generate 1 slots", "generate 1 slots (greedy)", "prefill 1 x 256",
+                                "prefill 1 x 256 (suffix)", "slot copy"]
     assert len(programs) == len(program_shapes(config, 256))
     for name, p in programs.items():
         assert (p["conditionals"], p["dynamic_whiles"]) == (0, 0), name
     assert programs["prefill 1 x 256"]["kernels"] == kernels["prefill"]
     assert programs["prefill 1 x 256 (suffix)"]["kernels"] == kernels["suffix"]
-    assert programs["generate 1 slots"]["kernels"] == kernels["generate"]
+    assert programs["generate 1 slots"]["kernels"] == programs["generate 1 slots (greedy)"]["kernels"] == kernels["generate"]
 
 
 def test_cpu_keeps_one_prefill_per_shape_and_its_data_dependent_loops():

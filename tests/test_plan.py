@@ -124,8 +124,8 @@ GiB = 2**30
 def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     """Llama-2-7B bf16 at tp 1, compiled here by XLA's GPU compiler for an H200 (no GPU). To keep
     CI short it compiles the two programs whose temporaries bound the plan, the longest (fresh)
-    prefill (1 x 4096) and the widest decode (8 slots) (all 29, 12 prefill shapes fresh and after
-    a cached prefix: docs/serving.md); weights and KV cache come from the full shapes'
+    prefill (1 x 4096) and the widest decode (8 slots) (all 33, 12 prefill shapes fresh and after
+    a cached prefix, 4 decode buckets for any rows and for greedy rows only: docs/serving.md); weights and KV cache come from the full shapes'
     shardings, compiled or not."""
     target, devices = platform.target("h200")
     assert target.device_kind == "NVIDIA H200 141GB HBM3e" and target.memory == 151397597184
@@ -165,16 +165,17 @@ def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
 
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys):
     """`llama-jax plan --target h100 --tp 8` for Llama-2-70B over 8 abstract H100s, through the CLI
-    (one slot of 16 tokens: four programs, prefill fresh and after a cached prefix, decode and slot
-    copy; the same kernels as any length)."""
+    (one slot of 16 tokens: five programs, prefill fresh and after a cached prefix, decode, greedy
+    decode and slot copy; the same kernels as any length)."""
     assert cli.main(["plan", "--target", "h100", "--tp", "8", "--preset", "llama-2-70b", "--dtype", "auto",
                      "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 4
+    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 5
     whole = param_count(preset("llama-2-70b")) * 2  # auto: bf16 on a GPU
     assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
     assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]
     assert report["per_program"]["generate 1 slots"]["kernels"] == ["triton:decode_attention"]  # per device, shard_map
+    assert report["per_program"]["generate 1 slots (greedy)"]["kernels"] == ["triton:decode_attention"]
     assert report["per_program"]["prefill 1 x 16 (suffix)"]["kernels"] == []  # the XLA loop over the cache
     assert all(p["conditionals"] == p["dynamic_whiles"] == 0 for p in report["per_program"].values())
     assert report["kernels"] == ["cudnn:fmha", "triton:decode_attention"]

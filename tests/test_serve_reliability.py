@@ -25,6 +25,7 @@ HELLO = [{"role": "user", "content": "Hello!"}]
 NO_EOS = {"2": -100}  # the demo's end of turn banned: a stream runs to its length (or the drain's cut)
 SMALL = ["--demo", "--max-slots", "6", "--max-seq-len", "1024", "--max-prefill-tokens", "128", "--no-scoring-warmup"]
 KEEP_ALIVE_S = 2.0
+LONG_INPUTS = ("Hello!", "Tell me a story.", "Count to ten.", "Write a poem.", "Hi", "What is JAX?")
 ROUTES = [f"{api}-{mode}" for api in ("chat", "completions", "responses") for mode in ("stream", "plain")]
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses"}
 
@@ -38,19 +39,19 @@ def serve(cache, *args: str) -> ServeProcess:
     return ServeProcess(cache, *SMALL, "--keep-alive-timeout", str(KEEP_ALIVE_S), *args)
 
 
-def body_of(route: str, max_tokens: int) -> dict:
+def body_of(route: str, max_tokens: int, long_input: str) -> dict:
     """A request of `route` that runs to `max_tokens`: chat and completions ban the end of turn; the
-    Responses API has no logit_bias, and its greedy reply to this input never ends early."""
+    Responses API has no logit_bias, so it is greedy on `long_input` (the `long_input` fixture)."""
     api, stream = route.split("-")[0], route.endswith("stream")
     if api == "responses":
-        return {"model": DEMO, "input": "Hello!", "max_output_tokens": max_tokens, "temperature": 0, "stream": stream}
+        return {"model": DEMO, "input": long_input, "max_output_tokens": max_tokens, "temperature": 0, "stream": stream}
     return {"model": DEMO, "max_tokens": max_tokens, "logit_bias": NO_EOS, "stream": stream,
             **({"messages": HELLO} if api == "chat" else {"prompt": "Once upon a time"})}
 
 
-def request(url: str, route: str, max_tokens: int, out: dict) -> None:
+def request(url: str, route: str, max_tokens: int, long_input: str, out: dict) -> None:
     """One request of `route` (chat, completions or responses; stream or plain), read to its end."""
-    body = body_of(route, max_tokens)
+    body = body_of(route, max_tokens, long_input)
     raw = b""
     with httpx.stream("POST", url + PATHS[route.split("-")[0]], json=body, timeout=120) as r:
         out["status"], out["type"] = r.status_code, r.headers.get("content-type", "")
@@ -59,10 +60,10 @@ def request(url: str, route: str, max_tokens: int, out: dict) -> None:
     out["raw"] = raw
 
 
-def start_all(server: ServeProcess, max_tokens: int) -> tuple[list[threading.Thread], dict[str, dict]]:
+def start_all(server: ServeProcess, max_tokens: int, long_input: str) -> tuple[list[threading.Thread], dict[str, dict]]:
     """One request per route, all running at once (a slot each) when this returns."""
     results: dict[str, dict] = {route: {} for route in ROUTES}
-    threads = [threading.Thread(target=request, args=(server.url, route, max_tokens, results[route]))
+    threads = [threading.Thread(target=request, args=(server.url, route, max_tokens, long_input, results[route]))
                for route in ROUTES]
     for t in threads:
         t.start()
@@ -149,6 +150,18 @@ def server(cache):
     process = serve(cache, "--drain-timeout", "60")
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def long_input(server) -> str:
+    """A Responses input whose greedy reply runs to 1,000 tokens here, found by asking: the demo's
+    tokenizer is trained on the package's source, so any edit to it changes which replies end early."""
+    for text in LONG_INPUTS:
+        body = {"model": DEMO, "input": text, "max_output_tokens": 1000, "temperature": 0}
+        reply = httpx.post(server.url + PATHS["responses"], json=body, timeout=300).json()
+        if reply["incomplete_details"] == {"reason": "max_output_tokens"}:
+            return text
+    pytest.fail(f"the demo's greedy reply ends before 1,000 tokens for every one of {LONG_INPUTS}")
 
 
 def big_schema(properties: int, description: int) -> dict:
@@ -239,13 +252,14 @@ def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
 # ------------------------------------------------------------------------------------ the SIGTERM matrix: a server each
 
 
-def sigterm(cache, drain_timeout: str, max_tokens: int, again: bool = False) -> tuple[ServeProcess, dict, int, float]:
+def sigterm(cache, long_input: str, drain_timeout: str, max_tokens: int, again: bool = False
+            ) -> tuple[ServeProcess, dict, int, float]:
     """A server of its own running one request per route, sent SIGTERM (checked to refuse new work
     while draining), and a second SIGTERM when `again`. Returns (server, each route's result, exit
     status, seconds from the last signal to the exit)."""
     server = serve(cache, "--drain-timeout", drain_timeout)
     try:
-        threads, results = start_all(server, max_tokens=max_tokens)
+        threads, results = start_all(server, max_tokens, long_input)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3 if again else 0.1)
         check_refused_while_draining(server)
@@ -261,23 +275,23 @@ def sigterm(cache, drain_timeout: str, max_tokens: int, again: bool = False) -> 
     return server, results, status, took
 
 
-def test_sigterm_drains_every_route(cache):
+def test_sigterm_drains_every_route(cache, long_input):
     """One request per route, all finished by the drain; new ones refused meanwhile."""
-    server, results, status, _ = sigterm(cache, "60", max_tokens=300)
+    server, results, status, _ = sigterm(cache, long_input, "60", max_tokens=300)
     assert status == 0
     check_finished(results)
     assert re.search(r"SIGTERM: shutting down; 6 requests finished in", clean_log(server))
 
 
-def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache):
-    server, results, status, _ = sigterm(cache, "0.5", max_tokens=1000)
+def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache, long_input):
+    server, results, status, _ = sigterm(cache, long_input, "0.5", max_tokens=1000)
     assert status == 0
     check_cut(results)
     assert "0 of 6 requests finished, 6 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
 
 
-def test_a_second_sigterm_ends_at_once_with_status_1(cache):
-    server, results, status, took = sigterm(cache, "600", max_tokens=1000, again=True)
+def test_a_second_sigterm_ends_at_once_with_status_1(cache, long_input):
+    server, results, status, took = sigterm(cache, long_input, "600", max_tokens=1000, again=True)
     assert status == 1 and took < 10
     check_cut(results)
     log = clean_log(server)

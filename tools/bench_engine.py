@@ -130,7 +130,7 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
         for max_len in samples:
             start = time.perf_counter()
             states[max_len], result = programs[max_len](params, states[max_len], allowed, rows=slots)
-            result.tokens.block_until_ready()
+            result.block_until_ready()
             if i >= 3:  # the first calls compile and warm the caches
                 samples[max_len].append(time.perf_counter() - start)
             states[max_len] = dataclasses.replace(  # stay at the same context

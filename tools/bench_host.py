@@ -5,8 +5,9 @@ the device step is short (tiny-gqa: 2 layers, the real 32000-piece vocabulary an
 Host time is the CPU time of the engine's scheduler thread (`pthread_getcpuclockid`) over a run,
 divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored): admission,
 dispatch, the host copies of each step's results, detokenizing, stop strings, events, and the
-constrained slot's mask and matcher. XLA:CPU runs the programs on its own threads, so the device
-work is not in it; the wall time per step is reported beside it. Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds
+constrained slot's mask and matcher. XLA:CPU runs much of each program in the dispatching
+thread (its CPU time per call grows with the rows: docs/benchmarks.md), so on a CPU part of the
+device work is in it too; the wall time per step is reported beside it. Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds
 <= 10 % to a step.
 """
 
