@@ -4,9 +4,10 @@ Grammars (written by grammar.py and tools.py) are compiled by llguidance (a Rust
 lazy lexer; an abi3 wheel with no dependencies) against a token table built from our
 SentencePiece model (vocabulary.py): no HF `tokenizers`/transformers at run time. Each choice
 gets a `GrammarConstraint` (the engine's `Constraint` protocol): `fill_mask()` writes llguidance's
-token mask for the next step (a few us on the Llama 2 vocabulary), packed (bitmask.py) straight
-into the engine's buffer, narrowed by the budget rule below, `advance()` feeds the sampled token, and `done()` is true once the grammar is complete
-and nothing else may follow.
+token mask for the next step, packed (bitmask.py), straight into the engine's buffer (a few us
+to ~150 us on the Llama 2 vocabulary, by grammar), narrowed by the budget rule below;
+`advance()` feeds the sampled token, and `done()` is true once the grammar is complete and
+nothing else may follow.
 
 SentencePiece drops the leading "▁" of the first piece when decoding, so every grammar starts
 with an optional single space; the first step never allows the <0x20> byte piece (whose space
