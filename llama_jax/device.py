@@ -189,15 +189,17 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allo
              *, rows: int, attn: AttentionConfig, branch_free: bool, greedy: bool | None = None
              ) -> tuple[DecodeState, jax.Array]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` tokens (packed `[rows, words]`: bitmask.py), returned `pack`ed. Slots past `rows` are idle and cost nothing;
-    each busy slot reads its own keys in place up to its length, so the cost follows the real context.
+    `allowed` tokens (packed `[rows, words]`: bitmask.py), returned `pack`ed. Slots past `rows`
+    are idle and cost nothing; each busy slot reads its own keys in place up to its length, so
+    the cost follows the real context.
     `greedy` (static, `generate_variants`): every busy row is greedy without alternatives, so the
     sampler takes the argmax alone (no sort, no top-k, nothing of them copied)."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
     logits = replicate(logits, attn.mesh)
-    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), bitmask.expand(allowed, logits.shape[-1]),
-                                      branch_free=branch_free, greedy_only=bool(greedy))
+    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler),
+                                      bitmask.expand(allowed, logits.shape[-1]), branch_free=branch_free,
+                                      greedy_only=bool(greedy))
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[:rows].set(result.tokens),
@@ -248,8 +250,8 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     spread = lambda a: flat(jnp.broadcast_to(a[:, None], (rows, width, *a.shape[1:])))
     at_positions = sampling.SamplerState(counts=flat(counts), prompt_mask=spread(sampler.prompt_mask),
                                          step=flat(sampler.step[:, None] + offsets[None]))
-    result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions, bitmask.expand(spread(allowed), vocab),
-                                branch_free=branch_free)
+    result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions,
+                                bitmask.expand(spread(allowed), vocab), branch_free=branch_free)
     sampled = jax.tree.map(lambda a: a.reshape(rows, width, *a.shape[1:]), result)
     drafted = offsets[None, :k] < jnp.minimum(n_drafts[:rows], k)[:, None]
     agree = (sampled.tokens[:, :k] == drafts[:rows]) & drafted
