@@ -22,13 +22,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import attention, kv_cache, platform, sampling, sharding, steps
+from llama_jax import attention, bitmask, kv_cache, platform, sampling, sharding, steps
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import Llama
 from llama_jax.packed import pack
 from llama_jax.platform import Platform
+from llama_jax.request import Constraint
 from llama_jax.sampling import SamplerState, SamplingParams
 from llama_jax.sharding import cache_sharding, replicated
 
@@ -65,24 +66,25 @@ def smallest_prefill_shape(shapes: Sequence[tuple[int, int]], prompts: Sequence[
 
 
 def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
-                   rows: Sequence[SamplingParams], allowed: Sequence[np.ndarray | None], shape: tuple[int, int],
+                   rows: Sequence[SamplingParams], constraints: Sequence[Constraint | None], shape: tuple[int, int],
                    pad_id: int, vocab: int, max_slots: int) -> tuple:
     """The host arrays of one prefill: each prompt's tokens from its start into its slot, padded to
     the compiled `shape` (padding rows go to slot `max_slots`: they write nothing), with its
-    sampling row, prompt-token mask and `allowed` mask (None: every token). Returns (tokens,
-    starts, lengths, slots, sampling params, prompt mask, allowed mask), the prefill's order."""
+    sampling row, prompt-token mask and allowed tokens (its constraint's packed mask; None: every
+    token). Returns (tokens, starts, lengths, slots, sampling params, prompt mask, allowed masks),
+    the prefill's order."""
     n_rows, bucket = shape
     pad = n_rows - len(prompts)
     tokens, lengths = steps.pad_prompts([*[p[s:] for p, s in zip(prompts, starts)], *[[pad_id]] * pad], bucket)
-    allowed_mask = np.ones((n_rows, vocab), bool)
+    allowed = bitmask.everything(n_rows, vocab)
     prompt_mask = np.zeros((n_rows, vocab), bool)
-    for i, (prompt, mask) in enumerate(zip(prompts, allowed)):
+    for i, (prompt, constraint) in enumerate(zip(prompts, constraints)):
         prompt_mask[i, np.asarray(prompt)] = True
-        if mask is not None:
-            allowed_mask[i] = mask
+        if constraint is not None:
+            constraint.fill_mask(allowed[i])
     params = sampling.stack_params([*rows, *[rows[0]] * pad])
     slot_ids = np.array([*slots, *[max_slots] * pad], np.int32)
-    return tokens, np.array([*starts, *[0] * pad], np.int32), lengths, slot_ids, params, prompt_mask, allowed_mask
+    return tokens, np.array([*starts, *[0] * pad], np.int32), lengths, slot_ids, params, prompt_mask, allowed
 
 
 def prefill_variants(target: Platform) -> tuple[bool | None, ...]:
@@ -170,7 +172,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
     """Prefill padded prompts `[R, bucket]` (true `lengths` `[R]`) straight into decode slots
     `slots` `[R]` at positions from `starts` `[R]` (a prefix the slot holds already: the prompt's
     suffix is given), and sample each row's first token there (with its sampling row, among its
-    `allowed` `[R, vocab]` tokens; `prompt_mask` marks the whole prompt's ids, prefix included).
+    `allowed` tokens, packed `[R, words]` (bitmask.py); `prompt_mask` marks the whole prompt's ids, prefix included).
 
     The keys are written into the slots' cache in place: no prefill cache, no insert copy. A
     slot index past the end marks a padding row, which writes nothing anywhere. `suffix` (static,
@@ -182,7 +184,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
     logits = replicate(logits, attn.mesh)
     zeros = jnp.zeros(prompt_mask.shape, jnp.int32)
     fresh = sampling.SamplerState(counts=zeros, prompt_mask=prompt_mask, step=jnp.zeros(tokens.shape[:1], jnp.int32))
-    result, sampled = sampling.sample(logits, rows, fresh, allowed, branch_free=branch_free)
+    result, sampled = sampling.sample(logits, rows, fresh, bitmask.expand(allowed, logits.shape[-1]),
+                                      branch_free=branch_free)
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[slots].set(result.tokens, mode="drop"),
@@ -195,15 +198,17 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allo
              *, rows: int, attn: AttentionConfig, branch_free: bool, greedy: bool | None = None
              ) -> tuple[DecodeState, jax.Array]:
     """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` [slots, vocab] tokens, returned `pack`ed. Slots past `rows` are idle and cost nothing;
-    each busy slot reads its own keys in place up to its length, so the cost follows the real context.
+    `allowed` tokens (packed `[rows, words]`: bitmask.py), returned `pack`ed. Slots past `rows`
+    are idle and cost nothing; each busy slot reads its own keys in place up to its length, so
+    the cost follows the real context.
     `greedy` (static, `generate_variants`): every busy row is greedy without alternatives, so the
     sampler takes the argmax alone (no sort, no top-k, nothing of them copied)."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
     logits = replicate(logits, attn.mesh)
-    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler), allowed[:rows],
-                                      branch_free=branch_free, greedy_only=bool(greedy))
+    result, sampler = sampling.sample(logits, head(state.params), head(state.sampler),
+                                      bitmask.expand(allowed, logits.shape[-1]), branch_free=branch_free,
+                                      greedy_only=bool(greedy))
     return DecodeState(
         cache=cache,
         tokens=state.tokens.at[:rows].set(result.tokens),
@@ -231,7 +236,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     the samples is accepted, plus the sample after it (rejection sampling with a point-mass
     draft: see speculative.py). Keys are written for all k + 1 positions; the row's length then
     counts only the accepted ones (later steps overwrite the rest). Rows without a draft (n = 0,
-    idle or not speculating) take one plain decode step here. `allowed` `[slots, vocab]` masks
+    idle or not speculating) take one plain decode step here. `allowed` (packed `[rows, words]`) masks
     every position of a row (constrained rows never draft)."""
     model: Llama = nnx.merge(graphdef, params)
     k = drafts.shape[1]
@@ -254,8 +259,8 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     spread = lambda a: flat(jnp.broadcast_to(a[:, None], (rows, width, *a.shape[1:])))
     at_positions = sampling.SamplerState(counts=flat(counts), prompt_mask=spread(sampler.prompt_mask),
                                          step=flat(sampler.step[:, None] + offsets[None]))
-    result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions, spread(allowed[:rows]),
-                                branch_free=branch_free)
+    result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions,
+                                bitmask.expand(spread(allowed), vocab), branch_free=branch_free)
     sampled = jax.tree.map(lambda a: a.reshape(rows, width, *a.shape[1:]), result)
     drafted = offsets[None, :k] < jnp.minimum(n_drafts[:rows], k)[:, None]
     agree = (sampled.tokens[:, :k] == drafts[:rows]) & drafted

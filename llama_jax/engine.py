@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, executables, layers, platform, sampling, speculative, steps
+from llama_jax import admission, bitmask, executables, layers, platform, sampling, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
@@ -91,8 +91,9 @@ class Engine:
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.generate_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
-        self._everything = jax.device_put(  # the mask of unconstrained steps, resident on the device
-            np.ones((config.max_slots, cfg.vocab_size), bool), programs.shardings.tokens)
+        self._everything = {rows: jax.device_put(bitmask.everything(rows, cfg.vocab_size), programs.shardings.tokens)
+                            for rows in self.row_buckets}  # the masks of unconstrained steps, resident on the device
+        self._masks = bitmask.everything(config.max_slots, cfg.vocab_size)  # constrained rows' masks, filled in place
 
     def start(self, warmup: bool = True, progress: Callable[[int, int, str, float], None] | None = None) -> Engine:
         if warmup:
@@ -195,12 +196,12 @@ class Engine:
                 self._programs.prefill, args, static
         if kind == "generate":
             return (f"decode {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
-                    self._programs.generate, (self.params, self._state, self._everything),
+                    self._programs.generate, (self.params, self._state, self._everything[shape["rows"]]),
                     {"rows": shape["rows"], "greedy": shape.get("greedy")})
         if kind == "verify":
             drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
             return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._programs.verify,
-                    (self.params, self._state, *drafts, self._everything), {"rows": shape["rows"]})
+                    (self.params, self._state, *drafts, self._everything[shape["rows"]]), {"rows": shape["rows"]})
         return "slot copy", self._programs.copy, (self._state.cache, np.int32(0), np.int32(0)), {}
 
     def _replace_state(self) -> None:
@@ -220,8 +221,8 @@ class Engine:
         """The arguments of a prefill of `prompts` straight into their slots, each from its start (the
         tokens before it are in the slot already). Its variant follows the starts unless `suffix` names it (warm-up)."""
         shape = smallest_prefill_shape(self.prefill_shapes, [p[start:] for p, start in zip(prompts, starts)])
-        inputs = prefill_inputs(prompts, starts, slots, rows, [None if c is None else c.allowed() for c in constraints],
-                                shape, self.tokenizer.bos_id, self.model.cfg.vocab_size, self.config.max_slots)
+        inputs = prefill_inputs(prompts, starts, slots, rows, constraints, shape, self.tokenizer.bos_id,
+                                self.model.cfg.vocab_size, self.config.max_slots)
         variant = prefill_variant(self._prefill_variants, inputs[1]) if suffix is None else suffix
         return (self.params, self._state, *inputs), {"suffix": variant}
 
@@ -295,6 +296,7 @@ class Engine:
         active, self.slots[slot] = self.slots[slot], None
         if active is not None:  # the slot keeps its keys: all but the last sampled token's
             self.prefix.hold(slot, active.ids[:-1])
+        self._masks[slot] = bitmask.EVERYTHING
         self._state = dataclasses.replace(self._state, params=self._clear_row(self._state.params, np.int32(slot)))
 
     def _fail_running(self, error: str) -> None:
@@ -392,19 +394,19 @@ class Engine:
         counts); its tokens are copied to the host asynchronously. Slots are taken lowest first, so
         the busy ones sit in a prefix whose bucketed size sets the batch (one packed array: packed.py)."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
-        allowed = self._everything
+        allowed = self._everything[rows]
         if any(a and a.constraint for a in self.slots):
-            allowed = np.ones((len(self.slots), self.model.cfg.vocab_size), bool)
             for i, a in enumerate(self.slots):
                 if a and a.constraint:
                     try:
-                        allowed[i] = a.constraint.allowed()
-                    except Exception as e:  # a broken automaton fails its request only
+                        a.constraint.fill_mask(self._masks[i])
+                    except Exception as e:  # a broken automaton fails its request only (its row: everything)
                         log.exception("constraint failed")
                         self._release(a.handle, f"structured-output constraint failed: {e}")
             if not any(self.slots):
                 return [None] * len(self.slots), None
-            allowed = jax.device_put(allowed, self._everything.sharding)  # same placement: same program
+            # a copy: the buffer is filled again while this step may still read it (a CPU aliases host arrays)
+            allowed = jax.device_put(self._masks[:rows].copy(), allowed.sharding)  # same placement: same program
         if drafts is None:
             lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
             self._state, result = self._generate(self.params, self._state, allowed, rows=rows, greedy=lean or None)

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import layers, platform, quantize, sampling
+from llama_jax import bitmask, layers, platform, quantize, sampling
 from llama_jax.compiles import compile_in_threads
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
@@ -208,16 +208,17 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
             r, t = shape["rows"], shape["bucket"]
             mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_, sharding=rep)
             lowered.append((f"prefill {r} x {t}" + (" (suffix)" if shape.get("suffix") else ""), programs.prefill.lower(
-                params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask, mask, suffix=shape.get("suffix"))))
+                params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask,
+                i32(r, bitmask.words(cfg.vocab_size)), suffix=shape.get("suffix"))))
         elif kind == "copy":
             lowered.append(("slot copy", programs.copy.lower(state.cache, i32(), i32())))
         elif kind == "verify":
-            allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
+            allowed = i32(shape["rows"], bitmask.words(cfg.vocab_size))
             k = config.speculative.tokens
             lowered.append((f"verify {shape['rows']} slots x {k + 1} tokens", programs.verify.lower(
                 params, state, i32(config.max_slots, k), i32(config.max_slots), allowed, rows=shape["rows"])))
         else:
-            allowed = jax.ShapeDtypeStruct((config.max_slots, cfg.vocab_size), jnp.bool_, sharding=programs.shardings.tokens)
+            allowed = i32(shape["rows"], bitmask.words(cfg.vocab_size))
             lowered.append((f"generate {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
                             programs.generate.lower(params, state, allowed, rows=shape["rows"], greedy=shape.get("greedy"))))
 

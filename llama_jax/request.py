@@ -54,8 +54,9 @@ class SamplingOptions:
 class Constraint(Protocol):
     """Restricts one choice's tokens step by step (structured output): a grammar automaton."""
 
-    def allowed(self) -> np.ndarray:
-        """bool [vocab]: the tokens that may come next; raises when none can (the engine fails the choice)."""
+    def fill_mask(self, row: np.ndarray) -> None:
+        """Write the tokens that may come next into `row`, int32 [ceil(vocab / 32)] packed as llguidance
+        does (bitmask.py: bit i of word w is token 32w + i); raise when none can (the engine fails the choice)."""
 
     def advance(self, token_id: int) -> None:
         """Consume the sampled token."""

@@ -3,10 +3,11 @@
 Grammars (written by grammar.py and tools.py) are compiled by llguidance (a Rust Earley parser +
 lazy lexer; an abi3 wheel with no dependencies) against a token table built from our
 SentencePiece model (vocabulary.py): no HF `tokenizers`/transformers at run time. Each choice
-gets a `GrammarConstraint` (the engine's `Constraint` protocol): `allowed()` is llguidance's
-token mask for the next step (a few us on the Llama 2 vocabulary) narrowed by the budget rule
-below, `advance()` feeds the sampled token, and `done()` is true once the grammar is complete
-and nothing else may follow.
+gets a `GrammarConstraint` (the engine's `Constraint` protocol): `fill_mask()` writes llguidance's
+token mask for the next step, packed (bitmask.py), straight into the engine's buffer (a few us
+to ~150 us on the Llama 2 vocabulary, by grammar), narrowed by the budget rule below;
+`advance()` feeds the sampled token, and `done()` is true once the grammar is complete and
+nothing else may follow.
 
 SentencePiece drops the leading "▁" of the first piece when decoding, so every grammar starts
 with an optional single space; the first step never allows the <0x20> byte piece (whose space
@@ -47,6 +48,7 @@ import llguidance
 import llguidance.numpy
 import numpy as np
 
+from llama_jax import bitmask
 from llama_jax.grammar import JsonState, choice_lark, json_lark, json_state, nested_lark, regex_lark
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tools import ToolSpec, tools_lark
@@ -248,7 +250,7 @@ def _closing_plan(m: llguidance.LLMatcher, vocab: Vocabulary, string: JsonState 
             if mask is None:
                 mask = llguidance.numpy.allocate_token_bitmask(1, vocab.size)
             llguidance.numpy.fill_next_token_bitmask(m, mask)
-            allowed = _unpack(mask[0], vocab.size)
+            allowed = bitmask.unpack(mask[0], vocab.size)
             allowed[vocab.eos_id] = False
             if not allowed.any():
                 break
@@ -267,11 +269,6 @@ def _dead_end(m: llguidance.LLMatcher, plan: list[int], vocab: Vocabulary) -> bo
         return True
     complete = m.is_stopped() or (bool(plan) and plan[-1] == vocab.eos_id)
     return not complete and len(plan) < PLAN_CAP
-
-
-def _unpack(bits: np.ndarray, n: int) -> np.ndarray:
-    """llguidance's bitmask (int32 words, bit i of word w = token 32w + i) as bool[n]."""
-    return np.unpackbits(bits.view(np.uint8), bitorder="little", count=n).view(bool)
 
 
 class GrammarConstraint:
@@ -296,23 +293,15 @@ class GrammarConstraint:
         self._plan_eos = False
         self._check_at = 0  # the next step at which the closing plan must be checked
         self._string = JsonState()  # JSON string state of the output so far
-        self._bits = llguidance.numpy.allocate_token_bitmask(1, self.vocab.size)
+        self._words = bitmask.words(self.vocab.size)  # the words llguidance fills
         self._string_safe = np.zeros(self.vocab_size, bool)
         self._string_safe[: self.vocab.size] = self.vocab.string_safe
+        self._string_safe_words = bitmask.pack(self._string_safe)
 
-    def _mask(self) -> np.ndarray:
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, self._bits)
-        allowed = _unpack(self._bits[0], self.vocab.size)
-        if self.vocab_size == self.vocab.size:
-            return allowed
-        padded = np.zeros(self.vocab_size, bool)  # the model's vocabulary may be padded
-        padded[: self.vocab.size] = allowed
-        return padded
-
-    def _only(self, token: int) -> np.ndarray:
-        allowed = np.zeros(self.vocab_size, bool)
-        allowed[token] = True
-        return allowed
+    def _fill_grammar(self, row: np.ndarray) -> None:
+        """llguidance's mask straight into `row` (tokens past the tokenizer's pieces: none)."""
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, row[None, :self._words])
+        row[self._words:] = 0
 
     def closing_plan(self, cap: int = PLAN_CAP) -> list[int]:
         """The tokens that would complete the output from here (EOS last where one is needed)."""
@@ -322,11 +311,12 @@ class GrammarConstraint:
             self._plan = plan[:-1] if self._plan_eos else plan
         return self._plan + [self.vocab.eos_id] * self._plan_eos
 
-    def allowed(self) -> np.ndarray:
+    def fill_mask(self, row: np.ndarray) -> None:
+        """Write the tokens that may come next into `row`, int32 [bitmask.words(vocab_size)] (bitmask.py)."""
         if self.matcher.is_error():  # the engine did not honour the mask: fail the choice, never a fake "stop"
             raise StructuredOutputError(f"the output left its grammar: {_short(self.matcher.get_error())}")
         if self.forced:
-            return self._only(self.forced[0])
+            return bitmask.only(row, self.forced[0])
         soft = False
         if self.budget is not None and self.generated >= self._check_at and not self.matcher.is_accepting():
             left = self.budget - self.generated  # tokens still allowed, this one included
@@ -336,19 +326,26 @@ class GrammarConstraint:
                 if left <= len(plan) + HARD_SLACK:
                     self.forced = list(plan)  # no room left: follow the plan to the end
                 if self.forced or not (plan[0] in self.vocab.string_closers and left > len(plan) + self.margin // 2):
-                    return self._only(plan[0])  # nothing may open: take the plan's next step
+                    return bitmask.only(row, plan[0])  # nothing may open: take the plan's next step
                 soft = True  # in a string that could end now: content that cannot open anything
             # one free token shortens the budget by 1 and lengthens the plan by at most `margin`
             self._check_at = self.generated + max(slack, 0) // (self.margin + 1)
-        allowed = self._mask()
+        self._fill_grammar(row)
         if soft:
-            safe = allowed & self._string_safe
-            return safe if safe.any() else self._only(plan[0])
-        if self.generated == 0 and self.vocab.space_byte is not None and allowed.sum() > 1:
-            allowed[self.vocab.space_byte] = False
-        if not allowed.any():  # a dead end: no token continues the output, so it can never be valid
+            row &= self._string_safe_words
+            if not row.any():
+                bitmask.only(row, plan[0])
+            return
+        if self.generated == 0 and self.vocab.space_byte is not None and bitmask.count(row) > 1:
+            bitmask.forbid(row, self.vocab.space_byte)
+        if not row.any():  # a dead end: no token continues the output, so it can never be valid
             raise StructuredOutputError("the output cannot be completed: no token of this model continues it")
-        return allowed
+
+    def allowed(self) -> np.ndarray:
+        """`fill_mask` as bool [vocab_size] (tests and tools; the engine uploads the packed words)."""
+        row = np.empty(bitmask.words(self.vocab_size), np.int32)
+        self.fill_mask(row)
+        return bitmask.unpack(row, self.vocab_size)
 
     def advance(self, token_id: int) -> None:
         token_id = int(token_id)

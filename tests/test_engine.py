@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import steps
+from llama_jax import bitmask, steps
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
@@ -292,8 +292,8 @@ class OnlyTheseTokens:
         self.mask[list(tokens)] = True
         self.left = count
 
-    def allowed(self):
-        return self.mask
+    def fill_mask(self, row):
+        row[:] = bitmask.pack(self.mask)
 
     def advance(self, token_id):
         assert self.mask[token_id], "the engine sampled a disallowed token"
@@ -373,10 +373,10 @@ class BreaksAfter(OnlyTheseTokens):
         super().__init__([450, 4996, 29871], 50)
         self.ok, self.where = ok, where
 
-    def allowed(self):
-        if self.where == "allowed" and self.left <= 50 - self.ok:
+    def fill_mask(self, row):
+        if self.where == "fill_mask" and self.left <= 50 - self.ok:
             raise RuntimeError("injected automaton fault")
-        return super().allowed()
+        super().fill_mask(row)
 
     def advance(self, token_id):
         if self.where == "advance" and self.left <= 50 - self.ok:
@@ -384,7 +384,7 @@ class BreaksAfter(OnlyTheseTokens):
         super().advance(token_id)
 
 
-@pytest.mark.parametrize("where", ["allowed", "advance"])
+@pytest.mark.parametrize("where", ["fill_mask", "advance"])
 def test_a_broken_constraint_fails_its_request_and_frees_every_slot(engine, where):
     healthy = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=40, stop_token_ids=[]))
     broken = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=60, n=3, stop_token_ids=[],

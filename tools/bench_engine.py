@@ -45,6 +45,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llama_jax import bitmask  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.engine import Engine, EngineConfig  # noqa: E402
 from llama_jax.hf_checkpoint import load_hf_model, write_tiny_checkpoint  # noqa: E402
@@ -119,7 +120,7 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     graphdef, params = nnx.split(model)
     split = split_layers(model.cfg)
     params = storage_params(model.cfg, params, split)
-    allowed = jnp.ones((slots, model.cfg.vocab_size), bool)
+    allowed = jnp.asarray(bitmask.everything(slots, model.cfg.vocab_size))
     states, programs, samples = {}, {}, {256: [], 4096: []}
     for max_len in samples:
         config = EngineConfig(max_slots=slots, max_seq_len=max_len)

@@ -255,7 +255,7 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
         if i == 3:
             jax.block_until_ready(engine._state)
             start = time.perf_counter()
-        engine._state, result = engine._generate(engine.params, engine._state, engine._everything, rows=rows, greedy=None)
+        engine._state, result = engine._generate(engine.params, engine._state, engine._everything[rows], rows=rows, greedy=None)
     result.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     engine._state = engine._reset(engine._state)
