@@ -54,6 +54,19 @@ def count(row: np.ndarray) -> int:
     return int(np.bitwise_count(row.view(np.uint32)).sum())
 
 
+def fill_rows(masks: np.ndarray, slots: list) -> list[tuple[object, Exception]]:
+    """Write each constrained slot's allowed tokens (`slots[i].constraint`) into row i of `masks`;
+    returns the slots whose constraint raised, with the error (their rows stay as they were)."""
+    failed = []
+    for i, active in enumerate(slots):
+        if active and active.constraint:
+            try:
+                active.constraint.fill_mask(masks[i])
+            except Exception as e:  # noqa: BLE001 - a broken automaton fails its own request only
+                failed.append((active, e))
+    return failed
+
+
 def expand(masks: jax.Array, vocab: int) -> jax.Array:
     """int32 [..., words] as bool [..., vocab], on the device: one fused shift-and-test per token."""
     bits = jnp.right_shift(masks[..., None], jnp.arange(32, dtype=jnp.int32)) & 1

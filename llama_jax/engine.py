@@ -1,17 +1,15 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-The scheduler, in token ids and slots: queued requests are prefilled together, one row per
-choice (prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`),
-straight into free decode slots (which requests, and in which prefills: admission.py), where
-each row samples its first token; `generate` steps then advance every busy slot at once. The
-device programs and their state are device.py's; a choice's text and constraint are its
-`RunningChoice`'s (request.py).
+The scheduler, in token ids and slots: queued requests are prefilled together, one row per choice
+(prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight
+into free decode slots (which requests, and in which prefills: admission.py), where each row
+samples its first token; `generate` steps then advance every busy slot at once. The device
+programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
 
-A background thread schedules: each iteration admits one prefill batch (so running streams stall
-for about one bucketed prefill), then dispatches a generate step before it processes the
-previous step's tokens on the host, so the device never waits for Python. While any slot
-drafts (speculative.py), the previous step is processed first (drafts follow its tokens), and
-the step verifies the drafts when their expected accepted tokens pay for its extra cost.
+A background thread schedules: each iteration admits one prefill batch, then dispatches a step
+before it processes the previous step's tokens on the host, so the device never waits for Python.
+While any slot drafts (speculative.py), the previous step is processed first (drafts follow its
+tokens), and the step verifies the drafts when their expected accepted tokens pay for its cost.
 """
 
 from __future__ import annotations
@@ -277,20 +275,14 @@ class Engine:
         return dispatched
 
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The draft of each slot not backing off (at most what its max_tokens and the context
-        leave after the token every step makes), or None when a plain step is worth more."""
-        drafting = [a if a and a.drafts_now() else None for a in self.slots]
-        drafts, counts = speculative.draft_rows(
-            [(a.ids, min(a.max_tokens - a.generated - 1, self.max_seq_len - len(a.ids))) if a else None
-             for a in drafting], self.speculative)
-        expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
-        if not speculative.worth_verifying(expected, self.busy_slots, self.speculative):
-            return None
-        for a, n in zip(self.slots, counts):
+        """The busy slots' drafts and counts (speculative.choose_drafts), or None for a plain step."""
+        chosen = speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots)
+        for a, n in zip(self.slots, chosen[1] if chosen else ()):
             if a:
                 a.drafted(int(n))
-        self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(counts.sum()), self.verify_steps + 1
-        return drafts, counts
+        if chosen:
+            self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(chosen[1].sum()), self.verify_steps + 1
+        return chosen
 
     def _free(self, slot: int) -> None:
         active, self.slots[slot] = self.slots[slot], None
@@ -396,13 +388,9 @@ class Engine:
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         allowed = self._everything[rows]
         if any(a and a.constraint for a in self.slots):
-            for i, a in enumerate(self.slots):
-                if a and a.constraint:
-                    try:
-                        a.constraint.fill_mask(self._masks[i])
-                    except Exception as e:  # a broken automaton fails its request only (its row: everything)
-                        log.exception("constraint failed")
-                        self._release(a.handle, f"structured-output constraint failed: {e}")
+            for a, e in bitmask.fill_rows(self._masks, self.slots):  # a broken automaton fails its request only
+                log.error("constraint failed", exc_info=e)
+                self._release(a.handle, f"structured-output constraint failed: {e}")
             if not any(self.slots):
                 return [None] * len(self.slots), None
             # a copy: the buffer is filled again while this step may still read it (a CPU aliases host arrays)

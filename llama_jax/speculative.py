@@ -26,7 +26,7 @@ import numpy as np
 
 CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 3.0, 1.5  # a verify step's time in plain decode steps
 
-__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "propose", "worth_verifying"]
+__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "choose_drafts", "propose", "worth_verifying"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,3 +145,15 @@ def worth_verifying(expected: float, busy: int, config: SpeculativeConfig) -> bo
     make more tokens per unit of time than `busy` slots' plain step (busy + expected tokens in
     `verify_cost` plain steps' time, against busy per step)."""
     return expected > 0 and expected >= (config.verify_cost - 1) * busy
+
+
+def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, busy: int
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The verify step's drafts and counts for `slots` (running choices or None): each choice not
+    backing off drafts at most what its max_tokens and the context leave after the token every step
+    makes. None when a plain step is worth more (`worth_verifying`)."""
+    drafting = [a if a and a.drafts_now() else None for a in slots]
+    drafts, counts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids))) if a else None
+                                 for a in drafting], config)
+    expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
+    return (drafts, counts) if worth_verifying(expected, busy, config) else None
