@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 3.0, 1.5  # a verify step's time in plain decode steps
+CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 5.0, 1.5  # a verify step's time in plain decode steps
 
 __all__ = ["Drafting", "SpeculativeConfig", "after_verify", "choose_drafts", "propose", "worth_verifying"]
 
@@ -61,8 +61,8 @@ class SpeculativeConfig:
 
     def for_platform(self, cpu: bool) -> SpeculativeConfig:
         """This config with `verify_cost` set where it was left to the platform: about 1.5 where a step
-        reads the weights once either way (a GPU at small batch), 3 on a CPU, where the extra positions
-        cost compute (2.4-3.8 measured on 2 cores: docs/benchmarks.md)."""
+        reads the weights once either way (a GPU at small batch), 5 on a CPU, where the extra positions
+        cost compute: at 3, open text at 8 slots lost 19 %, at 5 3 % (docs/benchmarks.md)."""
         if self.verify_cost is not None:
             return self
         return dataclasses.replace(self, verify_cost=CPU_VERIFY_COST if cpu else ACCELERATOR_VERIFY_COST)

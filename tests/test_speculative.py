@@ -86,7 +86,7 @@ def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries
 
 
 def test_the_verify_cost_left_to_the_platform_is_a_cpus_or_a_gpus():
-    assert SpeculativeConfig(tokens=4).for_platform(cpu=True).verify_cost == CPU_VERIFY_COST == 3.0
+    assert SpeculativeConfig(tokens=4).for_platform(cpu=True).verify_cost == CPU_VERIFY_COST == 5.0
     assert SpeculativeConfig(tokens=4).for_platform(cpu=False).verify_cost == ACCELERATOR_VERIFY_COST == 1.5
     assert SpeculativeConfig(tokens=4, verify_cost=2).for_platform(cpu=True).verify_cost == 2  # a given one stays
 
