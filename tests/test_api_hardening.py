@@ -237,25 +237,30 @@ def test_an_impossible_constraint_is_a_400_not_a_fake_stop(demo_checkpoint_dir, 
 
 
 def test_the_concurrency_cap_answers_503_server_busy_at_once(demo_engine):
-    """`--max-concurrency 1` (api/server.py's cap, as serve wraps the app): while a stream is in
-    progress another request gets 503 `server_busy` with Retry-After at once, /health, /ready and
-    /metrics are still answered, and once the stream ends requests are served again."""
+    """`--max-concurrency 1` (api/server.py's cap, as serve wraps the app): while a streaming request
+    is in progress (its upload held one byte short, so it cannot finish early) another request gets
+    503 `server_busy` with Retry-After at once, /health, /ready and /metrics are still answered, and
+    once the stream ends requests are served again."""
     from api.server import limit_concurrency
 
     server = LiveServer(limit_concurrency(create_app(demo_engine, ServerSettings()), 1, 3), demo_engine)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 60,
-            "stream": True, "logit_bias": {"2": -100}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "stream": True}
+    payload = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
     try:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as stream:
-            lines = stream.iter_lines()
-            next(lines)  # the stream is in progress
+        with socket.create_connection((host, int(port)), timeout=60) as held:
+            held.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                         + payload[:-1])
             start = time.monotonic()
             busy = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
             assert busy.status_code == 503 and time.monotonic() - start < 1, busy.text
             assert busy.json()["error"]["code"] == "server_busy" and busy.headers["retry-after"] == "3"
             for path in ("/health", "/ready", "/metrics"):
                 assert httpx.get(server.url + path, timeout=10).status_code == 200, path
-            assert any(line == "data: [DONE]" for line in lines)
+            held.sendall(payload[-1:])
+            reply = b"".join(iter(lambda: held.recv(65536), b""))
+            assert reply.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in reply, reply[:300]
         after = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2},
                            timeout=60)
         assert after.status_code == 200, after.text
