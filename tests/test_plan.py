@@ -163,15 +163,19 @@ def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
     assert (program["conditionals"], program["dynamic_whiles"]) == (0, 0)
 
 
-def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys):
-    """`llama-jax plan --target h100 --tp 8` for Llama-2-70B over 8 abstract H100s, through the CLI
-    (one slot of 16 tokens: five programs, prefill fresh and after a cached prefix, decode, greedy
-    decode and slot copy; the same kernels as any length)."""
-    assert cli.main(["plan", "--target", "h100", "--tp", "8", "--preset", "llama-2-70b", "--dtype", "auto",
+def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
+    """`llama-jax plan --target h100 --tp 8 --checkpoint` for Llama-2-70B's widths over 8 abstract
+    H100s, through the CLI (one slot of 16 tokens: five programs, prefill fresh and after a cached
+    prefix, decode, greedy decode and slot copy; the same kernels as any length). Two of its 80
+    layers: a GPU program repeats one layer's code per layer, so depth changes only compile time
+    (the full model is `--preset llama-2-70b`, ~100 s here)."""
+    cfg = preset("llama-2-70b").replace(n_layers=2)
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert cli.main(["plan", "--target", "h100", "--tp", "8", "--checkpoint", str(tmp_path), "--dtype", "auto",
                      "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 5
-    whole = param_count(preset("llama-2-70b")) * 2  # auto: bf16 on a GPU
+    whole = param_count(cfg) * 2  # auto: bf16 on a GPU
     assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
     assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]
     assert report["per_program"]["generate 1 slots"]["kernels"] == ["triton:decode_attention"]  # per device, shard_map

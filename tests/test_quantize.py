@@ -310,7 +310,8 @@ def test_plan_cli_int8(capsys, converted):
 
 @pytest.mark.slow
 def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
-    """tools/gpu_check.py --quantize int8 runs the same path as on the GPU day, here on CPU."""
+    """tools/gpu_check.py --quantize int8 runs the same path as on the GPU day, here on CPU (the
+    real-model logits step is test_plan's, so not run again)."""
     import sys
 
     from live_server import REPO_ROOT
@@ -320,7 +321,8 @@ def test_gpu_check_int8_fusion_check_on_cpu(tmp_path, tokenizer_path):
 
     result = gpu_check.main(["--preset", "tiny-gqa", "--dtype", "float32", "--quantize", "int8", "--max-seq-len", "256",
                              "--slots", "2", "--concurrency", "2", "--context", "64", "--decode-tokens", "8",
-                             "--tokenizer", str(tokenizer_path), "--compilation-cache", str(tmp_path / "xla")])
+                             "--tokenizer", str(tokenizer_path), "--compilation-cache", str(tmp_path / "xla"),
+                             "--smollm2", str(tmp_path / "absent.gguf")])
     assert result["quantization"] == "int8" and result["int8_check_target"] == "h200"  # a CPU host checks the GPU's path
     assert result["int8_no_whole_matrix_copy"] is True and "triton:int8_block_matmul" in result["int8_kernels"]
     assert result["batch1_decode_tok_s"] > 0
