@@ -117,11 +117,13 @@ def tokenizer(tokenizer_path):
 
 
 @pytest.fixture(scope="session")
-def quick_start(tmp_path_factory):
+def quick_start(tmp_path_factory, worker_id):
     """The README's quick start, `llama-jax serve` with no checkpoint: the real default model,
     SmolLM2-135M-Instruct, its GGUF already in the cache (as the first start leaves it; here from
     ../shared, not downloaded). With a 512-token context, so its warm-up fits the suite's budget
-    (the default 2048 adds the two longest prefill programs, about 90 s on 2 cores)."""
+    (the default 2048 adds the two longest prefill programs, about 90 s on 2 cores). The xdist
+    workers of one run share its compilation cache, one start at a time: the second start is warm."""
+    from filelock import FileLock
     from live_server import ServeProcess
 
     if not SMOLLM2_GGUF.exists():
@@ -129,7 +131,9 @@ def quick_start(tmp_path_factory):
     cache = tmp_path_factory.mktemp("quick-start-cache")
     (cache / "models").mkdir()
     (cache / "models" / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
-    server = ServeProcess(cache, "--max-seq-len", "512")
+    run_root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with FileLock(run_root / "quick-start-xla.lock"):
+        server = ServeProcess(cache, "--max-seq-len", "512", "--compilation-cache-dir", str(run_root / "quick-start-xla"))
     yield server
     server.stop()
 
