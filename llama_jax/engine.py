@@ -6,10 +6,10 @@ into free decode slots (which requests, and in which prefills: admission.py), wh
 samples its first token; `generate` steps then advance every busy slot at once. The device
 programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
 
-A background thread schedules: each iteration admits one prefill batch, then dispatches a step
-before it processes the previous step's tokens on the host, so the device never waits for Python.
-While any slot drafts (speculative.py), the previous step is processed first (drafts follow its
-tokens), and the step verifies the drafts when their expected accepted tokens pay for its cost.
+A background thread schedules: each iteration admits one prefill batch and dispatches a step before
+it reads the prefill's and the previous step's tokens, so the device never waits for Python (no step
+when every busy choice ends with the tokens in flight). While any slot drafts (speculative.py), they
+are read first (drafts follow them); a step verifies drafts when their expected accepted tokens pay.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill
                               program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.outbox import Outbox
-from llama_jax.packed import StepTokens, unpack
+from llama_jax.packed import StepTokens, copy_soon, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
                                RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, sampling_row,
-                               validate)
+                               validate, wants_a_step)
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -71,6 +71,7 @@ class Engine:
         self.model = nnx.merge(self.graphdef, self.params)  # the engine's own copy: the caller's may be freed
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
+        self._fits_prefill = lambda prompts: smallest_prefill_shape(self.prefill_shapes, prompts) is not None
         self.slots: list[RunningChoice | None] = [None] * config.max_slots
         self.ready = False
         self.error: str | None = None  # why the scheduler stopped for good, if it failed
@@ -259,19 +260,19 @@ class Engine:
         self._outbox.flush()
 
     def _iterate(self, pending):
-        """One scheduler iteration: admit, dispatch a step, process the previous one. Drafts follow
-        a slot's last tokens, so with any slot drafting (not backing off) the previous step is processed first."""
+        """One scheduler iteration: admit, dispatch a step, then read the previous step's and the admissions'
+        tokens; before it only what it needs: constrained slots' (their masks), all while any slot drafts."""
         self._drop_cancelled()
-        self._admit()
+        results = [pending, *self._admit()] if pending else self._admit()
         speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
-        if pending and (isinstance(pending[1], VerifyResult) or speculating):
-            self._process(*pending)
-            pending = None
-        if pending:  # constrained slots need their last token before the next mask: only they wait
-            self._process(*pending, constrained=True)
-        dispatched = self._dispatch(self._drafts() if speculating else None) if any(self.slots) else None
-        if pending:
-            self._process(*pending, constrained=False)
+        everything = speculating or (pending and isinstance(pending[1], VerifyResult))
+        for result in results:
+            self._process(*result, constrained=None if everything else True)
+        unread = [] if everything else results
+        dispatched = (self._dispatch(self._drafts() if speculating else None)
+                      if wants_a_step(self.slots, [r[0] for r in unread]) else None)
+        for result in unread:
+            self._process(*result, constrained=False)
         return dispatched
 
     def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -319,32 +320,31 @@ class Engine:
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
-    def _fits(self, prompts: list[Sequence[int]]) -> bool:
-        return smallest_prefill_shape(self.prefill_shapes, prompts) is not None
-
-    def _admit(self) -> None:
-        """Prefill the next queued requests straight into free slots, one row per choice, each
-        from the longest prefix some slot holds (copied into its slot first if need be)."""
+    def _admit(self) -> list[tuple]:
+        """Prefill the next queued requests straight into free slots, one row per choice, each from the
+        longest prefix some slot holds (copied into its slot first if need be); their results unread."""
         free = [i for i, s in enumerate(self.slots) if s is None]
         with self._wake:
-            batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits)
+            batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits_prefill)
         try:
             admissions = admission.place_batch(batch, free, self.prefix.place, self._copy_slot)
         except Exception as e:  # out of the queue and in no slot yet: fail them here, or they wait forever
             for handle, _ in batch:
                 self._release(handle, f"admission failed: {e}")
             raise
-        for group in admission.prefill_groups(admissions, self._fits):
+        results = []
+        for group in admission.prefill_groups(admissions, self._fits_prefill):
             rows = [r for r in group if not r.handle.cancelled.is_set()]  # an earlier group failed (or the client left)
             try:
-                self._admit_rows(rows)
+                results.extend(self._admit_rows(rows))
             except Exception as e:  # a failed prefill fails this group's requests only
                 for r in rows:
                     self._fail_admission(r, e)
+        return results
 
-    def _admit_rows(self, rows: list[Admission]) -> None:
-        """One prefill for these admissions; each choice then owns its slot. A request whose own
-        parts fail (its constraint, its detokenizer) fails alone."""
+    def _admit_rows(self, rows: list[Admission]) -> list[tuple]:
+        """One prefill for these admissions, its result returned unread; each choice then owns its slot.
+        A request whose own parts fail (its constraint, its detokenizer) fails alone."""
         made = []
         for r in rows:
             try:
@@ -353,7 +353,7 @@ class Engine:
                 self._fail_admission(r, e)
         made = [(r, c) for r, c in made if not r.handle.cancelled.is_set()]
         if not made:
-            return
+            return []
         args, static = self._prefill_args([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
                                           [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
                                           [c for _, c in made])
@@ -371,7 +371,8 @@ class Engine:
                 self._fail_admission(r, e)
                 continue
             self.prefix.hold(r.slot, r.handle.request.prompt)
-        self._process(owners, result, row_of={r.slot: i for i, (r, _) in enumerate(made)})
+        copy_soon(result)
+        return [(owners, result, {r.slot: i for i, (r, _) in enumerate(made)})]
 
     def _fail_admission(self, row: Admission, error: Exception) -> None:
         """Fail the request of `row` (once: its other choices may fail too) and free its slots."""
@@ -400,8 +401,7 @@ class Engine:
             self._state, result = self._generate(self.params, self._state, allowed, rows=rows, greedy=lean or None)
         else:
             self._state, result = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
-        for leaf in jax.tree.leaves(result):
-            leaf.copy_to_host_async()
+        copy_soon(result)
         return list(self.slots), result
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,

@@ -16,7 +16,13 @@ import numpy as np
 
 from llama_jax.sampling import SampleResult
 
-__all__ = ["StepTokens", "pack", "unpack"]
+__all__ = ["StepTokens", "copy_soon", "pack", "unpack"]
+
+
+def copy_soon(result) -> None:
+    """Start copying a dispatched step's result (any pytree) to the host: reading it later waits for no copy."""
+    for leaf in jax.tree.leaves(result):
+        leaf.copy_to_host_async()
 
 
 def pack(result: SampleResult, emitted: jax.Array | None = None) -> jax.Array:

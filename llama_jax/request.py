@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -341,6 +341,16 @@ class RunningChoice:
             if finish and not hit:
                 text += self.text.finish()
         return Event(self.choice, text, (info,), finish)
+
+
+def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:
+    """Whether a busy slot may want a token beyond those of the `unread` results' owners (one each
+    at most; constrained ones are read already): not when each ends at max_tokens with its last
+    token among them, where another step would be wasted."""
+    if any(a and a.generated + 1 < a.max_tokens for a in slots):
+        return True
+    in_flight = {id(a) for owners in unread for a in owners if a and a.constraint is None}
+    return any(a and id(a) not in in_flight for a in slots)
 
 
 def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,

@@ -427,3 +427,35 @@ def test_a_failing_admission_fails_its_request_instead_of_hanging(engine):
     assert len(healthy.result().choices[0].tokens) == 20
     assert len(engine.generate([[1, 15043]], max_tokens=3)[0].choices[0].tokens) == 3
     assert engine.busy_slots == 0
+
+
+def _spy_pipeline(engine, monkeypatch) -> list[str]:
+    """The engine's device calls and result reads, in order: "prefill", "generate", "read"."""
+    import llama_jax.engine as engine_module
+
+    log: list[str] = []
+    logged = lambda name, f: lambda *a, **k: (log.append(name), f(*a, **k))[1]
+    monkeypatch.setattr(engine, "_prefill_rows", logged("prefill", engine._prefill_rows))
+    monkeypatch.setattr(engine, "_generate", logged("generate", engine._generate))
+    monkeypatch.setattr(engine_module, "unpack", logged("read", engine_module.unpack))
+    return log
+
+
+def test_admission_is_read_after_the_next_dispatch_and_no_step_is_wasted(engine, monkeypatch):
+    """issue 30: a prefill's tokens are read like a step's, after the next step is dispatched (the
+    device never idles while the host reads them), and a choice's last token ends it without a
+    step dispatched after it: max_tokens N costs one prefill and N - 1 decode steps."""
+    log = _spy_pipeline(engine, monkeypatch)
+    for max_tokens in (1, 2, 5):
+        log.clear()
+        out = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=max_tokens)).result()
+        assert len(out.choices[0].tokens) == max_tokens
+        assert log == ["prefill", *["generate", "read"] * (max_tokens - 1), "read"], (max_tokens, log)
+    log.clear()
+    running = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=60))
+    while "read" not in log:  # it is decoding
+        time.sleep(0.001)
+    engine.submit(Request(prompt=[1, 17354, 29871], max_tokens=4)).result()
+    running.result()
+    admitted = log.index("prefill", 1)
+    assert log[admitted + 1] == "generate", log[admitted - 3: admitted + 4]
