@@ -4,7 +4,9 @@ and lowering as well as compiling: a warm start loads each executable instead of
 An executable is stored under a key hashing everything that determines it: this package's
 source, jax and jaxlib, the backend and its devices, XLA_FLAGS, the program's name and static
 arguments, and the shapes, dtypes, shardings and tree of its arguments (the caller adds the
-model and engine configs). A changed key loads nothing; an unreadable entry is rebuilt.
+model and engine configs). A changed key loads nothing; an unreadable entry is rebuilt. Each
+build touches what it loads and deletes what no build has loaded or stored for `KEEP_DAYS`
+(an upgrade's old programs, a config no longer served) and writes that were cut short.
 
 Only a freshly compiled executable is stored: on CPU (jaxlib 0.10) an executable that JAX's
 persistent cache loaded serializes without its kernels, and the copy fails when run. So a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -37,6 +40,7 @@ from llama_jax.compiles import CACHE_HIT_EVENT, compile_in_threads
 log = logging.getLogger(__name__)
 
 Program = tuple[str, Callable, tuple, dict]  # (name, jitted function, arguments, static keyword arguments)
+KEEP_DAYS = 14  # an executable no build has used for this long is deleted
 
 
 def source_digest(package: Path = Path(__file__).parent) -> str:
@@ -73,6 +77,8 @@ def load(directory: Path, key: str) -> jax.stages.Compiled | None:
         blob = path.read_bytes()
     except FileNotFoundError:
         return None
+    with contextlib.suppress(OSError):  # a read-only store is still read
+        path.touch()  # used: kept by `prune`
     try:
         executable, in_tree, out_tree, device_ids = pickle.loads(zlib.decompress(blob))
         devices = {d.id: d for d in jax.devices()}
@@ -92,6 +98,20 @@ def save(directory: Path, key: str, compiled: jax.stages.Compiled) -> None:
     blob = pickle.dumps((*serialize_executable.serialize(compiled), [d.id for d in devices]))
     partial.write_bytes(zlib.compress(blob, 1))  # a sixth of the size, 10 ms a program
     partial.replace(path)
+
+
+def prune(directory: Path, keep_days: float = KEEP_DAYS) -> int:
+    """Delete the executables in `directory` no build has loaded or stored for `keep_days`, and
+    partial writes older than an hour (a process killed mid-write); returns how many went."""
+    now, gone = time.time(), 0
+    for path in [*directory.glob("*.exe"), *directory.glob("*.tmp")]:
+        try:
+            if now - path.stat().st_mtime > (keep_days * 86400 if path.suffix == ".exe" else 3600):
+                path.unlink()
+                gone += 1
+        except OSError:  # another process pruned it first, or a read-only store
+            continue
+    return gone
 
 
 class _FreshCompiles:
@@ -160,6 +180,8 @@ def build(programs: Mapping[Hashable, Program], directory: Path | None, context:
                                    keys.get(names[name]))) for name, fn, args, static in missing.values()]
         compiled = compile_in_threads(tracked, threads, step)  # type: ignore[arg-type]
     out.update({names[name]: executable for name, (executable, _) in compiled.items()})
+    if directory is not None and directory.exists() and (gone := prune(directory)):
+        log.info("deleted %d stored executables unused for %d days from %s", gone, KEEP_DAYS, directory)
     return out
 
 

@@ -5,6 +5,7 @@ import collections
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,26 @@ def test_an_unreadable_entry_is_compiled_again(tmp_path):
     built = executables.build(calls, tmp_path, "context", progress=lambda d, t, what, s: seen.append(what))
     assert all(what.startswith("compiled") for what in seen) and len(built) == 2
     assert len(run(built, calls)) == 2
+
+
+def test_a_build_deletes_what_no_build_used_for_keep_days_and_keeps_what_it_loads(tmp_path):
+    """An upgrade's old executables and cut-short writes do not pile up: a build deletes entries
+    no build loaded or stored for KEEP_DAYS (and `.tmp` files over an hour old), and loading an
+    entry marks it used."""
+    calls = programs(float(np.random.default_rng().uniform(5, 6)))
+    executables.build(calls, tmp_path, "context")
+    ours = set(tmp_path.glob("*.exe"))
+    old = time.time() - (executables.KEEP_DAYS + 1) * 86400
+    for name in ("stale.exe", "recent.exe", "cut.123.456.tmp", "writing.123.456.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    for path in [*ours, tmp_path / "stale.exe", tmp_path / "cut.123.456.tmp"]:
+        os.utime(path, (old, old))
+    os.utime(tmp_path / "writing.123.456.tmp", (time.time() - 600,) * 2)  # ten minutes old: maybe still written
+    seen = []
+    executables.build(calls, tmp_path, "context", progress=lambda d, t, what, s: seen.append(what))
+    assert all(what.startswith("loaded") for what in seen), "old but still used: loaded, not compiled"
+    assert set(tmp_path.iterdir()) == {*ours, tmp_path / "recent.exe", tmp_path / "writing.123.456.tmp"}
+    assert all(time.time() - path.stat().st_mtime < 60 for path in ours), "loading marks them used"
 
 
 def test_a_program_loaded_from_jax_cache_is_not_stored(tmp_path, monkeypatch):
