@@ -67,6 +67,12 @@ def fill_rows(masks: np.ndarray, slots: list) -> list[tuple[object, Exception]]:
     return failed
 
 
+def upload(masks: np.ndarray, rows: int, like: jax.Array) -> jax.Array:
+    """The first `rows` rows of `masks` on the device, placed as `like` (same placement: same
+    program). A copy: the buffer is filled again while a step may still read it (a CPU aliases host arrays)."""
+    return jax.device_put(masks[:rows].copy(), like.sharding)
+
+
 def expand(masks: jax.Array, vocab: int) -> jax.Array:
     """int32 [..., words] as bool [..., vocab], on the device: one fused shift-and-test per token."""
     bits = jnp.right_shift(masks[..., None], jnp.arange(32, dtype=jnp.int32)) & 1

@@ -1,12 +1,15 @@
 """The serving engine's device core: the decode state of every slot and the pure jitted programs
-that update it (prefill straight into slots, generate, slot copy, reset, clear a row).
+that update it (prefill straight into slots, decode and sample, slot copy, reset, clear a row).
 
 All device state lives in one donated `DecodeState`, updated in place; `Programs.build` jits
 every program once per model graph with the state's shardings fixed on output, and the set of
 shapes they run at is fixed up front (`program_shapes`: one prefill per (rows, length) shape,
-one generate per busy-slot bucket, the sum of the buckets, not their product), so no request mix
-ever compiles. On a GPU each prefill shape has two variants, fresh prompts and prompts after a
-cached prefix, chosen on the host (`prefill_variants`): no program waits on the host.
+one decode and one sample per busy-slot bucket, the sum of the buckets, not their product), so no
+request mix ever compiles. A decode step is two programs, the forward (`decode`: keys written,
+logits left on the device) and `sample` (with the grammar masks), so the host can build a
+constrained slot's mask while the device runs the forward. On a GPU each prefill shape has two
+variants, fresh prompts and prompts after a cached prefix, chosen on the host
+(`prefill_variants`): no program waits on the host.
 Host-side state (slots, queue, text) is the scheduler's, in engine.py.
 """
 
@@ -100,8 +103,8 @@ def prefill_variant(variants: tuple[bool | None, ...], starts: Sequence[int]) ->
     return None if variants == (None,) else bool(np.any(np.asarray(starts)))
 
 
-def generate_variants(target: Platform) -> tuple[bool | None, ...]:
-    """The generate programs compiled per row bucket, by their static `greedy`. An accelerator gets
+def sample_variants(target: Platform) -> tuple[bool | None, ...]:
+    """The sample programs compiled per row bucket, by their static `greedy`. An accelerator gets
     two, any rows (None) and greedy rows without alternatives (True: no sort, no top-k), chosen on
     the host by the busy rows' requests; the CPU gets one, whose sampler skips both on the device
     (`lax.cond`, no host round trip there): no more programs to compile at start-up."""
@@ -111,22 +114,23 @@ def generate_variants(target: Platform) -> tuple[bool | None, ...]:
 def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, dict]]:
     """Every program serving runs on `config.platform` (default: the host's), as (kind, shape):
     one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape
-    where there are two), one generate per busy-slot bucket and variant (`generate_variants`;
-    "greedy" in the shape of the second), one verify per bucket with speculation on, and the slot
-    copy of the prefix cache. Warm-up compiles exactly these."""
+    where there are two), one decode forward per busy-slot bucket and one sample per bucket and
+    variant (`sample_variants`; "greedy" in the shape of the second), one verify per bucket with
+    speculation on, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
     target = platform.resolve(config.platform)
     variants = prefill_variants(target)
     return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
              for r, t in prefill_shapes(config, max_seq_len) for v in variants]
-            + [("generate", {"rows": r} | ({} if g is None else {"greedy": g}))
-               for r in steps.length_buckets(config.max_slots, 1) for g in generate_variants(target)]
+            + [("decode", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
+            + [("sample", {"rows": r} | ({} if g is None else {"greedy": g}))
+               for r in steps.length_buckets(config.max_slots, 1) for g in sample_variants(target)]
             + [("verify", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1) if config.speculative.enabled]
             + [("copy", {})])
 
 
 def program_id(kind: str, args: tuple, static: dict) -> tuple:
     """Which of `program_shapes`' programs a call of `kind` with these arguments runs: a prefill
-    by its (rows, length) shape and variant, the others by their busy-slot bucket (and a decode's
+    by its (rows, length) shape and variant, the others by their busy-slot bucket (and a sample's
     greedy variant)."""
     if kind == "prefill":
         return (kind, *np.shape(args[2]), static.get("suffix"))
@@ -194,23 +198,28 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, token
     ), pack(result)
 
 
-def generate(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, allowed: jax.Array,
-             *, rows: int, attn: AttentionConfig, branch_free: bool, greedy: bool | None = None
-             ) -> tuple[DecodeState, jax.Array]:
-    """One decode step and one sampled token for each of the first `rows` slots, among the
-    `allowed` tokens (packed `[rows, words]`: bitmask.py), returned `pack`ed. Slots past `rows`
-    are idle and cost nothing; each busy slot reads its own keys in place up to its length, so
-    the cost follows the real context.
-    `greedy` (static, `generate_variants`): every busy row is greedy without alternatives, so the
-    sampler takes the argmax alone (no sort, no top-k, nothing of them copied)."""
-    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
+def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
+           *, rows: int, attn: AttentionConfig) -> tuple[DecodeState, jax.Array]:
+    """The forward of one decode step for the first `rows` slots, each from its last token: the
+    state with their keys written, and their next-token logits `[rows, vocab]`, left on the device
+    for `sample`. Slots past `rows` are idle and cost nothing; each busy slot reads its own keys in
+    place up to its length, so the cost follows the real context."""
     logits, cache = steps.decode_step(graphdef, params, state.cache, state.tokens[:rows], attn=attn)
-    logits = replicate(logits, attn.mesh)
+    return dataclasses.replace(state, cache=cache), replicate(logits, attn.mesh)
+
+
+def sample(state: DecodeState, logits: jax.Array, allowed: jax.Array, *, rows: int, branch_free: bool,
+           greedy: bool | None = None) -> tuple[DecodeState, jax.Array]:
+    """The first `rows` slots' next tokens from `decode`'s `logits`, among the `allowed` tokens
+    (packed `[rows, words]`: bitmask.py), returned `pack`ed; the cache passes through (donated: in
+    place). `greedy` (static, `sample_variants`): every busy row is greedy without alternatives,
+    so the sampler takes the argmax alone (no sort, no top-k)."""
+    head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     result, sampler = sampling.sample(logits, head(state.params), head(state.sampler),
                                       bitmask.expand(allowed, logits.shape[-1]), branch_free=branch_free,
                                       greedy_only=bool(greedy))
     return DecodeState(
-        cache=cache,
+        cache=state.cache,
         tokens=state.tokens.at[:rows].set(result.tokens),
         sampler=jax.tree.map(lambda a, r: a.at[:rows].set(r), state.sampler, sampler),
         params=state.params,
@@ -231,7 +240,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     """One speculative step for the first `rows` slots: each runs its last token and its first
     `n_drafts` `[slots]` of `drafts` `[slots, k]` at its current length in one forward (the
     prefill-after-a-prefix attention: causal over the new tokens, reading the row's cache), and
-    samples every position exactly as `generate` would there (same key, step and penalty counts,
+    samples every position exactly as `sample` would there (same key, step and penalty counts,
     as if the drafted tokens before it had been sampled). The longest prefix of drafts equal to
     the samples is accepted, plus the sample after it (rejection sampling with a point-mass
     draft: see speculative.py). Keys are written for all k + 1 positions; the row's length then
@@ -279,6 +288,24 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     ), VerifyResult(pack(sampled, emitted))
 
 
+def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, state: DecodeState,
+                 allowed: jax.Array, drafts: tuple[np.ndarray, np.ndarray]) -> tuple[str, Callable, tuple, dict]:
+    """A decode, sample, verify or copy program of `program_shapes` as (what, jitted function,
+    arguments, static arguments) over these buffers, for warm-up: `allowed` is all ones for the
+    program's rows, `drafts` (and counts) are empty, the logits to sample are zeros."""
+    rows, greedy = shape.get("rows"), shape.get("greedy")
+    if kind == "decode":
+        return f"decode {rows} slots", programs.decode, (params, state), {"rows": rows}
+    if kind == "sample":
+        logits = jax.device_put(np.zeros((rows, state.sampler.prompt_mask.shape[-1]), np.float32), programs.shardings.tokens)
+        return (f"sample {rows} slots" + (" (greedy)" if greedy else ""), programs.sample, (state, logits, allowed),
+                {"rows": rows, "greedy": greedy})
+    if kind == "verify":
+        return (f"verify {rows} slots x {drafts[0].shape[1] + 1} tokens", programs.verify,
+                (params, state, *drafts, allowed), {"rows": rows})
+    return "slot copy", programs.copy, (state.cache, np.int32(0), np.int32(0)), {}
+
+
 def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
     """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
     cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
@@ -319,14 +346,15 @@ class Programs:
     never hands the next one a differently placed state, which would recompile)."""
 
     prefill: Callable  # (params, state, tokens, starts, lengths, slots, rows, prompt_mask, allowed, *, suffix) -> (state, packed)
-    generate: Callable  # (params, state, allowed, *, rows, greedy) -> (state, packed: packed.py)
+    decode: Callable  # (params, state, *, rows) -> (state, logits)
+    sample: Callable  # (state, logits, allowed, *, rows, greedy) -> (state, packed: packed.py)
     verify: Callable  # (params, state, drafts, n_drafts, allowed, *, rows) -> (state, VerifyResult)
     copy: Callable  # (cache, source, slot) -> cache
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
     shardings: DecodeState
     prefill_variants: tuple[bool | None, ...]  # the values of prefill's static `suffix` compiled
-    generate_variants: tuple[bool | None, ...]  # the values of generate's static `greedy` compiled
+    sample_variants: tuple[bool | None, ...]  # the values of sample's static `greedy` compiled
 
     @staticmethod
     def build(graphdef: nnx.GraphDef, cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None) -> Programs:
@@ -341,11 +369,13 @@ class Programs:
         return Programs(
             prefill=jax.jit(partial(prefill, graphdef, **static), static_argnames="suffix", donate_argnames="state",
                             out_shardings=(shardings, None)),
-            generate=jax.jit(partial(generate, graphdef, **static), static_argnames=("rows", "greedy"), donate_argnames="state",
-                             out_shardings=(shardings, None)),
+            decode=jax.jit(partial(decode, graphdef, attn=attn), static_argnames="rows", donate_argnames="state",
+                           out_shardings=(shardings, shardings.tokens)),  # logits replicated, as the sampler reads them
+            sample=jax.jit(partial(sample, branch_free=branch_free), static_argnames=("rows", "greedy"),
+                           donate_argnames="state", out_shardings=(shardings, None)),
             verify=jax.jit(partial(verify, graphdef, **static), static_argnames="rows", donate_argnames="state",
                            out_shardings=(shardings, None)),
             copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
-            shardings=shardings, prefill_variants=prefill_variants(target), generate_variants=generate_variants(target))
+            shardings=shardings, prefill_variants=prefill_variants(target), sample_variants=sample_variants(target))

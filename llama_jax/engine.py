@@ -3,7 +3,7 @@
 The scheduler, in token ids and slots: queued requests are prefilled together, one row per choice
 (prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight
 into free decode slots (which requests, and in which prefills: admission.py), where each row
-samples its first token; `generate` steps then advance every busy slot at once. The device
+samples its first token; decode steps then advance every busy slot at once. The device
 programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
 
 A background thread schedules: each iteration admits one prefill batch and dispatches a step before
@@ -31,8 +31,8 @@ from jax.sharding import Mesh
 from llama_jax import admission, bitmask, executables, layers, platform, sampling, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import (Programs, VerifyResult, init_decode_state, prefill_inputs, prefill_shapes, prefill_variant,
-                              program_id, program_shapes, smallest_prefill_shape)
+from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_inputs, prefill_shapes,
+                              prefill_variant, program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.outbox import Outbox
 from llama_jax.packed import StepTokens, copy_soon, unpack
@@ -84,11 +84,12 @@ class Engine:
         # compiled programs stored beside the compilation cache (executables.py); also scoring's
         self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
-        self._prefill_rows, self._generate, self._copy = programs.prefill, programs.generate, programs.copy
-        self._verify, self.speculative = programs.verify, config.speculative.for_platform(self.platform.cpu)
+        self._prefill_rows, self._decode, self._sample = programs.prefill, programs.decode, programs.sample
+        self._verify, self._copy = programs.verify, programs.copy
+        self.speculative = config.speculative.for_platform(self.platform.cpu)
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
-        self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.generate_variants
+        self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.sample_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
         self._everything = {rows: jax.device_put(bitmask.everything(rows, cfg.vocab_size), programs.shardings.tokens)
                             for rows in self.row_buckets}  # the masks of unconstrained steps, resident on the device
@@ -179,7 +180,7 @@ class Engine:
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
-    _CALLS = {"prefill": "_prefill_rows", "generate": "_generate", "verify": "_verify", "copy": "_copy"}
+    _CALLS = {"prefill": "_prefill_rows", "decode": "_decode", "sample": "_sample", "verify": "_verify", "copy": "_copy"}
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
         """One serving program as (what, jitted function, arguments, static arguments), over the
@@ -193,15 +194,9 @@ class Engine:
                                               suffix=shape.get("suffix"))
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
                 self._programs.prefill, args, static
-        if kind == "generate":
-            return (f"decode {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
-                    self._programs.generate, (self.params, self._state, self._everything[shape["rows"]]),
-                    {"rows": shape["rows"], "greedy": shape.get("greedy")})
-        if kind == "verify":
-            drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
-            return (f"verify {shape['rows']} slots x {self.speculative.tokens + 1} tokens", self._programs.verify,
-                    (self.params, self._state, *drafts, self._everything[shape["rows"]]), {"rows": shape["rows"]})
-        return "slot copy", self._programs.copy, (self._state.cache, np.int32(0), np.int32(0)), {}
+        drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
+        return example_call(self._programs, kind, shape, self.params, self._state,
+                            self._everything.get(shape.get("rows")), drafts)
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
@@ -260,30 +255,22 @@ class Engine:
         self._outbox.flush()
 
     def _iterate(self, pending):
-        """One scheduler iteration: admit, dispatch a step, then read the previous step's and the admissions'
-        tokens; before it only what it needs: constrained slots' (their masks), all while any slot drafts."""
+        """One scheduler iteration: admit, start a step, read the last tokens (constrained slots' while the forward
+        runs, for the step's sampling masks), finish it. While any slot drafts, all are read first (drafts follow them)."""
         self._drop_cancelled()
         results = [pending, *self._admit()] if pending else self._admit()
         speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
-        everything = speculating or (pending and isinstance(pending[1], VerifyResult))
+        if speculating or (pending and isinstance(pending[1], VerifyResult)):
+            for result in results:
+                self._process(*result)
+            results = []
+        step = self._start(speculating) if wants_a_step(self.slots, [r[0] for r in results]) else None
         for result in results:
-            self._process(*result, constrained=None if everything else True)
-        unread = [] if everything else results
-        dispatched = (self._dispatch(self._drafts() if speculating else None)
-                      if wants_a_step(self.slots, [r[0] for r in unread]) else None)
-        for result in unread:
+            self._process(*result, constrained=True)
+        dispatched = self._finish(*step) if step else None
+        for result in results:
             self._process(*result, constrained=False)
         return dispatched
-
-    def _drafts(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The busy slots' drafts and counts (speculative.choose_drafts), or None for a plain step."""
-        chosen = speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots)
-        for a, n in zip(self.slots, chosen[1] if chosen else ()):
-            if a:
-                a.drafted(int(n))
-        if chosen:
-            self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(chosen[1].sum()), self.verify_steps + 1
-        return chosen
 
     def _free(self, slot: int) -> None:
         active, self.slots[slot] = self.slots[slot], None
@@ -381,28 +368,39 @@ class Engine:
         first = not row.handle.cancelled.is_set()
         self._release(row.handle, f"admission failed: {error}" if first else None)
 
-    def _dispatch(self, drafts: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
-        """Launch one generate step for the busy slots, or a verify step of their `drafts` (and draft
-        counts); its tokens are copied to the host asynchronously. Slots are taken lowest first, so
-        the busy ones sit in a prefix whose bucketed size sets the batch (one packed array: packed.py)."""
+    def _start(self, drafting: bool) -> tuple[int, jax.Array | VerifyResult]:
+        """Dispatch a plain step's forward (its logits stay on the device), or while slots draft and their drafts pay
+        (speculative.choose_drafts) a whole verify step. Slots are taken lowest first, so the busy ones sit in a
+        prefix whose bucketed size, returned, sets the batch."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
-        allowed = self._everything[rows]
-        if any(a and a.constraint for a in self.slots):
-            for a, e in bitmask.fill_rows(self._masks, self.slots):  # a broken automaton fails its request only
-                log.error("constraint failed", exc_info=e)
-                self._release(a.handle, f"structured-output constraint failed: {e}")
-            if not any(self.slots):
-                return [None] * len(self.slots), None
-            # a copy: the buffer is filled again while this step may still read it (a CPU aliases host arrays)
-            allowed = jax.device_put(self._masks[:rows].copy(), allowed.sharding)  # same placement: same program
-        if drafts is None:
+        drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots)
+        if not drafts:
+            self._state, started = self._decode(self.params, self._state, rows=rows)
+        else:  # constrained rows never draft: their tokens are read already
+            self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(drafts[1].sum()), self.verify_steps + 1
+            allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
+            self._state, started = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
+        return rows, started
+
+    def _finish(self, rows: int, started: jax.Array | VerifyResult
+                ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
+        """Sample a started plain step; the step's tokens (packed.py) are then copied to the host asynchronously."""
+        result = started
+        if not isinstance(started, VerifyResult):
             lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
-            self._state, result = self._generate(self.params, self._state, allowed, rows=rows, greedy=lean or None)
-        else:
-            self._state, result = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
+            allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
+            self._state, result = self._sample(self._state, started, allowed, rows=rows, greedy=lean or None)
         copy_soon(result)
         return list(self.slots), result
+
+    def _allowed(self, rows: int) -> jax.Array:
+        """The busy rows' packed masks on the device (a broken automaton fails its request only)."""
+        if not any(a and a.constraint for a in self.slots):
+            return self._everything[rows]
+        for a, e in bitmask.fill_rows(self._masks, self.slots):
+            log.error("constraint failed", exc_info=e)
+            self._release(a.handle, f"structured-output constraint failed: {e}")
+        return bitmask.upload(self._masks, rows, self._everything[rows])
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
@@ -416,8 +414,8 @@ class Engine:
             verify = isinstance(result, VerifyResult)
             out = unpack(np.asarray(result.packed if verify else result))
         except Exception as e:
-            log.exception("generate step failed")
-            self._fail_running(f"generate step failed: {e}")
+            log.exception("decode step failed")
+            self._fail_running(f"decode step failed: {e}")
             return
         slots = self.slots
         for slot, active in enumerate(owners):

@@ -217,10 +217,13 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
             k = config.speculative.tokens
             lowered.append((f"verify {shape['rows']} slots x {k + 1} tokens", programs.verify.lower(
                 params, state, i32(config.max_slots, k), i32(config.max_slots), allowed, rows=shape["rows"])))
+        elif kind == "decode":
+            lowered.append((f"decode {shape['rows']} slots", programs.decode.lower(params, state, rows=shape["rows"])))
         else:
-            allowed = i32(shape["rows"], bitmask.words(cfg.vocab_size))
-            lowered.append((f"generate {shape['rows']} slots" + (" (greedy)" if shape.get("greedy") else ""),
-                            programs.generate.lower(params, state, allowed, rows=shape["rows"], greedy=shape.get("greedy"))))
+            r = shape["rows"]
+            logits = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.float32, sharding=rep)
+            lowered.append((f"sample {r} slots" + (" (greedy)" if shape.get("greedy") else ""), programs.sample.lower(
+                state, logits, i32(r, bitmask.words(cfg.vocab_size)), rows=r, greedy=shape.get("greedy"))))
 
     report = (lambda done, total, name, seconds: progress(name, seconds)) if progress else None
     built = compile_in_threads(lowered, progress=report, **(options or {}))
@@ -328,7 +331,7 @@ def auto_slots(cfg: LlamaConfig, max_seq_len: int | None, mesh: Mesh | None,
     if free is None:
         return 8, None
     probe = EngineConfig(max_slots=8, max_seq_len=max_len)
-    largest = lambda kind, shape: shape == ({"rows": 8} if kind == "generate" else {"rows": 1, "bucket": max_len})
+    largest = lambda kind, shape: shape == ({"rows": 1, "bucket": max_len} if kind == "prefill" else {"rows": 8})
     temp = max(c.memory.temp_size_in_bytes for c in compile_programs(cfg, probe, mesh, select=largest))
     tp = 1 if mesh is None else mesh.size
     per_slot = slot_bytes(cfg, max_len, tp if cfg.n_kv_heads % tp == 0 else 1)

@@ -345,11 +345,11 @@ class RunningChoice:
 
 def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:
     """Whether a busy slot may want a token beyond those of the `unread` results' owners (one each
-    at most; constrained ones are read already): not when each ends at max_tokens with its last
-    token among them, where another step would be wasted."""
+    at most): not when each ends at max_tokens with its last token among them, where another step
+    would be wasted."""
     if any(a and a.generated + 1 < a.max_tokens for a in slots):
         return True
-    in_flight = {id(a) for owners in unread for a in owners if a and a.constraint is None}
+    in_flight = {id(a) for owners in unread for a in owners if a}
     return any(a and id(a) not in in_flight for a in slots)
 
 

@@ -151,9 +151,14 @@ def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, 
                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """The verify step's drafts and counts for `slots` (running choices or None): each choice not
     backing off drafts at most what its max_tokens and the context leave after the token every step
-    makes. None when a plain step is worth more (`worth_verifying`)."""
+    makes, and is told its count (`drafted`). None when a plain step is worth more (`worth_verifying`)."""
     drafting = [a if a and a.drafts_now() else None for a in slots]
     drafts, counts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids))) if a else None
                                  for a in drafting], config)
     expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
-    return (drafts, counts) if worth_verifying(expected, busy, config) else None
+    if not worth_verifying(expected, busy, config):
+        return None
+    for a, n in zip(slots, counts):
+        if a:
+            a.drafted(int(n))
+    return drafts, counts

@@ -430,13 +430,14 @@ def test_a_failing_admission_fails_its_request_instead_of_hanging(engine):
 
 
 def _spy_pipeline(engine, monkeypatch) -> list[str]:
-    """The engine's device calls and result reads, in order: "prefill", "generate", "read"."""
+    """The engine's device calls and result reads, in order: "prefill", "decode", "sample", "read"."""
     import llama_jax.engine as engine_module
 
     log: list[str] = []
     logged = lambda name, f: lambda *a, **k: (log.append(name), f(*a, **k))[1]
     monkeypatch.setattr(engine, "_prefill_rows", logged("prefill", engine._prefill_rows))
-    monkeypatch.setattr(engine, "_generate", logged("generate", engine._generate))
+    monkeypatch.setattr(engine, "_decode", logged("decode", engine._decode))
+    monkeypatch.setattr(engine, "_sample", logged("sample", engine._sample))
     monkeypatch.setattr(engine_module, "unpack", logged("read", engine_module.unpack))
     return log
 
@@ -450,7 +451,7 @@ def test_admission_is_read_after_the_next_dispatch_and_no_step_is_wasted(engine,
         log.clear()
         out = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=max_tokens)).result()
         assert len(out.choices[0].tokens) == max_tokens
-        assert log == ["prefill", *["generate", "read"] * (max_tokens - 1), "read"], (max_tokens, log)
+        assert log == ["prefill", *["decode", "sample", "read"] * (max_tokens - 1), "read"], (max_tokens, log)
     log.clear()
     running = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=60))
     while "read" not in log:  # it is decoding
@@ -458,4 +459,16 @@ def test_admission_is_read_after_the_next_dispatch_and_no_step_is_wasted(engine,
     engine.submit(Request(prompt=[1, 17354, 29871], max_tokens=4)).result()
     running.result()
     admitted = log.index("prefill", 1)
-    assert log[admitted + 1] == "generate", log[admitted - 3: admitted + 4]
+    assert log[admitted + 1: admitted + 3] == ["decode", "sample"], log[admitted - 3: admitted + 4]
+
+
+def test_a_constrained_slot_is_read_while_the_next_forward_runs(engine, monkeypatch):
+    """issue 30: with a grammar-constrained slot busy, each step's forward is dispatched before the
+    slot's last token is read and its next mask built; only the step's sampling waits for the mask.
+    Its tokens stay within the grammar's."""
+    log = _spy_pipeline(engine, monkeypatch)
+    allowed = [450, 4996, 17354, 1701, 29871]
+    out = engine.submit(Request(prompt=[1, 15043], max_tokens=6, stop_token_ids=[], sampling=SamplingOptions(seed=3),
+                                constraint=lambda: OnlyTheseTokens(allowed, 100))).result()
+    assert len(out.choices[0].tokens) == 6 and {t.token_id for t in out.choices[0].tokens} <= set(allowed)
+    assert log == ["prefill", *["decode", "read", "sample"] * 5, "read"], log

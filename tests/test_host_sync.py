@@ -27,35 +27,37 @@ def test_host_sync_ops_counts_conditionals_and_unknown_trip_counts():
 
 
 @pytest.mark.parametrize("tp, kv_heads, kernels", [
-    (1, 2, {"prefill": ["cudnn:fmha"], "suffix": [], "generate": ["triton:decode_attention"]}),
-    (2, 1, {"prefill": [], "suffix": [], "generate": []}),  # KV heads replicated over tp: the XLA paths
+    (1, 2, {"prefill": ["cudnn:fmha"], "suffix": [], "decode": ["triton:decode_attention"]}),
+    (2, 1, {"prefill": [], "suffix": [], "decode": []}),  # KV heads replicated over tp: the XLA paths
 ], ids=["tp1-kernels", "tp2-xla-decode"])
 def test_no_host_synchronising_control_flow_in_gpu_serve_programs(tp, kv_heads, kernels):
     target, devices = platform.target("h200", tp)
     cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, n_kv_heads=kv_heads)
-    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 5 programs
+    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 6 programs
     report = plan.plan(cfg, config, plan.target_mesh(devices))
     programs = report["per_program"]
-    # prefill fresh and after a cached prefix, generate any rows and greedy rows only, slot copy
-    assert sorted(programs) == ["generate 1 slots", "generate 1 slots (greedy)", "prefill 1 x 256",
-                                "prefill 1 x 256 (suffix)", "slot copy"]
+    # prefill fresh and after a cached prefix, the decode forward, sampling any rows and greedy rows only, slot copy
+    assert sorted(programs) == ["decode 1 slots", "prefill 1 x 256", "prefill 1 x 256 (suffix)", "sample 1 slots",
+                                "sample 1 slots (greedy)", "slot copy"]
     assert len(programs) == len(program_shapes(config, 256))
     for name, p in programs.items():
         assert (p["conditionals"], p["dynamic_whiles"]) == (0, 0), name
     assert programs["prefill 1 x 256"]["kernels"] == kernels["prefill"]
     assert programs["prefill 1 x 256 (suffix)"]["kernels"] == kernels["suffix"]
-    assert programs["generate 1 slots"]["kernels"] == programs["generate 1 slots (greedy)"]["kernels"] == kernels["generate"]
+    assert programs["decode 1 slots"]["kernels"] == kernels["decode"]
+    assert programs["sample 1 slots"]["kernels"] == programs["sample 1 slots (greedy)"]["kernels"] == []
 
 
 def test_cpu_keeps_one_prefill_per_shape_and_its_data_dependent_loops():
     """On the CPU the prefill chooses its path on the device (one program per shape) and the
     decode loop follows the longest row: both cost no host round trip there, and are faster."""
     config = EngineConfig(max_slots=1, max_seq_len=64, min_prefill_bucket=64)
-    assert program_shapes(config, 64) == [("prefill", {"rows": 1, "bucket": 64}), ("generate", {"rows": 1}), ("copy", {})]
+    assert program_shapes(config, 64) == [("prefill", {"rows": 1, "bucket": 64}), ("decode", {"rows": 1}),
+                                          ("sample", {"rows": 1}), ("copy", {})]
     cfg = preset("tiny-gqa").replace(n_layers=1)
     programs = plan.plan(cfg, config, select=lambda kind, shape: kind != "copy")["per_program"]
     assert programs["prefill 1 x 64"]["conditionals"] >= 1  # the path, per layer (and the sampler's branches)
-    assert programs["generate 1 slots"]["dynamic_whiles"] >= 1
+    assert programs["decode 1 slots"]["dynamic_whiles"] >= 1
 
 
 def test_plan_prints_the_counts_per_program(capsys):
@@ -67,6 +69,6 @@ def test_plan_prints_the_counts_per_program(capsys):
     header = next(i for i, line in enumerate(lines) if "conditionals  dynamic whiles" in line)
     rows = {line.split("  ")[1].strip(): line.split()[-2:] for line in lines[header + 1:] if line.startswith("  ")
             and not line.startswith("  slots")}
-    assert set(rows) == {"prefill 1 x 16", "prefill 1 x 32", "generate 1 slots", "slot copy"}
-    assert int(rows["prefill 1 x 32"][0]) >= 1 and int(rows["generate 1 slots"][1]) >= 1  # the CPU's, on purpose
+    assert set(rows) == {"prefill 1 x 16", "prefill 1 x 32", "decode 1 slots", "sample 1 slots", "slot copy"}
+    assert int(rows["prefill 1 x 32"][0]) >= 1 and int(rows["decode 1 slots"][1]) >= 1  # the CPU's, on purpose
     assert rows["slot copy"] == ["0", "0"]

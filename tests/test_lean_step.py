@@ -113,7 +113,7 @@ def test_the_greedy_only_sampler_takes_the_same_tokens_without_a_draw_or_top_k(b
 
 def test_an_accelerator_engine_runs_greedy_rows_in_the_greedy_variant_with_the_same_replies(
         engine, tiny_model, tokenizer, monkeypatch):
-    """A GPU's generate variants on this CPU (`device.generate_variants`, the sort-based sampler):
+    """A GPU's sample variants on this CPU (`device.sample_variants`, the sort-based sampler):
     greedy rows without alternatives run the greedy program, any other row in the batch the full
     one; the replies equal the CPU engine's and nothing compiles after warm-up."""
     from llama_jax import device
@@ -121,15 +121,15 @@ def test_an_accelerator_engine_runs_greedy_rows_in_the_greedy_variant_with_the_s
     from llama_jax.engine import Engine, EngineConfig
     from llama_jax.request import Request, SamplingOptions
 
-    monkeypatch.setattr(device, "generate_variants", lambda target: (None, True))
+    monkeypatch.setattr(device, "sample_variants", lambda target: (None, True))
     greedy = lambda p, k=0: Request(prompt=p, max_tokens=10, stop_token_ids=[], top_logprobs=k,
                                     sampling=SamplingOptions(temperature=0))
     sampled = Request(prompt=[1, 450, 4996], max_tokens=10, stop_token_ids=[], sampling=SamplingOptions(seed=5))
     config = EngineConfig(max_slots=4, max_seq_len=64, branch_free_sampler=True)
     with Engine(tiny_model, tokenizer, config) as gpu_like:
         ran = []
-        real = gpu_like._generate
-        monkeypatch.setattr(gpu_like, "_generate", lambda *a, rows, greedy: ran.append(greedy) or real(*a, rows=rows, greedy=greedy))
+        real = gpu_like._sample
+        monkeypatch.setattr(gpu_like, "_sample", lambda *a, rows, greedy: ran.append(greedy) or real(*a, rows=rows, greedy=greedy))
         with CompileCounter() as counter:
             alone = gpu_like.submit(greedy([1, 450, 4996])).result()
             assert set(ran) == {True}

@@ -37,7 +37,7 @@ def test_plan_reports_programs_bytes_and_fit(capsys):
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
     assert set(report) == {"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes", "memory",
                            "max_slots_that_fit", "kernels", "per_program"}
-    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 7 == len(report["per_program"])
+    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 9 == len(report["per_program"])
     assert report["platform"] == "cpu" and report["kernels"] == []  # the CPU runs its XLA paths
     assert report["memory"] == 64 * 2**20
     assert report["devices"] == 1 and report["compile_s"] > 0
@@ -105,7 +105,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     assert json.loads(out.read_text()) == result
     assert result["kernels"] == {"decode": "xla", "prefill": "xla"}  # CPU keeps its XLA paths
     assert result["kernels_as_planned"] and result["planned_target"] is None  # no target matches a CPU: no kernels
-    assert result["device_kernels"] == {"prefill 1 x 256": [], "generate 2 slots": []}
+    assert result["device_kernels"] == {"prefill 1 x 256": [], "decode 2 slots": []}
     assert result["logits_random_2_layers_ok"] and result["logits_random_2_layers_rel_max_diff"] < gpu_check.MAX_REL_DIFF
     if SMOLLM2_GGUF.exists():  # the real model, in bf16 on this device and on the CPU (here both the CPU)
         assert result["logits_smollm2_ok"] and result["logits_smollm2_top1"] >= gpu_check.MIN_TOP1
@@ -124,8 +124,9 @@ GiB = 2**30
 def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
     """Llama-2-7B bf16 at tp 1, compiled here by XLA's GPU compiler for an H200 (no GPU). To keep
     CI short it compiles the two programs whose temporaries bound the plan, the longest (fresh)
-    prefill (1 x 4096) and the widest decode (8 slots) (all 33, 12 prefill shapes fresh and after
-    a cached prefix, 4 decode buckets for any rows and for greedy rows only: docs/serving.md); weights and KV cache come from the full shapes'
+    prefill (1 x 4096) and the widest decode forward and sampling (8 slots) (all 37: 12 prefill
+    shapes fresh and after a cached prefix, 4 decode buckets, each sampled for any rows and for
+    greedy rows only: docs/serving.md); weights and KV cache come from the full shapes'
     shardings, compiled or not."""
     target, devices = platform.target("h200")
     assert target.device_kind == "NVIDIA H200 141GB HBM3e" and target.memory == 151397597184
@@ -135,7 +136,8 @@ def test_plan_for_an_h200_compiles_7b_with_the_gpu_kernels():
                        select=largest)
     programs = report["per_program"]
     assert programs["prefill 1 x 4096"]["kernels"] == ["cudnn:fmha"]  # cuDNN flash attention
-    assert programs["generate 8 slots"]["kernels"] == ["triton:decode_attention"]  # the Pallas kernel, as Triton
+    assert programs["decode 8 slots"]["kernels"] == ["triton:decode_attention"]  # the Pallas kernel, as Triton
+    assert programs["sample 8 slots"]["kernels"] == []
     assert all(p["conditionals"] == p["dynamic_whiles"] == 0 for p in programs.values())  # nothing waits on the host
     per = report["per_device_bytes"]
     assert per["weights"] == param_count(cfg) * 2 and round(per["weights"] / GiB, 2) == 12.55
@@ -155,18 +157,19 @@ def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
     target, devices = platform.target("h200")
     cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, max_seq_len=max_len)
     config = EngineConfig(max_slots=2, max_seq_len=max_len, platform=target)
-    report = plan.plan(cfg, config, plan.target_mesh(devices), select=lambda kind, shape: shape == {"rows": 2})
+    report = plan.plan(cfg, config, plan.target_mesh(devices), select=lambda kind, shape: (kind, shape) == ("decode", {"rows": 2}))
     assert report["per_device_bytes"]["kv_cache"] == 2 * 2 * cfg.n_kv_heads * max_len * cfg.head_dim * 2  # no padding
-    assert report["per_program"] == {"generate 2 slots": report["per_program"]["generate 2 slots"]}
-    program = report["per_program"]["generate 2 slots"]
+    assert report["per_program"] == {"decode 2 slots": report["per_program"]["decode 2 slots"]}
+    program = report["per_program"]["decode 2 slots"]
     assert program["kernels"] == ["triton:decode_attention"]
     assert (program["conditionals"], program["dynamic_whiles"]) == (0, 0)
 
 
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     """`llama-jax plan --target h100 --tp 8 --checkpoint` for Llama-2-70B's widths over 8 abstract
-    H100s, through the CLI (one slot of 16 tokens: five programs, prefill fresh and after a cached
-    prefix, decode, greedy decode and slot copy; the same kernels as any length). Two of its 80
+    H100s, through the CLI (one slot of 16 tokens: six programs, prefill fresh and after a cached
+    prefix, the decode forward, its sampling for any rows and for greedy rows, and slot copy; the
+    same kernels as any length). Two of its 80
     layers: a GPU program repeats one layer's code per layer, so depth changes only compile time
     (the full model is `--preset llama-2-70b`, ~100 s here)."""
     cfg = preset("llama-2-70b").replace(n_layers=2)
@@ -174,12 +177,12 @@ def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     assert cli.main(["plan", "--target", "h100", "--tp", "8", "--checkpoint", str(tmp_path), "--dtype", "auto",
                      "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 5
+    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 6
     whole = param_count(cfg) * 2  # auto: bf16 on a GPU
     assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
     assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]
-    assert report["per_program"]["generate 1 slots"]["kernels"] == ["triton:decode_attention"]  # per device, shard_map
-    assert report["per_program"]["generate 1 slots (greedy)"]["kernels"] == ["triton:decode_attention"]
+    assert report["per_program"]["decode 1 slots"]["kernels"] == ["triton:decode_attention"]  # per device, shard_map
+    assert report["per_program"]["sample 1 slots"]["kernels"] == report["per_program"]["sample 1 slots (greedy)"]["kernels"] == []
     assert report["per_program"]["prefill 1 x 16 (suffix)"]["kernels"] == []  # the XLA loop over the cache
     assert all(p["conditionals"] == p["dynamic_whiles"] == 0 for p in report["per_program"].values())
     assert report["kernels"] == ["cudnn:fmha", "triton:decode_attention"]
@@ -215,7 +218,7 @@ def _decode_for_h200(split_layers: bool | None) -> plan.Compiled:
     target, devices = platform.target("h200")
     config = EngineConfig(max_slots=2, max_seq_len=256, platform=target, split_layers=split_layers)
     (program,) = plan.compile_programs(SMALL_BF16, config, plan.target_mesh(devices),
-                                       select=lambda kind, shape: shape == {"rows": 2})
+                                       select=lambda kind, shape: (kind, shape) == ("decode", {"rows": 2}))
     assert program.kernels == ["triton:decode_attention"] and program.host_syncs == {"conditionals": 0, "dynamic_whiles": 0}
     return program
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import bitmask, checkpoint, plan, quantize, sharding, steps
+from llama_jax import checkpoint, plan, quantize, sharding, steps
 from llama_jax.config import preset
 from llama_jax.convert import main, stored_bytes
 from llama_jax.engine import EngineConfig
@@ -250,8 +250,7 @@ def _cpu_decode(cfg, rows: int = 8):
     graphdef, state = nnx.split(abstract_model(cfg))
     params = jax.eval_shape(lambda s: storage_params(cfg, s, split_layers(cfg)), state)
     decode = jax.eval_shape(lambda: empty_state(cfg, 8, 256))
-    allowed = jax.ShapeDtypeStruct((rows, bitmask.words(cfg.vocab_size)), jnp.int32)
-    compiled = Programs.build(graphdef, cfg, config, None).generate.lower(params, decode, allowed, rows=rows).compile()
+    compiled = Programs.build(graphdef, cfg, config, None).decode.lower(params, decode, rows=rows).compile()
     return compiled, plan.per_device_bytes(params)
 
 

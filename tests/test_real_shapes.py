@@ -29,18 +29,18 @@ def cache_bytes_per_device(cfg, config, tp_kv: int) -> int:
 
 
 def test_default_gpu_serve_config_compiles_few_programs():
-    """Warm-up grows with row buckets plus length buckets: 9 + 3 prefill shapes, 4 generate, and
-    the prefix cache's slot copy."""
+    """Warm-up grows with row buckets plus length buckets: 9 + 3 prefill shapes, 4 decode forwards
+    and their 4 samplings, and the prefix cache's slot copy."""
     shapes = program_shapes(EngineConfig(), preset("llama-2-7b").max_seq_len)
-    assert len(shapes) == 17 and shapes[-1] == ("copy", {})
-    assert [s for k, s in shapes if k == "generate"] == [{"rows": r} for r in (1, 2, 4, 8)]
+    assert len(shapes) == 21 and shapes[-1] == ("copy", {})
+    assert [s for k, s in shapes if k == "decode"] == [s for k, s in shapes if k == "sample"] == [{"rows": r} for r in (1, 2, 4, 8)]
 
 
 @pytest.fixture(scope="module")
 def decode_7b():
     cfg = preset("llama-2-7b").replace(dtype="bfloat16")
     config = EngineConfig(max_slots=8)
-    return cfg, config, compile_one(cfg, config, None, "generate", rows=8)
+    return cfg, config, compile_one(cfg, config, None, "decode", rows=8)
 
 
 def test_7b_bf16_decode_temporaries_are_bounded(decode_7b):
@@ -80,7 +80,7 @@ def test_70b_tp8_per_device_weights_and_kv_are_an_eighth(tp8_70b):
     assert per_device <= total / 8 * 1.1 + GiB, (per_device / GiB, total / GiB)
     kv_total = cache_bytes_per_device(cfg, config, 1)
     assert cfg.n_kv_heads % 8 == 0
-    compiled = compile_one(cfg, config, mesh, "generate", rows=8)
+    compiled = compile_one(cfg, config, mesh, "decode", rows=8)
     memory = compiled.memory
     state = plan.abstract_state(cfg, config.max_slots, cfg.max_seq_len,
                                 decode_state_shardings(cfg, mesh))
@@ -90,7 +90,7 @@ def test_70b_tp8_per_device_weights_and_kv_are_an_eighth(tp8_70b):
     assert memory.argument_size_in_bytes <= (total + kv_total) / 8 * 1.1 + GiB
 
 
-@pytest.mark.parametrize("kind,shape", [("generate", {"rows": 8}), ("prefill", {"rows": 8, "bucket": 64})])
+@pytest.mark.parametrize("kind,shape", [("decode", {"rows": 8}), ("prefill", {"rows": 8, "bucket": 64})])
 def test_70b_tp8_never_all_gathers_the_embedding_or_lm_head(tp8_70b, kind, shape):
     """The table is split along its columns (a local lookup), the head along the vocabulary (local
     logits): only activations and one [rows, vocab] logits gather cross devices."""

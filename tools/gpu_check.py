@@ -92,7 +92,8 @@ def check_planned_kernels(cfg, config: EngineConfig, host: Platform) -> dict:
     from llama_jax import plan
 
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    largest = lambda kind, shape: (not shape.get("suffix")  # a GPU's fresh prefill (its suffix one has no kernel)
+    largest = lambda kind, shape: (kind != "sample" and not shape.get("suffix")  # a GPU's fresh prefill (its suffix
+                                   # one has no kernel), the forward of a decode step (its sampling has none)
                                    and {k: v for k, v in shape.items() if k != "suffix"} in
                                    ({"rows": 1, "bucket": max_len}, {"rows": config.max_slots}))
     plain = dataclasses.replace(config, attention=None)
@@ -248,14 +249,15 @@ def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 10) -> float:
 
 
 def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> float:
-    """Seconds per raw generate step at `rows` busy slots holding `context` tokens."""
+    """Seconds per raw decode step (forward and sampling) at `rows` busy slots holding `context` tokens."""
     state = engine._state
     engine._state = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths.at[:rows].set(context)))
     for i in range(steps + 3):
         if i == 3:
             jax.block_until_ready(engine._state)
             start = time.perf_counter()
-        engine._state, result = engine._generate(engine.params, engine._state, engine._everything[rows], rows=rows, greedy=None)
+        engine._state, logits = engine._decode(engine.params, engine._state, rows=rows)
+        engine._state, result = engine._sample(engine._state, logits, engine._everything[rows], rows=rows, greedy=None)
     result.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     engine._state = engine._reset(engine._state)
@@ -272,7 +274,7 @@ def int8_fusion_check(cfg, config: EngineConfig, host: Platform) -> dict:
     from llama_jax import plan
     from llama_jax.model import weight_specs
 
-    one_row = lambda kind, shape: kind == "generate" and shape == {"rows": 1}
+    one_row = lambda kind, shape: kind == "decode" and shape == {"rows": 1}
     mesh, name = None, target_of(host) if not host.cpu else "h200"
     if host.cpu:
         target, devices = platform.target(name)
