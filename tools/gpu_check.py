@@ -26,7 +26,9 @@ minutes for 7B bf16 with a cold compilation cache. Steps, each printed as it end
 3. warm-up of every serving program, per program, with the persistent compilation cache;
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
    1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 64
-   concurrent requests of `--context` tokens, peak device memory.
+   concurrent requests of `--context` tokens, what one regex-constrained request adds to a step
+   at 1 and 8 busy slots (its mask is built while the forward runs; needs llguidance), peak
+   device memory.
 A failed check (steps 0 and 1b) is reported, the run goes on, and the script exits 1 at the end.
 With `--quantize int8` the weights are int8 with block scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
@@ -265,6 +267,28 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
     return seconds
 
 
+def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: int) -> dict:
+    """What one regex-constrained request (llguidance's mask every step) adds to a decode step at
+    1 and 8 busy slots, greedy, EOS ignored: its mask is built while the step's forward runs, so
+    on a GPU it should add next to nothing (issue 30's goal: <= 10 %). Skipped without llguidance."""
+    try:
+        from llama_jax.structured import regex_grammar
+    except ImportError as e:  # not in every GPU image
+        say(f"constrained decode: skipped ({e})")
+        return {"constrained_skipped": str(e)}
+    from bench_host import run
+
+    words, out = regex_grammar(tokenizer, "[a-z ]{0,4000}").factory(tokens, vocab), {}
+    for busy in (b for b in (1, 8) if b <= slots):
+        _, plain, steps = run(engine, busy, tokens)
+        _, constrained, constrained_steps = run(engine, busy, tokens, words)
+        adds = 100 * (constrained / constrained_steps / (plain / steps) - 1)
+        out[f"constrained_adds_pct_{busy}"] = round(adds, 1)
+        say(f"{busy} busy slots, one of them regex-constrained: a step takes {adds:+.1f} % "
+            f"({1000 * plain / steps:.2f} ms plain)")
+    return out
+
+
 def int8_fusion_check(cfg, config: EngineConfig, host: Platform) -> dict:
     """Compile the batch-1 decode program ahead of time with int8 and with float weights (no
     memory) and compare their temporaries: had a matrix been dequantized whole, the int8 program
@@ -385,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
                 result[f"step_ms_{c}x{context}"] = round(1000 * decode_steps(engine, c, context), 2)
                 say(f"{c} concurrent x {context} tokens: {result[f'aggregate_tok_s_{c}']} tok/s "
                     f"(raw step {result[f'step_ms_{c}x{context}']} ms)")
+        result.update(constrained_cost(engine, tokenizer, cfg.vocab_size, args.decode_tokens, args.slots))
     finally:
         engine.stop()
     stats = device.memory_stats() or {}
