@@ -6,10 +6,11 @@ into free decode slots (which requests, and in which prefills: admission.py), wh
 samples its first token; decode steps then advance every busy slot at once. The device
 programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
 
-A background thread schedules: each iteration admits one prefill batch and dispatches a step before
-it reads the prefill's and the previous step's tokens, so the device never waits for Python (no step
-when every busy choice ends with the tokens in flight). While any slot drafts (speculative.py), they
-are read first (drafts follow them); a step verifies drafts when their expected accepted tokens pay.
+A background thread schedules: each iteration admits one prefill batch and dispatches a step's
+forward before it reads the prefill's and the previous step's tokens (constrained slots' first:
+their next masks go to the step's sampling, dispatched next), so the device never waits for Python;
+no step when every busy choice ends with the tokens in flight. While any slot drafts (speculative.py),
+all are read first (drafts follow them); a step verifies drafts when their expected accepted tokens pay.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from conftest import SMOLLM2_GGUF
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-SMALL = ["--max-slots", "2", "--max-seq-len", "64"]  # few programs: each compile takes seconds here
+SMALL = ["--max-slots", "1", "--max-seq-len", "32"]  # five programs: each compile takes seconds here
 
 
 def run_plan(capsys, *args) -> dict:
@@ -37,15 +37,15 @@ def test_plan_reports_programs_bytes_and_fit(capsys):
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
     assert set(report) == {"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes", "memory",
                            "max_slots_that_fit", "kernels", "per_program"}
-    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=2), 64)) == 9 == len(report["per_program"])
+    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=1), 32)) == 5 == len(report["per_program"])
     assert report["platform"] == "cpu" and report["kernels"] == []  # the CPU runs its XLA paths
     assert report["memory"] == 64 * 2**20
     assert report["devices"] == 1 and report["compile_s"] > 0
     per = report["per_device_bytes"]
     assert per["weights"] == param_count(cfg) * 4
-    assert per["kv_cache"] == 2 * cfg.n_layers * 2 * cfg.n_kv_heads * 64 * cfg.head_dim * 4
+    assert per["kv_cache"] == 2 * cfg.n_layers * 1 * cfg.n_kv_heads * 32 * cfg.head_dim * 4  # k and v, 1 slot
     assert 0 < per["temp"] < per["weights"]
-    slot = plan.slot_bytes(cfg, 64, 1)
+    slot = plan.slot_bytes(cfg, 32, 1)
     assert report["max_slots_that_fit"] == (64 * 2**20 - per["weights"] - per["temp"]) // slot
 
 
