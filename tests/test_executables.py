@@ -171,7 +171,7 @@ from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.request import SamplingOptions
 from llama_jax.tokenizer import Tokenizer
-config = EngineConfig(max_slots=2, max_seq_len=int(sys.argv[3]), compilation_cache_dir=sys.argv[1])
+config = EngineConfig(max_slots=1, max_seq_len=int(sys.argv[3]), compilation_cache_dir=sys.argv[1])
 engine = Engine(init_model(preset("tiny-gqa")), Tokenizer(sys.argv[2]), config)
 seen = []
 before = traces["/jax/core/compile/jaxpr_trace_duration"]
