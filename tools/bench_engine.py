@@ -39,13 +39,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_jax import bitmask  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.engine import Engine, EngineConfig  # noqa: E402
 from llama_jax.hf_checkpoint import load_hf_model, write_tiny_checkpoint  # noqa: E402
@@ -110,7 +108,7 @@ def bench_engine(model, args, tokenizer=None) -> dict:
 
 
 def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> dict:
-    """One generate step at a 128-token context, with max_seq_len 4096 vs 256: decode reads each
+    """One decode step (its forward) at a 128-token context, with max_seq_len 4096 vs 256: decode reads each
     row's keys up to its length, so the context (not the cache size) should set the cost. The two
     are timed alternately, so drift in the machine's speed hits both alike."""
     from llama_jax.device import Programs, init_decode_state
@@ -120,17 +118,16 @@ def bench_window(model, slots: int = 8, context: int = 128, iters: int = 40) -> 
     graphdef, params = nnx.split(model)
     split = split_layers(model.cfg)
     params = storage_params(model.cfg, params, split)
-    allowed = jnp.asarray(bitmask.everything(slots, model.cfg.vocab_size))
     states, programs, samples = {}, {}, {256: [], 4096: []}
     for max_len in samples:
         config = EngineConfig(max_slots=slots, max_seq_len=max_len)
-        programs[max_len] = Programs.build(graphdef, model.cfg, config, None).generate
+        programs[max_len] = Programs.build(graphdef, model.cfg, config, None).decode
         state = init_decode_state(model.cfg, slots, max_len)
         states[max_len] = dataclasses.replace(state, cache=state.cache.replace(lengths=state.cache.lengths + context))
     for i in range(iters + 3):
         for max_len in samples:
             start = time.perf_counter()
-            states[max_len], result = programs[max_len](params, states[max_len], allowed, rows=slots)
+            states[max_len], result = programs[max_len](params, states[max_len], rows=slots)
             result.block_until_ready()
             if i >= 3:  # the first calls compile and warm the caches
                 samples[max_len].append(time.perf_counter() - start)
