@@ -289,10 +289,10 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
 
 
 def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, state: DecodeState,
-                 allowed: jax.Array, drafts: tuple[np.ndarray, np.ndarray]) -> tuple[str, Callable, tuple, dict]:
+                 allowed: jax.Array | None, drafts: tuple[np.ndarray, np.ndarray] | None) -> tuple[str, Callable, tuple, dict]:
     """A decode, sample, verify or copy program of `program_shapes` as (what, jitted function,
     arguments, static arguments) over these buffers, for warm-up: `allowed` is all ones for the
-    program's rows, `drafts` (and counts) are empty, the logits to sample are zeros."""
+    program's rows, `drafts` (and counts, a verify's only) are empty, the logits to sample are zeros."""
     rows, greedy = shape.get("rows"), shape.get("greedy")
     if kind == "decode":
         return f"decode {rows} slots", programs.decode, (params, state), {"rows": rows}

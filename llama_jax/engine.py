@@ -195,7 +195,7 @@ class Engine:
                                               suffix=shape.get("suffix"))
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
                 self._programs.prefill, args, static
-        drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative)
+        drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative) if kind == "verify" else None
         return example_call(self._programs, kind, shape, self.params, self._state,
                             self._everything.get(shape.get("rows")), drafts)
 

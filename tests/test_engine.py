@@ -454,7 +454,9 @@ def test_admission_is_read_after_the_next_dispatch_and_no_step_is_wasted(engine,
         assert log == ["prefill", *["decode", "sample", "read"] * (max_tokens - 1), "read"], (max_tokens, log)
     log.clear()
     running = engine.submit(Request(prompt=[1, 450, 4996], max_tokens=60))
+    deadline = time.monotonic() + 60
     while "read" not in log:  # it is decoding
+        assert time.monotonic() < deadline, log
         time.sleep(0.001)
     engine.submit(Request(prompt=[1, 17354, 29871], max_tokens=4)).result()
     running.result()
