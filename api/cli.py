@@ -67,8 +67,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "prompt and reply, verified in one step (the same output up to rounding); on for requests "
                         "unless they say speculative: false (default 0: off)")
     p.add_argument("--speculative-verify-cost", type=float, default=None, metavar="X",
-                   help="a verify step's time in plain decode steps: drafts are verified only when their expected "
-                        "accepted tokens pay for it (default: 1.5 on a GPU, 5 on a CPU)")
+                   help="a verify step's time in plain decode steps, for every batch size: drafts are verified only when "
+                        "their expected accepted tokens pay for it (default: measured per batch size at warm-up)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, bitmask, executables, layers, platform, sampling, speculative, steps
+from llama_jax import admission, bitmask, executables, layers, platform, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_inputs, prefill_shapes,
@@ -39,8 +39,8 @@ from llama_jax.outbox import Outbox
 from llama_jax.packed import StepTokens, copy_soon, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, sampling_row,
-                               validate, wants_a_step)
+                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, prepared, sampling_row,
+                               wants_a_step)
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -88,6 +88,8 @@ class Engine:
         self._prefill_rows, self._decode, self._sample = programs.prefill, programs.decode, programs.sample
         self._verify, self._copy = programs.verify, programs.copy
         self.speculative = config.speculative.for_platform(self.platform.cpu)
+        self.verify_costs = dict.fromkeys(self.row_buckets, self.speculative.verify_cost)  # per row bucket: warm-up measures them
+        self._no_drafts = speculative.draft_rows([None] * config.max_slots, self.speculative)  # a verify step's, at warm-up
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.sample_variants
@@ -126,12 +128,8 @@ class Engine:
         if request.speculative and not self.speculative.enabled:
             raise RequestError("speculative decoding is off on this server (start it with --speculative-ngram K)",
                                param="speculative")
-        max_tokens = validate(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len)
-        if request.sampling.seed is None:  # one random seed for the request: its choices differ by index
-            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=sampling.random_seed()))
-        stop_ids = self.stop_ids(request)
-        rows = [sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
-                for i in range(request.n)]  # range errors name the field
+        request, max_tokens, rows = prepared(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len,
+                                             stop_ids=self.stop_ids(request))
         handle = RequestHandle(request, loop, self._outbox)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
@@ -151,8 +149,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int] | str], **request_fields) -> list[Completion]:
         """Run prompts (token ids, or raw text: `tokenizer.prompt_ids`) to completion: for notebooks and scripts."""
         ids = [self.tokenizer.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
-        handles = [self.submit(Request(prompt=p, **request_fields)) for p in ids]
-        return [h.result() for h in handles]
+        return [h.result() for h in [self.submit(Request(prompt=p, **request_fields)) for p in ids]]  # all queued first
 
     @property
     def queue_depth(self) -> int:
@@ -165,8 +162,8 @@ class Engine:
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
         """Build every program serving can run: loaded from the executables stored beside the
         compilation cache (executables.py: no tracing), or compiled several at once and stored;
-        `progress(done, total, what, its seconds)` as each is ready. Run each once on an
-        accelerator (a CPU's executables need no first run), then empty the slots."""
+        `progress(done, total, what, its seconds)` as each is ready. Run each once on an accelerator; on a
+        CPU a first run plans its kernels (~1 s a multi-row program), left to the first request that needs it."""
         calls = {program_id(kind, c[2], c[3]): c for kind, c in
                  ((p[0], self._warmup_call(p)) for p in program_shapes(self.config, self.max_seq_len))}
         context = repr((self.model.cfg, dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None),
@@ -178,6 +175,13 @@ class Engine:
             _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
             out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
             self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
+        if self.speculative.enabled and self.config.speculative.verify_cost is None:  # slots at half the context, room left
+            room = self.max_seq_len - 8 * len(self.row_buckets) - self.speculative.tokens - 1  # for every measured step
+            lengths = jax.device_put(np.full(len(self.slots), max(0, min(self.max_seq_len // 2, room)), np.int32),
+                                     self._state.cache.lengths.sharding)
+            self._state = dataclasses.replace(self._state, cache=self._state.cache.replace(lengths=lengths))
+            step = lambda rows, drafts: jax.block_until_ready(self._finish(rows, self._forward(rows, drafts))[1])
+            self.verify_costs = speculative.measure_costs(step, self._no_drafts, self.row_buckets)
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
@@ -195,15 +199,13 @@ class Engine:
                                               suffix=shape.get("suffix"))
             return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
                 self._programs.prefill, args, static
-        drafts = speculative.draft_rows([None] * self.config.max_slots, self.speculative) if kind == "verify" else None
         return example_call(self._programs, kind, shape, self.params, self._state,
-                            self._everything.get(shape.get("rows")), drafts)
+                            self._everything.get(shape.get("rows")), self._no_drafts if kind == "verify" else None)
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
-        for leaf in jax.tree.leaves(self._state):
-            if not leaf.is_deleted():
-                leaf.delete()
+        for leaf in [x for x in jax.tree.leaves(self._state) if not x.is_deleted()]:
+            leaf.delete()
         self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.platform)
         self.prefix.forget()
 
@@ -290,12 +292,9 @@ class Engine:
         with self._wake:
             cancelled = [h for h in self._queue if h.cancelled.is_set()]
             self._queue = collections.deque(h for h in self._queue if not h.cancelled.is_set())
-        for handle in cancelled:
+        for handle in cancelled + list({a.handle: None for a in self.slots if a and a.handle.cancelled.is_set()}):
+            self._release(handle)  # frees its slots, if it holds any
             handle.put(None)
-        for active in self.slots:
-            if active and active.handle.cancelled.is_set():
-                self._release(active.handle)
-                active.handle.put(None)
 
     def _release(self, handle: RequestHandle, error: str | None = None) -> None:
         """Free every slot of `handle`; with `error`, tell its consumer, end its stream and stop
@@ -370,18 +369,23 @@ class Engine:
         self._release(row.handle, f"admission failed: {error}" if first else None)
 
     def _start(self, drafting: bool) -> tuple[int, jax.Array | VerifyResult]:
-        """Dispatch a plain step's forward (its logits stay on the device), or while slots draft and their drafts pay
-        (speculative.choose_drafts) a whole verify step. Slots are taken lowest first, so the busy ones sit in a
-        prefix whose bucketed size, returned, sets the batch."""
+        """Dispatch a plain step's forward or, while slots draft and their drafts pay (speculative.choose_drafts), a
+        verify step. Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size, returned, sets the batch."""
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
-        drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots)
-        if not drafts:
+        drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots,
+                                                        self.verify_costs[rows])
+        if drafts:
+            self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(drafts[1].sum()), self.verify_steps + 1
+        return rows, self._forward(rows, drafts or None)
+
+    def _forward(self, rows: int, drafts: tuple[np.ndarray, np.ndarray] | None) -> jax.Array | VerifyResult:
+        """A plain step's forward (its logits stay on the device), or a whole verify step of `drafts`."""
+        if drafts is None:
             self._state, started = self._decode(self.params, self._state, rows=rows)
         else:  # constrained rows never draft: their tokens are read already
-            self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(drafts[1].sum()), self.verify_steps + 1
             allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
             self._state, started = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
-        return rows, started
+        return started
 
     def _finish(self, rows: int, started: jax.Array | VerifyResult
                 ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
@@ -418,19 +422,16 @@ class Engine:
             log.exception("decode step failed")
             self._fail_running(f"decode step failed: {e}")
             return
-        slots = self.slots
         for slot, active in enumerate(owners):
-            if active is None or slots[slot] is not active:
+            if active is None or self.slots[slot] is not active:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
-                if not verify:  # a plain step: one token
-                    self._advance(slot, active, out, r, 0)
-                    continue
-                active.verified(out.emitted[r] - 1, self.speculative)
-                self.accepted_tokens += out.emitted[r] - 1
+                if verify:  # its drafter learns how many drafted tokens held (a plain step emits one token)
+                    active.verified(out.emitted[r] - 1, self.speculative, self.verify_costs[len(out.emitted)])
+                    self.accepted_tokens += out.emitted[r] - 1
                 for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
-                    if slots[slot] is active:
+                    if self.slots[slot] is active:
                         self._advance(slot, active, out, r, j)
             except Exception as e:
                 log.exception("processing a token failed")

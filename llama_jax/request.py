@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from llama_jax.outbox import Outbox
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params, random_seed
 from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
 from llama_jax.tokenizer import Tokenizer, detokenizer
 
@@ -316,11 +316,11 @@ class RunningChoice:
         self.draft = n
         self.handle.drafted_tokens += n
 
-    def verified(self, accepted: int, config: SpeculativeConfig) -> None:
-        """Its draft was verified and `accepted` of its tokens held: update its record."""
+    def verified(self, accepted: int, config: SpeculativeConfig, cost: float) -> None:
+        """Its draft was verified in a step costing `cost` plain steps and `accepted` of its tokens held: update its record."""
         if self.draft:
             self.handle.accepted_tokens += accepted
-            self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config)
+            self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config, cost)
             self.draft = 0
 
     def step(self, info: TokenLogprob) -> Event:
@@ -361,6 +361,17 @@ def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, m
                            min_tokens=min_tokens, stop_ids=sorted(stop_ids))
     except ValueError as e:
         raise RequestError(str(e), param=str(e).split()[0]) from None
+
+
+def prepared(request: Request, *, vocab_size: int, max_seq_len: int, stop_ids: frozenset[int]
+             ) -> tuple[Request, int, list[SamplingParams]]:
+    """`request` checked (`validate`) with a seed drawn where it has none (its choices differ by index), its
+    effective max_tokens and each choice's sampling row; a bad field is a RequestError naming it."""
+    max_tokens = validate(request, vocab_size=vocab_size, max_seq_len=max_seq_len)
+    if request.sampling.seed is None:
+        request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=random_seed()))
+    return request, max_tokens, [sampling_row(request.sampling, i, request.top_logprobs, request.min_tokens, stop_ids)
+                                 for i in range(request.n)]
 
 
 def validate(request: Request, *, vocab_size: int, max_seq_len: int) -> int:

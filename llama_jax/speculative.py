@@ -12,21 +12,24 @@ distribution, and for a given seed the tokens themselves, are the target model's
 
 Whether a step verifies is a cost decision (`worth_verifying`): a verify step runs k + 1
 positions in every busy slot, so it is taken only when the drafts' expected accepted tokens (each
-choice's recent acceptance, `Drafting`, times its draft's length) beat its extra cost. A choice
-whose drafts keep failing backs off: it drafts nothing for a doubling number of tokens, then
-retries afresh. All of it is deterministic and changes only which program runs, never a token.
+choice's recent acceptance, `Drafting`, times its draft's length) beat its extra cost, a verify
+step's time in plain steps at that many rows (`measure_costs`, at warm-up). A choice whose drafts
+keep failing backs off: it drafts nothing for a doubling number of tokens, then retries afresh.
+All of it is deterministic and changes only which program runs, never a token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 5.0, 1.5  # a verify step's time in plain decode steps
+CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 2.0, 1.5  # a verify step's time in plain steps, until measured
+PRIOR_ACCEPTANCE = 0.5  # a choice's expected share of accepted draft tokens before it has any (measured: 0.44-0.82)
 
-__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "choose_drafts", "propose", "worth_verifying"]
+__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "choose_drafts", "measure_costs", "propose", "worth_verifying"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +44,10 @@ class SpeculativeConfig:
     max_n: int = 4
     default: bool = True
     # a verify step's time in plain decode steps: it pays when the drafts' expected accepted tokens
-    # exceed (verify_cost - 1) x the busy slots. None: the platform's (`for_platform`)
+    # exceed (verify_cost - 1) x the busy slots. None: measured per batch size at warm-up (`measure_costs`)
     verify_cost: float | None = None
     smoothing: float = 0.5  # weight of the latest draft in a choice's acceptance average
-    backoff: int = 4  # tokens a choice drafts nothing after its first failed draft; doubles per failure
+    backoff: int = 1  # tokens a choice drafts nothing after its first failed draft; doubles per failure
     max_backoff: int = 128
 
     def __post_init__(self):
@@ -60,9 +63,9 @@ class SpeculativeConfig:
             raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
 
     def for_platform(self, cpu: bool) -> SpeculativeConfig:
-        """This config with `verify_cost` set where it was left to the platform: about 1.5 where a step
-        reads the weights once either way (a GPU at small batch), 5 on a CPU, where the extra positions
-        cost compute: at 3, open text at 8 slots lost 19 %, at 5 3 % (docs/benchmarks.md)."""
+        """This config with `verify_cost` set where it was left to the platform, the guess used until
+        warm-up measures it: about 1.5 where a step reads the weights once either way (a GPU at small
+        batch), 2 on a CPU, where the extra positions cost compute (docs/benchmarks.md)."""
         if self.verify_cost is not None:
             return self
         return dataclasses.replace(self, verify_cost=CPU_VERIFY_COST if cpu else ACCELERATOR_VERIFY_COST)
@@ -111,10 +114,10 @@ def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: Specula
 @dataclasses.dataclass(frozen=True)
 class Drafting:
     """One choice's drafting record: the moving average of the share of its drafted tokens that
-    were accepted (1 before any: a fresh choice drafts at once), its failed drafts in a row, and
-    how many tokens it must have generated before it drafts again (its backoff)."""
+    were accepted (`PRIOR_ACCEPTANCE` before any), its failed drafts in a row, and how many tokens
+    it must have generated before it drafts again (its backoff)."""
 
-    acceptance: float = 1.0
+    acceptance: float = PRIOR_ACCEPTANCE
     failures: int = 0
     resume_at: int = 0
 
@@ -126,39 +129,59 @@ class Drafting:
         return self.acceptance * drafted
 
 
-def after_verify(record: Drafting, drafted: int, accepted: int, generated: int, config: SpeculativeConfig) -> Drafting:
+def after_verify(record: Drafting, drafted: int, accepted: int, generated: int, config: SpeculativeConfig,
+                 cost: float) -> Drafting:
     """`record` after a verified draft of `drafted` tokens of which `accepted` held, the choice
-    having generated `generated` tokens. The draft failed when none held or when the average fell
-    below what pays for the choice's own row (acceptance x k < verify_cost - 1); then the choice
-    backs off (`backoff` tokens, doubled per failure in a row, at most `max_backoff`) and its
-    retry starts from a fresh average."""
+    having generated `generated` tokens, in a step costing `cost` plain steps. The draft failed when
+    none held or when the average fell below what pays for the choice's own row (acceptance x k <
+    cost - 1); then the choice backs off (`backoff` tokens, doubled per failure in a row, at most
+    `max_backoff`) and its retry starts from the prior again."""
     acceptance = (1 - config.smoothing) * record.acceptance + config.smoothing * accepted / drafted
-    if accepted > 0 and acceptance * config.tokens >= config.verify_cost - 1:
+    if accepted > 0 and acceptance * config.tokens >= cost - 1:
         return Drafting(acceptance, 0, 0)
     failures = record.failures + 1
     wait = min(config.backoff << min(failures - 1, 30), config.max_backoff)
-    return Drafting(1.0, failures, generated + wait)
+    return Drafting(PRIOR_ACCEPTANCE, failures, generated + wait)
 
 
-def worth_verifying(expected: float, busy: int, config: SpeculativeConfig) -> bool:
-    """Whether a verify step beats a plain one: the `expected` accepted draft tokens over all slots
-    make more tokens per unit of time than `busy` slots' plain step (busy + expected tokens in
-    `verify_cost` plain steps' time, against busy per step)."""
-    return expected > 0 and expected >= (config.verify_cost - 1) * busy
+def worth_verifying(expected: float, busy: int, cost: float) -> bool:
+    """Whether a verify step costing `cost` plain steps beats a plain one: the `expected` accepted
+    draft tokens over all slots make more tokens per unit of time than `busy` slots' plain step
+    (busy + expected tokens in `cost` plain steps' time, against busy per step)."""
+    return expected > 0 and expected >= (cost - 1) * busy
 
 
-def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, busy: int
+def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, busy: int, cost: float
                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """The verify step's drafts and counts for `slots` (running choices or None): each choice not
     backing off drafts at most what its max_tokens and the context leave after the token every step
-    makes, and is told its count (`drafted`). None when a plain step is worth more (`worth_verifying`)."""
+    makes, and is told its count (`drafted`). None when a plain step is worth more at `cost`
+    (`worth_verifying`)."""
     drafting = [a if a and a.drafts_now() else None for a in slots]
     drafts, counts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids))) if a else None
                                  for a in drafting], config)
     expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
-    if not worth_verifying(expected, busy, config):
+    if not worth_verifying(expected, busy, cost):
         return None
     for a, n in zip(slots, counts):
         if a:
             a.drafted(int(n))
     return drafts, counts
+
+
+def measure_costs(step: Callable[[int, tuple[np.ndarray, np.ndarray] | None], object], drafts: tuple[np.ndarray, np.ndarray],
+                  buckets: Sequence[int], repeats: int = 3, clock: Callable[[], float] = time.perf_counter
+                  ) -> dict[int, float]:
+    """A verify step's time in plain steps for each row bucket: `step(rows, None)` runs a plain step to
+    completion, `step(rows, drafts)` a verify step. Each runs once first (a CPU's first run of a
+    program plans its kernels), then the best of `repeats` counts: the least disturbed by the rest of the machine."""
+    def best(rows: int, verify: bool) -> float:
+        step(rows, drafts if verify else None)
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            step(rows, drafts if verify else None)
+            times.append(clock() - start)
+        return min(times)
+
+    return {rows: max(1.0, best(rows, True) / max(best(rows, False), 1e-9)) for rows in buckets}

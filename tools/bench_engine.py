@@ -213,8 +213,8 @@ def main() -> None:
     ap.add_argument("--speculative-tokens", type=int, default=4, help="--speculative: tokens drafted per step")
     ap.add_argument("--speculative-min-n", type=int, default=2, help="--speculative: shortest n-gram matched")
     ap.add_argument("--speculative-verify-cost", type=float, default=None,
-                    help="--speculative: a verify step's time in plain steps (default: 5 on a CPU, measured in "
-                         "docs/benchmarks.md; SpeculativeConfig's default elsewhere)")
+                    help="--speculative: a verify step's time in plain steps, fixed (default: the engine measures it "
+                         "per batch size at warm-up)")
     ap.add_argument("--spec-max-tokens", type=int, default=256, help="--speculative: max_tokens of each reply")
     ap.add_argument("--batch1-prompts", type=int, default=2, help="--speculative: prompts run one by one per round")
     ap.add_argument("--rounds", type=int, default=2, help="--speculative: timed rounds, plain and speculative alternating")
