@@ -252,17 +252,18 @@ def test_half_sent_headers_are_closed_at_the_keep_alive_timeout(server):
 # ------------------------------------------------------------------------------------ the SIGTERM matrix: a server each
 
 
-def sigterm(cache, long_input: str, drain_timeout: str, max_tokens: int, again: bool = False
+def sigterm(cache, long_input: str, drain_timeout: str, max_tokens: int, again: bool = False, refusal: bool = True
             ) -> tuple[ServeProcess, dict, int, float]:
-    """A server of its own running one request per route, sent SIGTERM (checked to refuse new work
-    while draining), and a second SIGTERM when `again`. Returns (server, each route's result, exit
-    status, seconds from the last signal to the exit)."""
+    """A server of its own running one request per route, sent SIGTERM (with `refusal`, checked to
+    refuse new work while draining), and a second SIGTERM when `again`. Returns (server, each
+    route's result, exit status, seconds from the last signal to the exit)."""
     server = serve(cache, "--drain-timeout", drain_timeout)
     try:
         threads, results = start_all(server, max_tokens, long_input)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3 if again else 0.1)
-        check_refused_while_draining(server)
+        if refusal:
+            check_refused_while_draining(server)
         if again:
             server.proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
@@ -284,7 +285,9 @@ def test_sigterm_drains_every_route(cache, long_input):
 
 
 def test_sigterm_drain_timeout_cuts_every_route_cleanly(cache, long_input):
-    server, results, status, _ = sigterm(cache, long_input, "0.5", max_tokens=1000)
+    """The refusal during the drain is the other two tests' (a 0.5 s drain can end before a busy
+    2-core box has sent the four late requests: the server is gone, rightly)."""
+    server, results, status, _ = sigterm(cache, long_input, "0.5", max_tokens=1000, refusal=False)
     assert status == 0
     check_cut(results)
     assert "0 of 6 requests finished, 6 ended unfinished at the 0.5 s drain timeout" in clean_log(server)
