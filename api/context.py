@@ -151,7 +151,8 @@ async def unless_disconnected(work: Awaitable[T], receive: Callable, cancel: Cal
     gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({events, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not events.done():  # nobody will read the answer; 499 is for the logs and metrics
+        # gone, even as the work ended: the server says so once, so a later wait would never hear it
+        if gone.done() or not events.done():  # nobody will read the answer; 499 is for the logs and metrics
             raise APIError(499, "The client closed the request.", code="client_closed_request")
         return events.result()
     finally:
