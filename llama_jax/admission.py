@@ -3,6 +3,7 @@
 Pure decisions over the queue and the free slots; the engine carries them out (copies cached
 prefixes, runs each group's prefill, hands each choice its slot). A request with more choices
 than free slots is admitted in parts: it stays first in the queue until its last choice has one.
+As choices finish, the busy ones left above their count's row bucket move down (`compaction`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 
 from llama_jax.prefix_cache import Placement
+from llama_jax.steps import bucket_for
 from llama_jax.request import Admission, RequestHandle
 
 Fits = Callable[[list[Sequence[int]]], bool]  # whether these prompt suffixes fit one compiled prefill
@@ -72,3 +74,15 @@ def prefill_groups(admissions: list[Admission], fits: Fits) -> Iterator[list[Adm
         group.append(admission)
     if group:
         yield group
+
+
+def compaction(busy: Sequence[bool], buckets: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The slot swaps (busy, free) that bring every busy slot under the row bucket of their count, the
+    highest busy slot into the lowest free one first: a step's batch is the bucket of the highest busy
+    slot, so a few choices left running high in the slots would otherwise run in the widest programs."""
+    high = [i for i, b in enumerate(busy) if b]
+    if not high:
+        return []
+    bucket = bucket_for(len(high), buckets)
+    low = [i for i in range(bucket) if not busy[i]]
+    return list(zip(reversed([i for i in high if i >= bucket]), low))

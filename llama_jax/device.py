@@ -1,5 +1,5 @@
 """The serving engine's device core: the decode state of every slot and the pure jitted programs
-that update it (prefill straight into slots, decode and sample, slot copy, reset, clear a row).
+that update it (prefill straight into slots, decode and sample, slot copy and swap, reset, clear a row).
 
 All device state lives in one donated `DecodeState`, updated in place; `Programs.build` jits
 every program once per model graph with the state's shardings fixed on output, and the set of
@@ -90,6 +90,14 @@ def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slot
     return tokens, np.array([*starts, *[0] * pad], np.int32), lengths, slot_ids, params, prompt_mask, allowed
 
 
+def prefill_example(shape: dict, pad_id: int, max_seq_len: int, max_slots: int) -> tuple[list, list, list, list, list]:
+    """A warm-up prefill of `program_shapes`' `shape`: (prompts, starts, slots, sampling rows, constraints) for
+    `prefill_inputs`, full-length prompts of `pad_id` in padding rows only, so nothing is written."""
+    rows, bucket = shape["rows"], shape["bucket"]
+    return ([[pad_id] * min(bucket, max_seq_len - 1)] * rows, [0] * rows, [max_slots] * rows,
+            [sampling.make_params(seed=0)] * rows, [None] * rows)
+
+
 def prefill_variants(target: Platform) -> tuple[bool | None, ...]:
     """The prefill programs compiled per shape, by their static `suffix`. A GPU gets two, fresh
     (False) and after a cached prefix (True), chosen on the host by the rows' starts: a choice on
@@ -116,7 +124,8 @@ def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, di
     one prefill per (rows, length) shape and variant (`prefill_variants`; "suffix" in the shape
     where there are two), one decode forward per busy-slot bucket and one sample per bucket and
     variant (`sample_variants`; "greedy" in the shape of the second), one verify per bucket with
-    speculation on, and the slot copy of the prefix cache. Warm-up compiles exactly these."""
+    speculation on, the slot copy of the prefix cache and the slot swap that moves busy slots down
+    (`admission.compaction`). Warm-up compiles exactly these."""
     target = platform.resolve(config.platform)
     variants = prefill_variants(target)
     return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
@@ -125,7 +134,7 @@ def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, di
             + [("sample", {"rows": r} | ({} if g is None else {"greedy": g}))
                for r in steps.length_buckets(config.max_slots, 1) for g in sample_variants(target)]
             + [("verify", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1) if config.speculative.enabled]
-            + [("copy", {})])
+            + [("copy", {}), ("swap", {})])
 
 
 def program_id(kind: str, args: tuple, static: dict) -> tuple:
@@ -290,7 +299,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
 
 def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, state: DecodeState,
                  allowed: jax.Array | None, drafts: tuple[np.ndarray, np.ndarray] | None) -> tuple[str, Callable, tuple, dict]:
-    """A decode, sample, verify or copy program of `program_shapes` as (what, jitted function,
+    """A decode, sample, verify, copy or swap program of `program_shapes` as (what, jitted function,
     arguments, static arguments) over these buffers, for warm-up: `allowed` is all ones for the
     program's rows, `drafts` (and counts, a verify's only) are empty, the logits to sample are zeros."""
     rows, greedy = shape.get("rows"), shape.get("greedy")
@@ -303,17 +312,39 @@ def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, 
     if kind == "verify":
         return (f"verify {rows} slots x {drafts[0].shape[1] + 1} tokens", programs.verify,
                 (params, state, *drafts, allowed), {"rows": rows})
-    return "slot copy", programs.copy, (state.cache, np.int32(0), np.int32(0)), {}
+    if kind == "swap":
+        return "slot swap", programs.swap, (state, np.int32(0), np.int32(0)), {}
+    return "slot copy", programs.copy, (state, np.int32(0), np.int32(0)), {}
 
 
-def copy_slot(cache: KVCache, source: jax.Array, slot: jax.Array) -> KVCache:
+def copy_slot(state: DecodeState, source: jax.Array, slot: jax.Array) -> DecodeState:
     """Slot `slot` takes slot `source`'s keys, values and length in every layer (jit it with the
-    cache donated: in place), one layer at a time so the scratch is one layer of one slot."""
+    state donated: in place), one layer at a time so the scratch is one layer of one slot."""
     def copy(buffer):
         return jax.lax.fori_loop(0, buffer.shape[0], lambda l, b: b.at[l, slot].set(b[l, source]), buffer)
 
-    return KVCache(k=jax.tree.map(copy, cache.k), v=jax.tree.map(copy, cache.v),
-                   lengths=cache.lengths.at[slot].set(cache.lengths[source]))
+    cache = state.cache
+    return dataclasses.replace(state, cache=cache.replace(k=jax.tree.map(copy, cache.k), v=jax.tree.map(copy, cache.v),
+                                                          lengths=cache.lengths.at[slot].set(cache.lengths[source])))
+
+
+def swap_slots(state: DecodeState, a: jax.Array, b: jax.Array) -> DecodeState:
+    """Slots `a` and `b` trade everything they keep: keys, values, lengths, last tokens, sampler rows
+    (jit it with the state donated: in place). A choice's draws do not depend on its slot, so it
+    runs on unchanged in the other one; the keys go one layer at a time (scratch: two slots of one layer)."""
+    pair, swapped = jnp.stack([a, b]), jnp.stack([b, a])
+
+    def rows(x):
+        return x.at[pair].set(x[swapped])
+
+    def layered(buffer):  # [layers, slots, ...]
+        return jax.lax.fori_loop(0, buffer.shape[0], lambda l, x: x.at[l, pair].set(x[l, swapped]), buffer)
+
+    cache = state.cache
+    return DecodeState(cache=cache.replace(k=jax.tree.map(layered, cache.k), v=jax.tree.map(layered, cache.v),
+                                           lengths=rows(cache.lengths)),
+                       tokens=rows(state.tokens), sampler=jax.tree.map(rows, state.sampler),
+                       params=jax.tree.map(rows, state.params))
 
 
 def replicate(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -349,7 +380,8 @@ class Programs:
     decode: Callable  # (params, state, *, rows) -> (state, logits)
     sample: Callable  # (state, logits, allowed, *, rows, greedy) -> (state, packed: packed.py)
     verify: Callable  # (params, state, drafts, n_drafts, allowed, *, rows) -> (state, VerifyResult)
-    copy: Callable  # (cache, source, slot) -> cache
+    copy: Callable  # (state, source, slot) -> state
+    swap: Callable  # (state, a, b) -> state
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
     shardings: DecodeState
@@ -375,7 +407,8 @@ class Programs:
                            donate_argnames="state", out_shardings=(shardings, None)),
             verify=jax.jit(partial(verify, graphdef, **static), static_argnames="rows", donate_argnames="state",
                            out_shardings=(shardings, None)),
-            copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings.cache),
+            copy=jax.jit(copy_slot, donate_argnums=0, out_shardings=shardings),
+            swap=jax.jit(swap_slots, donate_argnums=0, out_shardings=shardings),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
             shardings=shardings, prefill_variants=prefill_variants(target), sample_variants=sample_variants(target))

@@ -1,10 +1,10 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-The scheduler, in token ids and slots: queued requests are prefilled together, one row per choice
-(prompts padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight
-into free decode slots (which requests, and in which prefills: admission.py), where each row
-samples its first token; decode steps then advance every busy slot at once. The device
-programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
+The scheduler, in token ids and slots: queued requests are prefilled together, one row per choice (prompts
+padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight into free decode
+slots (which requests, and in which prefills: admission.py), where each row samples its first token; decode
+steps then advance every busy slot at once, busy slots moved down as others finish so the batch shrinks.
+The device programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
 
 A background thread schedules: each iteration admits one prefill batch and dispatches a step's
 forward before it reads the prefill's and the previous step's tokens (constrained slots' first:
@@ -32,15 +32,14 @@ from jax.sharding import Mesh
 from llama_jax import admission, bitmask, executables, layers, platform, speculative, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
-from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_inputs, prefill_shapes,
-                              prefill_variant, program_id, program_shapes, smallest_prefill_shape)
+from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_example, prefill_inputs,
+                              prefill_shapes, prefill_variant, program_id, program_shapes, smallest_prefill_shape)
 from llama_jax.model import Llama, storage_params
 from llama_jax.outbox import Outbox
 from llama_jax.packed import StepTokens, copy_soon, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestError, RequestHandle, RunningChoice, SamplingOptions, TokenLogprob, prepared, sampling_row,
-                               wants_a_step)
+                               RequestHandle, RunningChoice, TokenLogprob, prepared, wants_a_step)
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -86,7 +85,7 @@ class Engine:
         self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._decode, self._sample = programs.prefill, programs.decode, programs.sample
-        self._verify, self._copy = programs.verify, programs.copy
+        self._verify, self._copy, self._swap = programs.verify, programs.copy, programs.swap
         self.speculative = config.speculative.for_platform(self.platform.cpu)
         self.verify_costs = dict.fromkeys(self.row_buckets, self.speculative.verify_cost)  # per row bucket: warm-up measures them
         self._no_drafts = speculative.draft_rows([None] * config.max_slots, self.speculative)  # a verify step's, at warm-up
@@ -125,11 +124,8 @@ class Engine:
 
         Pass the running event loop to consume the handle with `async for`.
         """
-        if request.speculative and not self.speculative.enabled:
-            raise RequestError("speculative decoding is off on this server (start it with --speculative-ngram K)",
-                               param="speculative")
         request, max_tokens, rows = prepared(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len,
-                                             stop_ids=self.stop_ids(request))
+                                             stop_ids=self.stop_ids(request), speculative=self.speculative.enabled)
         handle = RequestHandle(request, loop, self._outbox)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
@@ -174,31 +170,26 @@ class Engine:
         for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
             _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
             out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
-            self._state = jax.block_until_ready(dataclasses.replace(self._state, cache=out) if program[0] == "copy" else out[0])
-        if self.speculative.enabled and self.config.speculative.verify_cost is None:  # slots at half the context, room left
-            room = self.max_seq_len - 8 * len(self.row_buckets) - self.speculative.tokens - 1  # for every measured step
-            lengths = jax.device_put(np.full(len(self.slots), max(0, min(self.max_seq_len // 2, room)), np.int32),
-                                     self._state.cache.lengths.sharding)
+            self._state = jax.block_until_ready(out[0] if isinstance(out, tuple) else out)  # the state, alone or first
+        if self.speculative.enabled and self.config.speculative.verify_cost is None:
+            start = speculative.measured_length(self.max_seq_len, len(self.row_buckets), self.speculative.tokens)
+            lengths = jax.device_put(np.full(len(self.slots), start, np.int32), self._state.cache.lengths.sharding)
             self._state = dataclasses.replace(self._state, cache=self._state.cache.replace(lengths=lengths))
             step = lambda rows, drafts: jax.block_until_ready(self._finish(rows, self._forward(rows, drafts))[1])
             self.verify_costs = speculative.measure_costs(step, self._no_drafts, self.row_buckets)
         self._free(0)  # compiles clear_row, which every finished request runs
         self._state = self._reset(self._state)
 
-    _CALLS = {"prefill": "_prefill_rows", "decode": "_decode", "sample": "_sample", "verify": "_verify", "copy": "_copy"}
+    _CALLS = {"prefill": "_prefill_rows", "decode": "_decode", "sample": "_sample", "verify": "_verify", "copy": "_copy",
+              "swap": "_swap"}
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
-        """One serving program as (what, jitted function, arguments, static arguments), over the
-        engine's own buffers: padding rows write nothing, drafts are empty."""
+        """One serving program as (what, jitted function, arguments, static arguments) over the engine's buffers."""
         kind, shape = program
         if kind == "prefill":
-            rows, bucket = shape["rows"], shape["bucket"]
-            prompts = [[self.tokenizer.bos_id] * min(bucket, self.max_seq_len - 1)] * rows
-            args, static = self._prefill_args(prompts, [0] * rows, [self.config.max_slots] * rows,  # padding: no writes
-                                              [sampling_row(SamplingOptions(seed=0), 0)] * rows, [None] * rows,
-                                              suffix=shape.get("suffix"))
-            return f"prefill {rows} x {bucket} tokens" + (" after a prefix" if shape.get("suffix") else ""), \
-                self._programs.prefill, args, static
+            example = prefill_example(shape, self.tokenizer.bos_id, self.max_seq_len, self.config.max_slots)
+            return (f"prefill {shape['rows']} x {shape['bucket']} tokens" + (" after a prefix" if shape.get("suffix") else ""),
+                    self._programs.prefill, *self._prefill_args(*example, shape.get("suffix")))
         return example_call(self._programs, kind, shape, self.params, self._state,
                             self._everything.get(shape.get("rows")), self._no_drafts if kind == "verify" else None)
 
@@ -209,8 +200,8 @@ class Engine:
         self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.platform)
         self.prefix.forget()
 
-    def _copy_slot(self, source: int, slot: int) -> None:
-        self._state = dataclasses.replace(self._state, cache=self._copy(self._state.cache, np.int32(source), np.int32(slot)))
+    def _move(self, program: Callable, source: int, slot: int) -> None:  # a slot copy or swap
+        self._state = program(self._state, np.int32(source), np.int32(slot))
 
     def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
                       rows: list[SamplingParams], constraints: list[Constraint | None],
@@ -297,8 +288,7 @@ class Engine:
             handle.put(None)
 
     def _release(self, handle: RequestHandle, error: str | None = None) -> None:
-        """Free every slot of `handle`; with `error`, tell its consumer, end its stream and stop
-        admitting its remaining choices."""
+        """Free every slot of `handle`; with `error`, tell its consumer, end its stream, admit no more of its choices."""
         for i, active in enumerate(self.slots):
             if active and active.handle is handle:
                 self._free(i)
@@ -314,7 +304,7 @@ class Engine:
         with self._wake:
             batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits_prefill)
         try:
-            admissions = admission.place_batch(batch, free, self.prefix.place, self._copy_slot)
+            admissions = admission.place_batch(batch, free, self.prefix.place, partial(self._move, self._copy))
         except Exception as e:  # out of the queue and in no slot yet: fail them here, or they wait forever
             for handle, _ in batch:
                 self._release(handle, f"admission failed: {e}")
@@ -369,14 +359,24 @@ class Engine:
         self._release(row.handle, f"admission failed: {error}" if first else None)
 
     def _start(self, drafting: bool) -> tuple[int, jax.Array | VerifyResult]:
-        """Dispatch a plain step's forward or, while slots draft and their drafts pay (speculative.choose_drafts), a
-        verify step. Slots are taken lowest first, so the busy ones sit in a prefix whose bucketed size, returned, sets the batch."""
+        """Dispatch a plain step's forward or, while slots draft and their drafts pay (speculative.choose_drafts), a verify
+        step. Busy slots are kept low (`_compact`): the bucket of the highest, returned, sets the batch."""
+        self._compact()
         rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
         drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots,
                                                         self.verify_costs[rows])
         if drafts:
             self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(drafts[1].sum()), self.verify_steps + 1
         return rows, self._forward(rows, drafts or None)
+
+    def _compact(self) -> None:
+        """Swap busy choices above their count's row bucket into free lower slots, unless queued requests will take those."""
+        for high, low in [] if self._queue else admission.compaction([a is not None for a in self.slots], self.row_buckets):
+            self._move(self._swap, high, low)
+            active = self.slots[low] = self.slots[high]
+            self.slots[high], active.slot = None, low
+            self._masks[[low, high]] = self._masks[[high, low]]
+            self.prefix.swap(high, low)
 
     def _forward(self, rows: int, drafts: tuple[np.ndarray, np.ndarray] | None) -> jax.Array | VerifyResult:
         """A plain step's forward (its logits stay on the device), or a whole verify step of `drafts`."""
@@ -422,8 +422,8 @@ class Engine:
             log.exception("decode step failed")
             self._fail_running(f"decode step failed: {e}")
             return
-        for slot, active in enumerate(owners):
-            if active is None or self.slots[slot] is not active:
+        for slot, active in enumerate(owners):  # the slots at dispatch: a choice may have moved since (`_compact`)
+            if active is None or self.slots[active.slot] is not active:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
@@ -431,20 +431,20 @@ class Engine:
                     active.verified(out.emitted[r] - 1, self.speculative, self.verify_costs[len(out.emitted)])
                     self.accepted_tokens += out.emitted[r] - 1
                 for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
-                    if self.slots[slot] is active:
-                        self._advance(slot, active, out, r, j)
+                    if self.slots[active.slot] is active:
+                        self._advance(active, out, r, j)
             except Exception as e:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")
 
-    def _advance(self, slot: int, active: RunningChoice, out: StepTokens, r: int, j: int) -> None:
-        """Row `r`'s token at position `j` of a step to `active` in `slot`: its event, and the slot freed once it finishes."""
+    def _advance(self, active: RunningChoice, out: StepTokens, r: int, j: int) -> None:
+        """Row `r`'s token at position `j` of a step to `active`: its event, and its slot freed once it finishes."""
         k = active.handle.request.top_logprobs
         top = tuple(zip(out.top_ids[r, j, :k].tolist(), out.top_logprobs[r, j, :k].tolist())) if k else ()
         event = active.step(TokenLogprob(out.tokens[r][j], out.logprobs[r][j], top))
         active.handle.put(event)
         if event.finish_reason:
-            self._free(slot)
+            self._free(active.slot)
             active.handle.unfinished -= 1
             if active.handle.unfinished == 0:
                 active.handle.put(None)

@@ -211,7 +211,9 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
                 params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask,
                 i32(r, bitmask.words(cfg.vocab_size)), suffix=shape.get("suffix"))))
         elif kind == "copy":
-            lowered.append(("slot copy", programs.copy.lower(state.cache, i32(), i32())))
+            lowered.append(("slot copy", programs.copy.lower(state, i32(), i32())))
+        elif kind == "swap":
+            lowered.append(("slot swap", programs.swap.lower(state, i32(), i32())))
         elif kind == "verify":
             allowed = i32(shape["rows"], bitmask.words(cfg.vocab_size))
             k = config.speculative.tokens

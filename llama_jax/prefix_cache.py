@@ -8,7 +8,8 @@ ids, as far as they agree (a reply re-tokenised from its text need not equal the
 A request always runs in the lowest free slot, because the busy slots' highest index sets the
 decode batch. A prefix held elsewhere is copied into it first (one slot's keys: far cheaper than
 a prefill), and what that slot held is first moved to the least recently used free slot, so the
-idle slots keep the most recently used prefixes. The memory is the slots' own: nothing extra.
+idle slots keep the most recently used prefixes. A busy slot moved down as others finish trades
+places with an idle one, records included (`swap`). The memory is the slots' own: nothing extra.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class PrefixCache:
         self._clock += 1
         self._used[slot] = self._clock
         self._held[slot] = np.asarray(tokens, np.int32)[: self.max_len - 1] if self.enabled else np.zeros(0, np.int32)
+
+    def swap(self, a: int, b: int) -> None:
+        """Slots `a` and `b` traded their contents (`device.swap_slots`)."""
+        self._held[a], self._held[b] = self._held[b], self._held[a]
+        self._used[a], self._used[b] = self._used[b], self._used[a]
 
     def forget(self, slot: int | None = None) -> None:
         """`slot`'s contents are unknown (a failed step), or every slot's with None (fresh state)."""

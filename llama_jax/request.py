@@ -150,7 +150,7 @@ class Admission:
         request = self.handle.request
         return RunningChoice(self.handle, self.choice, self.handle.max_tokens,
                              ChoiceText(tokenizer, request.stop, request.continues_prompt), stop_ids, constraint,
-                             request.min_tokens, ids=list(request.prompt), speculative=speculative)
+                             request.min_tokens, ids=list(request.prompt), speculative=speculative, slot=self.slot)
 
 
 class RequestHandle:
@@ -303,6 +303,7 @@ class RunningChoice:
     speculative: bool = False  # drafts are proposed for it (speculative.py)
     drafting: Drafting = Drafting()  # its recent acceptance and backoff
     draft: int = 0  # tokens drafted for the step in flight (0: none)
+    slot: int = -1  # the decode slot it runs in now (the engine moves it down as others finish)
 
     def lean(self) -> bool:
         """Greedy with no alternatives reported: a step of such rows needs neither a draw nor a top-k."""
@@ -363,10 +364,14 @@ def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, m
         raise RequestError(str(e), param=str(e).split()[0]) from None
 
 
-def prepared(request: Request, *, vocab_size: int, max_seq_len: int, stop_ids: frozenset[int]
+def prepared(request: Request, *, vocab_size: int, max_seq_len: int, stop_ids: frozenset[int], speculative: bool
              ) -> tuple[Request, int, list[SamplingParams]]:
-    """`request` checked (`validate`) with a seed drawn where it has none (its choices differ by index), its
-    effective max_tokens and each choice's sampling row; a bad field is a RequestError naming it."""
+    """`request` checked (`validate`; speculation asked for only where the server offers it) with a seed drawn
+    where it has none (its choices differ by index), its effective max_tokens and each choice's sampling row; a bad
+    field is a RequestError naming it."""
+    if request.speculative and not speculative:
+        raise RequestError("speculative decoding is off on this server (start it with --speculative-ngram K)",
+                           param="speculative")
     max_tokens = validate(request, vocab_size=vocab_size, max_seq_len=max_seq_len)
     if request.sampling.seed is None:
         request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=random_seed()))

@@ -169,8 +169,17 @@ def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, 
     return drafts, counts
 
 
+MEASURED_REPEATS = 3  # timed runs of each measured step (the best counts)
+
+
+def measured_length(max_seq_len: int, buckets: int, k: int, repeats: int = MEASURED_REPEATS) -> int:
+    """The slots' length to measure costs from: half the context, less where `measure_costs`' steps
+    (a plain and a verify of no drafts per bucket, each run 1 + `repeats` times, one token each) would overflow it."""
+    return max(0, min(max_seq_len // 2, max_seq_len - 2 * (1 + repeats) * buckets - k - 1))
+
+
 def measure_costs(step: Callable[[int, tuple[np.ndarray, np.ndarray] | None], object], drafts: tuple[np.ndarray, np.ndarray],
-                  buckets: Sequence[int], repeats: int = 3, clock: Callable[[], float] = time.perf_counter
+                  buckets: Sequence[int], repeats: int = MEASURED_REPEATS, clock: Callable[[], float] = time.perf_counter
                   ) -> dict[int, float]:
     """A verify step's time in plain steps for each row bucket: `step(rows, None)` runs a plain step to
     completion, `step(rows, drafts)` a verify step. Each runs once first (a CPU's first run of a

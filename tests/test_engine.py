@@ -474,3 +474,46 @@ def test_a_constrained_slot_is_read_while_the_next_forward_runs(engine, monkeypa
                                 constraint=lambda: OnlyTheseTokens(allowed, 100))).result()
     assert len(out.choices[0].tokens) == 6 and {t.token_id for t in out.choices[0].tokens} <= set(allowed)
     assert log == ["prefill", *["decode", "read", "sample"] * 5, "read"], log
+
+
+def test_choices_left_high_move_down_and_run_in_a_smaller_batch(engine, monkeypatch):
+    """As choices finish, those left running above their count's row bucket swap into free lower slots
+    (keys, sampler rows and masks with them): later steps run the smaller batch, each reply is the
+    same as alone (greedy, seeded with penalties, constrained), and the idle slots' prefixes stay reusable."""
+    rng = np.random.default_rng(5)
+    allowed = [450, 4996, 17354, 1701, 29871]
+    late = [Request(prompt=random_prompt(rng, 20, 40), max_tokens=30, stop_token_ids=[],
+                    sampling=SamplingOptions(temperature=0)),
+            Request(prompt=random_prompt(rng, 20, 40), max_tokens=30, stop_token_ids=[],
+                    sampling=SamplingOptions(temperature=0.9, seed=9, repetition_penalty=1.3, presence_penalty=0.5)),
+            Request(prompt=random_prompt(rng, 20, 40), max_tokens=30, stop_token_ids=[], sampling=SamplingOptions(seed=3),
+                    constraint=lambda: OnlyTheseTokens(allowed, 30))]
+    short = [Request(prompt=random_prompt(rng, 20, 40), max_tokens=3, stop_token_ids=[],
+                     sampling=SamplingOptions(temperature=0)) for _ in range(5)]
+    alone = [engine.submit(r).result() for r in late + short[:1]]
+    rows, swaps = [], []
+    decode, swap = engine._decode, engine._swap
+    monkeypatch.setattr(engine, "_decode", lambda *a, **k: (rows.append(k["rows"]), decode(*a, **k))[1])
+    monkeypatch.setattr(engine, "_swap", lambda *a: (swaps.append(tuple(map(int, a[1:]))), swap(*a))[1])
+    with engine._wake:  # admitted together: the short ones in slots 0-4, the late ones in 5-7
+        handles = [engine.submit(r) for r in short + late]
+    together = [h.result() for h in handles]
+    assert [ids(t) for t in together[5:]] == [ids(a) for a in alone[:3]]
+    assert rows[:3] == [8, 8, 8] and set(rows[3:]) == {4}, rows  # the third dispatched before the second is read
+    assert swaps == [(7, 0), (6, 1), (5, 2)], "the highest busy slot into the lowest free one, once each"
+    hits = engine.prefix.hits
+    again = engine.submit(short[0]).result()  # its keys were in slot 0, swapped out to an idle high slot
+    assert engine.prefix.hits == hits + 1 and ids(again) == ids(together[0]) == ids(alone[3])
+    assert engine.busy_slots == 0
+
+
+
+@pytest.mark.parametrize("busy, moves", [
+    ("........", []), ("#.......", []), ("##......", []), ("#.##....", []),  # inside their bucket
+    (".#......", [(1, 0)]), ("#.#.....", [(2, 1)]), ("...#....", [(3, 0)]), ("#......#", [(7, 1)]), ("....###.", [(6, 0), (5, 1), (4, 2)]),
+    ("#.#.#...", [(4, 1)]), ("###....#", [(7, 3)]), ("####...#", []), ("#####...", []), ("########", []),
+])
+def test_compaction_brings_the_busy_slots_under_their_bucket(busy, moves):
+    from llama_jax.admission import compaction
+
+    assert compaction([c == "#" for c in busy], steps.length_buckets(8, 1)) == moves

@@ -33,12 +33,12 @@ def test_host_sync_ops_counts_conditionals_and_unknown_trip_counts():
 def test_no_host_synchronising_control_flow_in_gpu_serve_programs(tp, kv_heads, kernels):
     target, devices = platform.target("h200", tp)
     cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, n_kv_heads=kv_heads)
-    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 6 programs
+    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 7 programs
     report = plan.plan(cfg, config, plan.target_mesh(devices))
     programs = report["per_program"]
-    # prefill fresh and after a cached prefix, the decode forward, sampling any rows and greedy rows only, slot copy
+    # prefill fresh and after a cached prefix, the decode forward, sampling any rows and greedy rows only, slot copy and swap
     assert sorted(programs) == ["decode 1 slots", "prefill 1 x 256", "prefill 1 x 256 (suffix)", "sample 1 slots",
-                                "sample 1 slots (greedy)", "slot copy"]
+                                "sample 1 slots (greedy)", "slot copy", "slot swap"]
     assert len(programs) == len(program_shapes(config, 256))
     for name, p in programs.items():
         assert (p["conditionals"], p["dynamic_whiles"]) == (0, 0), name
@@ -53,9 +53,9 @@ def test_cpu_keeps_one_prefill_per_shape_and_its_data_dependent_loops():
     decode loop follows the longest row: both cost no host round trip there, and are faster."""
     config = EngineConfig(max_slots=1, max_seq_len=64, min_prefill_bucket=64)
     assert program_shapes(config, 64) == [("prefill", {"rows": 1, "bucket": 64}), ("decode", {"rows": 1}),
-                                          ("sample", {"rows": 1}), ("copy", {})]
+                                          ("sample", {"rows": 1}), ("copy", {}), ("swap", {})]
     cfg = preset("tiny-gqa").replace(n_layers=1)
-    programs = plan.plan(cfg, config, select=lambda kind, shape: kind != "copy")["per_program"]
+    programs = plan.plan(cfg, config, select=lambda kind, shape: kind not in ("copy", "swap"))["per_program"]
     assert programs["prefill 1 x 64"]["conditionals"] >= 1  # the path, per layer (and the sampler's branches)
     assert programs["decode 1 slots"]["dynamic_whiles"] >= 1
 
@@ -69,6 +69,7 @@ def test_plan_prints_the_counts_per_program(capsys):
     header = next(i for i, line in enumerate(lines) if "conditionals  dynamic whiles" in line)
     rows = {line.split("  ")[1].strip(): line.split()[-2:] for line in lines[header + 1:] if line.startswith("  ")
             and not line.startswith("  slots")}
-    assert set(rows) == {"prefill 1 x 16", "prefill 1 x 32", "decode 1 slots", "sample 1 slots", "slot copy"}
+    assert set(rows) == {"prefill 1 x 16", "prefill 1 x 32", "decode 1 slots", "sample 1 slots", "slot copy",
+                         "slot swap"}
     assert int(rows["prefill 1 x 32"][0]) >= 1 and int(rows["decode 1 slots"][1]) >= 1  # the CPU's, on purpose
-    assert rows["slot copy"] == ["0", "0"]
+    assert rows["slot copy"] == rows["slot swap"] == ["0", "0"]

@@ -37,7 +37,7 @@ def test_plan_reports_programs_bytes_and_fit(capsys):
     report = run_plan(capsys, "--preset", "tiny-gqa", "--memory", "64MiB")
     assert set(report) == {"platform", "device_kind", "programs", "compile_s", "devices", "per_device_bytes", "memory",
                            "max_slots_that_fit", "kernels", "per_program"}
-    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=1), 32)) == 5 == len(report["per_program"])
+    assert report["programs"] == len(program_shapes(EngineConfig(max_slots=1), 32)) == 6 == len(report["per_program"])
     assert report["platform"] == "cpu" and report["kernels"] == []  # the CPU runs its XLA paths
     assert report["memory"] == 64 * 2**20
     assert report["devices"] == 1 and report["compile_s"] > 0
@@ -168,8 +168,8 @@ def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
 
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     """`llama-jax plan --target h100 --tp 8 --checkpoint` for Llama-2-70B's widths over 8 abstract
-    H100s, through the CLI (one slot of 16 tokens: six programs, prefill fresh and after a cached
-    prefix, the decode forward, its sampling for any rows and for greedy rows, and slot copy; the
+    H100s, through the CLI (one slot of 16 tokens: seven programs, prefill fresh and after a cached
+    prefix, the decode forward, its sampling for any rows and for greedy rows, slot copy and swap; the
     same kernels as any length). Two of its 80
     layers: a GPU program repeats one layer's code per layer, so depth changes only compile time
     (the full model is `--preset llama-2-70b`, ~100 s here)."""
@@ -178,7 +178,7 @@ def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     assert cli.main(["plan", "--target", "h100", "--tp", "8", "--checkpoint", str(tmp_path), "--dtype", "auto",
                      "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 6
+    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 7
     whole = param_count(cfg) * 2  # auto: bf16 on a GPU
     assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
     assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]

@@ -30,9 +30,9 @@ def cache_bytes_per_device(cfg, config, tp_kv: int) -> int:
 
 def test_default_gpu_serve_config_compiles_few_programs():
     """Warm-up grows with row buckets plus length buckets: 9 + 3 prefill shapes, 4 decode forwards
-    and their 4 samplings, and the prefix cache's slot copy."""
+    and their 4 samplings, the prefix cache's slot copy and the slot swap that moves busy slots down."""
     shapes = program_shapes(EngineConfig(), preset("llama-2-7b").max_seq_len)
-    assert len(shapes) == 21 and shapes[-1] == ("copy", {})
+    assert len(shapes) == 22 and shapes[-2:] == [("copy", {}), ("swap", {})]
     assert [s for k, s in shapes if k == "decode"] == [s for k, s in shapes if k == "sample"] == [{"rows": r} for r in (1, 2, 4, 8)]
 
 
