@@ -12,8 +12,8 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 
 from llama_jax.prefix_cache import Placement
-from llama_jax.steps import bucket_for
 from llama_jax.request import Admission, RequestHandle
+from llama_jax.steps import bucket_for
 
 Fits = Callable[[list[Sequence[int]]], bool]  # whether these prompt suffixes fit one compiled prefill
 
