@@ -206,10 +206,8 @@ def test_sigterm_drains_16_streams_then_exits_0(drained):
     threads[-1].start()
     time.sleep(0.05)
     drained.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    late = httpx.post(drained.url + "/v1/chat/completions", json={"model": DEMO, "messages": HELLO}, timeout=10)
-    assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
-    assert httpx.get(drained.url + "/health", timeout=10).json() == {"status": "shutting down"}
+    # No late request here: the 0.5 s drain may end before it arrives on a slow box (test_serve_reliability's
+    # 60 s drains check the refusals and /health while draining).
     for t in threads:
         t.join(60)
     assert drained.proc.wait(60) == 0
