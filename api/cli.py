@@ -68,7 +68,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                         "unless they say speculative: false (default 0: off)")
     p.add_argument("--speculative-verify-cost", type=float, default=None, metavar="X",
                    help="a verify step's time in plain decode steps, for every batch size: drafts are verified only when "
-                        "their expected accepted tokens pay for it (default: measured per batch size at warm-up)")
+                        "their expected accepted tokens pay for it (default: measured per batch size at warm-up, then "
+                        "from the steps served)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="queued prompts are prefilled together up to rows x padded length tokens (default 512)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shard over N devices (default 1)")

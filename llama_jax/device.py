@@ -244,6 +244,18 @@ class VerifyResult:
     packed: jax.Array  # int32 [rows, k + 1, PACKED_COLUMNS]
 
 
+def with_lengths(state: DecodeState, length: int) -> DecodeState:
+    """`state` with every slot `length` tokens long (warm-up times steps there: speculative.measure_costs)."""
+    lengths = jax.device_put(np.full(state.cache.lengths.shape, length, np.int32), state.cache.lengths.sharding)
+    return dataclasses.replace(state, cache=state.cache.replace(lengths=lengths))
+
+
+def step_kind(result: jax.Array | VerifyResult) -> tuple[int, bool]:
+    """A dispatched step's rows and whether it verified drafts, from its result (for its timing)."""
+    verify = isinstance(result, VerifyResult)
+    return (result.packed if verify else result).shape[0], verify
+
+
 def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts: jax.Array, n_drafts: jax.Array,
            allowed: jax.Array, *, rows: int, attn: AttentionConfig, branch_free: bool) -> tuple[DecodeState, VerifyResult]:
     """One speculative step for the first `rows` slots: each runs its last token and its first

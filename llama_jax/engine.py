@@ -33,7 +33,8 @@ from llama_jax import admission, bitmask, executables, layers, platform, specula
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_example, prefill_inputs,
-                              prefill_shapes, prefill_variant, program_id, program_shapes, smallest_prefill_shape)
+                              prefill_shapes, prefill_variant, program_id, program_shapes, smallest_prefill_shape, step_kind,
+                              with_lengths)
 from llama_jax.model import Llama, storage_params
 from llama_jax.outbox import Outbox
 from llama_jax.packed import StepTokens, copy_soon, unpack
@@ -52,8 +53,7 @@ class Engine:
     """Continuous-batching server of one model. `start()` warms up and runs the scheduler thread."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), mesh: Mesh | None = None):
-        """`model`'s parameters may be sharded over `mesh` (see `checkpoint.load`); the slots follow.
-        The device programs are jitted here once (`Programs`), bound to this model's graph."""
+        """`model` may be sharded over `mesh` (`checkpoint.load`), the slots follow; its programs are jitted here once."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
         self.tokenizer, self.mesh = tokenizer, mesh
@@ -88,6 +88,7 @@ class Engine:
         self._verify, self._copy, self._swap = programs.verify, programs.copy, programs.swap
         self.speculative = config.speculative.for_platform(self.platform.cpu)
         self.verify_costs = dict.fromkeys(self.row_buckets, self.speculative.verify_cost)  # per row bucket: warm-up measures them
+        self._step_times = speculative.StepTimes()  # then the steps served, unless the config fixes them
         self._no_drafts = speculative.draft_rows([None] * config.max_slots, self.speculative)  # a verify step's, at warm-up
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
@@ -120,10 +121,8 @@ class Engine:
         self.stop()
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Validate and queue a request; raises RequestError or QueueFullError at once.
-
-        Pass the running event loop to consume the handle with `async for`.
-        """
+        """Validate and queue a request; raises RequestError or QueueFullError at once. Pass the running
+        event loop to consume the handle with `async for`."""
         request, max_tokens, rows = prepared(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len,
                                              stop_ids=self.stop_ids(request), speculative=self.speculative.enabled)
         handle = RequestHandle(request, loop, self._outbox)
@@ -156,10 +155,9 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
-        """Build every program serving can run: loaded from the executables stored beside the
-        compilation cache (executables.py: no tracing), or compiled several at once and stored;
-        `progress(done, total, what, its seconds)` as each is ready. Run each once on an accelerator; on a
-        CPU a first run plans its kernels (~1 s a multi-row program), left to the first request that needs it."""
+        """Build every program serving can run: loaded from the executables stored beside the compilation cache
+        (executables.py: no tracing), or compiled several at once and stored; `progress(done, total, what, its seconds)`
+        as each is ready. Each runs once on an accelerator (a CPU's first run, ~1 s a multi-row program, is a request's)."""
         calls = {program_id(kind, c[2], c[3]): c for kind, c in
                  ((p[0], self._warmup_call(p)) for p in program_shapes(self.config, self.max_seq_len))}
         context = repr((self.model.cfg, dataclasses.replace(self.config, compilation_cache_dir=None, compile_threads=None),
@@ -173,8 +171,7 @@ class Engine:
             self._state = jax.block_until_ready(out[0] if isinstance(out, tuple) else out)  # the state, alone or first
         if self.speculative.enabled and self.config.speculative.verify_cost is None:
             start = speculative.measured_length(self.max_seq_len, len(self.row_buckets), self.speculative.tokens)
-            lengths = jax.device_put(np.full(len(self.slots), start, np.int32), self._state.cache.lengths.sharding)
-            self._state = dataclasses.replace(self._state, cache=self._state.cache.replace(lengths=lengths))
+            self._state = with_lengths(self._state, start)
             step = lambda rows, drafts: jax.block_until_ready(self._finish(rows, self._forward(rows, drafts))[1])
             self.verify_costs = speculative.measure_costs(step, self._no_drafts, self.row_buckets)
         self._free(0)  # compiles clear_row, which every finished request runs
@@ -252,12 +249,15 @@ class Engine:
         """One scheduler iteration: admit, start a step, read the last tokens (constrained slots' while the forward
         runs, for the step's sampling masks), finish it. While any slot drafts, all are read first (drafts follow them)."""
         self._drop_cancelled()
-        results = [pending, *self._admit()] if pending else self._admit()
+        admitted = self._admit()
+        results = [pending, *admitted] if pending else admitted
         speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
-        if speculating or (pending and isinstance(pending[1], VerifyResult)):
+        if reads_first := speculating or bool(pending and isinstance(pending[1], VerifyResult)):
             for result in results:
                 self._process(*result)
             results = []
+        if self.config.speculative.verify_cost is None:  # unless fixed, the costs follow the steps served (read alone)
+            self.verify_costs.update(self._step_times.lap(step_kind(pending[1]) if pending and not admitted else None, reads_first))
         step = self._start(speculating) if wants_a_step(self.slots, [r[0] for r in results]) else None
         for result in results:
             self._process(*result, constrained=True)

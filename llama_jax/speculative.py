@@ -13,13 +13,15 @@ distribution, and for a given seed the tokens themselves, are the target model's
 Whether a step verifies is a cost decision (`worth_verifying`): a verify step runs k + 1
 positions in every busy slot, so it is taken only when the drafts' expected accepted tokens (each
 choice's recent acceptance, `Drafting`, times its draft's length) beat its extra cost, a verify
-step's time in plain steps at that many rows (`measure_costs`, at warm-up). A choice whose drafts
-keep failing backs off: it drafts nothing for a doubling number of tokens, then retries afresh.
-All of it is deterministic and changes only which program runs, never a token.
+step's time in plain steps at that many rows (`measure_costs` at warm-up, then the served steps'
+times, `StepTimes`, unless the config fixes it). A choice whose drafts keep failing backs off: it
+drafts nothing for a doubling number of tokens, then retries afresh. All of it changes only which
+program runs, never a token.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +29,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 2.0, 1.5  # a verify step's time in plain steps, until measured
-PRIOR_ACCEPTANCE = 0.5  # a choice's expected share of accepted draft tokens before it has any (measured: 0.44-0.82)
+# a choice's expected share of accepted draft tokens before it has any: optimistic, since a draft's worth is known only by
+# verifying it (where a verify step costs over 1 + k/2 plain steps, a prior of 0.5 never tried one: docs/benchmarks.md);
+# the backoff bounds what failing drafts cost
+PRIOR_ACCEPTANCE = 1.0
 
-__all__ = ["Drafting", "SpeculativeConfig", "after_verify", "choose_drafts", "measure_costs", "propose", "worth_verifying"]
+__all__ = ["Drafting", "SpeculativeConfig", "StepTimes", "after_verify", "choose_drafts", "measure_costs", "propose",
+           "worth_verifying"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +50,8 @@ class SpeculativeConfig:
     max_n: int = 4
     default: bool = True
     # a verify step's time in plain decode steps: it pays when the drafts' expected accepted tokens
-    # exceed (verify_cost - 1) x the busy slots. None: measured per batch size at warm-up (`measure_costs`)
+    # exceed (verify_cost - 1) x the busy slots. None: measured per batch size at warm-up (`measure_costs`),
+    # then followed as steps are served (`StepTimes`)
     verify_cost: float | None = None
     smoothing: float = 0.5  # weight of the latest draft in a choice's acceptance average
     backoff: int = 1  # tokens a choice drafts nothing after its first failed draft; doubles per failure
@@ -169,7 +176,7 @@ def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, 
     return drafts, counts
 
 
-MEASURED_REPEATS = 3  # timed runs of each measured step (the best counts)
+MEASURED_REPEATS = 5  # timed (plain, verify) pairs per row bucket (the median ratio counts)
 
 
 def measured_length(max_seq_len: int, buckets: int, k: int, repeats: int = MEASURED_REPEATS) -> int:
@@ -183,14 +190,53 @@ def measure_costs(step: Callable[[int, tuple[np.ndarray, np.ndarray] | None], ob
                   ) -> dict[int, float]:
     """A verify step's time in plain steps for each row bucket: `step(rows, None)` runs a plain step to
     completion, `step(rows, drafts)` a verify step. Each runs once first (a CPU's first run of a
-    program plans its kernels), then the best of `repeats` counts: the least disturbed by the rest of the machine."""
-    def best(rows: int, verify: bool) -> float:
+    program plans its kernels), then `repeats` plain and verify pairs back to back; the median of the
+    pairs' ratios counts. A pair sees the machine in one state (a shared box's speed drifts by 2x
+    over minutes, which a best plain time taken apart from the best verify time mixes up), and the median
+    ignores the pairs a short disturbance split."""
+    def timed(rows: int, verify: bool) -> float:
+        start = clock()
         step(rows, drafts if verify else None)
-        times = []
-        for _ in range(repeats):
-            start = clock()
-            step(rows, drafts if verify else None)
-            times.append(clock() - start)
-        return min(times)
+        return clock() - start
 
-    return {rows: max(1.0, best(rows, True) / max(best(rows, False), 1e-9)) for rows in buckets}
+    costs = {}
+    for rows in buckets:
+        step(rows, None)
+        step(rows, drafts)
+        ratios = []
+        for _ in range(repeats):
+            plain = timed(rows, False)
+            ratios.append(timed(rows, True) / max(plain, 1e-9))
+        costs[rows] = max(1.0, float(np.median(ratios)))
+    return costs
+
+
+class StepTimes:
+    """The latest served steps' times per (row bucket, plain or verify), and from them the verify cost
+    the decision uses: warm-up measures the machine for seconds, while a shared box's speed and the
+    context lengths move as it serves. Medians of the last `window`, so one disturbed step (another
+    process, a program's first run) moves nothing."""
+
+    def __init__(self, window: int = 9, min_steps: int = 3):
+        self.min_steps = min_steps
+        self._times: dict[tuple[int, bool], collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        self._last: float | None = None
+
+    def observe(self, rows: int, verify: bool, seconds: float) -> float | None:
+        """Record one step's time; the verify cost at `rows` (at least 1) once both kinds have `min_steps`
+        times there, else None."""
+        self._times[rows, verify].append(seconds)
+        plain, checked = self._times[rows, False], self._times[rows, True]
+        if min(len(plain), len(checked)) < self.min_steps:
+            return None
+        return max(1.0, float(np.median(checked)) / max(float(np.median(plain)), 1e-9))
+
+    def lap(self, step: tuple[int, bool] | None, reading: bool, clock: Callable[[], float] = time.perf_counter
+            ) -> dict[int, float]:
+        """Once per scheduler iteration, after its reads. While each step is read before the next is dispatched
+        (`reading`: speculating), the time since the last lap is the step just read, host work included: `step`,
+        its (rows, verified), or None when other work ran between (an admission). {rows: its new cost} or {}."""
+        now = clock() if reading else None
+        last, self._last = self._last, now
+        cost = self.observe(*step, now - last) if step and last is not None and now is not None else None
+        return {} if cost is None else {step[0]: cost}

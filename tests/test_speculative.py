@@ -23,7 +23,7 @@ from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.request import Request, RequestError, SamplingOptions
 from llama_jax.speculative import (ACCELERATOR_VERIFY_COST, CPU_VERIFY_COST, PRIOR_ACCEPTANCE, Drafting, SpeculativeConfig,
-                                   after_verify, draft_rows, measure_costs, propose, worth_verifying)
+                                   StepTimes, after_verify, draft_rows, measure_costs, propose, worth_verifying)
 from llama_jax.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_config_is_checked():
 def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries():
     config = SpeculativeConfig(tokens=4, backoff=4, max_backoff=16)
     record, generated, waits = Drafting(), 10, []
-    assert record.may_draft(0) and record.expected(4) == 4 * PRIOR_ACCEPTANCE == 2.0  # a fresh choice drafts at once
+    assert record.may_draft(0) and record.expected(4) == 4 * PRIOR_ACCEPTANCE == 4.0  # a fresh choice drafts at once, hoping
     for _ in range(5):  # every draft rejected
         record = after_verify(record, 4, 0, generated, config, 1.5)
         wait = record.resume_at - generated
@@ -80,7 +80,7 @@ def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries
         generated += wait
     assert waits == [4, 8, 16, 16, 16] and record.failures == 5
     record = after_verify(record, 4, 3, generated, config, 1.5)  # the retry holds: drafting resumes, no wait
-    assert record.failures == 0 and record.may_draft(generated) and record.acceptance == pytest.approx(0.625)
+    assert record.failures == 0 and record.may_draft(generated) and record.acceptance == pytest.approx(0.875)
     record = after_verify(record, 4, 0, generated + 1, config, 1.5)  # a failure after a success starts over at 4
     assert record.failures == 1 and record.resume_at == generated + 1 + 4
 
@@ -107,24 +107,49 @@ def test_a_verify_step_is_taken_when_the_expected_tokens_pay_for_it():
     assert not worth_verifying(0.0, 1, 1)  # no draft, no verify
 
 
-def test_the_cost_is_the_best_verify_time_over_the_best_plain_time_per_bucket():
-    """Each step runs once untimed, then `repeats` times; the fastest run of each counts, so one run
-    slowed by something else on the machine changes nothing."""
+def test_the_cost_is_the_median_ratio_of_back_to_back_pairs_per_bucket():
+    """Each step runs once untimed, then in `repeats` (plain, verify) pairs: a machine whose speed
+    drifts between pairs, and one call slowed by something else, change nothing."""
     clock, calls = [0.0], []
     plain_s, verify_s = {1: 0.010, 8: 0.020}, {1: 0.015, 8: 0.060}
 
     def step(rows, drafts):
         calls.append((rows, drafts is not None))
-        slow = 5 if len(calls) % 4 == 2 else 1  # every fourth call, from the second, is disturbed
-        clock[0] += slow * (verify_s if drafts is not None else plain_s)[rows]
+        drift = 2 if (len(calls) - 1) // 4 % 2 else 1  # the machine halves its speed every 4 calls, then recovers
+        slow = 5 if len(calls) == 5 else 1  # one plain step disturbed
+        clock[0] += drift * slow * (verify_s if drafts is not None else plain_s)[rows]
 
-    costs = measure_costs(step, (np.zeros((8, 4), np.int32), np.zeros(8, np.int32)), [1, 8], repeats=3,
+    costs = measure_costs(step, (np.zeros((8, 4), np.int32), np.zeros(8, np.int32)), [1, 8], repeats=5,
                           clock=lambda: clock[0])
     assert costs == {1: pytest.approx(1.5), 8: pytest.approx(3.0)}
-    assert calls == [(1, True)] * 4 + [(1, False)] * 4 + [(8, True)] * 4 + [(8, False)] * 4
+    assert calls == ([(1, False), (1, True)] * 6 + [(8, False), (8, True)] * 6)
     cheap = measure_costs(lambda rows, drafts: clock.__setitem__(0, clock[0] + (0.001 if drafts else 0.002)), (None, None),
                           [1], clock=lambda: clock[0])
     assert cheap == {1: 1.0}  # never below a plain step: a verify step does a plain step's work
+
+
+def test_served_steps_set_the_cost_once_both_kinds_are_timed_alone():
+    """A lap's time since the last is the step just read, counted only while steps are read one at a
+    time (speculating) and nothing else ran between; medians, so one slow step changes nothing."""
+    now = [0.0]
+    times = StepTimes(window=5, min_steps=3)
+
+    def lap(step, seconds, reading=True):
+        now[0] += seconds
+        return times.lap(step, reading, clock=lambda: now[0])
+
+    assert lap(None, 0.0) == {}  # the first read: nothing to time yet
+    assert [lap((1, False), 0.010) for _ in range(2)] == [{}, {}]
+    assert lap(None, 5.0) == {}  # an admission ran between: not a step's time
+    assert lap((1, False), 0.010) == {}
+    assert lap((1, False), 0.010, reading=False) == {}  # pipelined: not timed, and the next lap has no start
+    assert lap((1, True), 9.0) == {}
+    assert [lap((1, True), 0.030) for _ in range(2)] == [{}, {}]  # 3 plain times, 2 verify times
+    assert lap((1, True), 0.030) == {1: pytest.approx(3.0)}
+    assert lap((1, False), 1.0) == {1: pytest.approx(3.0)}  # one slow plain step (a first run): the median holds
+    assert [lap((1, True), 0.060) for _ in range(3)][-1] == {1: pytest.approx(6.0)}  # a lasting change moves it
+    assert lap((2, True), 0.001) == {}  # another bucket has its own times
+    assert times.observe(4, False, 0.02) is None and [times.observe(4, k, 0.01) for k in (True, True, True, False, False)][-1] == 1.0
 
 
 # ---- a tiny random model: exactness of sampling -----------------------------------------------
@@ -323,6 +348,7 @@ def test_warmup_measures_the_verify_cost_per_row_bucket_unless_one_is_given(tiny
                                                             sampling=SamplingOptions(temperature=0))).result())
             assert run(True) == run(False)
         assert counter.count == 0
+        assert set(engine.verify_costs) == {1, 2} and all(1.0 <= c < 100 for c in engine.verify_costs.values())  # served
 
 
 def test_speculative_request_on_a_server_without_it_is_refused(tiny):

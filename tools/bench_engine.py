@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--spec-max-tokens", type=int, default=256, help="--speculative: max_tokens of each reply")
     ap.add_argument("--batch1-prompts", type=int, default=2, help="--speculative: prompts run one by one per round")
     ap.add_argument("--rounds", type=int, default=2, help="--speculative: timed rounds, plain and speculative alternating")
+    ap.add_argument("--spec-workloads", nargs="+", default=None,
+                    choices=["grounded_1", "grounded_8", "open_1", "open_8"],
+                    help="--speculative: run only these workloads, by name and concurrency (default: all four)")
     ap.add_argument("--host", action="store_true",
                     help="the scheduler's host time per step at 1, 8 and 64 busy slots, with and without a "
                          "grammar-constrained slot (tools/bench_host.py)")

@@ -9,7 +9,8 @@ Each (workload, concurrency) runs plain and speculative alternately `--rounds` t
 shared: alternating spreads its noise over both) after the engine's warm-up (every program
 compiled, as `serve` does) and one untimed pass. Reports tok/s (completion tokens over wall time,
 prefill included: the same prompts both ways), the ratio, and the acceptance rate; replies are
-checked identical both ways.
+checked identical both ways. `--spec-workloads open_8` runs one of them (the one whose
+replies end unevenly, so it is also where slot compaction shows).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def open_prompts(tokenizer) -> list[list[int]]:
 
 def run(engine: Engine, prompts: list[list[int]], concurrent: bool, speculative: bool, max_tokens: int) -> dict:
     """Greedy replies to `prompts` (all at once, or one after another); wall time and counts."""
-    start, results = time.perf_counter(), []
+    start, results, verify_steps = time.perf_counter(), [], engine.verify_steps
     request = lambda p: Request(prompt=p, max_tokens=max_tokens, speculative=speculative,
                                 sampling=SamplingOptions(temperature=0))
     if concurrent:
@@ -84,7 +85,7 @@ def run(engine: Engine, prompts: list[list[int]], concurrent: bool, speculative:
         results = [engine.submit(request(p)).result() for p in prompts]
     return {"seconds": time.perf_counter() - start, "tokens": sum(r.completion_tokens for r in results),
             "drafted": sum(r.drafted_tokens for r in results), "accepted": sum(r.accepted_tokens for r in results),
-            "replies": [[t.token_id for t in r.choices[0].tokens] for r in results]}
+            "verify_steps": engine.verify_steps - verify_steps, "replies": [[t.token_id for t in r.choices[0].tokens] for r in results]}
 
 
 def bench_speculative(args) -> dict:
@@ -109,6 +110,8 @@ def bench_speculative(args) -> dict:
     try:
         for name, prompts in workloads.items():
             for batch in (1, 8):
+                if args.spec_workloads and f"{name}_{batch}" not in args.spec_workloads:
+                    continue
                 chosen = prompts[:args.batch1_prompts] if batch == 1 else prompts
                 for spec in (False, True):  # untimed
                     run(engine, chosen[:1] if batch == 1 else chosen, batch > 1, spec, args.spec_max_tokens)
@@ -126,8 +129,10 @@ def bench_speculative(args) -> dict:
                             "identical_replies": f"{same}/{sum(len(p['replies']) for p in plain)}",
                             "drafted": drafted, "accepted": accepted,
                             "acceptance": round(accepted / drafted, 3) if drafted else None,
+                            "verify_steps": [r["verify_steps"] for r in fast],
                             "runs_s": {"plain": [round(r["seconds"], 2) for r in plain],
                                        "speculative": [round(r["seconds"], 2) for r in fast]}}
+                out[key]["verify_costs_after"] = {rows: round(c, 2) for rows, c in engine.verify_costs.items()}  # served steps'
                 print(key, out[key], file=sys.stderr, flush=True)
     finally:
         engine.stop()
