@@ -251,12 +251,12 @@ class Engine:
         self._drop_cancelled()
         admitted = self._admit()
         results = [pending, *admitted] if pending else admitted
-        speculating = any(a and a.drafts_now() for a in self.slots)  # before the step below moves them on
+        speculating = self.speculative.enabled and any(a and a.drafts_now() for a in self.slots)  # before the step moves them
         if reads_first := speculating or bool(pending and isinstance(pending[1], VerifyResult)):
             for result in results:
                 self._process(*result)
             results = []
-        if self.config.speculative.verify_cost is None:  # unless fixed, the costs follow the steps served (read alone)
+        if self.speculative.enabled and self.config.speculative.verify_cost is None:  # else fixed: costs follow the served steps
             self.verify_costs.update(self._step_times.lap(step_kind(pending[1]) if pending and not admitted else None, reads_first))
         step = self._start(speculating) if wants_a_step(self.slots, [r[0] for r in results]) else None
         for result in results:

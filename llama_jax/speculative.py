@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -229,7 +230,7 @@ class StepTimes:
         plain, checked = self._times[rows, False], self._times[rows, True]
         if min(len(plain), len(checked)) < self.min_steps:
             return None
-        return max(1.0, float(np.median(checked)) / max(float(np.median(plain)), 1e-9))
+        return max(1.0, statistics.median(checked) / max(statistics.median(plain), 1e-9))
 
     def lap(self, step: tuple[int, bool] | None, reading: bool, clock: Callable[[], float] = time.perf_counter
             ) -> dict[int, float]:

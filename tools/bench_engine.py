@@ -226,6 +226,8 @@ def main() -> None:
                          "grammar-constrained slot (tools/bench_host.py)")
     ap.add_argument("--host-slots", type=int, nargs="+", default=[1, 8, 64], help="--host: busy slots")
     ap.add_argument("--host-tokens", type=int, default=200, help="--host: tokens per request")
+    ap.add_argument("--host-async", action="store_true",
+                    help="--host: consume the requests on an asyncio loop as the server does (default: a blocked thread each)")
     args = ap.parse_args()
     if args.host:
         from bench_host import bench_host

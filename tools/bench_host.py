@@ -3,16 +3,20 @@ and 64 busy slots, with and without one grammar-constrained slot, on a model sma
 the device step is short (tiny-gqa: 2 layers, the real 32000-piece vocabulary and tokenizer).
 
 Host time is the CPU time of the engine's scheduler thread (`pthread_getcpuclockid`) over a run,
-divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored): admission,
+divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored; each request
+consumed by a blocked thread, or with `--host-async` on one asyncio loop as the server does): admission,
 dispatch, the host copies of each step's results, detokenizing, stop strings, events, and the
 constrained slot's mask and matcher. XLA:CPU runs much of each program in the dispatching
 thread (its CPU time per call grows with the rows: docs/benchmarks.md), so on a CPU part of the
-device work is in it too; the wall time per step is reported beside it. Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds
-<= 10 % to a step.
+device work is in it too: `..._outside_programs_ms_per_step` is the thread's CPU time outside the
+calls of the compiled programs (on a GPU such a call is a launch), the wall time per step beside
+both. Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds <= 10 %
+to a step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -31,16 +35,43 @@ def thread_seconds(thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-def run(engine: Engine, busy: int, tokens: int, constraint=None) -> tuple[float, float, int]:
-    """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`): the
-    scheduler thread's CPU seconds, the wall seconds and the decode steps they took."""
-    cpu, start = thread_seconds(engine._thread), time.perf_counter()
-    handles = [engine.submit(Request(prompt=[1, 450, 4996, 17354 + i], max_tokens=tokens, stop_token_ids=[],
-                                     constraint=constraint if i == 0 else None,
-                                     sampling=SamplingOptions(temperature=0)))
-               for i in range(busy)]
-    steps = max(h.result().completion_tokens for h in handles) - 1  # the first token comes from the prefill
-    return thread_seconds(engine._thread) - cpu, time.perf_counter() - start, steps
+def time_programs(engine: Engine) -> list[float]:
+    """Wrap the engine's compiled-program calls so that the CPU seconds the calling thread spends in them add
+    up in the returned one-element list."""
+    spent = [0.0]
+
+    def timed(program):
+        def call(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return program(*args, **kwargs)
+            finally:
+                spent[0] += time.thread_time() - start
+        return call
+
+    for attr in [*Engine._CALLS.values(), "_clear_row", "_reset"]:
+        setattr(engine, attr, timed(getattr(engine, attr)))
+    return spent
+
+
+def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: list[float] = (0.0,),
+        consume_async: bool = False) -> tuple[float, float, int, float]:
+    """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`), consumed by
+    blocked threads or on an asyncio loop (`consume_async`): the scheduler thread's CPU seconds, the
+    wall seconds and the decode steps they took, and the CPU seconds of those spent inside program
+    calls (`in_programs`, from `time_programs`)."""
+    cpu, start, inside = thread_seconds(engine._thread), time.perf_counter(), in_programs[0]
+    request = lambda i: Request(prompt=[1, 450, 4996, 17354 + i], max_tokens=tokens, stop_token_ids=[],
+                                constraint=constraint if i == 0 else None, sampling=SamplingOptions(temperature=0))
+    if consume_async:  # as the server does: one event loop, events handed over once per scheduler iteration
+        async def replies():
+            loop = asyncio.get_running_loop()
+            return await asyncio.gather(*[engine.submit(request(i), loop=loop).aresult() for i in range(busy)])
+        completions = asyncio.run(replies())
+    else:  # a thread blocked on each request: a wake-up per token
+        completions = [h.result() for h in [engine.submit(request(i)) for i in range(busy)]]
+    steps = max(c.completion_tokens for c in completions) - 1  # the first token comes from the prefill
+    return thread_seconds(engine._thread) - cpu, time.perf_counter() - start, steps, in_programs[0] - inside
 
 
 def bench_host(args) -> dict:
@@ -51,17 +82,20 @@ def bench_host(args) -> dict:
     slots = max(args.host_slots)
     engine = Engine(init_model(cfg, seed=0), tokenizer, EngineConfig(max_slots=slots, max_seq_len=cfg.max_seq_len,
                                                                     min_prefill_bucket=16)).start()
+    in_programs = time_programs(engine)
     words = regex_grammar(tokenizer, "[a-z ]{0,4000}").factory(args.host_tokens, cfg.vocab_size)
     out: dict = {"model": "tiny-gqa (random weights, 2 layers, 32000 vocab)", "tokens": args.host_tokens,
+                 "consumers": "asyncio" if args.host_async else "threads",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         run(engine, 2, 8, words)  # compiles nothing (warm), but warms the grammar's first masks
         for busy in args.host_slots:
             row = {}
             for name, constraint in (("plain", None), ("constrained", words)):
-                cpu, wall, steps = min((run(engine, busy, args.host_tokens, constraint) for _ in range(args.rounds)),
-                                       key=lambda r: r[0] / r[2])
+                cpu, wall, steps, inside = min((run(engine, busy, args.host_tokens, constraint, in_programs, args.host_async)
+                                                for _ in range(args.rounds)), key=lambda r: r[0] / r[2])
                 row[f"{name}_host_ms_per_step"] = round(1000 * cpu / steps, 3)
+                row[f"{name}_outside_programs_ms_per_step"] = round(1000 * (cpu - inside) / steps, 3)
                 row[f"{name}_wall_ms_per_step"] = round(1000 * wall / steps, 3)
             row["constrained_adds_pct"] = round(100 * (row["constrained_wall_ms_per_step"] /
                                                        row["plain_wall_ms_per_step"] - 1), 1)
