@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,7 +55,7 @@ def time_programs(engine: Engine) -> list[float]:
     return spent
 
 
-def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: list[float] = (0.0,),
+def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: Sequence[float] = (0.0,),
         consume_async: bool = False) -> tuple[float, float, int, float]:
     """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`), consumed by
     blocked threads or on an asyncio loop (`consume_async`): the scheduler thread's CPU seconds, the

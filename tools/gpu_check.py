@@ -280,8 +280,8 @@ def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: 
 
     words, out = regex_grammar(tokenizer, "[a-z ]{0,4000}").factory(tokens, vocab), {}
     for busy in (b for b in (1, 8) if b <= slots):
-        _, plain, steps = run(engine, busy, tokens)
-        _, constrained, constrained_steps = run(engine, busy, tokens, words)
+        _, plain, steps, _ = run(engine, busy, tokens)
+        _, constrained, constrained_steps, _ = run(engine, busy, tokens, words)
         adds = 100 * (constrained / constrained_steps / (plain / steps) - 1)
         out[f"constrained_adds_pct_{busy}"] = round(adds, 1)
         say(f"{busy} busy slots, one of them regex-constrained: a step takes {adds:+.1f} % "
