@@ -227,7 +227,8 @@ def main() -> None:
     ap.add_argument("--host-slots", type=int, nargs="+", default=[1, 8, 64], help="--host: busy slots")
     ap.add_argument("--host-tokens", type=int, default=200, help="--host: tokens per request")
     ap.add_argument("--host-async", action="store_true",
-                    help="--host: consume the requests on an asyncio loop as the server does (default: a blocked thread each)")
+                    help="--host: consume the requests on an asyncio loop as the server does "
+                         "(default: the caller's thread reads each request's queue in turn)")
     args = ap.parse_args()
     if args.host:
         from bench_host import bench_host

@@ -3,9 +3,9 @@ and 64 busy slots, with and without one grammar-constrained slot, on a model sma
 the device step is short (tiny-gqa: 2 layers, the real 32000-piece vocabulary and tokenizer).
 
 Host time is the CPU time of the engine's scheduler thread (`pthread_getcpuclockid`) over a run,
-divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored; each request
-consumed by a blocked thread, or with `--host-async` on one asyncio loop as the server does): admission,
-dispatch, the host copies of each step's results, detokenizing, stop strings, events, and the
+divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored; the requests'
+queues read in turn by the caller's thread, or with `--host-async` on one asyncio loop as the server
+does): admission, dispatch, the host copies of each step's results, detokenizing, stop strings, events, and the
 constrained slot's mask and matcher. XLA:CPU runs much of each program in the dispatching
 thread (its CPU time per call grows with the rows: docs/benchmarks.md), so on a CPU part of the
 device work is in it too: `..._outside_programs_ms_per_step` is the thread's CPU time outside the
@@ -57,8 +57,8 @@ def time_programs(engine: Engine) -> list[float]:
 
 def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: Sequence[float] = (0.0,),
         consume_async: bool = False) -> tuple[float, float, int, float]:
-    """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`), consumed by
-    blocked threads or on an asyncio loop (`consume_async`): the scheduler thread's CPU seconds, the
+    """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`), read in turn
+    from their queues by this thread or on an asyncio loop (`consume_async`): the scheduler thread's CPU seconds, the
     wall seconds and the decode steps they took, and the CPU seconds of those spent inside program
     calls (`in_programs`, from `time_programs`)."""
     cpu, start, inside = thread_seconds(engine._thread), time.perf_counter(), in_programs[0]
@@ -69,7 +69,7 @@ def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: Se
             loop = asyncio.get_running_loop()
             return await asyncio.gather(*[engine.submit(request(i), loop=loop).aresult() for i in range(busy)])
         completions = asyncio.run(replies())
-    else:  # a thread blocked on each request: a wake-up per token
+    else:  # this thread reads each request's queue in turn (a thread-safe put per token)
         completions = [h.result() for h in [engine.submit(request(i)) for i in range(busy)]]
     steps = max(c.completion_tokens for c in completions) - 1  # the first token comes from the prefill
     return thread_seconds(engine._thread) - cpu, time.perf_counter() - start, steps, in_programs[0] - inside
@@ -86,7 +86,7 @@ def bench_host(args) -> dict:
     in_programs = time_programs(engine)
     words = regex_grammar(tokenizer, "[a-z ]{0,4000}").factory(args.host_tokens, cfg.vocab_size)
     out: dict = {"model": "tiny-gqa (random weights, 2 layers, 32000 vocab)", "tokens": args.host_tokens,
-                 "consumers": "asyncio" if args.host_async else "threads",
+                 "consumers": "asyncio" if args.host_async else "queues read in turn",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         run(engine, 2, 8, words)  # compiles nothing (warm), but warms the grammar's first masks
