@@ -4,7 +4,8 @@ The scheduler, in token ids and slots: queued requests are prefilled together, o
 padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight into free decode
 slots (which requests, and in which prefills: admission.py), where each row samples its first token; decode
 steps then advance every busy slot at once, busy slots moved down as others finish so the batch shrinks.
-The device programs and their state are device.py's; a choice's text and constraint are its `RunningChoice`'s.
+The device programs and their state are device.py's; a choice's stop ids and constraint its `RunningChoice`'s; its
+text and stop strings are made in its consumer's thread (choice_text.py), which reports a stop string: the slot is freed.
 
 A background thread schedules: each iteration admits one prefill batch and dispatches a step's
 forward before it reads the prefill's and the previous step's tokens (constrained slots' first:
@@ -125,7 +126,7 @@ class Engine:
         event loop to consume the handle with `async for`."""
         request, max_tokens, rows = prepared(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len,
                                              stop_ids=self.stop_ids(request), speculative=self.speculative.enabled)
-        handle = RequestHandle(request, loop, self._outbox)
+        handle = RequestHandle(request, loop, self._outbox, self.tokenizer, self.stop_ids(request))
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
             if self._stopping:
@@ -279,13 +280,15 @@ class Engine:
             self._release(active.handle, error)
         self._replace_state()
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> None:  # and the choices a stop string ended
         with self._wake:
             cancelled = [h for h in self._queue if h.cancelled.is_set()]
             self._queue = collections.deque(h for h in self._queue if not h.cancelled.is_set())
         for handle in cancelled + list({a.handle: None for a in self.slots if a and a.handle.cancelled.is_set()}):
             self._release(handle)  # frees its slots, if it holds any
             handle.put(None)
+        for active in [a for a in self.slots if a and a.choice in a.handle.stopped]:
+            self._end(active)
 
     def _release(self, handle: RequestHandle, error: str | None = None) -> None:
         """Free every slot of `handle`; with `error`, tell its consumer, end its stream, admit no more of its choices."""
@@ -321,7 +324,7 @@ class Engine:
 
     def _admit_rows(self, rows: list[Admission]) -> list[tuple]:
         """One prefill for these admissions, its result returned unread; each choice then owns its slot.
-        A request whose own parts fail (its constraint, its detokenizer) fails alone."""
+        A request whose own parts fail (its constraint) fails alone."""
         made = []
         for r in rows:
             try:
@@ -340,13 +343,8 @@ class Engine:
             if r.handle.cancelled.is_set():  # another choice of it failed just now
                 self.prefix.forget(r.slot)
                 continue
-            try:
-                owners[r.slot] = self.slots[r.slot] = r.running(
-                    self.tokenizer, self.stop_ids(r.handle.request), constraint,
-                    self.speculative.applies(r.handle.request.speculative, constraint is not None))
-            except Exception as e:
-                self._fail_admission(r, e)
-                continue
+            owners[r.slot] = self.slots[r.slot] = r.running(
+                r.handle.stop_ids, constraint, self.speculative.applies(r.handle.request.speculative, constraint is not None))
             self.prefix.hold(r.slot, r.handle.request.prompt)
         copy_soon(result)
         return [(owners, result, {r.slot: i for i, (r, _) in enumerate(made)})]
@@ -387,14 +385,13 @@ class Engine:
             self._state, started = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
         return started
 
-    def _finish(self, rows: int, started: jax.Array | VerifyResult
+    def _finish(self, rows: int, result: jax.Array | VerifyResult
                 ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
         """Sample a started plain step; the step's tokens (packed.py) are then copied to the host asynchronously."""
-        result = started
-        if not isinstance(started, VerifyResult):
+        if not isinstance(result, VerifyResult):  # else sampled already
             lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
             allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
-            self._state, result = self._sample(self._state, started, allowed, rows=rows, greedy=lean or None)
+            self._state, result = self._sample(self._state, result, allowed, rows=rows, greedy=lean or None)
         copy_soon(result)
         return list(self.slots), result
 
@@ -444,7 +441,10 @@ class Engine:
         event = active.step(TokenLogprob(out.tokens[r][j], out.logprobs[r][j], top))
         active.handle.put(event)
         if event.finish_reason:
-            self._free(active.slot)
-            active.handle.unfinished -= 1
-            if active.handle.unfinished == 0:
-                active.handle.put(None)
+            self._end(active)
+
+    def _end(self, active: RunningChoice) -> None:  # done: its slot freed, its stream ended after its last choice
+        self._free(active.slot)
+        active.handle.unfinished -= 1
+        if active.handle.unfinished == 0:
+            active.handle.put(None)

@@ -1,13 +1,14 @@
 """What a caller hands the engine and what it gets back: requests, per-choice events, the handle
-that streams them (to plain Python or asyncio), and the text side of one choice (incremental
-detokenizing with stop strings held back until they can no longer match) and of one running
-choice (`RunningChoice`: each sampled token in, the choice's next event out)."""
+that streams them (to plain Python or asyncio; each choice's text is made there, in the consumer's
+thread: choice_text.py), and one running choice in the scheduler's thread (`RunningChoice`: each
+sampled token in, a token event out, ended by stop ids, a complete grammar or max_tokens)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -18,7 +19,10 @@ import numpy as np
 from llama_jax.outbox import Outbox
 from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params, random_seed
 from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
-from llama_jax.tokenizer import Tokenizer, detokenizer
+from llama_jax.choice_text import ChoiceStream
+from llama_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 128  # OpenAI's limit; choices beyond the free slots wait in the queue for theirs
@@ -144,13 +148,11 @@ class Admission:
     def suffix(self) -> Sequence[int]:
         return self.handle.request.prompt[self.start:]
 
-    def running(self, tokenizer: Tokenizer, stop_ids: frozenset[int], constraint: Constraint | None,
-                speculative: bool) -> RunningChoice:
+    def running(self, stop_ids: frozenset[int], constraint: Constraint | None, speculative: bool) -> RunningChoice:
         """The running choice this admission starts once its prompt is prefilled."""
         request = self.handle.request
-        return RunningChoice(self.handle, self.choice, self.handle.max_tokens,
-                             ChoiceText(tokenizer, request.stop, request.continues_prompt), stop_ids, constraint,
-                             request.min_tokens, ids=list(request.prompt), speculative=speculative, slot=self.slot)
+        return RunningChoice(self.handle, self.choice, self.handle.max_tokens, stop_ids, constraint, request.min_tokens,
+                             ids=list(request.prompt), speculative=speculative, slot=self.slot)
 
 
 class RequestHandle:
@@ -158,12 +160,15 @@ class RequestHandle:
 
     Iterate with `for` (plain Python) or `async for` (when submitted with an event loop); the
     stream ends after every choice has finished. `cancel()` frees the request's slots within one
-    engine step.
+    engine step. The engine's token events become text events here, in the consumer's thread (choice_text.py).
     """
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None, outbox: Outbox | None = None):
-        """With an `outbox` (the engine's), events for `loop` wait there until the engine flushes it."""
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None, outbox: Outbox | None = None,
+                 tokenizer: Tokenizer | None = None, stop_ids: frozenset[int] = frozenset()):
+        """With an `outbox` (the engine's), events for `loop` wait there until the engine flushes it; `tokenizer`
+        and `stop_ids` (the engine's) make each choice's text."""
         self.request = request
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
         self.outbox = outbox
         self.id = next(_ids)
         self.prompt_tokens = len(request.prompt)
@@ -178,6 +183,9 @@ class RequestHandle:
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
         self._on_cancel = lambda: None
+        self.stopped: set[int] = set()  # choices a stop string ended (`ChoiceStream`): the engine frees their slots
+        self._streams: dict[int, ChoiceStream] = {}
+        self._failed = False
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -219,11 +227,39 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[Event]:
         while (event := self._queue.get()) is not None:
-            yield event
+            if (event := self._read(event)) is not None:
+                yield event
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while (event := await self._queue.get()) is not None:
-            yield event
+            if (event := self._read(event)) is not None:
+                yield event
+
+    def _read(self, event: Event) -> Event | None:
+        """The engine's token event as its choice's text event, or None where there is none (after a stop string,
+        or a failure here, which fails the request as an engine error would)."""
+        if self._failed:
+            return None
+        if event.error is not None:
+            return event
+        try:
+            if (stream := self._streams.get(event.choice)) is None:
+                request = self.request
+                stream = self._streams[event.choice] = ChoiceStream(self.tokenizer, request.stop, request.continues_prompt,
+                                                                    self.stop_ids, request.min_tokens)
+            if (read := stream.read([t.token_id for t in event.tokens], event.finish_reason)) is None:
+                return None
+            event.text, kept, event.finish_reason = read  # the engine's event is this thread's now
+            if kept < len(event.tokens):
+                event.tokens = event.tokens[:kept]
+            if stream.hit:  # a stop string ended the choice: the engine frees its slot next
+                self.stopped.add(event.choice)
+            return event
+        except Exception as e:
+            log.exception("processing a token failed")
+            self._failed = True
+            self.cancel()
+            return Event(event.choice, error=f"processing a token failed: {e}")
 
     def _collect(self, completion: Completion, event: Event) -> None:
         if event.error:
@@ -251,50 +287,14 @@ class RequestHandle:
         return completion
 
 
-class ChoiceText:
-    """Turns one choice's tokens into text deltas, holding back any tail that could still grow
-    into a stop string; reports when a stop string completes (the stop string is not emitted)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], after_text: bool = False):
-        self._detok = detokenizer(tokenizer, after_text)
-        self._stop = [s for s in stop if s]
-        self._held = ""
-
-    def add(self, token_id: int, stops: bool = True) -> tuple[str, bool]:
-        """Feed a token; returns (text safe to emit, whether a stop string was hit). With `stops`
-        false (before `min_tokens`) no stop string is looked for and nothing is held back."""
-        text = self._held + self._detok.add(token_id)
-        if not stops or not self._stop:
-            self._held = ""
-            return text, False
-        return self._release(text)
-
-    def finish(self) -> str:
-        """End of generation without a stop string: release everything held back."""
-        text, _ = self._release(self._held + self._detok.flush())
-        rest, self._held = self._held, ""
-        return text + rest
-
-    def _release(self, text: str) -> tuple[str, bool]:
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            self._held = ""
-            return text[: min(hits)], True
-        hold = max((k for s in self._stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:k])), default=0)
-        self._held = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold], False
-
-
 @dataclasses.dataclass
 class RunningChoice:
-    """One choice running in a decode slot, host side: its text, stop ids and constraint, and the
-    token ids its slot computes (prompt and sampled); `step` turns a sampled token into an event."""
+    """One choice running in a decode slot, in the scheduler's thread: its stop ids and constraint, and the
+    token ids its slot computes (prompt and sampled); `step` turns a sampled token into a token event."""
 
     handle: RequestHandle
     choice: int
     max_tokens: int
-    text: ChoiceText
     stop_ids: frozenset[int]
     constraint: Constraint | None = None
     min_tokens: int = 0
@@ -325,23 +325,18 @@ class RunningChoice:
             self.draft = 0
 
     def step(self, info: TokenLogprob) -> Event:
-        """Take the sampled token `info.token_id`: the event it makes, with a finish_reason once the
-        choice is done (a stop token or string, a complete grammar, or max_tokens)."""
+        """Take the sampled token `info.token_id`: its token event (no text: `ChoiceStream` makes it), with a
+        finish_reason once the choice is done (a stop token, a complete grammar, or max_tokens)."""
         token = info.token_id
         self.generated += 1
         self.ids.append(token)
         if self.constraint:
             self.constraint.advance(token)
-        early = self.generated < self.min_tokens  # nothing stops it yet (the sampler bans its stop ids)
-        if token in self.stop_ids and not early:
-            text, finish = self.text.finish(), "stop"
-        else:
-            text, hit = self.text.add(token, stops=not early)
-            complete = self.constraint is not None and self.constraint.done()
-            finish = "stop" if hit or complete else "length" if self.generated >= self.max_tokens else None
-            if finish and not hit:
-                text += self.text.finish()
-        return Event(self.choice, text, (info,), finish)
+            if self.constraint.done():
+                return Event(self.choice, "", (info,), "stop")
+        if token in self.stop_ids and self.generated >= self.min_tokens:  # before min_tokens the sampler bans them
+            return Event(self.choice, "", (info,), "stop")
+        return Event(self.choice, "", (info,), "length" if self.generated >= self.max_tokens else None)
 
 
 def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:

@@ -14,7 +14,8 @@ from llama_jax import bitmask, steps
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
-from llama_jax.request import EngineError, QueueFullError, Request, RequestError, SamplingOptions
+from llama_jax.choice_text import ChoiceText
+from llama_jax.request import EngineError, QueueFullError, Request, RequestError, RunningChoice, SamplingOptions
 from llama_jax.tokenizer import Tokenizer
 
 MAX_LEN = 128
@@ -91,6 +92,47 @@ def test_stop_string_across_tokens_is_never_leaked(any_engine, tokenizer):
                                                     sampling=SamplingOptions(temperature=0)))]
     assert "".join(deltas) == expected
     assert stop not in "".join(deltas)
+
+
+def test_a_stop_string_frees_its_slot_within_a_few_steps(engine, tokenizer, monkeypatch):
+    """Stop strings are looked for in the consumer's thread (choice_text.ChoiceStream): the scheduler learns of a hit
+    and frees the slot a step or two later, not at max_tokens, and the consumer sees nothing past the stop."""
+    prompt = [1, 518, 25580, 29962, 15043, 29991]
+    full = engine.generate([prompt], max_tokens=12, stop_token_ids=[], sampling=SamplingOptions(temperature=0))[0]
+    head, text = tokenizer.decode(ids(full)[:5]), full.choices[0].text
+    assert text.startswith(head) and len(text) > len(head) + 2
+    stop = text[len(head): len(head) + 2]
+    steps_taken = []
+    real_step = RunningChoice.step
+    monkeypatch.setattr(RunningChoice, "step", lambda self, info: steps_taken.append(1) or real_step(self, info))
+    out = engine.submit(Request(prompt=prompt, max_tokens=MAX_LEN - len(prompt), stop=[stop], stop_token_ids=[],
+                                sampling=SamplingOptions(temperature=0))).result()
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.text == text[: text.find(stop)]
+    assert len(choice.tokens) <= 7 and len(steps_taken) <= len(choice.tokens) + 4, (len(choice.tokens), len(steps_taken))
+    assert engine.busy_slots == 0
+
+
+def test_a_failure_in_the_consumers_text_fails_its_request_alone(engine, monkeypatch):
+    real_add = ChoiceText.add
+
+    def add(self, token_id, stops=True):  # the third token of the faulty request's text
+        self.fed = getattr(self, "fed", 0) + 1
+        if self.fed == 3 and faulty:
+            raise RuntimeError("injected text fault")
+        return real_add(self, token_id, stops)
+
+    monkeypatch.setattr(ChoiceText, "add", add)
+    faulty = True
+    handle = engine.submit(Request(prompt=[1, 15043, 29991], max_tokens=100, stop_token_ids=[]))
+    with pytest.raises(EngineError, match="processing a token failed: injected text fault"):
+        handle.result()
+    faulty = False
+    deadline = time.monotonic() + 30
+    while engine.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots == 0
+    assert engine.generate([[1, 15043, 29991]], max_tokens=5, stop_token_ids=[])[0].completion_tokens == 5
 
 
 def test_stop_token_ends_with_stop(any_engine):

@@ -5,13 +5,15 @@ the device step is short (tiny-gqa: 2 layers, the real 32000-piece vocabulary an
 Host time is the CPU time of the engine's scheduler thread (`pthread_getcpuclockid`) over a run,
 divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored; the requests'
 queues read in turn by the caller's thread, or with `--host-async` on one asyncio loop as the server
-does): admission, dispatch, the host copies of each step's results, detokenizing, stop strings, events, and the
+does): admission, dispatch, the host copies of each step's results, token events, and the
 constrained slot's mask and matcher. XLA:CPU runs much of each program in the dispatching
 thread (its CPU time per call grows with the rows: docs/benchmarks.md), so on a CPU part of the
 device work is in it too: `..._outside_programs_ms_per_step` is the thread's CPU time outside the
 calls of the compiled programs (on a GPU such a call is a launch), the wall time per step beside
-both. Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds <= 10 %
-to a step.
+both, and `..._consumer_ms_per_step` the CPU time of the thread reading the requests, where
+their text is made (detokenizing, stop strings: choice_text.py; the scheduler deals in token ids).
+Goals (issue 30): <= 0.4 ms a step at 64 unconstrained slots; a constrained slot adds <= 10 % to a
+step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,13 +58,20 @@ def time_programs(engine: Engine) -> list[float]:
     return spent
 
 
+class HostRun(NamedTuple):
+    scheduler: float  # the scheduler thread's CPU seconds
+    wall: float  # seconds
+    steps: int  # decode steps
+    inside: float  # of the scheduler's CPU seconds, those inside program calls
+    consumer: float  # the consumer thread's CPU seconds: the choices' text (detokenizing, stop strings) is made there
+
+
 def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: Sequence[float] = (0.0,),
-        consume_async: bool = False) -> tuple[float, float, int, float]:
+        consume_async: bool = False) -> HostRun:
     """`busy` requests of `tokens` tokens each (the first constrained, if `constraint`), read in turn
-    from their queues by this thread or on an asyncio loop (`consume_async`): the scheduler thread's CPU seconds, the
-    wall seconds and the decode steps they took, and the CPU seconds of those spent inside program
-    calls (`in_programs`, from `time_programs`)."""
-    cpu, start, inside = thread_seconds(engine._thread), time.perf_counter(), in_programs[0]
+    from their queues by this thread or on an asyncio loop (`consume_async`); inside program calls is counted
+    by `in_programs` (from `time_programs`)."""
+    cpu, start, inside, consumer = thread_seconds(engine._thread), time.perf_counter(), in_programs[0], time.thread_time()
     request = lambda i: Request(prompt=[1, 450, 4996, 17354 + i], max_tokens=tokens, stop_token_ids=[],
                                 constraint=constraint if i == 0 else None, sampling=SamplingOptions(temperature=0))
     if consume_async:  # as the server does: one event loop, events handed over once per scheduler iteration
@@ -72,7 +82,8 @@ def run(engine: Engine, busy: int, tokens: int, constraint=None, in_programs: Se
     else:  # this thread reads each request's queue in turn (a thread-safe put per token)
         completions = [h.result() for h in [engine.submit(request(i)) for i in range(busy)]]
     steps = max(c.completion_tokens for c in completions) - 1  # the first token comes from the prefill
-    return thread_seconds(engine._thread) - cpu, time.perf_counter() - start, steps, in_programs[0] - inside
+    return HostRun(thread_seconds(engine._thread) - cpu, time.perf_counter() - start, steps, in_programs[0] - inside,
+                   time.thread_time() - consumer)
 
 
 def bench_host(args) -> dict:
@@ -93,11 +104,12 @@ def bench_host(args) -> dict:
         for busy in args.host_slots:
             row = {}
             for name, constraint in (("plain", None), ("constrained", words)):
-                cpu, wall, steps, inside = min((run(engine, busy, args.host_tokens, constraint, in_programs, args.host_async)
-                                                for _ in range(args.rounds)), key=lambda r: r[0] / r[2])
-                row[f"{name}_host_ms_per_step"] = round(1000 * cpu / steps, 3)
-                row[f"{name}_outside_programs_ms_per_step"] = round(1000 * (cpu - inside) / steps, 3)
-                row[f"{name}_wall_ms_per_step"] = round(1000 * wall / steps, 3)
+                r = min((run(engine, busy, args.host_tokens, constraint, in_programs, args.host_async)
+                         for _ in range(args.rounds)), key=lambda r: r.scheduler / r.steps)
+                row[f"{name}_host_ms_per_step"] = round(1000 * r.scheduler / r.steps, 3)
+                row[f"{name}_outside_programs_ms_per_step"] = round(1000 * (r.scheduler - r.inside) / r.steps, 3)
+                row[f"{name}_consumer_ms_per_step"] = round(1000 * r.consumer / r.steps, 3)
+                row[f"{name}_wall_ms_per_step"] = round(1000 * r.wall / r.steps, 3)
             row["constrained_adds_pct"] = round(100 * (row["constrained_wall_ms_per_step"] /
                                                        row["plain_wall_ms_per_step"] - 1), 1)
             out[f"busy_{busy}"] = row
