@@ -31,11 +31,13 @@ class Placement:
     copies: tuple[tuple[int, int], ...] = ()
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """The number of leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
+def common_prefixes(rows: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+    """How many leading tokens of `prompt` each row of `rows` (token ids, -1 past its end) shares: one numpy
+    comparison for every slot, not a call per slot (7.6 us each on a slow CPU, 64 of them per admission)."""
+    same = rows[:, : len(prompt)] == prompt[: rows.shape[1]]
+    if not same.shape[1]:
+        return np.zeros(len(rows), np.int64)
+    return np.where(same.all(axis=1), same.shape[1], same.argmin(axis=1))
 
 
 class PrefixCache:
@@ -49,6 +51,7 @@ class PrefixCache:
     def __init__(self, slots: int, max_len: int, enabled: bool = True):
         self.enabled, self.max_len = enabled, max_len
         self._held = [np.zeros(0, np.int32) for _ in range(slots)]
+        self._rows = np.full((slots, max_len - 1) if enabled else (slots, 0), -1, np.int32)  # the same, for matching
         self._used = [0] * slots
         self._clock = 0
         self.hits = 0  # placements that reused a prefix
@@ -66,7 +69,8 @@ class PrefixCache:
                 spare = min(spares, key=lambda s: (len(self._held[s]) > 0, self._used[s]))
                 if not len(self._held[spare]) or self._used[spare] < self._used[slot]:
                     copies.append((slot, spare))  # keep what the slot held, evicting the oldest
-                    self._held[spare], self._used[spare] = self._held[slot], self._used[slot]
+                    self._keep(spare, self._held[slot])
+                    self._used[spare] = self._used[slot]
             if source is not None and source != slot:
                 copies.append((source, slot))
         if start:
@@ -74,7 +78,7 @@ class PrefixCache:
             self.reused_tokens += start
         self._clock += 1
         self._used[slot] = self._clock
-        self._held[slot] = prompt[:start]  # until its prefill is done, only the reused prefix is sure
+        self._keep(slot, prompt[:start])  # until its prefill is done, only the reused prefix is sure
         return Placement(slot, start, tuple(copies))
 
     def reusable(self, prompt: list[int] | np.ndarray) -> int:
@@ -84,25 +88,37 @@ class PrefixCache:
     def _match(self, prompt: np.ndarray, prefer: int | None = None) -> tuple[int, int | None]:
         """The longest prefix of `prompt` any slot holds, leaving one token to prefill, and that
         slot (ties go to `prefer`): (tokens, slot), or (0, None) below MIN_REUSE."""
-        start, _, source = max((min(common_prefix(prompt, held), len(prompt) - 1), s == prefer, s)
-                               for s, held in enumerate(self._held))
-        return (start, source) if start >= MIN_REUSE else (0, None)
+        common = common_prefixes(self._rows, prompt[:-1])  # one token is always left to prefill
+        start = int(common.max()) if len(common) else 0
+        if start < MIN_REUSE:
+            return 0, None
+        if prefer is not None and common[prefer] == start:
+            return start, prefer
+        return start, int(np.flatnonzero(common == start)[-1])  # else the highest of the slots that tie
+
+    def _keep(self, slot: int, tokens: np.ndarray) -> None:
+        """`slot` holds the keys of `tokens` (in the list and in the rows matched against)."""
+        self._rows[slot, len(tokens): len(self._held[slot])] = -1
+        self._rows[slot, : len(tokens)] = tokens
+        self._held[slot] = tokens
 
     def hold(self, slot: int, tokens: list[int] | np.ndarray) -> None:
         """Record that `slot` holds the keys of `tokens` at positions 0..len-1."""
         self._clock += 1
         self._used[slot] = self._clock
-        self._held[slot] = np.asarray(tokens, np.int32)[: self.max_len - 1] if self.enabled else np.zeros(0, np.int32)
+        self._keep(slot, np.asarray(tokens, np.int32)[: self.max_len - 1] if self.enabled else np.zeros(0, np.int32))
 
     def swap(self, a: int, b: int) -> None:
         """Slots `a` and `b` traded their contents (`device.swap_slots`)."""
-        self._held[a], self._held[b] = self._held[b], self._held[a]
+        held_a = self._held[a]
+        self._keep(a, self._held[b])
+        self._keep(b, held_a)
         self._used[a], self._used[b] = self._used[b], self._used[a]
 
     def forget(self, slot: int | None = None) -> None:
         """`slot`'s contents are unknown (a failed step), or every slot's with None (fresh state)."""
         for s in range(len(self._held)) if slot is None else [slot]:
-            self._held[s] = np.zeros(0, np.int32)
+            self._keep(s, np.zeros(0, np.int32))
 
     @property
     def cached_slots(self) -> int:

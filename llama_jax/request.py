@@ -16,10 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from llama_jax.choice_text import ChoiceStream
 from llama_jax.outbox import Outbox
 from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params, random_seed
 from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
-from llama_jax.choice_text import ChoiceStream
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

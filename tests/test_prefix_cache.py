@@ -11,7 +11,7 @@ from live_server import LiveServer
 
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
-from llama_jax.prefix_cache import MIN_REUSE, PrefixCache, common_prefix
+from llama_jax.prefix_cache import MIN_REUSE, PrefixCache, common_prefixes
 from llama_jax.request import Request, SamplingOptions
 
 MAX_LEN = 256
@@ -21,10 +21,11 @@ GREEDY = SamplingOptions(temperature=0)
 
 # ---- the bookkeeping alone --------------------------------------------------------------------
 
-def test_common_prefix():
-    a = np.array([1, 2, 3, 4])
-    assert common_prefix(a, np.array([1, 2, 9])) == 2
-    assert common_prefix(a, a[:3]) == 3 and common_prefix(a, np.array([], np.int32)) == 0
+def test_common_prefixes():
+    rows = np.array([[1, 2, 9, -1, -1], [1, 2, 3, -1, -1], [1, 2, 3, 4, 5], [-1, -1, -1, -1, -1], [7, 2, 3, 4, -1]])
+    assert common_prefixes(rows, np.array([1, 2, 3, 4])).tolist() == [2, 3, 4, 0, 0]
+    assert common_prefixes(rows, np.array([1, 2, 3, 4, 5, 6, 7])).tolist() == [2, 3, 5, 0, 0]  # longer than a row
+    assert common_prefixes(rows, np.array([], np.int32)).tolist() == [0] * 5
 
 
 def test_placement_reuses_in_place_copies_from_busy_and_keeps_evicted_prefixes():
