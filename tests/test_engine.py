@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from llama_jax import bitmask, steps
+from llama_jax.choice_text import ChoiceText
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.hf_checkpoint import load_hf_model
-from llama_jax.choice_text import ChoiceText
 from llama_jax.request import EngineError, QueueFullError, Request, RequestError, RunningChoice, SamplingOptions
 from llama_jax.tokenizer import Tokenizer
 
