@@ -142,9 +142,10 @@ def test_json_schema_validates_for_50_seeds(server):
 
 
 def test_json_streams_as_content_and_n_choices_are_independent(client):
-    """A required string: random weights fill it until the budget closes it, so two independent
-    choices differ (a bare json_object may be `{}` in both, as the demo's tokenizer changes with the source)."""
-    note = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+    """A required string of at least 6 characters: random weights choose them, so two independent choices
+    differ (a bare json_object may be `{}` in both, and an unbounded string `""` in both, as the demo's
+    tokenizer, trained on the package's source, changes with it)."""
+    note = {"type": "object", "properties": {"note": {"type": "string", "minLength": 6}}, "required": ["note"]}
     fmt = {"type": "json_schema", "json_schema": {"name": "note", "schema": note}}
     args = dict(model=MODEL, messages=HELLO, response_format=fmt, max_tokens=40, seed=7, n=2)
     plain = client.chat.completions.create(**args)
