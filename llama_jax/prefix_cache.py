@@ -50,8 +50,8 @@ class PrefixCache:
 
     def __init__(self, slots: int, max_len: int, enabled: bool = True):
         self.enabled, self.max_len = enabled, max_len
-        self._held = [np.zeros(0, np.int32) for _ in range(slots)]
-        self._rows = np.full((slots, max_len - 1) if enabled else (slots, 0), -1, np.int32)  # the same, for matching
+        self._rows = np.full((slots, max_len - 1) if enabled else (slots, 0), -1, np.int32)  # held ids, -1 past the end
+        self._lengths = [0] * slots
         self._used = [0] * slots
         self._clock = 0
         self.hits = 0  # placements that reused a prefix
@@ -65,11 +65,11 @@ class PrefixCache:
         if self.enabled:
             start, source = self._match(prompt, prefer=slot)
             spares = [s for s in free if s not in (slot, source)]
-            if len(self._held[slot]) >= MIN_REUSE and source != slot and spares:
-                spare = min(spares, key=lambda s: (len(self._held[s]) > 0, self._used[s]))
-                if not len(self._held[spare]) or self._used[spare] < self._used[slot]:
+            if self._lengths[slot] >= MIN_REUSE and source != slot and spares:
+                spare = min(spares, key=lambda s: (self._lengths[s] > 0, self._used[s]))
+                if not self._lengths[spare] or self._used[spare] < self._used[slot]:
                     copies.append((slot, spare))  # keep what the slot held, evicting the oldest
-                    self._keep(spare, self._held[slot])
+                    self._keep(spare, self._rows[slot, : self._lengths[slot]])
                     self._used[spare] = self._used[slot]
             if source is not None and source != slot:
                 copies.append((source, slot))
@@ -97,10 +97,10 @@ class PrefixCache:
         return start, int(np.flatnonzero(common == start)[-1])  # else the highest of the slots that tie
 
     def _keep(self, slot: int, tokens: np.ndarray) -> None:
-        """`slot` holds the keys of `tokens` (in the list and in the rows matched against)."""
-        self._rows[slot, len(tokens): len(self._held[slot])] = -1
+        """`slot` holds the keys of `tokens` (not a view of its own row)."""
+        self._rows[slot, len(tokens): self._lengths[slot]] = -1
         self._rows[slot, : len(tokens)] = tokens
-        self._held[slot] = tokens
+        self._lengths[slot] = len(tokens)
 
     def hold(self, slot: int, tokens: list[int] | np.ndarray) -> None:
         """Record that `slot` holds the keys of `tokens` at positions 0..len-1."""
@@ -110,20 +110,19 @@ class PrefixCache:
 
     def swap(self, a: int, b: int) -> None:
         """Slots `a` and `b` traded their contents (`device.swap_slots`)."""
-        held_a = self._held[a]
-        self._keep(a, self._held[b])
-        self._keep(b, held_a)
+        self._rows[[a, b]] = self._rows[[b, a]]
+        self._lengths[a], self._lengths[b] = self._lengths[b], self._lengths[a]
         self._used[a], self._used[b] = self._used[b], self._used[a]
 
     def forget(self, slot: int | None = None) -> None:
         """`slot`'s contents are unknown (a failed step), or every slot's with None (fresh state)."""
-        for s in range(len(self._held)) if slot is None else [slot]:
+        for s in range(len(self._lengths)) if slot is None else [slot]:
             self._keep(s, np.zeros(0, np.int32))
 
     @property
     def cached_slots(self) -> int:
-        return sum(len(h) > 0 for h in self._held)
+        return sum(n > 0 for n in self._lengths)
 
     @property
     def cached_tokens(self) -> int:
-        return sum(len(h) for h in self._held)
+        return sum(self._lengths)
