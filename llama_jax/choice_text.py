@@ -45,7 +45,7 @@ class ChoiceText:
 
 
 class ChoiceStream:
-    """One choice's text from the engine's token events, in order. A stop string ends the choice here (`hit`: its
+    """One choice's text from the engine's token items, in order. A stop string ends the choice here (`hit`: its
     slot is for the engine to free); what comes after the end is dropped."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], after_text: bool, stop_ids: frozenset[int],

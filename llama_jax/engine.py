@@ -38,10 +38,10 @@ from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_
                               with_lengths)
 from llama_jax.model import Llama, storage_params
 from llama_jax.outbox import Outbox
-from llama_jax.packed import StepTokens, copy_soon, unpack
+from llama_jax.packed import copy_soon, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestHandle, RunningChoice, TokenLogprob, prepared, wants_a_step)
+                               RequestHandle, RunningChoice, prepared, stop_ids_of, wants_a_step)
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -80,6 +80,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._drops = False  # whether a handle was cancelled or a choice stopped since `_drop_cancelled` last looked
         self._outbox = Outbox()  # asyncio consumers' events, handed over once per iteration
         programs = self._programs = Programs.build(self.graphdef, cfg, config, mesh)
         # compiled programs stored beside the compilation cache (executables.py); also scoring's
@@ -125,8 +126,9 @@ class Engine:
         """Validate and queue a request; raises RequestError or QueueFullError at once. Pass the running
         event loop to consume the handle with `async for`."""
         request, max_tokens, rows = prepared(request, vocab_size=self.model.cfg.vocab_size, max_seq_len=self.max_seq_len,
-                                             stop_ids=self.stop_ids(request), speculative=self.speculative.enabled)
-        handle = RequestHandle(request, loop, self._outbox, self.tokenizer, self.stop_ids(request))
+                                             stop_ids=(stop_ids := stop_ids_of(request, self.tokenizer.eos_ids)),
+                                             speculative=self.speculative.enabled)
+        handle = RequestHandle(request, loop, self._outbox, self.tokenizer, stop_ids)
         handle.max_tokens, handle.rows = max_tokens, rows
         with self._wake:
             if self._stopping:
@@ -134,13 +136,9 @@ class Engine:
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting)")
             self._queue.append(handle)
-            handle._on_cancel = self._notify
+            handle._on_drop = self._look_for_drops
             self._wake.notify()
         return handle
-
-    def stop_ids(self, request: Request) -> frozenset[int]:
-        """The token ids that end a choice of `request`: its own, or else the tokenizer's EOS ids."""
-        return frozenset(request.stop_token_ids if request.stop_token_ids is not None else self.tokenizer.eos_ids)
 
     def generate(self, prompts: Sequence[Sequence[int] | str], **request_fields) -> list[Completion]:
         """Run prompts (token ids, or raw text: `tokenizer.prompt_ids`) to completion: for notebooks and scripts."""
@@ -212,8 +210,9 @@ class Engine:
         variant = prefill_variant(self._prefill_variants, inputs[1]) if suffix is None else suffix
         return (self.params, self._state, *inputs), {"suffix": variant}
 
-    def _notify(self) -> None:
+    def _look_for_drops(self) -> None:  # a handle was cancelled or a stop string ended a choice (any thread)
         with self._wake:
+            self._drops = True
             self._wake.notify()
 
     def _run(self) -> None:
@@ -249,7 +248,8 @@ class Engine:
     def _iterate(self, pending):
         """One scheduler iteration: admit, start a step, read the last tokens (constrained slots' while the forward
         runs, for the step's sampling masks), finish it. While any slot drafts, all are read first (drafts follow them)."""
-        self._drop_cancelled()
+        if self._drops:  # some handle was cancelled or some choice stopped since the last look
+            self._drop_cancelled()
         admitted = self._admit()
         results = [pending, *admitted] if pending else admitted
         speculating = self.speculative.enabled and any(a and a.drafts_now() for a in self.slots)  # before the step moves them
@@ -281,6 +281,7 @@ class Engine:
         self._replace_state()
 
     def _drop_cancelled(self) -> None:  # and the choices a stop string ended
+        self._drops = False  # before looking: a drop from now on is seen at the next iteration
         with self._wake:
             cancelled = [h for h in self._queue if h.cancelled.is_set()]
             self._queue = collections.deque(h for h in self._queue if not h.cancelled.is_set())
@@ -297,12 +298,15 @@ class Engine:
                 self._free(i)
         if error is not None:
             handle.cancelled.set()
+            self._drops = True  # its choices still queued, if any
             handle.put(Event(choice=0, error=error))
             handle.put(None)
 
     def _admit(self) -> list[tuple]:
         """Prefill the next queued requests straight into free slots, one row per choice, each from the
         longest prefix some slot holds (copied into its slot first if need be); their results unread."""
+        if not self._queue:  # read unlocked: a request queued meanwhile is admitted next iteration
+            return []
         free = [i for i, s in enumerate(self.slots) if s is None]
         with self._wake:
             batch = admission.take_batch(self._queue, len(free), self.prefix.reusable, self._fits_prefill)
@@ -406,8 +410,8 @@ class Engine:
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
-        """Turn one step's sampled tokens (a verify step's: 1 to k + 1 per slot) into events for the
-        choices that still own their slot (with `constrained` given, only those with or without a constraint)."""
+        """Hand one step's sampled tokens (a verify step's: 1 to k + 1 per slot) to the choices that still own their
+        slot and their consumers (with `constrained` given, only those with or without a constraint)."""
         if constrained is not None:
             owners = [a if a and (a.constraint is not None) == constrained else None for a in owners]
         if result is None or not any(owners):
@@ -428,20 +432,16 @@ class Engine:
                     active.verified(out.emitted[r] - 1, self.speculative, self.verify_costs[len(out.emitted)])
                     self.accepted_tokens += out.emitted[r] - 1
                 for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
-                    if self.slots[active.slot] is active:
-                        self._advance(active, out, r, j)
+                    token, k = out.tokens[r][j], active.top_logprobs
+                    top = tuple(zip(out.top_ids[r, j, :k].tolist(), out.top_logprobs[r, j, :k].tolist())) if k else ()
+                    finish = active.step(token)
+                    active.handle.put((active.choice, token, out.logprobs[r][j], top, finish))  # a TokenItem
+                    if finish:
+                        self._end(active)
+                        break
             except Exception as e:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")
-
-    def _advance(self, active: RunningChoice, out: StepTokens, r: int, j: int) -> None:
-        """Row `r`'s token at position `j` of a step to `active`: its event, and its slot freed once it finishes."""
-        k = active.handle.request.top_logprobs
-        top = tuple(zip(out.top_ids[r, j, :k].tolist(), out.top_logprobs[r, j, :k].tolist())) if k else ()
-        event = active.step(TokenLogprob(out.tokens[r][j], out.logprobs[r][j], top))
-        active.handle.put(event)
-        if event.finish_reason:
-            self._end(active)
 
     def _end(self, active: RunningChoice) -> None:  # done: its slot freed, its stream ended after its last choice
         self._free(active.slot)

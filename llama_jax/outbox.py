@@ -19,9 +19,10 @@ class Outbox:
     def __init__(self) -> None:
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[object], None], object]]] = {}
 
-    def put(self, loop: asyncio.AbstractEventLoop, put: Callable[[object], None], item: object) -> None:
-        """`put(item)` will run in `loop`'s thread at the next `flush`, after everything put before it."""
-        self._pending.setdefault(loop, []).append((put, item))
+    def sender(self, loop: asyncio.AbstractEventLoop, put: Callable[[object], None]) -> Callable[[object], None]:
+        """One consumer's put, called per item (per token): `put(item)` will run in `loop`'s thread at the next `flush`,
+        after everything sent to that loop before it."""
+        return lambda item: self._pending.setdefault(loop, []).append((put, item))
 
     def flush(self) -> None:
         """Hand each loop its items in one call (a closed loop's are dropped: nobody reads them)."""

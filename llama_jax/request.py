@@ -1,7 +1,7 @@
 """What a caller hands the engine and what it gets back: requests, per-choice events, the handle
 that streams them (to plain Python or asyncio; each choice's text is made there, in the consumer's
 thread: choice_text.py), and one running choice in the scheduler's thread (`RunningChoice`: each
-sampled token in, a token event out, ended by stop ids, a complete grammar or max_tokens)."""
+sampled token in, its finish_reason out, ended by stop ids, a complete grammar or max_tokens)."""
 
 from __future__ import annotations
 
@@ -96,13 +96,19 @@ class TokenLogprob:
 @dataclasses.dataclass(slots=True)  # not frozen, like TokenLogprob: one per token
 class Event:
     """Progress of one choice: new text, the tokens generated since the last event, and at the end
-    a `finish_reason` ("stop" or "length"), or `error` if the engine failed this request."""
+    a `finish_reason` ("stop" or "length"), or `error` if the engine failed this request. The engine
+    thread hands a handle a plain `TokenItem` per token instead (cheaper to make there); the handle's
+    iterators turn it into an Event."""
 
     choice: int
     text: str = ""
     tokens: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     error: str | None = None
+
+
+# one sampled token from the engine thread: (choice, token id, logprob, top alternatives, finish_reason or None)
+TokenItem = tuple[int, int, float, tuple[tuple[int, float], ...], str | None]
 
 
 @dataclasses.dataclass
@@ -152,7 +158,7 @@ class Admission:
         """The running choice this admission starts once its prompt is prefilled."""
         request = self.handle.request
         return RunningChoice(self.handle, self.choice, self.handle.max_tokens, stop_ids, constraint, request.min_tokens,
-                             ids=list(request.prompt), speculative=speculative, slot=self.slot)
+                             request.top_logprobs, ids=list(request.prompt), speculative=speculative, slot=self.slot)
 
 
 class RequestHandle:
@@ -160,7 +166,7 @@ class RequestHandle:
 
     Iterate with `for` (plain Python) or `async for` (when submitted with an event loop); the
     stream ends after every choice has finished. `cancel()` frees the request's slots within one
-    engine step. The engine's token events become text events here, in the consumer's thread (choice_text.py).
+    engine step. The engine's token items become text events here, in the consumer's thread (choice_text.py).
     """
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None = None, outbox: Outbox | None = None,
@@ -182,14 +188,16 @@ class RequestHandle:
         self.cancelled = threading.Event()
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
-        self._on_cancel = lambda: None
+        # engine thread: `put(item)` hands the consumer a TokenItem, an Event, or None (the stream's end)
+        self.put: Callable[[TokenItem | Event | None], None] = self._sender()
+        self._on_drop = lambda: None  # the engine's: told when the request is cancelled or a stop string ends a choice
         self.stopped: set[int] = set()  # choices a stop string ended (`ChoiceStream`): the engine frees their slots
         self._streams: dict[int, ChoiceStream] = {}
         self._failed = False
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self._on_cancel()
+        self._on_drop()
 
     def waiting_choices(self, free: int) -> int:
         """How many of the choices still queued can be admitted into `free` slots (all of them
@@ -216,14 +224,15 @@ class RequestHandle:
         self.unfinished = 0
         self.put(None)
 
-    def put(self, event: Event | None) -> None:
-        """Called by the engine thread; None ends the stream."""
+    def _sender(self) -> Callable[[TokenItem | Event | None], None]:
+        """`put`, chosen once (it runs per token): straight into a thread consumer's queue, into the engine's outbox
+        for an event loop (handed over once per iteration), or else one loop call per item."""
         if self._loop is None:
-            self._queue.put(event)
-        elif self.outbox is not None:
-            self.outbox.put(self._loop, self._queue.put_nowait, event)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            return self._queue.put
+        if self.outbox is not None:
+            return self.outbox.sender(self._loop, self._queue.put_nowait)
+        loop, put = self._loop, self._queue.put_nowait
+        return lambda item: None if loop.is_closed() else loop.call_soon_threadsafe(put, item)
 
     def __iter__(self) -> Iterator[Event]:
         while (event := self._queue.get()) is not None:
@@ -235,31 +244,35 @@ class RequestHandle:
             if (event := self._read(event)) is not None:
                 yield event
 
-    def _read(self, event: Event) -> Event | None:
-        """The engine's token event as its choice's text event, or None where there is none (after a stop string,
-        or a failure here, which fails the request as an engine error would)."""
+    def _read(self, item: TokenItem | Event) -> Event | None:
+        """The engine's item as its choice's text event, or None where there is none (after a stop string, or a
+        failure here, which fails the request as an engine error would)."""
         if self._failed:
             return None
-        if event.error is not None:
-            return event
+        if isinstance(item, Event):  # an error, or a finish with no token (max_tokens 0)
+            if item.error is not None:
+                return item
+            choice, tokens, finish = item.choice, (), item.finish_reason
+        else:
+            choice, token_id, logprob, top, finish = item
+            tokens = (TokenLogprob(token_id, logprob, top),)
         try:
-            if (stream := self._streams.get(event.choice)) is None:
+            if (stream := self._streams.get(choice)) is None:
                 request = self.request
-                stream = self._streams[event.choice] = ChoiceStream(self.tokenizer, request.stop, request.continues_prompt,
-                                                                    self.stop_ids, request.min_tokens)
-            if (read := stream.read([t.token_id for t in event.tokens], event.finish_reason)) is None:
+                stream = self._streams[choice] = ChoiceStream(self.tokenizer, request.stop, request.continues_prompt,
+                                                              self.stop_ids, request.min_tokens)
+            if (read := stream.read([t.token_id for t in tokens], finish)) is None:
                 return None
-            event.text, kept, event.finish_reason = read  # the engine's event is this thread's now
-            if kept < len(event.tokens):
-                event.tokens = event.tokens[:kept]
+            text, kept, finish = read
             if stream.hit:  # a stop string ended the choice: the engine frees its slot next
-                self.stopped.add(event.choice)
-            return event
+                self.stopped.add(choice)
+                self._on_drop()
+            return Event(choice, text, tokens[:kept], finish)
         except Exception as e:
             log.exception("processing a token failed")
             self._failed = True
             self.cancel()
-            return Event(event.choice, error=f"processing a token failed: {e}")
+            return Event(choice, error=f"processing a token failed: {e}")
 
     def _collect(self, completion: Completion, event: Event) -> None:
         if event.error:
@@ -290,7 +303,7 @@ class RequestHandle:
 @dataclasses.dataclass
 class RunningChoice:
     """One choice running in a decode slot, in the scheduler's thread: its stop ids and constraint, and the
-    token ids its slot computes (prompt and sampled); `step` turns a sampled token into a token event."""
+    token ids its slot computes (prompt and sampled); `step` takes each sampled token."""
 
     handle: RequestHandle
     choice: int
@@ -298,6 +311,7 @@ class RunningChoice:
     stop_ids: frozenset[int]
     constraint: Constraint | None = None
     min_tokens: int = 0
+    top_logprobs: int = 0  # alternatives reported per token
     generated: int = 0
     ids: list[int] = dataclasses.field(default_factory=list)
     speculative: bool = False  # drafts are proposed for it (speculative.py)
@@ -307,7 +321,7 @@ class RunningChoice:
 
     def lean(self) -> bool:
         """Greedy with no alternatives reported: a step of such rows needs neither a draw nor a top-k."""
-        return self.handle.request.sampling.temperature < MIN_TEMPERATURE and not self.handle.request.top_logprobs
+        return self.handle.request.sampling.temperature < MIN_TEMPERATURE and not self.top_logprobs
 
     def drafts_now(self) -> bool:
         return self.speculative and self.drafting.may_draft(self.generated)
@@ -324,19 +338,18 @@ class RunningChoice:
             self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config, cost)
             self.draft = 0
 
-    def step(self, info: TokenLogprob) -> Event:
-        """Take the sampled token `info.token_id`: its token event (no text: `ChoiceStream` makes it), with a
-        finish_reason once the choice is done (a stop token, a complete grammar, or max_tokens)."""
-        token = info.token_id
+    def step(self, token: int) -> str | None:
+        """Take the sampled `token`; the choice's finish_reason once it is done (a stop token, a complete grammar,
+        or max_tokens), else None. Its text is made in the consumer's thread (`ChoiceStream`)."""
         self.generated += 1
         self.ids.append(token)
         if self.constraint:
             self.constraint.advance(token)
             if self.constraint.done():
-                return Event(self.choice, "", (info,), "stop")
+                return "stop"
         if token in self.stop_ids and self.generated >= self.min_tokens:  # before min_tokens the sampler bans them
-            return Event(self.choice, "", (info,), "stop")
-        return Event(self.choice, "", (info,), "length" if self.generated >= self.max_tokens else None)
+            return "stop"
+        return "length" if self.generated >= self.max_tokens else None
 
 
 def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:
@@ -347,6 +360,11 @@ def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequenc
         return True
     in_flight = {id(a) for owners in unread for a in owners if a}
     return any(a and id(a) not in in_flight for a in slots)
+
+
+def stop_ids_of(request: Request, eos_ids: Iterable[int]) -> frozenset[int]:
+    """The token ids that end a choice of `request`: its own, or else the tokenizer's EOS ids."""
+    return frozenset(request.stop_token_ids if request.stop_token_ids is not None else eos_ids)
 
 
 def sampling_row(options: SamplingOptions, choice: int, top_logprobs: int = 0, min_tokens: int = 0,

@@ -44,8 +44,9 @@ def test_the_outbox_hands_each_loop_its_items_in_order_in_one_call():
     real = loop.call_soon_threadsafe
     loop.call_soon_threadsafe = lambda *a: calls.append(a) or real(*a)
     outbox = Outbox()
+    send = outbox.sender(loop, got.append)
     for i in range(5):
-        outbox.put(loop, got.append, i)
+        send(i)
     assert calls == [] and got == []  # nothing leaves before the flush
     outbox.flush()
     loop.run_until_complete(asyncio.sleep(0))
@@ -53,7 +54,7 @@ def test_the_outbox_hands_each_loop_its_items_in_order_in_one_call():
     outbox.flush()  # nothing pending: no call
     assert len(calls) == 1
     loop.close()
-    outbox.put(loop, got.append, 5)
+    send(5)
     outbox.flush()  # a closed loop's items are dropped, not raised
     assert len(calls) == 1 and got == [0, 1, 2, 3, 4]
 

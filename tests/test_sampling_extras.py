@@ -53,7 +53,8 @@ def test_min_tokens_bans_every_stop_id_and_ignores_stop_strings(engine, tokenize
 
 def test_stop_ids_are_a_set_replacing_eos(engine, tokenizer):
     word = tokenizer.encode("hello")[-1]
-    assert engine.stop_ids(Request(prompt=HELLO)) == frozenset(tokenizer.eos_ids)
+    handle = engine.submit(Request(prompt=HELLO, max_tokens=1))
+    assert handle.stop_ids == frozenset(tokenizer.eos_ids) and handle.result().choices[0].tokens
     ignoring = run(engine, max_tokens=6, stop_token_ids=[], sampling=forcing(EOS))  # the API's ignore_eos
     assert [t.token_id for t in ignoring.tokens] == [EOS] * 6 and ignoring.finish_reason == "length"
     several = run(engine, max_tokens=6, stop_token_ids=[word, EOS, word], sampling=forcing(word))

@@ -5,7 +5,7 @@ the device step is short (tiny-gqa: 2 layers, the real 32000-piece vocabulary an
 Host time is the CPU time of the engine's scheduler thread (`pthread_getcpuclockid`) over a run,
 divided by its decode steps (every request gets `--host-tokens` tokens, EOS ignored; the requests'
 queues read in turn by the caller's thread, or with `--host-async` on one asyncio loop as the server
-does): admission, dispatch, the host copies of each step's results, token events, and the
+does): admission, dispatch, the host copies of each step's results, token items, and the
 constrained slot's mask and matcher. XLA:CPU runs much of each program in the dispatching
 thread (its CPU time per call grows with the rows: docs/benchmarks.md), so on a CPU part of the
 device work is in it too: `..._outside_programs_ms_per_step` is the thread's CPU time outside the
