@@ -69,14 +69,14 @@ def smallest_prefill_shape(shapes: Sequence[tuple[int, int]], prompts: Sequence[
 
 
 def prefill_inputs(prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
-                   rows: Sequence[SamplingParams], constraints: Sequence[Constraint | None], shape: tuple[int, int],
-                   pad_id: int, vocab: int, max_slots: int) -> tuple:
+                   rows: Sequence[SamplingParams], constraints: Sequence[Constraint | None],
+                   shapes: Sequence[tuple[int, int]], pad_id: int, vocab: int, max_slots: int) -> tuple:
     """The host arrays of one prefill: each prompt's tokens from its start into its slot, padded to
-    the compiled `shape` (padding rows go to slot `max_slots`: they write nothing), with its
-    sampling row, prompt-token mask and allowed tokens (its constraint's packed mask; None: every
-    token). Returns (tokens, starts, lengths, slots, sampling params, prompt mask, allowed masks),
-    the prefill's order."""
-    n_rows, bucket = shape
+    the smallest compiled shape of `shapes` that holds them (padding rows go to slot `max_slots`: they
+    write nothing), with its sampling row, prompt-token mask and allowed tokens (its constraint's packed
+    mask; None: every token). Returns (tokens, starts, lengths, slots, sampling params, prompt mask,
+    allowed masks), the prefill's order."""
+    n_rows, bucket = smallest_prefill_shape(shapes, [p[s:] for p, s in zip(prompts, starts)])
     pad = n_rows - len(prompts)
     tokens, lengths = steps.pad_prompts([*[p[s:] for p, s in zip(prompts, starts)], *[[pad_id]] * pad], bucket)
     allowed = bitmask.everything(n_rows, vocab)

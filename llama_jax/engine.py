@@ -1,17 +1,14 @@
 """Serving engine: continuous batching over a fixed number of decode slots, JetStream style.
 
-The scheduler, in token ids and slots: queued requests are prefilled together, one row per choice (prompts
-padded to a length bucket, rows to a power of two, up to `max_prefill_tokens`), straight into free decode
-slots (which requests, and in which prefills: admission.py), where each row samples its first token; decode
-steps then advance every busy slot at once, busy slots moved down as others finish so the batch shrinks.
-The device programs and their state are device.py's; a choice's stop ids and constraint its `RunningChoice`'s; its
-text and stop strings are made in its consumer's thread (choice_text.py), which reports a stop string: the slot is freed.
-
-A background thread schedules: each iteration admits one prefill batch and dispatches a step's
-forward before it reads the prefill's and the previous step's tokens (constrained slots' first:
-their next masks go to the step's sampling, dispatched next), so the device never waits for Python;
-no step when every busy choice ends with the tokens in flight. While any slot drafts (speculative.py),
-all are read first (drafts follow them); a step verifies drafts when their expected accepted tokens pay.
+Queued requests are prefilled together, one row per choice (prompts padded to a length bucket, rows to a power of
+two; which requests, in which prefills: admission.py), straight into free decode slots, where each row samples its
+first token; decode steps then advance every busy slot at once, moved down as others finish so the batch shrinks.
+Device programs and state: device.py; the running choices and their bookkeeping: running.py (a plain step's tokens
+are taken for all its slots at once); text and stop strings: each consumer's thread (choice_text.py; a stop string
+frees its slot). A background thread schedules: each iteration admits one prefill batch and dispatches a step's
+forward before it reads the last tokens (constrained slots' first: their masks go to the step's sampling), so the
+device never waits for Python; no step when every busy choice ends with the tokens in flight. While any slot drafts
+(speculative.py), all are read first; a step verifies drafts when their expected accepted tokens pay.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -41,7 +39,8 @@ from llama_jax.outbox import Outbox
 from llama_jax.packed import copy_soon, unpack
 from llama_jax.prefix_cache import PrefixCache
 from llama_jax.request import (Admission, Completion, Constraint, EngineError, Event, QueueFullError, Request,
-                               RequestHandle, RunningChoice, prepared, stop_ids_of, wants_a_step)
+                               RequestHandle, prepared, stop_ids_of)
+from llama_jax.running import RunningChoice, SlotTable, hand_out, start_choice, wants_a_step
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 
@@ -57,11 +56,9 @@ class Engine:
         """`model` may be sharded over `mesh` (`checkpoint.load`), the slots follow; its programs are jitted here once."""
         if config.compilation_cache_dir:  # before this engine compiles anything
             enable_compilation_cache(config.compilation_cache_dir)
-        self.tokenizer, self.mesh = tokenizer, mesh
-        cfg = model.cfg
+        self.tokenizer, self.mesh, cfg = tokenizer, mesh, model.cfg
         if config.max_seq_len is not None and config.max_seq_len > cfg.max_seq_len:  # never clamp silently
-            raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context of "
-                             f"{cfg.max_seq_len} tokens")
+            raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
         self.max_seq_len = config.max_seq_len or cfg.max_seq_len
         self.config = config
         self.graphdef, params = nnx.split(model)
@@ -73,7 +70,8 @@ class Engine:
         self.row_buckets = steps.length_buckets(config.max_slots, 1)
         self.prefill_shapes = prefill_shapes(config, self.max_seq_len)
         self._fits_prefill = lambda prompts: smallest_prefill_shape(self.prefill_shapes, prompts) is not None
-        self.slots: list[RunningChoice | None] = [None] * config.max_slots
+        self.table = SlotTable(config.max_slots, self.max_seq_len)  # the slots' token ids, counts and limits
+        self.slots: list[RunningChoice | None] = self.table.choices  # each slot's running choice, if busy
         self.ready = False
         self.error: str | None = None  # why the scheduler stopped for good, if it failed
         self._queue: collections.deque[RequestHandle] = collections.deque()
@@ -151,7 +149,7 @@ class Engine:
 
     @property
     def busy_slots(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return self.table.busy_count
 
     def warmup(self, progress: Callable[[int, int, str, float], None] | None = None) -> None:
         """Build every program serving can run: loaded from the executables stored beside the compilation cache
@@ -199,13 +197,12 @@ class Engine:
     def _move(self, program: Callable, source: int, slot: int) -> None:  # a slot copy or swap
         self._state = program(self._state, np.int32(source), np.int32(slot))
 
-    def _prefill_args(self, prompts: list[Sequence[int]], starts: list[int], slots: list[int],
-                      rows: list[SamplingParams], constraints: list[Constraint | None],
+    def _prefill_args(self, prompts: Sequence[Sequence[int]], starts: Sequence[int], slots: Sequence[int],
+                      rows: Sequence[SamplingParams], constraints: Sequence[Constraint | None],
                       suffix: bool | None = None) -> tuple[tuple, dict]:
-        """The arguments of a prefill of `prompts` straight into their slots, each from its start (the
-        tokens before it are in the slot already). Its variant follows the starts unless `suffix` names it (warm-up)."""
-        shape = smallest_prefill_shape(self.prefill_shapes, [p[start:] for p, start in zip(prompts, starts)])
-        inputs = prefill_inputs(prompts, starts, slots, rows, constraints, shape, self.tokenizer.bos_id,
+        """The arguments of a prefill of `prompts` straight into their slots, each from its start (the tokens before it
+        are in the slot already). Its variant follows the starts unless `suffix` names it (warm-up)."""
+        inputs = prefill_inputs(prompts, starts, slots, rows, constraints, self.prefill_shapes, self.tokenizer.bos_id,
                                 self.model.cfg.vocab_size, self.config.max_slots)
         variant = prefill_variant(self._prefill_variants, inputs[1]) if suffix is None else suffix
         return (self.params, self._state, *inputs), {"suffix": variant}
@@ -219,8 +216,7 @@ class Engine:
         pending: tuple[list[RunningChoice | None], jax.Array | VerifyResult] | None = None
         while True:
             with self._wake:
-                while not (self._stopping or self._queue or any(self.slots) or pending):
-                    self._wake.wait()
+                self._wake.wait_for(lambda: self._stopping or self._queue or self.table.busy_count or pending)
                 if self._stopping:
                     break
             try:
@@ -268,9 +264,9 @@ class Engine:
         return dispatched
 
     def _free(self, slot: int) -> None:
-        active, self.slots[slot] = self.slots[slot], None
-        if active is not None:  # the slot keeps its keys: all but the last sampled token's
+        if (active := self.slots[slot]) is not None:  # the slot keeps its keys: all but the last sampled token's
             self.prefix.hold(slot, active.ids[:-1])
+        self.table.clear(slot)
         self._masks[slot] = bitmask.EVERYTHING
         self._state = dataclasses.replace(self._state, params=self._clear_row(self._state.params, np.int32(slot)))
 
@@ -293,9 +289,8 @@ class Engine:
 
     def _release(self, handle: RequestHandle, error: str | None = None) -> None:
         """Free every slot of `handle`; with `error`, tell its consumer, end its stream, admit no more of its choices."""
-        for i, active in enumerate(self.slots):
-            if active and active.handle is handle:
-                self._free(i)
+        for active in [a for a in self.slots if a and a.handle is handle]:
+            self._free(active.slot)
         if error is not None:
             handle.cancelled.set()
             self._drops = True  # its choices still queued, if any
@@ -338,17 +333,16 @@ class Engine:
         made = [(r, c) for r, c in made if not r.handle.cancelled.is_set()]
         if not made:
             return []
-        args, static = self._prefill_args([r.handle.request.prompt for r, _ in made], [r.start for r, _ in made],
-                                          [r.slot for r, _ in made], [r.handle.rows[r.choice] for r, _ in made],
-                                          [c for _, c in made])
+        args, static = self._prefill_args(*zip(*[(r.handle.request.prompt, r.start, r.slot, r.handle.rows[r.choice], c)
+                                                 for r, c in made]))
         self._state, result = self._prefill_rows(*args, **static)  # row i samples prompt i's first token
         owners: list[RunningChoice | None] = [None] * len(self.slots)
         for r, constraint in made:
             if r.handle.cancelled.is_set():  # another choice of it failed just now
                 self.prefix.forget(r.slot)
                 continue
-            owners[r.slot] = self.slots[r.slot] = r.running(
-                r.handle.stop_ids, constraint, self.speculative.applies(r.handle.request.speculative, constraint is not None))
+            owners[r.slot] = start_choice(
+                r, self.table, constraint, self.speculative.applies(r.handle.request.speculative, constraint is not None))
             self.prefix.hold(r.slot, r.handle.request.prompt)
         copy_soon(result)
         return [(owners, result, {r.slot: i for i, (r, _) in enumerate(made)})]
@@ -357,14 +351,13 @@ class Engine:
         """Fail the request of `row` (once: its other choices may fail too) and free its slots."""
         log.exception("admission failed")
         self.prefix.forget(row.slot)
-        first = not row.handle.cancelled.is_set()
-        self._release(row.handle, f"admission failed: {error}" if first else None)
+        self._release(row.handle, None if row.handle.cancelled.is_set() else f"admission failed: {error}")
 
     def _start(self, drafting: bool) -> tuple[int, jax.Array | VerifyResult]:
         """Dispatch a plain step's forward or, while slots draft and their drafts pay (speculative.choose_drafts), a verify
         step. Busy slots are kept low (`_compact`): the bucket of the highest, returned, sets the batch."""
         self._compact()
-        rows = steps.bucket_for(max(i for i, a in enumerate(self.slots) if a) + 1, self.row_buckets)
+        rows = steps.bucket_for(int(np.flatnonzero(self.table.busy)[-1]) + 1, self.row_buckets)
         drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots,
                                                         self.verify_costs[rows])
         if drafts:
@@ -373,10 +366,9 @@ class Engine:
 
     def _compact(self) -> None:
         """Swap busy choices above their count's row bucket into free lower slots, unless queued requests will take those."""
-        for high, low in [] if self._queue else admission.compaction([a is not None for a in self.slots], self.row_buckets):
+        for high, low in [] if self._queue else admission.compaction(self.table.busy.tolist(), self.row_buckets):
             self._move(self._swap, high, low)
-            active = self.slots[low] = self.slots[high]
-            self.slots[high], active.slot = None, low
+            self.table.swap(high, low)
             self._masks[[low, high]] = self._masks[[high, low]]
             self.prefix.swap(high, low)
 
@@ -389,11 +381,10 @@ class Engine:
             self._state, started = self._verify(self.params, self._state, *drafts, allowed, rows=rows)
         return started
 
-    def _finish(self, rows: int, result: jax.Array | VerifyResult
-                ) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
+    def _finish(self, rows: int, result: jax.Array | VerifyResult) -> tuple[list[RunningChoice | None], jax.Array | VerifyResult]:
         """Sample a started plain step; the step's tokens (packed.py) are then copied to the host asynchronously."""
         if not isinstance(result, VerifyResult):  # else sampled already
-            lean = self._lean_variant and all(a.lean() for a in self.slots if a)  # no sort, no top-k: device.py
+            lean = self._lean_variant and not self.table.heavy_count  # no sort, no top-k: device.py
             allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
             self._state, result = self._sample(self._state, result, allowed, rows=rows, greedy=lean or None)
         copy_soon(result)
@@ -401,7 +392,7 @@ class Engine:
 
     def _allowed(self, rows: int) -> jax.Array:
         """The busy rows' packed masks on the device (a broken automaton fails its request only)."""
-        if not any(a and a.constraint for a in self.slots):
+        if not self.table.constrained_count:
             return self._everything[rows]
         for a, e in bitmask.fill_rows(self._masks, self.slots):
             log.error("constraint failed", exc_info=e)
@@ -410,38 +401,47 @@ class Engine:
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
-        """Hand one step's sampled tokens (a verify step's: 1 to k + 1 per slot) to the choices that still own their
-        slot and their consumers (with `constrained` given, only those with or without a constraint)."""
+        """Hand one step's sampled tokens (a verify step's: 1 to k + 1 per slot) to the choices that still own their slot
+        and their consumers (with `constrained` given, only those with or without one); a plain step's plain slots at once."""
+        if result is None or (constrained and not self.table.constrained_count):
+            return
+        if (constrained is not True and row_of is None and not isinstance(result, VerifyResult)
+                and all(map(operator.is_, owners, self.slots))):  # its plain slots at once (`running.hand_out`)
+            if self.table.busy_count > self.table.constrained_count and (packed := self._host_copy(result)) is not None:
+                ended, stop = self.table.take_all(packed[:, 0, 0])
+                for loop, its in self.table.receivers().items():
+                    self._outbox.post(loop, hand_out, (its, packed, ended, stop))
+                for slot in np.flatnonzero(ended).tolist():
+                    self._end(self.slots[slot])
+            if constrained is False or not self.table.constrained_count:
+                return
+            constrained = True  # the constrained rest, one by one
         if constrained is not None:
             owners = [a if a and (a.constraint is not None) == constrained else None for a in owners]
-        if result is None or not any(owners):
+        if not any(owners) or (packed := self._host_copy(result)) is None:
             return
-        try:  # device errors of an asynchronously dispatched step surface here; a plain step has one position
-            verify = isinstance(result, VerifyResult)
-            out = unpack(np.asarray(result.packed if verify else result))
-        except Exception as e:
-            log.exception("decode step failed")
-            self._fail_running(f"decode step failed: {e}")
-            return
+        out, verify = unpack(packed), isinstance(result, VerifyResult)  # a plain step has one position
         for slot, active in enumerate(owners):  # the slots at dispatch: a choice may have moved since (`_compact`)
             if active is None or self.slots[active.slot] is not active:
                 continue  # finished or cancelled after this step was dispatched, or not this pass
             r = row_of[slot] if row_of else slot
             try:
                 if verify:  # its drafter learns how many drafted tokens held (a plain step emits one token)
-                    active.verified(out.emitted[r] - 1, self.speculative, self.verify_costs[len(out.emitted)])
-                    self.accepted_tokens += out.emitted[r] - 1
-                for j in range(out.emitted[r]):  # until the choice finishes: the rest is cut as a plain step would
-                    token, k = out.tokens[r][j], active.top_logprobs
-                    top = tuple(zip(out.top_ids[r, j, :k].tolist(), out.top_logprobs[r, j, :k].tolist())) if k else ()
-                    finish = active.step(token)
-                    active.handle.put((active.choice, token, out.logprobs[r][j], top, finish))  # a TokenItem
-                    if finish:
-                        self._end(active)
-                        break
+                    cost = self.verify_costs[len(out.emitted)]
+                    self.accepted_tokens += active.verified(out.emitted[r] - 1, self.speculative, cost)
+                if active.take(out, r):
+                    self._end(active)
             except Exception as e:
                 log.exception("processing a token failed")
                 self._release(active.handle, f"processing a token failed: {e}")
+
+    def _host_copy(self, result: jax.Array | VerifyResult) -> np.ndarray | None:
+        """A step's packed tokens on the host, or None after a device error of the step (it fails what is running)."""
+        try:
+            return np.asarray(result.packed if isinstance(result, VerifyResult) else result)
+        except Exception as e:
+            log.exception("decode step failed")
+            self._fail_running(f"decode step failed: {e}")
 
     def _end(self, active: RunningChoice) -> None:  # done: its slot freed, its stream ended after its last choice
         self._free(active.slot)

@@ -1,7 +1,6 @@
-"""What a caller hands the engine and what it gets back: requests, per-choice events, the handle
-that streams them (to plain Python or asyncio; each choice's text is made there, in the consumer's
-thread: choice_text.py), and one running choice in the scheduler's thread (`RunningChoice`: each
-sampled token in, its finish_reason out, ended by stop ids, a complete grammar or max_tokens)."""
+"""What a caller hands the engine and what it gets back: requests (checked by `prepared`), per-choice
+events, and the handle that streams them (to plain Python or asyncio; each choice's text is made
+there, in the consumer's thread: choice_text.py). A choice running in a decode slot is running.py's."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ import numpy as np
 
 from llama_jax.choice_text import ChoiceStream
 from llama_jax.outbox import Outbox
-from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams, make_params, random_seed
-from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
+from llama_jax.sampling import MAX_STOP_IDS, MAX_TOP_LOGPROBS, SamplingParams, make_params, random_seed
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -154,12 +152,6 @@ class Admission:
     def suffix(self) -> Sequence[int]:
         return self.handle.request.prompt[self.start:]
 
-    def running(self, stop_ids: frozenset[int], constraint: Constraint | None, speculative: bool) -> RunningChoice:
-        """The running choice this admission starts once its prompt is prefilled."""
-        request = self.handle.request
-        return RunningChoice(self.handle, self.choice, self.handle.max_tokens, stop_ids, constraint, request.min_tokens,
-                             request.top_logprobs, ids=list(request.prompt), speculative=speculative, slot=self.slot)
-
 
 class RequestHandle:
     """Streams a request's events, from a background engine thread to plain Python or asyncio.
@@ -186,8 +178,9 @@ class RequestHandle:
         self.drafted_tokens = 0  # speculative drafts verified for this request, and accepted (engine thread)
         self.accepted_tokens = 0
         self.cancelled = threading.Event()
-        self._loop = loop
+        self.loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self.enqueue = self._queue.put_nowait if loop else self._queue.put  # into the consumer's queue (its thread)
         # engine thread: `put(item)` hands the consumer a TokenItem, an Event, or None (the stream's end)
         self.put: Callable[[TokenItem | Event | None], None] = self._sender()
         self._on_drop = lambda: None  # the engine's: told when the request is cancelled or a stop string ends a choice
@@ -225,13 +218,14 @@ class RequestHandle:
         self.put(None)
 
     def _sender(self) -> Callable[[TokenItem | Event | None], None]:
-        """`put`, chosen once (it runs per token): straight into a thread consumer's queue, into the engine's outbox
-        for an event loop (handed over once per iteration), or else one loop call per item."""
-        if self._loop is None:
-            return self._queue.put
+        """`put`, chosen once (it runs per token): into the engine's outbox (handed to the consumer once per scheduler
+        iteration, in order with the plain steps' tokens: `hand_out`), else straight into a thread consumer's queue,
+        or one loop call per item."""
         if self.outbox is not None:
-            return self.outbox.sender(self._loop, self._queue.put_nowait)
-        loop, put = self._loop, self._queue.put_nowait
+            return self.outbox.sender(self.loop, self.enqueue)
+        if self.loop is None:
+            return self.enqueue
+        loop, put = self.loop, self.enqueue
         return lambda item: None if loop.is_closed() else loop.call_soon_threadsafe(put, item)
 
     def __iter__(self) -> Iterator[Event]:
@@ -298,68 +292,6 @@ class RequestHandle:
         completion.cached_tokens = self.cached_tokens
         completion.drafted_tokens, completion.accepted_tokens = self.drafted_tokens, self.accepted_tokens
         return completion
-
-
-@dataclasses.dataclass
-class RunningChoice:
-    """One choice running in a decode slot, in the scheduler's thread: its stop ids and constraint, and the
-    token ids its slot computes (prompt and sampled); `step` takes each sampled token."""
-
-    handle: RequestHandle
-    choice: int
-    max_tokens: int
-    stop_ids: frozenset[int]
-    constraint: Constraint | None = None
-    min_tokens: int = 0
-    top_logprobs: int = 0  # alternatives reported per token
-    generated: int = 0
-    ids: list[int] = dataclasses.field(default_factory=list)
-    speculative: bool = False  # drafts are proposed for it (speculative.py)
-    drafting: Drafting = Drafting()  # its recent acceptance and backoff
-    draft: int = 0  # tokens drafted for the step in flight (0: none)
-    slot: int = -1  # the decode slot it runs in now (the engine moves it down as others finish)
-
-    def lean(self) -> bool:
-        """Greedy with no alternatives reported: a step of such rows needs neither a draw nor a top-k."""
-        return self.handle.request.sampling.temperature < MIN_TEMPERATURE and not self.top_logprobs
-
-    def drafts_now(self) -> bool:
-        return self.speculative and self.drafting.may_draft(self.generated)
-
-    def drafted(self, n: int) -> None:
-        """Its draft for the next step has `n` tokens (counted once verified: the step is dispatched)."""
-        self.draft = n
-        self.handle.drafted_tokens += n
-
-    def verified(self, accepted: int, config: SpeculativeConfig, cost: float) -> None:
-        """Its draft was verified in a step costing `cost` plain steps and `accepted` of its tokens held: update its record."""
-        if self.draft:
-            self.handle.accepted_tokens += accepted
-            self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config, cost)
-            self.draft = 0
-
-    def step(self, token: int) -> str | None:
-        """Take the sampled `token`; the choice's finish_reason once it is done (a stop token, a complete grammar,
-        or max_tokens), else None. Its text is made in the consumer's thread (`ChoiceStream`)."""
-        self.generated += 1
-        self.ids.append(token)
-        if self.constraint:
-            self.constraint.advance(token)
-            if self.constraint.done():
-                return "stop"
-        if token in self.stop_ids and self.generated >= self.min_tokens:  # before min_tokens the sampler bans them
-            return "stop"
-        return "length" if self.generated >= self.max_tokens else None
-
-
-def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:
-    """Whether a busy slot may want a token beyond those of the `unread` results' owners (one each
-    at most): not when each ends at max_tokens with its last token among them, where another step
-    would be wasted."""
-    if any(a and a.generated + 1 < a.max_tokens for a in slots):
-        return True
-    in_flight = {id(a) for owners in unread for a in owners if a}
-    return any(a and id(a) not in in_flight for a in slots)
 
 
 def stop_ids_of(request: Request, eos_ids: Iterable[int]) -> frozenset[int]:

@@ -25,7 +25,7 @@ from api.settings import ServerSettings
 from helpers import KEYS, error_of, wait_idle
 from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
-from llama_jax.request import RunningChoice
+from llama_jax.running import SlotTable
 
 DEMO = "llama-jax-demo"
 LLAMA2 = "meta-llama/Llama-2-7b-chat-hf"
@@ -86,16 +86,16 @@ def assert_error_stream(route: str, raw: bytes, code: str, fragment: str) -> Non
 
 @pytest.fixture
 def third_token_fails(monkeypatch):
-    """Processing a choice's third token raises, in the engine thread: the engine's own per-request
-    failure path (the request is released with an error event; other requests go on)."""
-    real = RunningChoice.step
+    """Taking a step's tokens raises in the engine thread once a choice has two: the engine's own failure path
+    (what is running is failed with an error event, the engine goes on from fresh state)."""
+    real = SlotTable.take_all
 
-    def step(self, info):
-        if self.generated >= 2:
+    def take_all(self, tokens):
+        if (self.counts[self.busy, 1] >= 2).any():
             raise RuntimeError("injected fault")
-        return real(self, info)
+        return real(self, tokens)
 
-    monkeypatch.setattr(RunningChoice, "step", step)
+    monkeypatch.setattr(SlotTable, "take_all", take_all)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
