@@ -102,14 +102,14 @@ def test_a_stop_string_frees_its_slot_within_a_few_steps(engine, tokenizer, monk
     head, text = tokenizer.decode(ids(full)[:5]), full.choices[0].text
     assert text.startswith(head) and len(text) > len(head) + 2
     stop = text[len(head): len(head) + 2]
-    steps_taken = []  # decode steps: each takes one more token than the prefill's first
+    steps_taken = []  # decode steps: a token each after the prefill's (the last may be dispatched before the free)
     real_decode = engine._decode
     monkeypatch.setattr(engine, "_decode", lambda *a, **k: steps_taken.append(1) or real_decode(*a, **k))
     out = engine.submit(Request(prompt=prompt, max_tokens=MAX_LEN - len(prompt), stop=[stop], stop_token_ids=[],
                                 sampling=SamplingOptions(temperature=0))).result()
     choice = out.choices[0]
     assert choice.finish_reason == "stop" and choice.text == text[: text.find(stop)]
-    assert len(choice.tokens) <= 7 and len(steps_taken) <= len(choice.tokens) + 3, (len(choice.tokens), len(steps_taken))
+    assert len(choice.tokens) <= 7 and len(steps_taken) <= len(choice.tokens) + 4, (len(choice.tokens), len(steps_taken))
     assert engine.busy_slots == 0
 
 
