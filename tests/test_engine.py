@@ -471,6 +471,21 @@ def test_a_failing_admission_fails_its_request_instead_of_hanging(engine):
     assert engine.busy_slots == 0
 
 
+def test_a_plain_steps_tokens_are_taken_for_all_its_slots_at_once(engine, monkeypatch):
+    """issue 30: once the slots are settled, a plain step's tokens are taken in one `SlotTable.take_all` for all its
+    unconstrained slots (running.py), not one by one; the replies are the greedy replies of each prompt alone."""
+    prompts = [[1, 450, 4996], [1, 15043, 29991, 3118], [1, 910, 338]]
+    alone = [engine.generate([p], max_tokens=8, stop_token_ids=[], sampling=SamplingOptions(temperature=0))[0]
+             for p in prompts]
+    taken, real = [], engine.table.take_all
+    monkeypatch.setattr(engine.table, "take_all", lambda tokens: taken.append(int(engine.table.plain[:len(tokens)].sum()))
+                        or real(tokens))
+    together = engine.generate(prompts, max_tokens=8, stop_token_ids=[], sampling=SamplingOptions(temperature=0))
+    assert [ids(c) for c in together] == [ids(c) for c in alone]
+    # 21 decode-step tokens (the first of each comes from the prefill); a step after a later admission goes one by one
+    assert sum(taken) >= 21 - 2 * len(prompts) and max(taken) == len(prompts), taken
+
+
 def _spy_pipeline(engine, monkeypatch) -> list[str]:
     """The engine's device calls and result reads, in order: "prefill", "decode", "sample", "read"."""
     log: list[str] = []
