@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+
 from llama_jax.prefix_cache import Placement
 from llama_jax.request import Admission, RequestHandle
 from llama_jax.steps import bucket_for
@@ -76,13 +78,12 @@ def prefill_groups(admissions: list[Admission], fits: Fits) -> Iterator[list[Adm
         yield group
 
 
-def compaction(busy: Sequence[bool], buckets: tuple[int, ...]) -> list[tuple[int, int]]:
+def compaction(busy: np.ndarray, buckets: tuple[int, ...]) -> list[tuple[int, int]]:
     """The slot swaps (busy, free) that bring every busy slot under the row bucket of their count, the
     highest busy slot into the lowest free one first: a step's batch is the bucket of the highest busy
-    slot, so a few choices left running high in the slots would otherwise run in the widest programs."""
-    high = [i for i, b in enumerate(busy) if b]
-    if not high:
+    slot, so a few choices left running high in the slots would otherwise run in the widest programs.
+    `busy`: bool `[slots]` (asked every step: a few numpy operations)."""
+    high = np.flatnonzero(busy)
+    if not len(high) or high[-1] < (bucket := bucket_for(len(high), buckets)):
         return []
-    bucket = bucket_for(len(high), buckets)
-    low = [i for i in range(bucket) if not busy[i]]
-    return list(zip(reversed([i for i in high if i >= bucket]), low))
+    return list(zip(reversed(high[high >= bucket].tolist()), np.flatnonzero(~busy[:bucket]).tolist()))

@@ -344,7 +344,7 @@ class Engine:
             owners[r.slot] = start_choice(
                 r, self.table, constraint, self.speculative.applies(r.handle.request.speculative, constraint is not None))
             self.prefix.hold(r.slot, r.handle.request.prompt)
-        copy_soon(result)
+        copy_soon(result, self.platform)
         return [(owners, result, {r.slot: i for i, (r, _) in enumerate(made)})]
 
     def _fail_admission(self, row: Admission, error: Exception) -> None:
@@ -366,7 +366,7 @@ class Engine:
 
     def _compact(self) -> None:
         """Swap busy choices above their count's row bucket into free lower slots, unless queued requests will take those."""
-        for high, low in [] if self._queue else admission.compaction(self.table.busy.tolist(), self.row_buckets):
+        for high, low in [] if self._queue else admission.compaction(self.table.busy, self.row_buckets):
             self._move(self._swap, high, low)
             self.table.swap(high, low)
             self._masks[[low, high]] = self._masks[[high, low]]
@@ -387,17 +387,17 @@ class Engine:
             lean = self._lean_variant and not self.table.heavy_count  # no sort, no top-k: device.py
             allowed = self._allowed(rows)  # first: a failing constraint frees its slot, which updates the state
             self._state, result = self._sample(self._state, result, allowed, rows=rows, greedy=lean or None)
-        copy_soon(result)
+        copy_soon(result, self.platform)
         return list(self.slots), result
 
-    def _allowed(self, rows: int) -> jax.Array:
-        """The busy rows' packed masks on the device (a broken automaton fails its request only)."""
+    def _allowed(self, rows: int) -> jax.Array | np.ndarray:
+        """The rows' packed masks (a host copy where some are constrained); a broken automaton fails its request only."""
         if not self.table.constrained_count:
             return self._everything[rows]
         for a, e in bitmask.fill_rows(self._masks, self.slots):
             log.error("constraint failed", exc_info=e)
             self._release(a.handle, f"structured-output constraint failed: {e}")
-        return bitmask.upload(self._masks, rows, self._everything[rows])
+        return bitmask.upload(self._masks, rows)
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
@@ -405,9 +405,9 @@ class Engine:
         and their consumers (with `constrained` given, only those with or without one); a plain step's plain slots at once."""
         if result is None or (constrained and not self.table.constrained_count):
             return
-        if (constrained is not True and row_of is None and not isinstance(result, VerifyResult)
+        if (constrained is not True and row_of is None and not isinstance(result, VerifyResult) and self.table.at_once
                 and all(map(operator.is_, owners, self.slots))):  # its plain slots at once (`running.hand_out`)
-            if self.table.busy_count > self.table.constrained_count and (packed := self._host_copy(result)) is not None:
+            if (packed := self._host_copy(result)) is not None:
                 ended, stop = self.table.take_all(packed[:, 0, 0])
                 for loop, its in self.table.receivers().items():
                     self._outbox.post(loop, hand_out, (its, packed, ended, stop))

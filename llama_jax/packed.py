@@ -14,15 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.platform import Platform
 from llama_jax.sampling import SampleResult
 
 __all__ = ["StepTokens", "copy_soon", "pack", "unpack"]
 
 
-def copy_soon(result) -> None:
-    """Start copying a dispatched step's result (any pytree) to the host: reading it later waits for no copy."""
-    for leaf in jax.tree.leaves(result):
-        leaf.copy_to_host_async()
+def copy_soon(result, platform: Platform) -> None:
+    """Start copying a dispatched step's result (any pytree) to the host: reading it later waits for no copy. Not on a
+    CPU, whose arrays are the host's: there it copies nothing and costs the scheduler ~30 us (docs/benchmarks.md)."""
+    if not platform.cpu:
+        for leaf in jax.tree.leaves(result):
+            leaf.copy_to_host_async()
 
 
 def pack(result: SampleResult, emitted: jax.Array | None = None) -> jax.Array:
@@ -47,6 +50,10 @@ class StepTokens:
     emitted: list[int]  # [rows]
     top_ids: np.ndarray  # int32 [rows, positions, top]
     top_logprobs: np.ndarray  # float32 [rows, positions, top]
+
+    def top(self, row: int, position: int, k: int) -> tuple[tuple[int, float], ...]:
+        """The `k` most probable (id, logprob) pairs at `row`'s `position`, most probable first (() for k = 0)."""
+        return tuple(zip(self.top_ids[row, position, :k].tolist(), self.top_logprobs[row, position, :k].tolist())) if k else ()
 
 
 def unpack(packed: np.ndarray) -> StepTokens:

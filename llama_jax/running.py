@@ -19,6 +19,9 @@ from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
 
 _NO_ID = -1  # stop-id padding: no token has it
 _NEVER = np.iinfo(np.int64).max  # an idle row's max_tokens
+# plain rows from which a plain step's tokens are taken all at once: its array operations cost about the same at 1 row
+# as at 64, and one by one costs less below about 32 (docs/benchmarks.md)
+AT_ONCE_FROM = 32
 
 # a consumer of a plain step's tokens: (its handle's `enqueue`, choice, slot, top alternatives reported)
 Receiver = tuple[Callable[[TokenItem], None], int, int, int]
@@ -84,10 +87,9 @@ class RunningChoice:
         """Take its tokens of a step (row `row` of `out`; a verify step's, up to its end: the rest is cut as a plain
         step would) and hand each to its consumer; whether it ended."""
         for j in range(out.emitted[row]):
-            token, k = out.tokens[row][j], self.top_logprobs
-            top = tuple(zip(out.top_ids[row, j, :k].tolist(), out.top_logprobs[row, j, :k].tolist())) if k else ()
+            token = out.tokens[row][j]
             finish = self.step(token)
-            self.handle.put((self.choice, token, out.logprobs[row][j], top, finish))  # a TokenItem
+            self.handle.put((self.choice, token, out.logprobs[row][j], out.top(row, j, self.top_logprobs), finish))
             if finish:
                 return True
         return False
@@ -154,6 +156,11 @@ class SlotTable:
             if self.choices[slot] is not None:
                 self.choices[slot].slot = slot
 
+    @property
+    def at_once(self) -> bool:
+        """Whether a plain step's tokens are taken for all its plain rows at once (`take_all`): enough of them are busy."""
+        return self.busy_count - self.constrained_count >= AT_ONCE_FROM
+
     def append(self, slot: int, token: int) -> int:
         """`slot` sampled `token`: it holds it now; how many tokens it generated."""
         held, generated = self.counts[slot].tolist()
@@ -205,9 +212,8 @@ def hand_out(step: tuple[list[Receiver], np.ndarray, np.ndarray, np.ndarray]) ->
     receivers, packed, ended, stop = step
     out, ended, stop = unpack(packed), ended.tolist(), stop.tolist()
     for enqueue, choice, slot, k in receivers:
-        top = tuple(zip(out.top_ids[slot, 0, :k].tolist(), out.top_logprobs[slot, 0, :k].tolist())) if k else ()
         finish = ("stop" if stop[slot] else "length") if ended[slot] else None
-        enqueue((choice, out.tokens[slot][0], out.logprobs[slot][0], top, finish))
+        enqueue((choice, out.tokens[slot][0], out.logprobs[slot][0], out.top(slot, 0, k), finish))  # a TokenItem
 
 
 def wants_a_step(slots: Sequence[RunningChoice | None], unread: Iterable[Sequence[RunningChoice | None]]) -> bool:

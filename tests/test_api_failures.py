@@ -25,7 +25,8 @@ from api.settings import ServerSettings
 from helpers import KEYS, error_of, wait_idle
 from live_server import LiveServer
 from llama_jax.engine import Engine, EngineConfig
-from llama_jax.running import SlotTable
+from llama_jax import running
+from llama_jax.running import RunningChoice, SlotTable
 
 DEMO = "llama-jax-demo"
 LLAMA2 = "meta-llama/Llama-2-7b-chat-hf"
@@ -84,18 +85,32 @@ def assert_error_stream(route: str, raw: bytes, code: str, fragment: str) -> Non
         assert all("error" not in json.loads(d) for _, d in frames[:-1])
 
 
-@pytest.fixture
-def third_token_fails(monkeypatch):
-    """Taking a step's tokens raises in the engine thread once a choice has two: the engine's own failure path
-    (what is running is failed with an error event, the engine goes on from fresh state)."""
-    real = SlotTable.take_all
+@pytest.fixture(params=["at_once", "one_by_one"])
+def third_token_fails(monkeypatch, request, live):
+    """Taking a step's tokens raises in the engine thread once a choice has two, on either path a plain step's tokens
+    take (running.py): all slots at once (`SlotTable.take_all`, here from one busy slot), where the engine's own
+    failure path fails what is running and goes on from fresh state; or one by one (`RunningChoice.take`), where the
+    request is released with the error. The demo's EOS ends no reply meanwhile: each reaches its third token."""
+    monkeypatch.setattr(live.engine.tokenizer, "eos_ids", ())
+    if request.param == "at_once":
+        monkeypatch.setattr(running, "AT_ONCE_FROM", 1)
+        real = SlotTable.take_all
 
-    def take_all(self, tokens):
-        if (self.counts[self.busy, 1] >= 2).any():
-            raise RuntimeError("injected fault")
-        return real(self, tokens)
+        def take_all(self, tokens):
+            if (self.counts[self.busy, 1] >= 2).any():
+                raise RuntimeError("injected fault")
+            return real(self, tokens)
 
-    monkeypatch.setattr(SlotTable, "take_all", take_all)
+        monkeypatch.setattr(SlotTable, "take_all", take_all)
+    else:
+        real = RunningChoice.take
+
+        def take(self, out, row):
+            if self.generated >= 2:
+                raise RuntimeError("injected fault")
+            return real(self, out, row)
+
+        monkeypatch.setattr(RunningChoice, "take", take)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])

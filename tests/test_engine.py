@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import bitmask, steps
+from llama_jax import bitmask, running, steps
 from llama_jax.choice_text import ChoiceText
 from llama_jax.compiles import CompileCounter
 from llama_jax.engine import Engine, EngineConfig
@@ -322,7 +322,11 @@ def test_engine_on_a_tensor_parallel_mesh_matches_one_device(engine, model, toke
         with CompileCounter() as counter:  # the sharded state keeps its placement from step to step
             for _ in range(2):
                 tp_engine.generate(prompts + [[1, 450] * 30], max_tokens=5, n=2, sampling=SamplingOptions(seed=1))
+            allowed = [450, 4996, 17354]  # a constrained step's masks go to the sharded programs as host arrays
+            constrained = tp_engine.submit(Request(prompt=prompts[0], max_tokens=9, sampling=SamplingOptions(seed=2),
+                                                   constraint=lambda: OnlyTheseTokens(allowed, 6))).result()
     assert got == expected
+    assert {t.token_id for t in constrained.choices[0].tokens} <= set(allowed) and len(constrained.choices[0].tokens) == 6
     assert counter.count == 0
 
 
@@ -471,9 +475,12 @@ def test_a_failing_admission_fails_its_request_instead_of_hanging(engine):
     assert engine.busy_slots == 0
 
 
-def test_a_plain_steps_tokens_are_taken_for_all_its_slots_at_once(engine, monkeypatch):
+@pytest.mark.parametrize("at_once_from", [1, running.AT_ONCE_FROM], ids=["at_once", "one_by_one"])
+def test_a_plain_steps_tokens_are_taken_for_all_its_slots_at_once_from_enough_slots(engine, monkeypatch, at_once_from):
     """issue 30: once the slots are settled, a plain step's tokens are taken in one `SlotTable.take_all` for all its
-    unconstrained slots (running.py), not one by one; the replies are the greedy replies of each prompt alone."""
+    unconstrained slots (running.py) when at least `running.AT_ONCE_FROM` are busy, else one by one (a few cost less
+    that way); the replies are the greedy replies of each prompt alone either way."""
+    monkeypatch.setattr(running, "AT_ONCE_FROM", at_once_from)
     prompts = [[1, 450, 4996], [1, 15043, 29991, 3118], [1, 910, 338]]
     alone = [engine.generate([p], max_tokens=8, stop_token_ids=[], sampling=SamplingOptions(temperature=0))[0]
              for p in prompts]
@@ -482,8 +489,10 @@ def test_a_plain_steps_tokens_are_taken_for_all_its_slots_at_once(engine, monkey
                         or real(tokens))
     together = engine.generate(prompts, max_tokens=8, stop_token_ids=[], sampling=SamplingOptions(temperature=0))
     assert [ids(c) for c in together] == [ids(c) for c in alone]
-    # 21 decode-step tokens (the first of each comes from the prefill); a step after a later admission goes one by one
-    assert sum(taken) >= 21 - 2 * len(prompts) and max(taken) == len(prompts), taken
+    if at_once_from > len(prompts):
+        assert taken == []
+    else:  # 21 decode-step tokens (the first of each from the prefill); a step after a later admission goes one by one
+        assert sum(taken) >= 21 - 2 * len(prompts) and max(taken) == len(prompts), taken
 
 
 def _spy_pipeline(engine, monkeypatch) -> list[str]:
@@ -571,4 +580,4 @@ def test_choices_left_high_move_down_and_run_in_a_smaller_batch(engine, monkeypa
 def test_compaction_brings_the_busy_slots_under_their_bucket(busy, moves):
     from llama_jax.admission import compaction
 
-    assert compaction([c == "#" for c in busy], steps.length_buckets(8, 1)) == moves
+    assert compaction(np.array([c == "#" for c in busy]), steps.length_buckets(8, 1)) == moves
