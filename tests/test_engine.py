@@ -2,6 +2,7 @@
 n choices, cancellation, limits, failure isolation and zero compiles after warm-up."""
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import random
 import time
@@ -493,6 +494,30 @@ def test_a_plain_steps_tokens_are_taken_for_all_its_slots_at_once_from_enough_sl
         assert taken == []
     else:  # 21 decode-step tokens (the first of each from the prefill); a step after a later admission goes one by one
         assert sum(taken) >= 21 - 2 * len(prompts) and max(taken) == len(prompts), taken
+
+
+def test_a_mixed_batch_gets_the_same_choices_taken_at_once_or_one_by_one(engine, monkeypatch):
+    """issue 30: the two ways a plain step's tokens are taken (running.py) give the same choices: tokens, logprobs, top
+    alternatives, text and finish reasons, over a batch mixing greedy and seeded rows, n = 2, top logprobs, stop ids
+    (each choice's first stops on a token it samples at its fifth position), min_tokens and max_tokens."""
+    rng = np.random.default_rng(11)
+    sampling = [SamplingOptions(temperature=0), SamplingOptions(temperature=0.9, seed=7)]
+    base = [Request(prompt=random_prompt(rng, 2, 12), max_tokens=12, stop_token_ids=[], n=1 + i % 2,
+                    top_logprobs=3 * (i % 3 == 0), sampling=sampling[i % 2]) for i in range(6)]  # < 16: no prefix reuse
+    first = [engine.submit(r).result() for r in base]
+    requests = [dataclasses.replace(r, stop_token_ids=[ids(c)[4]], min_tokens=3 * (i % 2))
+                for i, (r, c) in enumerate(zip(base, first))]
+    taken, real = [], engine.table.take_all
+    monkeypatch.setattr(engine.table, "take_all", lambda tokens: taken.append(len(tokens)) or real(tokens))
+
+    def run(at_once_from: int) -> list:
+        monkeypatch.setattr(running, "AT_ONCE_FROM", at_once_from)
+        return [h.result().choices for h in [engine.submit(r) for r in requests]]
+
+    at_once, steps_at_once = run(1), len(taken)
+    assert run(10**6) == at_once and len(taken) == steps_at_once > 0
+    reasons = [c.finish_reason for choices in at_once for c in choices]
+    assert "stop" in reasons and "length" in reasons and any(c.tokens[0].top for choices in at_once for c in choices)
 
 
 def _spy_pipeline(engine, monkeypatch) -> list[str]:

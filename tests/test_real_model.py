@@ -5,6 +5,7 @@ token, prompt log-probabilities, streaming text, and valid JSON and tool calls f
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -138,20 +139,30 @@ def test_streaming_text_equals_plain_text(served, prompt):
 
 
 def test_json_schema_and_forced_tool_calls_are_valid_for_20_seeds(served):
+    """All 40 requests at once: the server runs them 8 at a time, each row with its own grammar."""
     client = served.client()
     messages = [{"role": "user", "content": "Invent a person and tell me about them."}]
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     weather = [{"role": "user", "content": "What is the weather like in Paris?"}]
-    for seed in range(20):
-        out = client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, max_tokens=80,
-                                             seed=seed)
+
+    def person(seed):
+        return client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, max_tokens=80, seed=seed)
+
+    def forced_tool(seed):
+        return client.chat.completions.create(model=MODEL, messages=weather, tools=[WEATHER], max_tokens=80, seed=seed,
+                                              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        people, tools = pool.map(person, range(20)), pool.map(forced_tool, range(20))
+        people, tools = list(people), list(tools)
+    for out in people:
         assert out.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(out.choices[0].message.content), PERSON)
-        out = client.chat.completions.create(model=MODEL, messages=weather, tools=[WEATHER], max_tokens=80, seed=seed,
-                                             tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    for out in tools:
         (call,) = out.choices[0].message.tool_calls
         assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
         jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert len({out.choices[0].message.content for out in people}) > 1  # the seeds sample different people
 
 
 def test_offline_first_start_falls_back_to_the_demo_with_one_line(tmp_path):
