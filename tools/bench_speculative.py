@@ -2,7 +2,8 @@
 real model, on and off in one run and one engine (the request field switches it), greedy, at
 batch 1 and 8 concurrent, on two workloads:
 
-- input-grounded: "rewrite this paragraph with one word changed", paragraphs of >= 300 tokens;
+- input-grounded: "rewrite this paragraph with one word changed", paragraphs of >= 300 tokens
+  (checked with the model's tokenizer);
 - open generation: short creative prompts whose replies copy nothing.
 
 Each (workload, concurrency) runs plain and speculative alternately `--rounds` times (the box is
@@ -43,7 +44,11 @@ PARAGRAPHS = [
     "filled with buyers from the inland villages. Prices were shouted, crates were stacked and carried, and the "
     "whole town seemed to gather for an hour around the long wooden tables. When the light began to fade, the "
     "lamps along the sea wall were lit one after another, and the town settled into the long, calm evening that "
-    "everyone who lived there knew so well.",
+    "everyone who lived there knew so well. On Sundays the market stayed closed, and families walked along the "
+    "cliffs above the bay, pointing out the lighthouse and the small island beyond it. In summer the town filled "
+    "with visitors who came for the beaches and the seafood, but in winter it belonged to the people who had always "
+    "lived there, and most of them liked it best that way. Nobody could remember a winter when the boats had "
+    "stayed in the harbour for more than a week.",
     "Our team spent the first three months of the project collecting requirements from the people who would use "
     "the new system every day. We interviewed nurses, doctors, receptionists and the staff of the hospital "
     "pharmacy, and we watched how they worked during busy shifts and quiet ones. Most of them told us the same "
@@ -54,7 +59,11 @@ PARAGRAPHS = [
     "saved a great deal of work later, because the features we built were the ones people really needed. By the "
     "end of the first year the new system was used in every ward, and the average time to admit a patient had "
     "fallen from twenty minutes to less than eight. The staff said that the biggest change was not speed but "
-    "confidence: they trusted the information on the screen again.",
+    "confidence: they trusted the information on the screen again. We also learned that training mattered as much "
+    "as design: every ward chose two members of staff to test each new release first and to teach their "
+    "colleagues. Their feedback reached us within days, and small problems were fixed before they could grow into "
+    "large ones. Looking back, the project succeeded because the people who used the system helped to build it, "
+    "and because we listened to them long before we showed them anything.",
 ]
 CHANGES = [("town", "village"), ("boats", "ships"), ("quiet", "silent"), ("evening", "night"),
            ("team", "group"), ("system", "platform"), ("committee", "panel"), ("staff", "employees")]
@@ -65,6 +74,9 @@ OPEN = ["Write a short story about a dragon who is afraid of the dark.", "Descri
 
 
 def grounded_prompts(tokenizer) -> list[list[int]]:
+    """Each paragraph is over 300 tokens of input (issue 27), the instruction and chat template aside."""
+    short = {len(tokenizer.encode(p)) for p in PARAGRAPHS if len(tokenizer.encode(p)) < 300}
+    assert not short, f"a grounded paragraph has fewer than 300 tokens with this tokenizer: {short}"
     return [apply_chat_template(tokenizer, [{"role": "user", "content": (
         f"Rewrite the following paragraph exactly, changing only the word \"{old}\" to \"{new}\" everywhere. "
         f"Keep every other word the same.\n\n{PARAGRAPHS[i // 4]}")}]) for i, (old, new) in enumerate(CHANGES)]
