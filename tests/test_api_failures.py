@@ -24,8 +24,8 @@ from api.context import STATE_KEY
 from api.settings import ServerSettings
 from helpers import KEYS, error_of, wait_idle
 from live_server import LiveServer
-from llama_jax.engine import Engine, EngineConfig
 from llama_jax import running
+from llama_jax.engine import Engine, EngineConfig
 from llama_jax.running import RunningChoice, SlotTable
 
 DEMO = "llama-jax-demo"

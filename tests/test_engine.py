@@ -2,8 +2,8 @@
 n choices, cancellation, limits, failure isolation and zero compiles after warm-up."""
 
 import asyncio
-import dataclasses
 import concurrent.futures
+import dataclasses
 import random
 import time
 
