@@ -514,8 +514,17 @@ def test_a_mixed_batch_gets_the_same_choices_taken_at_once_or_one_by_one(engine,
         monkeypatch.setattr(running, "AT_ONCE_FROM", at_once_from)
         return [h.result().choices for h in [engine.submit(r) for r in requests]]
 
+    def exact(choices: list) -> list:  # a row's logprobs move in the last bits with the batch it ran in: compared apart
+        return [[(c.text, c.finish_reason, [(t.token_id, [i for i, _ in t.top]) for t in c.tokens]) for c in cs]
+                for cs in choices]
+
+    def logprobs(choices: list) -> np.ndarray:
+        return np.array([x for cs in choices for c in cs for t in c.tokens for x in (t.logprob, *(lp for _, lp in t.top))])
+
     at_once, steps_at_once = run(1), len(taken)
-    assert run(10**6) == at_once and len(taken) == steps_at_once > 0
+    one_by_one = run(10**6)
+    assert exact(one_by_one) == exact(at_once) and len(taken) == steps_at_once > 0
+    np.testing.assert_allclose(logprobs(one_by_one), logprobs(at_once), atol=1e-4)
     reasons = [c.finish_reason for choices in at_once for c in choices]
     assert "stop" in reasons and "length" in reasons and any(c.tokens[0].top for choices in at_once for c in choices)
 
