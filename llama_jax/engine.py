@@ -59,8 +59,7 @@ class Engine:
         self.tokenizer, self.mesh, cfg = tokenizer, mesh, model.cfg
         if config.max_seq_len is not None and config.max_seq_len > cfg.max_seq_len:  # never clamp silently
             raise ValueError(f"max_seq_len {config.max_seq_len} exceeds the model's context of {cfg.max_seq_len} tokens")
-        self.max_seq_len = config.max_seq_len or cfg.max_seq_len
-        self.config = config
+        self.config, self.max_seq_len = config, config.max_seq_len or cfg.max_seq_len
         self.graphdef, params = nnx.split(model)
         self.platform = platform.resolve(config.platform)
         self.split = layers.split_layers(cfg, self.platform) if config.split_layers is None else config.split_layers
@@ -89,8 +88,9 @@ class Engine:
         self.speculative = config.speculative.for_platform(self.platform.cpu)
         self.verify_costs = dict.fromkeys(self.row_buckets, self.speculative.verify_cost)  # per row bucket: warm-up measures them
         self._step_times = speculative.StepTimes()  # then the steps served, unless the config fixes them
-        self._no_drafts = speculative.draft_rows([None] * config.max_slots, self.speculative)  # a verify step's, at warm-up
+        self._no_drafts = speculative.draft_rows([None] * config.max_slots, self.speculative)[:2]  # a verify step's, at warm-up
         self.drafted_tokens = self.accepted_tokens = self.verify_steps = 0  # speculative totals, all requests (metrics)
+        self._acceptance = speculative.Acceptance()  # what the drafts held, by matched context: a draft's expectation
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.sample_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
@@ -359,7 +359,7 @@ class Engine:
         self._compact()
         rows = steps.bucket_for(int(np.flatnonzero(self.table.busy)[-1]) + 1, self.row_buckets)
         drafts = drafting and speculative.choose_drafts(self.slots, self.speculative, self.max_seq_len, self.busy_slots,
-                                                        self.verify_costs[rows])
+                                                        self.verify_costs[rows], self._acceptance)
         if drafts:
             self.drafted_tokens, self.verify_steps = self.drafted_tokens + int(drafts[1].sum()), self.verify_steps + 1
         return rows, self._forward(rows, drafts or None)
@@ -428,7 +428,7 @@ class Engine:
             try:
                 if verify:  # its drafter learns how many drafted tokens held (a plain step emits one token)
                     cost = self.verify_costs[len(out.emitted)]
-                    self.accepted_tokens += active.verified(out.emitted[r] - 1, self.speculative, cost)
+                    self.accepted_tokens += active.verified(out.emitted[r] - 1, self.speculative, cost, self._acceptance)
                 if active.take(out, r):
                     self._end(active)
             except Exception as e:

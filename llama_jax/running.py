@@ -15,7 +15,7 @@ import numpy as np
 from llama_jax.packed import StepTokens, unpack
 from llama_jax.request import Admission, Constraint, RequestHandle, TokenItem
 from llama_jax.sampling import MAX_STOP_IDS, MIN_TEMPERATURE
-from llama_jax.speculative import Drafting, SpeculativeConfig, after_verify
+from llama_jax.speculative import Acceptance, Drafting, SpeculativeConfig, after_verify
 
 _NO_ID = -1  # stop-id padding: no token has it
 _NEVER = np.iinfo(np.int64).max  # an idle row's max_tokens
@@ -44,6 +44,7 @@ class RunningChoice:
     speculative: bool = False  # drafts are proposed for it (speculative.py)
     drafting: Drafting = Drafting()  # its recent acceptance and backoff
     draft: int = 0  # tokens drafted for the step in flight (0: none)
+    context: int = 0  # that draft's matched context (speculative.propose)
 
     @property
     def generated(self) -> int:
@@ -57,17 +58,18 @@ class RunningChoice:
     def drafts_now(self) -> bool:
         return self.speculative and self.drafting.may_draft(self.generated)
 
-    def drafted(self, n: int) -> None:
-        """Its draft for the next step has `n` tokens (counted once verified: the step is dispatched)."""
-        self.draft = n
+    def drafted(self, n: int, context: int) -> None:
+        """Its draft for the next step has `n` tokens after `context` matched ones (counted: the step is dispatched)."""
+        self.draft, self.context = n, context
         self.handle.drafted_tokens += n
 
-    def verified(self, accepted: int, config: SpeculativeConfig, cost: float) -> int:
+    def verified(self, accepted: int, config: SpeculativeConfig, cost: float, acceptance: Acceptance) -> int:
         """Its draft was verified in a step costing `cost` plain steps and `accepted` of its tokens held: update its
-        record; `accepted`."""
+        record and the server's `acceptance`; `accepted`."""
         if self.draft:
             self.handle.accepted_tokens += accepted
             self.drafting = after_verify(self.drafting, self.draft, accepted, self.generated, config, cost)
+            acceptance.observe(self.context, self.draft, accepted)
             self.draft = 0
         return accepted
 

@@ -11,12 +11,13 @@ proposal (accept d with probability p(d), else draw from p without d), so the ou
 distribution, and for a given seed the tokens themselves, are the target model's.
 
 Whether a step verifies is a cost decision (`worth_verifying`): a verify step runs k + 1
-positions in every busy slot, so it is taken only when the drafts' expected accepted tokens (each
-choice's recent acceptance, `Drafting`, times its draft's length) beat its extra cost, a verify
-step's time in plain steps at that many rows (`measure_costs` at warm-up, then the served steps'
-times, `StepTimes`, unless the config fixes it). A choice whose drafts keep failing backs off: it
-drafts nothing for a doubling number of tokens, then retries afresh. All of it changes only which
-program runs, never a token.
+positions in every busy slot, so it is taken only when the drafts' expected accepted tokens beat
+its extra cost (a verify step's time in plain steps at that many rows: `measure_costs` at warm-up,
+then the served steps' times, `StepTimes`, unless the config fixes it) by a margin. A draft is
+expected to hold as often as the server's earlier drafts with as long a matched context
+(`Acceptance`): one continuing a long verbatim match (copying) holds far more often than one after
+a common 2-gram. A choice whose drafts keep failing backs off (`Drafting`): it drafts nothing for a
+doubling number of tokens, then retries. All of it changes only which program runs, never a token.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ CPU_VERIFY_COST, ACCELERATOR_VERIFY_COST = 2.0, 1.5  # a verify step's time in p
 # the backoff bounds what failing drafts cost
 PRIOR_ACCEPTANCE = 1.0
 
-__all__ = ["Drafting", "SpeculativeConfig", "StepTimes", "after_verify", "choose_drafts", "measure_costs", "propose",
-           "worth_verifying"]
+MAX_CONTEXT = 64  # a draft's matched context is counted up to this many tokens (its bucket: log2, `context_bucket`)
+
+__all__ = ["Acceptance", "Drafting", "SpeculativeConfig", "StepTimes", "after_verify", "choose_drafts", "context_bucket",
+           "measure_costs", "propose", "worth_verifying"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,9 @@ class SpeculativeConfig:
     smoothing: float = 0.5  # weight of the latest draft in a choice's acceptance average
     backoff: int = 1  # tokens a choice drafts nothing after its first failed draft; doubles per failure
     max_backoff: int = 128
+    # a verify step is taken when its expected accepted tokens exceed its extra cost times this: the steps chosen are
+    # those whose expectations are high, so at break-even they lose (measured: docs/benchmarks.md)
+    margin: float = 1.3
 
     def __post_init__(self):
         if not 0 <= self.tokens <= 32:
@@ -67,6 +73,8 @@ class SpeculativeConfig:
             raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
         if not 0 <= self.backoff <= self.max_backoff:
             raise ValueError(f"speculative backoff needs 0 <= backoff <= max_backoff, got {self.backoff}, {self.max_backoff}")
+        if self.margin < 1:
+            raise ValueError(f"speculative margin must be >= 1, got {self.margin}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"speculative n-gram sizes need 1 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
 
@@ -88,13 +96,15 @@ class SpeculativeConfig:
         return self.enabled and not constrained and (self.default if requested is None else requested)
 
 
-def propose(ids: Sequence[int] | np.ndarray, k: int, min_n: int = 1, max_n: int = 4) -> list[int]:
+def propose(ids: Sequence[int] | np.ndarray, k: int, min_n: int = 1, max_n: int = 4) -> tuple[list[int], int]:
     """Up to `k` draft tokens to follow `ids`: what followed the most recent earlier occurrence of
-    the longest n-gram (n in `max_n`..`min_n`) that ends `ids`; [] when none recurs."""
+    the longest n-gram (n in `max_n`..`min_n`) that ends `ids`, and the context matched there: how
+    many tokens before it equal those ending `ids` (at least n, at most `MAX_CONTEXT`). ([], 0) when
+    none recurs."""
     ids = np.asarray(ids, np.int32)
     size = len(ids)
     if k <= 0:
-        return []
+        return [], 0
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         pattern = ids[size - n:]
         # windows starting at 0..size-n-1: each earlier occurrence has at least one token after it
@@ -102,21 +112,52 @@ def propose(ids: Sequence[int] | np.ndarray, k: int, min_n: int = 1, max_n: int 
         hits = np.flatnonzero(np.all(windows == pattern, axis=1))
         if len(hits):
             start = int(hits[-1]) + n
-            return ids[start:start + k].tolist()
-    return []
+            before, ending = ids[max(0, start - MAX_CONTEXT):start][::-1], ids[max(0, size - MAX_CONTEXT):][::-1]
+            differ = np.flatnonzero(before[:len(ending)] != ending[:len(before)])
+            return ids[start:start + k].tolist(), int(differ[0]) if len(differ) else min(len(before), len(ending))
+    return [], 0
 
 
-def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: SpeculativeConfig) -> tuple[np.ndarray, np.ndarray]:
+def context_bucket(context: int) -> int:
+    """A matched context's bucket: its length's bit length (2-3 tokens, 4-7, 8-15, 16-31, 32 and more)."""
+    return min(context, MAX_CONTEXT // 2).bit_length()
+
+
+class Acceptance:
+    """The share of the server's drafted tokens that were accepted, per bucket of their drafts' matched context
+    (`context_bucket`): what the next draft with such a context is expected to hold. Measured on the real model, drafts
+    after 2-7 matched tokens held about 0.3 of their tokens, after 16 or more 0.9 (docs/benchmarks.md). Each bucket
+    starts with `prior` tokens fully accepted, so it is tried before it is judged, and forgets by half every
+    `half_life` tokens drafted in it."""
+
+    def __init__(self, prior: float = 8.0, half_life: float = 256.0):
+        self.prior, self.half_life = prior, half_life
+        self._accepted = np.zeros(context_bucket(MAX_CONTEXT) + 1)
+        self._drafted = np.zeros_like(self._accepted)
+
+    def share(self, context: int) -> float:
+        b = context_bucket(context)
+        return float((self._accepted[b] + self.prior) / (self._drafted[b] + self.prior))
+
+    def observe(self, context: int, drafted: int, accepted: int) -> None:
+        b, keep = context_bucket(context), 0.5 ** (drafted / self.half_life)
+        self._accepted[b] = self._accepted[b] * keep + accepted
+        self._drafted[b] = self._drafted[b] * keep + drafted
+
+
+def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: SpeculativeConfig
+               ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The verify step's inputs for each slot: `rows[i]` is (its tokens, the most it may draft)
-    or None (idle or not speculating). Returns drafts `[slots, k]` (padded with 0) and their
-    counts `[slots]`."""
+    or None (idle or not speculating). Returns drafts `[slots, k]` (padded with 0), their
+    counts `[slots]`, and each draft's matched context (`propose`)."""
     drafts = np.zeros((len(rows), config.tokens), np.int32)
     counts = np.zeros(len(rows), np.int32)
+    contexts = [0] * len(rows)
     for i, row in enumerate(rows):
         if row is not None:
-            draft = propose(row[0], min(config.tokens, row[1]), config.min_n, config.max_n)
+            draft, contexts[i] = propose(row[0], min(config.tokens, row[1]), config.min_n, config.max_n)
             drafts[i, :len(draft)], counts[i] = draft, len(draft)
-    return drafts, counts
+    return drafts, counts, contexts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +172,6 @@ class Drafting:
 
     def may_draft(self, generated: int) -> bool:
         return generated >= self.resume_at
-
-    def expected(self, drafted: int) -> float:
-        """The tokens of a `drafted`-token draft this choice is expected to have accepted."""
-        return self.acceptance * drafted
 
 
 def after_verify(record: Drafting, drafted: int, accepted: int, generated: int, config: SpeculativeConfig,
@@ -152,28 +189,28 @@ def after_verify(record: Drafting, drafted: int, accepted: int, generated: int, 
     return Drafting(PRIOR_ACCEPTANCE, failures, generated + wait)
 
 
-def worth_verifying(expected: float, busy: int, cost: float) -> bool:
-    """Whether a verify step costing `cost` plain steps beats a plain one: the `expected` accepted
-    draft tokens over all slots make more tokens per unit of time than `busy` slots' plain step
-    (busy + expected tokens in `cost` plain steps' time, against busy per step)."""
-    return expected > 0 and expected >= (cost - 1) * busy
+def worth_verifying(expected: float, busy: int, cost: float, margin: float = 1.0) -> bool:
+    """Whether a verify step costing `cost` plain steps beats a plain one by `margin`: the `expected`
+    accepted draft tokens over all slots against the `busy` slots' extra work (busy + expected tokens
+    in `cost` plain steps' time, against busy per step)."""
+    return expected > 0 and expected >= margin * (cost - 1) * busy
 
 
-def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, busy: int, cost: float
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
+def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, busy: int, cost: float,
+                  acceptance: Acceptance) -> tuple[np.ndarray, np.ndarray] | None:
     """The verify step's drafts and counts for `slots` (running choices or None): each choice not
     backing off drafts at most what its max_tokens and the context leave after the token every step
-    makes, and is told its count (`drafted`). None when a plain step is worth more at `cost`
-    (`worth_verifying`)."""
+    makes, and is told its draft (`drafted`). None when a plain step is worth more at `cost`
+    (`worth_verifying`, each draft expected to hold as `acceptance` says of its context)."""
     drafting = [a if a and a.drafts_now() else None for a in slots]
-    drafts, counts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids))) if a else None
-                                 for a in drafting], config)
-    expected = sum(a.drafting.expected(int(n)) for a, n in zip(drafting, counts) if a)
-    if not worth_verifying(expected, busy, cost):
+    drafts, counts, contexts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids)))
+                                           if a else None for a in drafting], config)
+    expected = sum(acceptance.share(c) * int(n) for a, n, c in zip(drafting, counts, contexts) if a)
+    if not worth_verifying(expected, busy, cost, config.margin):
         return None
-    for a, n in zip(slots, counts):
+    for a, n, c in zip(slots, counts, contexts):
         if a:
-            a.drafted(int(n))
+            a.drafted(int(n), c)
     return drafts, counts
 
 

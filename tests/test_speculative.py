@@ -22,8 +22,9 @@ from llama_jax.config import LlamaConfig
 from llama_jax.engine import Engine, EngineConfig
 from llama_jax.model import init_model
 from llama_jax.request import Request, RequestError, SamplingOptions
-from llama_jax.speculative import (ACCELERATOR_VERIFY_COST, CPU_VERIFY_COST, PRIOR_ACCEPTANCE, Drafting, SpeculativeConfig,
-                                   StepTimes, after_verify, draft_rows, measure_costs, propose, worth_verifying)
+from llama_jax.speculative import (ACCELERATOR_VERIFY_COST, CPU_VERIFY_COST, MAX_CONTEXT, PRIOR_ACCEPTANCE, Acceptance,
+                                   Drafting, SpeculativeConfig, StepTimes, after_verify, choose_drafts, context_bucket,
+                                   draft_rows, measure_costs, propose, worth_verifying)
 from llama_jax.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +41,26 @@ PROMPT = [1, 3, 4, 5, 6, 3, 4, 5, 6, 3, 4, 5]  # repeats, so every step has a dr
 def test_propose_takes_the_longest_ngram_at_its_most_recent_occurrence():
     # "7 8" occurred twice; the 2-gram wins over the 1-gram "8" (which also follows 9 below)
     ids = [7, 8, 1, 2, 3, 9, 8, 5, 7, 8, 4, 6, 0, 7, 8]
-    assert propose(ids, 3) == [4, 6, 0]  # most recent earlier "7 8" is at 8..9
-    assert propose(ids, 3, min_n=3, max_n=4) == []  # no 3-gram "0 7 8" recurs
-    assert propose(ids, 1) == [4]
-    assert propose([5, 6, 5], 4) == [6, 5]  # what followed, up to the end
-    assert propose([1, 2, 3], 4) == [] and propose([1], 4) == [] and propose([1, 2, 1], 0) == []
+    assert propose(ids, 3) == ([4, 6, 0], 2)  # most recent earlier "7 8" is at 8..9, after 5 (not 0): 2 tokens matched
+    assert propose(ids, 3, min_n=3, max_n=4) == ([], 0)  # no 3-gram "0 7 8" recurs
+    assert propose(ids, 1) == ([4], 2)
+    assert propose([5, 6, 5], 4) == ([6, 5], 1)  # what followed, up to the end
+    assert propose([1, 2, 3], 4) == ([], 0) == propose([1], 4) == propose([1, 2, 1], 0)
+
+
+def test_a_drafts_context_is_how_far_back_the_match_holds():
+    """The n-gram is at most 4 tokens; the context counts on past it (copying: long), up to MAX_CONTEXT."""
+    span = list(range(100, 120))
+    assert propose([1, 2, *span, 9, 3, *span], 2) == ([9, 3], 20)  # "1 2" and "3" differ before the 20 copied tokens
+    copied = list(range(100, 100 + 2 * MAX_CONTEXT))
+    assert propose([*copied, 5, *copied], 1) == ([5], MAX_CONTEXT)
+    assert [context_bucket(c) for c in (0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, MAX_CONTEXT)] == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
 
 
 def test_draft_rows_pads_and_limits_each_row():
     config = SpeculativeConfig(tokens=3)
-    drafts, counts = draft_rows([([1, 2, 3, 1, 2], 3), None, ([1, 2, 3, 1, 2], 1), ([4, 5], 3)], config)
-    assert drafts.shape == (4, 3) and counts.tolist() == [3, 0, 1, 0]
+    drafts, counts, contexts = draft_rows([([1, 2, 3, 1, 2], 3), None, ([1, 2, 3, 1, 2], 1), ([4, 5], 3)], config)
+    assert drafts.shape == (4, 3) and counts.tolist() == [3, 0, 1, 0] and contexts == [2, 0, 2, 0]
     assert drafts[0].tolist() == [3, 1, 2] and drafts[2].tolist() == [3, 0, 0]
 
 
@@ -70,7 +80,7 @@ def test_config_is_checked():
 def test_a_choice_whose_drafts_fail_backs_off_for_doubling_intervals_and_retries():
     config = SpeculativeConfig(tokens=4, backoff=4, max_backoff=16)
     record, generated, waits = Drafting(), 10, []
-    assert record.may_draft(0) and record.expected(4) == 4 * PRIOR_ACCEPTANCE == 4.0  # a fresh choice drafts at once, hoping
+    assert record.may_draft(0) and record.acceptance == PRIOR_ACCEPTANCE == 1.0  # a fresh choice drafts at once, hoping
     for _ in range(5):  # every draft rejected
         record = after_verify(record, 4, 0, generated, config, 1.5)
         wait = record.resume_at - generated
@@ -94,7 +104,7 @@ def test_the_verify_cost_until_measured_is_a_cpus_or_a_gpus_guess():
 def test_acceptance_is_a_moving_average_and_a_poor_one_backs_off_too():
     config = SpeculativeConfig(tokens=4, smoothing=0.5, backoff=4)
     record = after_verify(Drafting(1.0), 4, 2, 0, config, 1.5)
-    assert record.acceptance == 0.75 and record.expected(4) == 3.0 and record.failures == 0
+    assert record.acceptance == 0.75 and record.failures == 0
     record = after_verify(record, 4, 1, 0, config, 1.5)
     assert record.acceptance == 0.5 and record.failures == 0  # 0.5 x 4 pays for a row costing 0.5 more
     poor = after_verify(Drafting(0.5), 4, 1, 7, config, 3)  # 0.375 x 4 < 2: its own row's extra cost is not paid
@@ -104,7 +114,51 @@ def test_acceptance_is_a_moving_average_and_a_poor_one_backs_off_too():
 def test_a_verify_step_is_taken_when_the_expected_tokens_pay_for_it():
     assert worth_verifying(2.0, 1, 3) and not worth_verifying(1.9, 1, 3)  # a verify step costs 2 plain steps more
     assert worth_verifying(16.0, 8, 3) and not worth_verifying(12.0, 8, 3)
+    assert worth_verifying(20.8, 8, 3, margin=1.3) and not worth_verifying(20.7, 8, 3, margin=1.3)
     assert not worth_verifying(0.0, 1, 1)  # no draft, no verify
+
+
+def test_the_server_expects_of_a_draft_what_drafts_with_as_long_a_context_held():
+    """Each context bucket starts fully trusted (`prior` tokens all accepted), then follows what its drafts held,
+    forgetting by half every `half_life` drafted tokens; other buckets keep their own."""
+    acceptance = Acceptance(prior=8, half_life=64)
+    assert acceptance.share(2) == acceptance.share(40) == 1.0
+    acceptance.observe(2, 8, 0)  # a draft after a 2-gram failed whole
+    assert acceptance.share(3) == 0.5 and acceptance.share(40) == 1.0  # 8 / (8 + 8): its bucket (2-3 tokens) only
+    for _ in range(100):  # drafts after short matches hold a quarter of their tokens; after long ones all
+        acceptance.observe(3, 8, 2)
+        acceptance.observe(40, 8, 8)
+    drafted = 8 / (1 - 0.5 ** (8 / 64))  # the decayed sum's limit; the prior's 8 tokens stay
+    assert acceptance.share(2) == pytest.approx((drafted / 4 + 8) / (drafted + 8), rel=1e-3) and acceptance.share(40) == 1.0
+    for _ in range(100):  # the short matches start to hold: the old record fades
+        acceptance.observe(2, 8, 8)
+    assert acceptance.share(2) > 0.95
+
+
+class Choice:
+    """What `choose_drafts` reads of a running choice, and what it tells it."""
+
+    def __init__(self, ids: list[int], max_tokens: int = 100):
+        self.ids, self.max_tokens, self.generated, self.told = np.asarray(ids), max_tokens, 0, None
+
+    def drafts_now(self) -> bool:
+        return True
+
+    def drafted(self, n: int, context: int) -> None:
+        self.told = (n, context)
+
+
+def test_drafts_are_verified_when_their_contexts_acceptance_pays_with_the_margin():
+    """Two slots at a verify cost of 2 (margin 1.3: 2.6 expected tokens needed): 4 drafted tokens after a long match
+    whose bucket held 0.9 pay; after a 2-gram whose bucket held 0.25, 1 expected token does not."""
+    config, acceptance = SpeculativeConfig(tokens=4), Acceptance(prior=1e-9)
+    span = list(range(100, 120))
+    copying, common = Choice([*span, 7, 8, 9, 1, *span]), Choice([5, 2, 3, 6, 6, 6, 2, 3])
+    acceptance.observe(20, 10, 9)
+    acceptance.observe(2, 4, 1)
+    assert choose_drafts([common, None], config, 1000, 2, 2.0, acceptance) is None and common.told is None
+    drafts, counts = choose_drafts([copying, None], config, 1000, 2, 2.0, acceptance)
+    assert counts.tolist() == [4, 0] and drafts[0].tolist() == [7, 8, 9, 1] and copying.told == (4, 20)
 
 
 def test_the_cost_is_the_median_ratio_of_back_to_back_pairs_per_bucket():
@@ -300,7 +354,7 @@ def replayed_draft_steps(prompt: list[int], reply: list[int], k: int = K, max_n:
     over a greedy `reply` (exact for greedy: a draft token holds while it equals the reply)."""
     steps, pos = 0, 1
     while pos < len(reply):
-        draft = propose(prompt + reply[:pos], min(k, len(reply) - pos - 1), 1, max_n)
+        draft, _ = propose(prompt + reply[:pos], min(k, len(reply) - pos - 1), 1, max_n)
         held = next((i for i, (d, t) in enumerate(zip(draft, reply[pos:])) if d != t), len(draft))
         steps, pos = steps + bool(draft), pos + held + 1
     return steps
