@@ -103,16 +103,20 @@ class _PrefixCacheCollector:
 
 
 class _SpeculativeCollector:
-    """The engine's speculative-decoding totals (vLLM's spec_decode counters), read at scrape time."""
+    """The engine's speculative-decoding totals (vLLM's spec_decode counters) and their ratio (vLLM's
+    draft acceptance rate gauge: 0 before any draft), read at scrape time."""
 
     def __init__(self, engine, model_name: str) -> None:
         self._engine, self._labels = engine, [model_name]
 
     def collect(self):
-        for name, doc, value in (
-                ("llama_jax_spec_decode_num_draft_tokens", "Draft tokens verified.", self._engine.drafted_tokens),
-                ("llama_jax_spec_decode_num_accepted_tokens", "Draft tokens accepted.", self._engine.accepted_tokens)):
-            metric = CounterMetricFamily(name, doc, labels=["model_name"])
+        drafted, accepted = self._engine.drafted_tokens, self._engine.accepted_tokens
+        for family, name, doc, value in (
+                (CounterMetricFamily, "llama_jax_spec_decode_num_draft_tokens", "Draft tokens verified.", drafted),
+                (CounterMetricFamily, "llama_jax_spec_decode_num_accepted_tokens", "Draft tokens accepted.", accepted),
+                (GaugeMetricFamily, "llama_jax_spec_decode_draft_acceptance_rate",
+                 "Accepted over verified draft tokens since start.", accepted / drafted if drafted else 0.0)):
+            metric = family(name, doc, labels=["model_name"])
             metric.add_metric(self._labels, value)
             yield metric
 

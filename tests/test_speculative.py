@@ -505,6 +505,9 @@ def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
         metrics = httpx.get(server.url + "/metrics").text
         accepted = re.search(r'^llama_jax_spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)', metrics, re.M)
         assert accepted and float(accepted.group(1)) >= details.accepted_prediction_tokens
+        drafted = re.search(r'^llama_jax_spec_decode_num_draft_tokens_total\{[^}]*\} (\S+)', metrics, re.M)
+        rate = re.search(r'^llama_jax_spec_decode_draft_acceptance_rate\{[^}]*\} (\S+)', metrics, re.M)
+        assert rate and float(rate.group(1)) == pytest.approx(float(accepted.group(1)) / float(drafted.group(1)))
         bad = httpx.post(server.url + "/v1/chat/completions", json={
             "model": ServerSettings().model_name, "messages": [{"role": "user", "content": "hi"}], "speculative": "yes"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
