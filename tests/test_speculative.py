@@ -502,6 +502,12 @@ def test_api_speculative_field_usage_and_metrics_on_the_real_model(real):
         details = fast.usage.completion_tokens_details
         assert details.accepted_prediction_tokens > details.rejected_prediction_tokens >= 0
         assert plain.usage.completion_tokens_details is None  # no drafts, no details
+        cut = lambda spec: client.chat.completions.create(  # a stop string inside a verify step's tokens cuts there too
+            model=ServerSettings().model_name, max_tokens=40, temperature=0, extra_body={"speculative": spec},
+            stop=["keeper"], messages=[{"role": "user", "content": GROUNDED[0]}]).choices[0]
+        plain_cut, fast_cut = cut(False), cut(True)
+        assert fast_cut.message.content == plain_cut.message.content and "keeper" not in fast_cut.message.content
+        assert fast_cut.finish_reason == plain_cut.finish_reason == "stop"
         metrics = httpx.get(server.url + "/metrics").text
         accepted = re.search(r'^llama_jax_spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)', metrics, re.M)
         assert accepted and float(accepted.group(1)) >= details.accepted_prediction_tokens
