@@ -67,7 +67,7 @@ def fill_rows(masks: np.ndarray, slots: list) -> list[tuple[object, Exception]]:
     return failed
 
 
-def upload(masks: np.ndarray, rows: int) -> np.ndarray:
+def step_rows(masks: np.ndarray, rows: int) -> np.ndarray:
     """The first `rows` rows of `masks` for a step's program, whose call places them as its compiled input (a
     `device_put` before it costs the scheduler ~0.1 ms more: docs/benchmarks.md). A copy: the buffer is filled again
     while a step may still read it (a CPU aliases host arrays)."""

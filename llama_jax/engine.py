@@ -397,7 +397,7 @@ class Engine:
         for a, e in bitmask.fill_rows(self._masks, self.slots):
             log.error("constraint failed", exc_info=e)
             self._release(a.handle, f"structured-output constraint failed: {e}")
-        return bitmask.upload(self._masks, rows)
+        return bitmask.step_rows(self._masks, rows)
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:
