@@ -126,7 +126,7 @@ def context_bucket(context: int) -> int:
 class Acceptance:
     """The share of the server's drafted tokens that were accepted, per bucket of their drafts' matched context
     (`context_bucket`): what the next draft with such a context is expected to hold. Measured on the real model, drafts
-    after 2-7 matched tokens held about 0.3 of their tokens, after 16 or more 0.9 (docs/benchmarks.md). Each bucket
+    after 2-7 matched tokens held 0.2-0.5 of their tokens, after 16 or more about 0.9 (docs/benchmarks.md). Each bucket
     starts with `prior` tokens fully accepted, so it is tried before it is judged, and forgets by half every
     `half_life` tokens drafted in it."""
 
