@@ -77,7 +77,7 @@ OPEN = ["Write a short story about a dragon who is afraid of the dark.", "Descri
 
 def grounded_prompts(tokenizer) -> list[list[int]]:
     """Each paragraph is over 300 tokens of input (issue 27), the instruction and chat template aside."""
-    short = {len(tokenizer.encode(p)) for p in PARAGRAPHS if len(tokenizer.encode(p)) < 300}
+    short = {n for n in (len(tokenizer.encode(p)) for p in PARAGRAPHS) if n < 300}
     assert not short, f"a grounded paragraph has fewer than 300 tokens with this tokenizer: {short}"
     return [apply_chat_template(tokenizer, [{"role": "user", "content": (
         f"Here is a paragraph:\n\n\"{PARAGRAPHS[i // 4]}\"\n\nQuote the paragraph back to me in full, with \"{old}\" "
