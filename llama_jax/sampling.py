@@ -33,7 +33,9 @@ of 4 and 5, the same set up to the float32 rounding of the mass sums, chosen by 
 
 * CPU (default): without sorting, a bitwise binary search over order-preserving uint32 keys of
   the float values (32 passes over the vocabulary, 8-23x faster than a sort there). Each search,
-  the noise and the top-20 logprobs run only when some row of the batch uses them (`lax.cond`).
+  the noise and the top-20 logprobs run only when some row of the batch uses them (`lax.cond`),
+  and so do the logit bias, the min_tokens ban and the penalties (each a pass over the batch's
+  logits: a greedy step of 64 rows costs less than half what it did, docs/benchmarks.md).
 * GPU/TPU (`branch_free=True`): one descending sort per row, a cumulative sum, and no control
   flow at all: every step is the same straight-line program, so the device never waits on the
   host for a predicate and the step stays one graph of a few kernels.
@@ -56,6 +58,7 @@ batch 32: 10 default, 32 with top_k+top_p+min_p, 236 full sort; penalties + coun
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -211,6 +214,11 @@ def _exponential_noise(keys: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(lambda k: -jnp.log(jax.random.uniform(k, (vocab,), minval=tiny, maxval=1.0)))(keys)
 
 
+def _when(needed: jax.Array, step: Callable[[jax.Array], jax.Array], x: jax.Array, branch_free: bool) -> jax.Array:
+    """`step(x)`, skipped on the CPU path (`lax.cond`) when no row `needed` it: a pass over [rows, vocab] less."""
+    return step(x) if branch_free else lax.cond(needed, step, lambda y: y, x)
+
+
 @partial(jax.jit, static_argnames=("num_top_logprobs", "branch_free", "greedy_only"))
 def sample(
     logits: jax.Array,
@@ -230,15 +238,17 @@ def sample(
     `greedy_only` (the caller knows every row is greedy and none reports alternatives) drops the
     draw and the top-k: the argmax alone, no sort, and top fields of width 0.
     """
-    x = apply_logit_bias(logits.astype(jnp.float32), params)
+    x = _when(jnp.any(params.bias_values != 0), lambda y: apply_logit_bias(y, params), logits.astype(jnp.float32),
+              branch_free)
     rows = x.shape[0]
     dead = jnp.zeros((rows,), bool)
     if allowed_mask is not None:
         dead = ~jnp.any(allowed_mask, axis=-1)
         x = jnp.where(allowed_mask | dead[:, None], x, -jnp.inf)
-    x = ban_stop_ids(x, params, state.step)
-    x = apply_penalties(x, params, state)
-    logprobs = jax.nn.log_softmax(x, axis=-1)
+    x = _when(jnp.any(state.step < params.min_tokens), lambda y: ban_stop_ids(y, params, state.step), x, branch_free)
+    penalised = (params.repetition_penalty != 1) | (params.presence_penalty != 0) | (params.frequency_penalty != 0)
+    x = _when(jnp.any(penalised), lambda y: apply_penalties(y, params, state), x, branch_free)
+    norm = jax.nn.logsumexp(x, axis=-1, keepdims=True)  # logprobs are x - norm, never written out (a pass less)
 
     greedy = dead | (params.temperature < MIN_TEMPERATURE)
 
@@ -250,7 +260,8 @@ def sample(
         return _argmax(weights / _exponential_noise(_token_keys(params, state.step), x.shape[1]))
 
     def top() -> tuple[jax.Array, jax.Array]:
-        return tuple(lax.top_k(logprobs, num_top_logprobs))
+        values, ids = lax.top_k(x, num_top_logprobs)
+        return values - norm, ids
 
     argmax = _argmax(x)
     if greedy_only:
@@ -266,7 +277,7 @@ def sample(
             lambda: (jnp.full((rows, num_top_logprobs), -jnp.inf), jnp.zeros((rows, num_top_logprobs), jnp.int32)))
     result = SampleResult(
         tokens=tokens,
-        logprobs=jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0],
+        logprobs=jnp.take_along_axis(x, tokens[:, None], axis=-1)[:, 0] - norm[:, 0],
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logprobs,
     )

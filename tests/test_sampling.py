@@ -481,6 +481,26 @@ def test_logit_bias_steers_every_step_and_never_recompiles():
     assert compiles.count == 0
 
 
+def test_a_pass_one_row_needs_leaves_its_neighbours_as_a_batch_without_it():
+    """The CPU path skips the logit bias, the min_tokens ban and the penalties for a batch where no row needs them
+    (`lax.cond`); a batch where one row does runs them for all, and its other rows get the same tokens and logprobs."""
+    rng = np.random.default_rng(3)
+    vocab = 40
+    logits = jnp.asarray(rng.normal(0, 3, (3, vocab)), jnp.float32)
+    counts = jnp.asarray(rng.integers(0, 3, (3, vocab)), jnp.int32)
+    state = S.SamplerState(counts, jnp.asarray(rng.random((3, vocab)) < 0.3), jnp.zeros(3, jnp.int32))
+    neutral = [S.make_params(temperature=0.0, seed=1, top_logprobs=3), S.make_params(temperature=0.8, seed=2)]
+    needs = {"penalties": dict(presence_penalty=1.5, repetition_penalty=1.3), "bias": dict(logit_bias={5: 30.0}),
+             "ban": dict(min_tokens=2, stop_ids=[int(jnp.argmax(logits[2]))])}
+    alone, _ = S.sample(logits, S.stack_params([*neutral, S.make_params(temperature=0.0)]), state, num_top_logprobs=3)
+    for what, knobs in needs.items():
+        mixed, _ = S.sample(logits, S.stack_params([*neutral, S.make_params(temperature=0.0, **knobs)]), state,
+                            num_top_logprobs=3)
+        for field in ("tokens", "logprobs", "top_ids", "top_logprobs"):
+            np.testing.assert_array_equal(getattr(mixed, field)[:2], getattr(alone, field)[:2], f"{what} {field}")
+        assert float(mixed.logprobs[2]) != float(alone.logprobs[2]), what  # the row that needs it got it
+
+
 @pytest.mark.parametrize("bias", [{1: 100.5}, {1: -101}, {-1: 1}, {"1": 1}, {1: True}, [(1, 1), (1, 2)],
                                   {i: 1 for i in range(S.MAX_LOGIT_BIAS + 1)}])
 def test_bad_logit_bias_is_a_value_error_naming_it(bias):
