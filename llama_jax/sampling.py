@@ -34,8 +34,8 @@ of 4 and 5, the same set up to the float32 rounding of the mass sums, chosen by 
 * CPU (default): without sorting, a bitwise binary search over order-preserving uint32 keys of
   the float values (32 passes over the vocabulary, 8-23x faster than a sort there). Each search,
   the noise and the top-20 logprobs run only when some row of the batch uses them (`lax.cond`),
-  and so do the logit bias, the min_tokens ban and the penalties (each a pass over the batch's
-  logits: a greedy step of 64 rows costs less than half what it did, docs/benchmarks.md).
+  and so do the logit bias, the min_tokens ban and the penalties, together (each a pass over the
+  batch's logits: a greedy step of 64 rows costs less than half what it did, docs/benchmarks.md).
 * GPU/TPU (`branch_free=True`): one descending sort per row, a cumulative sum, and no control
   flow at all: every step is the same straight-line program, so the device never waits on the
   host for a predicate and the step stays one graph of a few kernels.
@@ -58,7 +58,6 @@ batch 32: 10 default, 32 with top_k+top_p+min_p, 236 full sort; penalties + coun
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -214,11 +213,6 @@ def _exponential_noise(keys: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(lambda k: -jnp.log(jax.random.uniform(k, (vocab,), minval=tiny, maxval=1.0)))(keys)
 
 
-def _when(needed: jax.Array, step: Callable[[jax.Array], jax.Array], x: jax.Array, branch_free: bool) -> jax.Array:
-    """`step(x)`, skipped on the CPU path (`lax.cond`) when no row `needed` it: a pass over [rows, vocab] less."""
-    return step(x) if branch_free else lax.cond(needed, step, lambda y: y, x)
-
-
 @partial(jax.jit, static_argnames=("num_top_logprobs", "branch_free", "greedy_only"))
 def sample(
     logits: jax.Array,
@@ -238,16 +232,19 @@ def sample(
     `greedy_only` (the caller knows every row is greedy and none reports alternatives) drops the
     draw and the top-k: the argmax alone, no sort, and top fields of width 0.
     """
-    x = _when(jnp.any(params.bias_values != 0), lambda y: apply_logit_bias(y, params), logits.astype(jnp.float32),
-              branch_free)
+    x = logits.astype(jnp.float32)
     rows = x.shape[0]
     dead = jnp.zeros((rows,), bool)
-    if allowed_mask is not None:
+    if allowed_mask is not None:  # before the bias here, which is the same: no bias lifts a masked token's -inf
         dead = ~jnp.any(allowed_mask, axis=-1)
         x = jnp.where(allowed_mask | dead[:, None], x, -jnp.inf)
-    x = _when(jnp.any(state.step < params.min_tokens), lambda y: ban_stop_ids(y, params, state.step), x, branch_free)
+
+    def passes(y: jax.Array) -> jax.Array:  # each a pass over [rows, vocab]: on the CPU path only if a row needs one
+        return apply_penalties(ban_stop_ids(apply_logit_bias(y, params), params, state.step), params, state)
+
     penalised = (params.repetition_penalty != 1) | (params.presence_penalty != 0) | (params.frequency_penalty != 0)
-    x = _when(jnp.any(penalised), lambda y: apply_penalties(y, params, state), x, branch_free)
+    needed = jnp.any(penalised) | jnp.any(params.bias_values != 0) | jnp.any(state.step < params.min_tokens)
+    x = passes(x) if branch_free else lax.cond(needed, passes, lambda y: y, x)
     norm = jax.nn.logsumexp(x, axis=-1, keepdims=True)  # logprobs are x - norm, never written out (a pass less)
 
     greedy = dead | (params.temperature < MIN_TEMPERATURE)
