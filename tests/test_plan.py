@@ -116,7 +116,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
         assert result[key] > 0, key
     assert 0 < result["pct_of_ceiling"]
     assert result["ttft_ms_128_prefix_cached_112"] > 0 and result["prefix_cached_tokens"] == 112  # the next chat turn
-    assert isinstance(result["constrained_adds_pct_1"], float) and "constrained_adds_pct_8" not in result  # 2 slots
+    for grammar in ("json_schema", "regex"):
+        assert isinstance(result[f"{grammar}_adds_pct_1"], float) and f"{grammar}_adds_pct_8" not in result  # 2 slots
 
 
 GiB = 2**30

@@ -26,9 +26,9 @@ minutes for 7B bf16 with a cold compilation cache. Steps, each printed as it end
 3. warm-up of every serving program, per program, with the persistent compilation cache;
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
    1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 64
-   concurrent requests of `--context` tokens, what one regex-constrained request adds to a step
-   at 1 and 8 busy slots (its mask is built while the forward runs; needs llguidance), peak
-   device memory.
+   concurrent requests of `--context` tokens, what one constrained request (a JSON schema, a
+   counted regex) adds to a step at 1 and 8 busy slots (its mask is built while the forward
+   runs; needs llguidance), peak device memory.
 A failed check (steps 0 and 1b) is reported, the run goes on, and the script exits 1 at the end.
 With `--quantize int8` the weights are int8 with block scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
@@ -268,23 +268,27 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
 
 
 def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: int) -> dict:
-    """What one regex-constrained request (llguidance's mask every step) adds to a decode step at
-    1 and 8 busy slots, greedy, EOS ignored: its mask is built while the step's forward runs, so
-    on a GPU it should add next to nothing (issue 30's goal: <= 10 %). Skipped without llguidance."""
+    """What one constrained request (llguidance's mask every step) adds to a decode step at 1 and 8 busy slots,
+    greedy, EOS ignored, for a JSON schema (a mask of ~5 us) and a counted regex (~140 us: bench_host.py): its mask
+    is built while the step's forward runs, so on a GPU it should add next to nothing (issue 30's goal: <= 10 %).
+    Skipped without llguidance."""
     try:
-        from llama_jax.structured import regex_grammar
+        from llama_jax.structured import json_grammar, regex_grammar
     except ImportError as e:  # not in every GPU image
         say(f"constrained decode: skipped ({e})")
         return {"constrained_skipped": str(e)}
-    from bench_host import run
+    from bench_host import SCHEMA, run
 
-    words, out = regex_grammar(tokenizer, "[a-z ]{0,4000}").factory(tokens, vocab), {}
+    grammars = {"json_schema": json_grammar(tokenizer, SCHEMA), "regex": regex_grammar(tokenizer, "[a-z ]{0,4000}")}
+    out = {}
     for busy in (b for b in (1, 8) if b <= slots):
-        plain, constrained = run(engine, busy, tokens), run(engine, busy, tokens, words)
-        adds = 100 * (constrained.wall / constrained.steps / (plain.wall / plain.steps) - 1)
-        out[f"constrained_adds_pct_{busy}"] = round(adds, 1)
-        say(f"{busy} busy slots, one of them regex-constrained: a step takes {adds:+.1f} % "
-            f"({1000 * plain.wall / plain.steps:.2f} ms plain)")
+        plain = run(engine, busy, tokens)
+        for name, grammar in grammars.items():
+            constrained = run(engine, busy, tokens, grammar.factory(tokens, vocab))
+            adds = 100 * (constrained.wall / constrained.steps / (plain.wall / plain.steps) - 1)
+            out[f"{name}_adds_pct_{busy}"] = round(adds, 1)
+            say(f"{busy} busy slots, one of them constrained ({name}): a step takes {adds:+.1f} % "
+                f"({1000 * plain.wall / plain.steps:.2f} ms plain)")
     return out
 
 
