@@ -100,6 +100,13 @@ SCHEMA = {"type": "object", "required": ["name", "notes"],
           "properties": {"name": {"type": "string"}, "notes": {"type": "array", "items": {"type": "string"}}}}
 
 
+def grammars(tokenizer: Tokenizer) -> dict:
+    """The constrained slot's grammars by name: a JSON schema (what `response_format` sends) and a counted regex."""
+    from llama_jax.structured import json_grammar, regex_grammar
+
+    return {"json_schema": json_grammar(tokenizer, SCHEMA), "regex": regex_grammar(tokenizer, "[a-z ]{0,4000}")}
+
+
 def mask_us(factory, vocab: int, steps: int = 100) -> float:
     """Median microseconds of one `fill_mask` of a constraint from `factory`, alone, over `steps` steps that each
     take an allowed token at random (seeded), EOS aside (the grammar's own cost, without the engine)."""
@@ -116,16 +123,13 @@ def mask_us(factory, vocab: int, steps: int = 100) -> float:
 
 
 def bench_host(args) -> dict:
-    from llama_jax.structured import json_grammar, regex_grammar
-
     cfg = preset("tiny-gqa")
     tokenizer = Tokenizer(args.tokenizer)
     slots = max(args.host_slots)
     engine = Engine(init_model(cfg, seed=0), tokenizer, EngineConfig(max_slots=slots, max_seq_len=cfg.max_seq_len,
                                                                     min_prefill_bucket=16)).start()
     in_programs = time_programs(engine)
-    constraints = {"json_schema": json_grammar(tokenizer, SCHEMA), "regex": regex_grammar(tokenizer, "[a-z ]{0,4000}")}
-    constraints = {name: grammar.factory(args.host_tokens, cfg.vocab_size) for name, grammar in constraints.items()}
+    constraints = {name: g.factory(args.host_tokens, cfg.vocab_size) for name, g in grammars(tokenizer).items()}
     out: dict = {"model": "tiny-gqa (random weights, 2 layers, 32000 vocab)", "tokens": args.host_tokens,
                  "consumers": "asyncio" if args.host_async else "queues read in turn",
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -272,18 +272,17 @@ def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: 
     greedy, EOS ignored, for a JSON schema (a mask of ~5 us) and a counted regex (~140 us: bench_host.py): its mask
     is built while the step's forward runs, so on a GPU it should add next to nothing (issue 30's goal: <= 10 %).
     Skipped without llguidance."""
+    from bench_host import grammars, run
+
     try:
-        from llama_jax.structured import json_grammar, regex_grammar
-    except ImportError as e:  # not in every GPU image
+        constraints = grammars(tokenizer)
+    except ImportError as e:  # llguidance is not in every GPU image
         say(f"constrained decode: skipped ({e})")
         return {"constrained_skipped": str(e)}
-    from bench_host import SCHEMA, run
-
-    grammars = {"json_schema": json_grammar(tokenizer, SCHEMA), "regex": regex_grammar(tokenizer, "[a-z ]{0,4000}")}
     out = {}
     for busy in (b for b in (1, 8) if b <= slots):
         plain = run(engine, busy, tokens)
-        for name, grammar in grammars.items():
+        for name, grammar in constraints.items():
             constrained = run(engine, busy, tokens, grammar.factory(tokens, vocab))
             adds = 100 * (constrained.wall / constrained.steps / (plain.wall / plain.steps) - 1)
             out[f"{name}_adds_pct_{busy}"] = round(adds, 1)
