@@ -49,10 +49,10 @@ request samples the same tokens in any slot next to any neighbours (within one J
 Cost per step at vocab 32000, float32, per row: reads logits (128 KB), counts (128 KB) and the
 prompt mask (32 KB), plus the allowed mask (32 KB) when given; writes one count (in place when the
 caller's jit donates the state, else a copy of counts). The state holds 160 KB per row. Measured
-on a shared 2-core CPU (JAX 0.10.2, tools/bench_sampling.py, median ms per step, noisy ~2x):
-batch 1: 0.48 default knobs, 0.83 with top_k+top_p+min_p, 7.2 for a full-sort sampler;
-batch 32: 10 default, 32 with top_k+top_p+min_p, 236 full sort; penalties + count alone: 0.18
-(batch 1) and 3.9 (batch 32). See docs/benchmarks.md.
+on a 2-core Intel Xeon (JAX 0.10.2, tools/bench_sampling.py, median ms per step, 2026-12-06):
+batch 1: 0.52 default knobs (temperature 1), 0.92 with top_k+top_p+min_p, 7.4 for a full-sort
+sampler; batch 32: 8.7 default, 29.9 with top_k+top_p+min_p, 252 full sort; penalties + count
+alone: 0.19 (batch 1) and 2.3 (batch 32). Greedy rows skip the draw: docs/benchmarks.md.
 """
 
 from __future__ import annotations
