@@ -21,7 +21,7 @@ import jsonschema
 import openai
 import pytest
 
-from live_server import REPO_ROOT
+from live_server import DEMO_XLA_FLAGS, REPO_ROOT
 
 pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warming up
 
@@ -38,8 +38,9 @@ SMALL = ["--max-slots", "4", "--max-seq-len", "256", "--max-prefill-tokens", "12
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    """The subprocess environment: this worktree first on the path, a private cache (demo + XLA)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """The subprocess environment: this worktree first on the path, a private cache (demo + XLA), the
+    random-weight models' compile flags."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"XLA_FLAGS": DEMO_XLA_FLAGS}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                LLAMA_JAX_CACHE=str(tmp_path_factory.mktemp("llama-jax-cache")), JAX_PLATFORMS="cpu")
     return env
