@@ -9,7 +9,7 @@ import pytest
 
 # Tests run on the CPU, with 8 virtual devices so tensor-parallel paths can be exercised, and the engines they
 # build in process compile their LLVM code unoptimised: the same XLA programs, a warm-up ~30 % shorter (compiling
-# is most of the suite's time). So do the random-weight servers they start (live_server.DEMO_XLA_FLAGS).
+# is most of the suite's time). So do the random-weight servers they start (live_server.subprocess_env).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 # One OpenMP thread for torch (the transformers references): two xdist workers share two cores, and torch's

@@ -15,9 +15,16 @@ import openai
 import uvicorn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What `llama-jax serve` processes of random-weight models compile with here: unoptimised LLVM code, the same
-# XLA programs, a warm-up ~30 % shorter (tests/conftest.py). The real model's server compiles as shipped.
-DEMO_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def subprocess_env(cache: Path, random_weights: bool) -> dict[str, str]:
+    """The environment of a `llama-jax` subprocess: this worktree first on the path, `cache` as its cache folder,
+    one CPU device. A random-weight model compiles unoptimised LLVM code (the same XLA programs, a warm-up ~30 %
+    shorter: tests/conftest.py); the real model compiles as shipped."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= {"XLA_FLAGS": "--xla_backend_optimization_level=0"} if random_weights else {}
+    return env | {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                  "LLAMA_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
 
 
 class LiveServer:
@@ -48,10 +55,7 @@ class ServeProcess:
     the URL read from the ready line."""
 
     def __init__(self, cache: Path, *args: str, timeout: float = 900):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env |= {"XLA_FLAGS": DEMO_XLA_FLAGS} if "--demo" in args else {}
-        env.update(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   LLAMA_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+        env = subprocess_env(cache, random_weights="--demo" in args)
         self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", "0", *args], env=env,
                                      cwd="/", text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.lines: list[str] = []

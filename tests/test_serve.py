@@ -6,7 +6,6 @@ real default model) is tests/test_real_model.py's."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -21,7 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from live_server import DEMO_XLA_FLAGS, REPO_ROOT
+from live_server import REPO_ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow  # real `llama-jax serve` subprocesses, each warming up
 
@@ -38,12 +37,8 @@ SMALL = ["--max-slots", "4", "--max-seq-len", "256", "--max-prefill-tokens", "12
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    """The subprocess environment: this worktree first on the path, a private cache (demo + XLA), the
-    random-weight models' compile flags."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"XLA_FLAGS": DEMO_XLA_FLAGS}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               LLAMA_JAX_CACHE=str(tmp_path_factory.mktemp("llama-jax-cache")), JAX_PLATFORMS="cpu")
-    return env
+    """The subprocess environment, with a private cache (demo + XLA): every model served here has random weights."""
+    return subprocess_env(tmp_path_factory.mktemp("llama-jax-cache"), random_weights=True)
 
 
 def serve_command(*args: str) -> list[str]:
