@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 # Tests run on the CPU, with 8 virtual devices so tensor-parallel paths can be exercised, and the engines they
-# build in process compile their LLVM code unoptimised: the same XLA programs, a warm-up ~30 % shorter (compiling
-# is most of the suite's time). So do the random-weight servers they start (live_server.subprocess_env).
+# build in process compile fast: LLVM code unoptimised, fusions by XLA:CPU's older emitters (the same XLA programs,
+# a tiny engine's warm-up 14.5 -> 6.8 s; compiling is most of the suite's time). So do the random-weight servers
+# they start (live_server.subprocess_env).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}")
 # One OpenMP thread for torch (the transformers references): two xdist workers share two cores, and torch's
 # threads wait at each op's barrier for one the other worker has descheduled (5 greedy replies: 36 s -> 7 s).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import openai
 import uvicorn
+from conftest import FAST_COMPILE_FLAGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(cache: Path, random_weights: bool) -> dict[str, str]:
     """The environment of a `llama-jax` subprocess: this worktree first on the path, `cache` as its cache folder,
-    one CPU device. A random-weight model compiles unoptimised LLVM code (the same XLA programs, a warm-up ~30 %
-    shorter: tests/conftest.py); the real model compiles as shipped."""
+    one CPU device. A random-weight model compiles fast (tests/conftest.py's flags); the real model as shipped."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"XLA_FLAGS": "--xla_backend_optimization_level=0"} if random_weights else {}
+    env |= {"XLA_FLAGS": FAST_COMPILE_FLAGS} if random_weights else {}
     return env | {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                   "LLAMA_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
 
