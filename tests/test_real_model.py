@@ -124,18 +124,25 @@ def test_prompt_logprobs_through_completions_echo_equal_transformers(served, ref
 @pytest.mark.parametrize("prompt", ["Reply with five emoji and nothing else.",
                                     "How do you say 'thank you' in Japanese, Chinese and Korean?"])
 def test_streaming_text_equals_plain_text(served, prompt):
+    """Three seeds, each asked plain and streamed, all six at once (the server batches them: a seed's
+    tokens do not depend on what else runs)."""
     client = served.client()
-    replies = []
-    for seed in range(3):
+
+    def reply(seed: int, stream: bool) -> str:
         kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=48, seed=seed,
                       temperature=0.8)
-        plain = client.chat.completions.create(**kwargs).choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
-                           if c.choices)
-        assert streamed == plain
-        assert "\ufffd" not in plain.rstrip("\ufffd"), "only a character cut by max_tokens may be incomplete"
-        replies.append(plain)
-    assert any(ord(ch) > 0x2E80 for ch in "".join(replies)), "the replies should hold non-Latin characters"
+        if not stream:
+            return client.chat.completions.create(**kwargs).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        plain, streamed = pool.map(reply, range(3), [False] * 3), pool.map(reply, range(3), [True] * 3)
+        plain, streamed = list(plain), list(streamed)
+    assert streamed == plain
+    for text in plain:
+        assert "\ufffd" not in text.rstrip("\ufffd"), "only a character cut by max_tokens may be incomplete"
+    assert any(ord(ch) > 0x2E80 for ch in "".join(plain)), "the replies should hold non-Latin characters"
 
 
 def test_json_schema_and_forced_tool_calls_are_valid_for_20_seeds(served):
