@@ -67,13 +67,6 @@ def fill_rows(masks: np.ndarray, slots: list) -> list[tuple[object, Exception]]:
     return failed
 
 
-def step_rows(masks: np.ndarray, rows: int) -> np.ndarray:
-    """The first `rows` rows of `masks` for a step's program, whose call places them as its compiled input (a
-    `device_put` before it costs the scheduler ~0.1 ms more: docs/benchmarks.md). A copy: the buffer is filled again
-    while a step may still read it (a CPU aliases host arrays)."""
-    return masks[:rows].copy()
-
-
 def expand(masks: jax.Array, vocab: int) -> jax.Array:
     """int32 [..., words] as bool [..., vocab], on the device: one fused shift-and-test per token."""
     bits = jnp.right_shift(masks[..., None], jnp.arange(32, dtype=jnp.int32)) & 1

@@ -259,3 +259,4 @@ class EngineConfig:
     prefix_cache: bool = True  # reuse the keys of prompt prefixes the slots still hold (see prefix_cache.py)
     platform: Platform | None = None  # what the programs are built for (default: the host's devices; plan: a target)
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts (off: tokens 0, no programs)
+    mask_upload: str | None = None  # grammar masks: "batch" or "rows" (default: batch on a CPU): step_masks.py

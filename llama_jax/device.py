@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import attention, bitmask, kv_cache, platform, sampling, sharding, steps
+from llama_jax import attention, bitmask, kv_cache, platform, sampling, sharding, step_masks, steps
 from llama_jax.attention import AttentionConfig
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.kv_cache import KVCache
@@ -125,24 +125,27 @@ def program_shapes(config: EngineConfig, max_seq_len: int) -> list[tuple[str, di
     where there are two), one decode forward per busy-slot bucket and one sample per bucket and
     variant (`sample_variants`; "greedy" in the shape of the second), one verify per bucket with
     speculation on, the slot copy of the prefix cache and the slot swap that moves busy slots down
-    (`admission.compaction`). Warm-up compiles exactly these."""
+    (`admission.compaction`), and where the grammar masks live on the device, their upload per row
+    bucket (step_masks.py). Warm-up compiles exactly these."""
     target = platform.resolve(config.platform)
-    variants = prefill_variants(target)
+    variants, buckets = prefill_variants(target), steps.length_buckets(config.max_slots, 1)
     return ([("prefill", {"rows": r, "bucket": t} | ({} if v is None else {"suffix": v}))
              for r, t in prefill_shapes(config, max_seq_len) for v in variants]
-            + [("decode", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1)]
-            + [("sample", {"rows": r} | ({} if g is None else {"greedy": g}))
-               for r in steps.length_buckets(config.max_slots, 1) for g in sample_variants(target)]
-            + [("verify", {"rows": r}) for r in steps.length_buckets(config.max_slots, 1) if config.speculative.enabled]
-            + [("copy", {}), ("swap", {})])
+            + [("decode", {"rows": r}) for r in buckets]
+            + [("sample", {"rows": r} | ({} if g is None else {"greedy": g})) for r in buckets for g in sample_variants(target)]
+            + [("verify", {"rows": r}) for r in buckets if config.speculative.enabled]
+            + [("copy", {}), ("swap", {})]
+            + [("put_masks", {"rows": r}) for r in buckets if step_masks.mode(config.mask_upload, target.cpu) == "rows"])
 
 
 def program_id(kind: str, args: tuple, static: dict) -> tuple:
     """Which of `program_shapes`' programs a call of `kind` with these arguments runs: a prefill
     by its (rows, length) shape and variant, the others by their busy-slot bucket (and a sample's
-    greedy variant)."""
+    greedy variant), a mask upload by its rows."""
     if kind == "prefill":
         return (kind, *np.shape(args[2]), static.get("suffix"))
+    if kind == "put_masks":
+        return (kind, len(args[1]), None)
     return (kind, static.get("rows"), static.get("greedy") or None)
 
 
@@ -220,12 +223,12 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState,
 def sample(state: DecodeState, logits: jax.Array, allowed: jax.Array, *, rows: int, branch_free: bool,
            greedy: bool | None = None) -> tuple[DecodeState, jax.Array]:
     """The first `rows` slots' next tokens from `decode`'s `logits`, among the `allowed` tokens
-    (packed `[rows, words]`: bitmask.py), returned `pack`ed; the cache passes through (donated: in
+    (packed `[rows or more, words]`: bitmask.py, step_masks.py), returned `pack`ed; the cache passes through (donated: in
     place). `greedy` (static, `sample_variants`): every busy row is greedy without alternatives,
     so the sampler takes the argmax alone (no sort, no top-k)."""
     head = lambda tree: jax.tree.map(lambda a: a[:rows], tree)
     result, sampler = sampling.sample(logits, head(state.params), head(state.sampler),
-                                      bitmask.expand(allowed, logits.shape[-1]), branch_free=branch_free,
+                                      bitmask.expand(allowed[:rows], logits.shape[-1]), branch_free=branch_free,
                                       greedy_only=bool(greedy))
     return DecodeState(
         cache=state.cache,
@@ -266,7 +269,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     the samples is accepted, plus the sample after it (rejection sampling with a point-mass
     draft: see speculative.py). Keys are written for all k + 1 positions; the row's length then
     counts only the accepted ones (later steps overwrite the rest). Rows without a draft (n = 0,
-    idle or not speculating) take one plain decode step here. `allowed` (packed `[rows, words]`) masks
+    idle or not speculating) take one plain decode step here. `allowed` (packed, its first `rows` rows) masks
     every position of a row (constrained rows never draft)."""
     model: Llama = nnx.merge(graphdef, params)
     k = drafts.shape[1]
@@ -290,7 +293,7 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
     at_positions = sampling.SamplerState(counts=flat(counts), prompt_mask=spread(sampler.prompt_mask),
                                          step=flat(sampler.step[:, None] + offsets[None]))
     result, _ = sampling.sample(flat(logits), jax.tree.map(spread, row_params), at_positions,
-                                bitmask.expand(spread(allowed), vocab), branch_free=branch_free)
+                                bitmask.expand(spread(allowed[:rows]), vocab), branch_free=branch_free)
     sampled = jax.tree.map(lambda a: a.reshape(rows, width, *a.shape[1:]), result)
     drafted = offsets[None, :k] < jnp.minimum(n_drafts[:rows], k)[:, None]
     agree = (sampled.tokens[:, :k] == drafts[:rows]) & drafted
@@ -311,9 +314,10 @@ def verify(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, drafts
 
 def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, state: DecodeState,
                  allowed: jax.Array | None, drafts: tuple[np.ndarray, np.ndarray] | None) -> tuple[str, Callable, tuple, dict]:
-    """A decode, sample, verify, copy or swap program of `program_shapes` as (what, jitted function,
-    arguments, static arguments) over these buffers, for warm-up: `allowed` is all ones for the
-    program's rows, `drafts` (and counts, a verify's only) are empty, the logits to sample are zeros."""
+    """A decode, sample, verify, copy, swap or mask-upload program of `program_shapes` as (what, jitted
+    function, arguments, static arguments) over these buffers, for warm-up: `allowed` is all-ones masks
+    as a step passes them (step_masks.py), `drafts` (and counts, a verify's only) are empty, the logits
+    to sample are zeros."""
     rows, greedy = shape.get("rows"), shape.get("greedy")
     if kind == "decode":
         return f"decode {rows} slots", programs.decode, (params, state), {"rows": rows}
@@ -326,6 +330,10 @@ def example_call(programs: Programs, kind: str, shape: dict, params: nnx.State, 
                 (params, state, *drafts, allowed), {"rows": rows})
     if kind == "swap":
         return "slot swap", programs.swap, (state, np.int32(0), np.int32(0)), {}
+    if kind == "put_masks":  # a table of its own: the one `allowed` is would be donated
+        table = jax.device_put(np.full(allowed.shape, bitmask.EVERYTHING, np.int32), programs.shardings.tokens)
+        return (f"mask upload {rows} rows", programs.put_masks,
+                (table, np.zeros(rows, np.int32), bitmask.everything(rows, 32 * allowed.shape[1])), {})
     return "slot copy", programs.copy, (state, np.int32(0), np.int32(0)), {}
 
 
@@ -396,6 +404,7 @@ class Programs:
     swap: Callable  # (state, a, b) -> state
     reset: Callable  # (state) -> state
     clear_row: Callable  # (params, slot) -> params
+    put_masks: Callable  # (table, slots, rows) -> table: step_masks.put_rows
     shardings: DecodeState
     prefill_variants: tuple[bool | None, ...]  # the values of prefill's static `suffix` compiled
     sample_variants: tuple[bool | None, ...]  # the values of sample's static `greedy` compiled
@@ -423,4 +432,5 @@ class Programs:
             swap=jax.jit(swap_slots, donate_argnums=0, out_shardings=shardings),
             reset=jax.jit(reset, donate_argnums=0, out_shardings=shardings),
             clear_row=jax.jit(clear_row, donate_argnums=0, out_shardings=shardings.params),
+            put_masks=jax.jit(step_masks.put_rows, donate_argnums=0, out_shardings=shardings.tokens),
             shardings=shardings, prefill_variants=prefill_variants(target), sample_variants=sample_variants(target))

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import admission, bitmask, executables, layers, platform, speculative, steps
+from llama_jax import admission, executables, layers, platform, speculative, step_masks, steps
 from llama_jax.compiles import enable_compilation_cache
 from llama_jax.config import EngineConfig
 from llama_jax.device import (Programs, VerifyResult, example_call, init_decode_state, prefill_example, prefill_inputs,
@@ -84,7 +84,7 @@ class Engine:
         self.executables_dir = Path(config.compilation_cache_dir) / "executables" if config.compilation_cache_dir else None
         self._state = init_decode_state(cfg, config.max_slots, self.max_seq_len, mesh, self.platform)
         self._prefill_rows, self._decode, self._sample = programs.prefill, programs.decode, programs.sample
-        self._verify, self._copy, self._swap = programs.verify, programs.copy, programs.swap
+        self._verify, self._copy, self._swap, self._put_masks = programs.verify, programs.copy, programs.swap, programs.put_masks
         self.speculative = config.speculative.for_platform(self.platform.cpu)
         self.verify_costs = dict.fromkeys(self.row_buckets, self.speculative.verify_cost)  # per row bucket: warm-up measures them
         self._step_times = speculative.StepTimes()  # then the steps served, unless the config fixes them
@@ -94,9 +94,8 @@ class Engine:
         self._reset, self._clear_row = programs.reset, programs.clear_row  # idle rows: no top-k/top-p search
         self._prefill_variants, self._lean_variant = programs.prefill_variants, True in programs.sample_variants
         self.prefix = PrefixCache(config.max_slots, self.max_seq_len, config.prefix_cache)
-        self._everything = {rows: jax.device_put(bitmask.everything(rows, cfg.vocab_size), programs.shardings.tokens)
-                            for rows in self.row_buckets}  # the masks of unconstrained steps, resident on the device
-        self._masks = bitmask.everything(config.max_slots, cfg.vocab_size)  # constrained rows' masks, filled in place
+        self.masks = step_masks.StepMasks(config.max_slots, cfg.vocab_size, step_masks.mode(config.mask_upload, self.platform.cpu),
+                                          self.row_buckets, programs.shardings.tokens)  # grammar masks, host and device
 
     def start(self, warmup: bool = True, progress: Callable[[int, int, str, float], None] | None = None) -> Engine:
         if warmup:
@@ -164,8 +163,9 @@ class Engine:
             setattr(self, name, executables.calls_through(getattr(self._programs, kind), built, partial(program_id, kind)))
         for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
             _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
-            out = getattr(self, self._CALLS[program[0]])(*args, **static)  # plans, command buffers): not in a request
-            self._state = jax.block_until_ready(out[0] if isinstance(out, tuple) else out)  # the state, alone or first
+            out = jax.block_until_ready(getattr(self, self._CALLS[program[0]])(*args, **static))  # plans, command
+            if program[0] != "put_masks":  # buffers): not in a request; a mask upload's table is its own (`example_call`)
+                self._state = out[0] if isinstance(out, tuple) else out  # the state, alone or first
         if self.speculative.enabled and self.config.speculative.verify_cost is None:
             start = speculative.measured_length(self.max_seq_len, len(self.row_buckets), self.speculative.tokens)
             self._state = with_lengths(self._state, start)
@@ -175,7 +175,7 @@ class Engine:
         self._state = self._reset(self._state)
 
     _CALLS = {"prefill": "_prefill_rows", "decode": "_decode", "sample": "_sample", "verify": "_verify", "copy": "_copy",
-              "swap": "_swap"}
+              "swap": "_swap", "put_masks": "_put_masks"}
 
     def _warmup_call(self, program: tuple[str, dict]) -> tuple[str, Callable, tuple, dict]:
         """One serving program as (what, jitted function, arguments, static arguments) over the engine's buffers."""
@@ -185,13 +185,14 @@ class Engine:
             return (f"prefill {shape['rows']} x {shape['bucket']} tokens" + (" after a prefix" if shape.get("suffix") else ""),
                     self._programs.prefill, *self._prefill_args(*example, shape.get("suffix")))
         return example_call(self._programs, kind, shape, self.params, self._state,
-                            self._everything.get(shape.get("rows")), self._no_drafts if kind == "verify" else None)
+                            self.masks.example(shape.get("rows")), self._no_drafts if kind == "verify" else None)
 
     def _replace_state(self) -> None:
         """Fresh empty slots after a failure, freeing the old buffers first: never two states at once."""
         for leaf in [x for x in jax.tree.leaves(self._state) if not x.is_deleted()]:
             leaf.delete()
         self._state = init_decode_state(self.model.cfg, self.config.max_slots, self.max_seq_len, self.mesh, self.platform)
+        self.masks.renew()
         self.prefix.forget()
 
     def _move(self, program: Callable, source: int, slot: int) -> None:  # a slot copy or swap
@@ -267,7 +268,7 @@ class Engine:
         if (active := self.slots[slot]) is not None:  # the slot keeps its keys: all but the last sampled token's
             self.prefix.hold(slot, active.ids[:-1])
         self.table.clear(slot)
-        self._masks[slot] = bitmask.EVERYTHING
+        self.masks.clear(slot)
         self._state = dataclasses.replace(self._state, params=self._clear_row(self._state.params, np.int32(slot)))
 
     def _fail_running(self, error: str) -> None:
@@ -369,7 +370,7 @@ class Engine:
         for high, low in [] if self._queue else admission.compaction(self.table.busy, self.row_buckets):
             self._move(self._swap, high, low)
             self.table.swap(high, low)
-            self._masks[[low, high]] = self._masks[[high, low]]
+            self.masks.swap(high, low)
             self.prefix.swap(high, low)
 
     def _forward(self, rows: int, drafts: tuple[np.ndarray, np.ndarray] | None) -> jax.Array | VerifyResult:
@@ -391,13 +392,11 @@ class Engine:
         return list(self.slots), result
 
     def _allowed(self, rows: int) -> jax.Array | np.ndarray:
-        """The rows' packed masks (a host copy where some are constrained); a broken automaton fails its request only."""
-        if not self.table.constrained_count:
-            return self._everything[rows]
-        for a, e in bitmask.fill_rows(self._masks, self.slots):
+        """The step's packed masks (step_masks.py), constrained slots' filled first; a broken automaton fails its request only."""
+        for a, e in self.masks.fill(self.slots) if (constrained := bool(self.table.constrained_count)) else []:
             log.error("constraint failed", exc_info=e)
             self._release(a.handle, f"structured-output constraint failed: {e}")
-        return bitmask.step_rows(self._masks, rows)
+        return self.masks.for_step(rows, constrained, self._put_masks)
 
     def _process(self, owners: list[RunningChoice | None], result: jax.Array | VerifyResult | None,
                  row_of: dict[int, int] | None = None, constrained: bool | None = None) -> None:

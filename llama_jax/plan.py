@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import bitmask, layers, platform, quantize, sampling
+from llama_jax import bitmask, layers, platform, quantize, sampling, step_masks
 from llama_jax.compiles import compile_in_threads
 from llama_jax.config import EngineConfig, LlamaConfig
 from llama_jax.device import DecodeState, Programs, decode_state_shardings, empty_state, program_shapes
@@ -200,6 +200,9 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
     rep = programs.shardings.tokens  # replicated over the mesh (None without one)
     options = DEVICELESS_OPTIONS if target.target else None
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+    words = bitmask.words(cfg.vocab_size)
+    on_device = step_masks.mode(config.mask_upload, target.cpu) == "rows"  # a step's masks: the whole device table
+    allowed = lambda rows: i32(config.max_slots if on_device else rows, words)
     lowered = []
     for kind, shape in program_shapes(config, max_len):
         if select is not None and not select(kind, shape):
@@ -209,23 +212,25 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
             mask = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.bool_, sharding=rep)
             lowered.append((f"prefill {r} x {t}" + (" (suffix)" if shape.get("suffix") else ""), programs.prefill.lower(
                 params, state, i32(r, t), i32(r), i32(r), i32(r), _rows_params(r, rep), mask,
-                i32(r, bitmask.words(cfg.vocab_size)), suffix=shape.get("suffix"))))
+                i32(r, words), suffix=shape.get("suffix"))))
         elif kind == "copy":
             lowered.append(("slot copy", programs.copy.lower(state, i32(), i32())))
         elif kind == "swap":
             lowered.append(("slot swap", programs.swap.lower(state, i32(), i32())))
+        elif kind == "put_masks":
+            lowered.append((f"mask upload {shape['rows']} rows", programs.put_masks.lower(
+                i32(config.max_slots, words), i32(shape["rows"]), i32(shape["rows"], words))))
         elif kind == "verify":
-            allowed = i32(shape["rows"], bitmask.words(cfg.vocab_size))
             k = config.speculative.tokens
             lowered.append((f"verify {shape['rows']} slots x {k + 1} tokens", programs.verify.lower(
-                params, state, i32(config.max_slots, k), i32(config.max_slots), allowed, rows=shape["rows"])))
+                params, state, i32(config.max_slots, k), i32(config.max_slots), allowed(shape["rows"]), rows=shape["rows"])))
         elif kind == "decode":
             lowered.append((f"decode {shape['rows']} slots", programs.decode.lower(params, state, rows=shape["rows"])))
         else:
             r = shape["rows"]
             logits = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.float32, sharding=rep)
             lowered.append((f"sample {r} slots" + (" (greedy)" if shape.get("greedy") else ""), programs.sample.lower(
-                state, logits, i32(r, bitmask.words(cfg.vocab_size)), rows=r, greedy=shape.get("greedy"))))
+                state, logits, allowed(r), rows=r, greedy=shape.get("greedy"))))
 
     report = (lambda done, total, name, seconds: progress(name, seconds)) if progress else None
     built = compile_in_threads(lowered, progress=report, **(options or {}))
@@ -233,9 +238,9 @@ def compile_programs(cfg: LlamaConfig, config: EngineConfig, mesh: Mesh | None =
 
 
 def slot_bytes(cfg: LlamaConfig, max_len: int, tp_kv: int) -> int:
-    """Per-device bytes one decode slot adds: its keys and values, plus its sampler row."""
+    """Per-device bytes one decode slot adds: its keys and values, plus its sampler row and grammar mask row."""
     kv = 2 * cfg.n_layers * (cfg.n_kv_heads // tp_kv) * max_len * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    return kv + cfg.vocab_size * (4 + 1) + 64
+    return kv + cfg.vocab_size * (4 + 1) + 4 * bitmask.words(cfg.vocab_size) + 64
 
 
 # Without a device XLA cannot size CUB's radix-sort scratch: a sampler sort it hands to CUB then

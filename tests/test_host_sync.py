@@ -33,12 +33,13 @@ def test_host_sync_ops_counts_conditionals_and_unknown_trip_counts():
 def test_no_host_synchronising_control_flow_in_gpu_serve_programs(tp, kv_heads, kernels):
     target, devices = platform.target("h200", tp)
     cfg = preset("tiny-gqa").replace(dtype="bfloat16", n_layers=1, n_kv_heads=kv_heads)
-    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 7 programs
+    config = EngineConfig(max_slots=1, max_seq_len=256, min_prefill_bucket=256, platform=target)  # 8 programs
     report = plan.plan(cfg, config, plan.target_mesh(devices))
     programs = report["per_program"]
-    # prefill fresh and after a cached prefix, the decode forward, sampling any rows and greedy rows only, slot copy and swap
-    assert sorted(programs) == ["decode 1 slots", "prefill 1 x 256", "prefill 1 x 256 (suffix)", "sample 1 slots",
-                                "sample 1 slots (greedy)", "slot copy", "slot swap"]
+    # prefill fresh and after a cached prefix, the decode forward, sampling any rows and greedy rows only, slot copy
+    # and swap, the grammar masks' upload (step_masks.py: the table on the device)
+    assert sorted(programs) == ["decode 1 slots", "mask upload 1 rows", "prefill 1 x 256", "prefill 1 x 256 (suffix)",
+                                "sample 1 slots", "sample 1 slots (greedy)", "slot copy", "slot swap"]
     assert len(programs) == len(program_shapes(config, 256))
     for name, p in programs.items():
         assert (p["conditionals"], p["dynamic_whiles"]) == (0, 0), name

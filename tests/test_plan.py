@@ -101,7 +101,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
     result = gpu_check.main(["--preset", "tiny-gqa", "--max-seq-len", "256", "--slots", "2", "--concurrency", "2",
                              "--context", "64", "--decode-tokens", "8", "--tokenizer", str(tokenizer_path),
                              "--compilation-cache", str(tmp_path / "xla"), "--smollm2", str(SMOLLM2_GGUF),
-                             "--out", str(out)])
+                             "--mask-upload", "rows", "--out", str(out)])  # an accelerator's masks, and the A/B
     assert json.loads(out.read_text()) == result
     assert result["kernels"] == {"decode": "xla", "prefill": "xla"}  # CPU keeps its XLA paths
     assert result["kernels_as_planned"] and result["planned_target"] is None  # no target matches a CPU: no kernels
@@ -111,13 +111,18 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path, tokenizer_path):
         assert result["logits_smollm2_ok"] and result["logits_smollm2_top1"] >= gpu_check.MIN_TOP1
     assert gpu_check.failed_checks(result) == []
     assert result["programs"] == len(program_shapes(
-        EngineConfig(max_slots=2, max_seq_len=256, min_prefill_bucket=128, max_prefill_tokens=1024), 256))
+        EngineConfig(max_slots=2, max_seq_len=256, min_prefill_bucket=128, max_prefill_tokens=1024, mask_upload="rows"), 256))
     for key in ("batch1_decode_tok_s", "ceiling_tok_s", "ttft_ms_128", "aggregate_tok_s_2", "copy_bandwidth_gb_s"):
         assert result[key] > 0, key
     assert 0 < result["pct_of_ceiling"]
     assert result["ttft_ms_128_prefix_cached_112"] > 0 and result["prefix_cached_tokens"] == 112  # the next chat turn
     for grammar in ("json_schema", "regex"):
         assert isinstance(result[f"{grammar}_adds_pct_1"], float) and f"{grammar}_adds_pct_8" not in result  # 2 slots
+        assert isinstance(result[f"{grammar}_adds_pct_2"], float)
+    for mode in ("batch", "rows"):
+        for rows in (1, 2):
+            p10, median = result[f"mask_upload_us_{mode}_{rows}"]
+            assert 0 < p10 <= median
 
 
 GiB = 2**30
@@ -169,9 +174,9 @@ def test_pallas_decode_compiles_for_an_h200_at_any_context_length(max_len):
 
 def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     """`llama-jax plan --target h100 --tp 8 --checkpoint` for Llama-2-70B's widths over 8 abstract
-    H100s, through the CLI (one slot of 16 tokens: seven programs, prefill fresh and after a cached
-    prefix, the decode forward, its sampling for any rows and for greedy rows, slot copy and swap; the
-    same kernels as any length). Two of its 80
+    H100s, through the CLI (one slot of 16 tokens: eight programs, prefill fresh and after a cached
+    prefix, the decode forward, its sampling for any rows and for greedy rows, slot copy and swap, the
+    grammar masks' upload; the same kernels as any length). Two of its 80
     layers: a GPU program repeats one layer's code per layer, so depth changes only compile time
     (the full model is `--preset llama-2-70b`, ~100 s here)."""
     cfg = preset("llama-2-70b").replace(n_layers=2)
@@ -179,7 +184,7 @@ def test_plan_target_h100_tp8_splits_70b_eight_ways(capsys, tmp_path):
     assert cli.main(["plan", "--target", "h100", "--tp", "8", "--checkpoint", str(tmp_path), "--dtype", "auto",
                      "--max-slots", "1", "--max-seq-len", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 7
+    assert report["platform"] == "h100" and report["devices"] == 8 and report["programs"] == 8
     whole = param_count(cfg) * 2  # auto: bf16 on a GPU
     assert whole / 8 <= report["per_device_bytes"]["weights"] < whole / 8 * 1.001  # norms are replicated
     assert report["per_program"]["prefill 1 x 16"]["kernels"] == ["cudnn:fmha"]

@@ -1,10 +1,10 @@
-"""Two ways to give a step's sampling its grammar masks (issue 30), host microseconds per step, one row
-constrained: (a) the whole batch's packed masks `[rows, words]` passed with the sampling call, as the engine
-does; (b) a device-resident table of every slot's masks, its constrained rows uploaded by a small scatter
-program (donated, in place) before a sampling call that reads the table. The sampling stand-in expands the
-masks (`bitmask.expand`) and takes the masked argmax over a 32000-piece vocabulary.
+"""The two ways a step's sampling gets its grammar masks (issue 30; step_masks.py), host microseconds per step
+with one slot constrained: "batch" (a CPU's default: the batch's rows `[rows, words]` passed with the sampling call)
+and "rows" (an accelerator's: a device table, the changed rows uploaded by a small donated scatter program before
+a sampling call that reads the table). The engine's own `StepMasks` and upload program; the sampling stand-in
+expands the masks (`bitmask.expand`) and takes the masked argmax.
 
-    JAX_PLATFORMS=cpu python tools/bench_mask_upload.py [--slots 64] [--calls 400]
+    JAX_PLATFORMS=cpu python tools/bench_mask_upload.py [--slots 64] [--calls 400] [--vocab 32000]
 """
 
 from __future__ import annotations
@@ -21,21 +21,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_jax import bitmask  # noqa: E402
-
-VOCAB = 32000
+from llama_jax import bitmask, step_masks, steps  # noqa: E402
 
 
-@partial(jax.jit, static_argnames="rows")
-def sample(logits: jax.Array, allowed: jax.Array, rows: int) -> jax.Array:
+@partial(jax.jit, static_argnames=("rows", "vocab"))
+def sample(logits: jax.Array, allowed: jax.Array, rows: int, vocab: int) -> jax.Array:
     """The masked argmax of the first `rows` rows."""
-    return jnp.argmax(jnp.where(bitmask.expand(allowed[:rows], VOCAB), logits, -jnp.inf), axis=-1)
+    return jnp.argmax(jnp.where(bitmask.expand(allowed[:rows], vocab), logits, -jnp.inf), axis=-1)
 
 
-@partial(jax.jit, donate_argnums=0)
-def set_rows(table: jax.Array, rows: jax.Array, words: jax.Array) -> jax.Array:
-    """The table with `rows` replaced by `words`, in place."""
-    return table.at[rows].set(words, mode="drop")
+class Constrained:
+    """Slot 0's constraint: the same words each step (llguidance's own time is not what is measured)."""
+
+    def fill_mask(self, row: np.ndarray) -> None:
+        row[: len(row) // 2] = 0
+
+
+class Choice:
+    constraint = Constrained()
 
 
 def timed_us(call, calls: int) -> tuple[float, float]:
@@ -50,28 +53,34 @@ def timed_us(call, calls: int) -> tuple[float, float]:
     return times[len(times) // 10] * 1e6, times[len(times) // 2] * 1e6
 
 
+def compare(slots: int = 64, vocab: int = 32000, calls: int = 400) -> dict:
+    """{"mask_upload_us_{mode}_{rows}": [p10, median]} for each mode and batch of 1, 8 and all `slots`."""
+    buckets, out = steps.length_buckets(slots, 1), {}
+    put = jax.jit(step_masks.put_rows, donate_argnums=0)
+    choices = [Choice(), *[None] * (slots - 1)]
+    for rows in sorted({r for r in (1, 8, slots) if r <= slots}):
+        logits = jnp.zeros((rows, vocab), jnp.float32)
+        for mode in step_masks.MODES:
+            masks = step_masks.StepMasks(slots, vocab, mode, buckets)
+
+            def step():
+                masks.fill(choices)
+                return sample(logits, masks.for_step(rows, True, put), rows=rows, vocab=vocab)
+
+            jax.block_until_ready(step())  # compiled
+            out[f"mask_upload_us_{mode}_{rows}"] = [round(t, 1) for t in timed_us(step, calls)]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args()
-    host = bitmask.everything(args.slots, VOCAB)
-    table = [jax.device_put(host)]
-    print(f"{jax.devices()[0].device_kind}, {args.slots} slots, one constrained; p10 / median host us a step")
-    for rows in [r for r in (1, 8, 64) if r <= args.slots]:
-        logits = jnp.zeros((rows, VOCAB), jnp.float32)
-
-        def whole_batch():
-            return sample(logits, host[:rows].copy(), rows=rows)
-
-        def constrained_rows_only():
-            table[0] = set_rows(table[0], np.array([0], np.int32), host[[0]])
-            return sample(logits, table[0], rows=rows)
-
-        for call in (whole_batch, constrained_rows_only):
-            jax.block_until_ready(call())  # compiled
-        a, b = timed_us(whole_batch, args.calls), timed_us(constrained_rows_only, args.calls)
-        print(f"{rows:3d} rows: whole batch {a[0]:.1f} / {a[1]:.1f}   constrained rows only {b[0]:.1f} / {b[1]:.1f}")
+    print(f"{jax.devices()[0].device_kind}, {args.slots} slots, one constrained, {args.vocab} pieces; p10 / median host us a step")
+    for key, (p10, median) in compare(args.slots, args.vocab, args.calls).items():
+        print(f"{key}: {p10} / {median}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ minutes for 7B bf16 with a cold compilation cache. Steps, each printed as it end
 4. batch-1 decode tok/s (raw steps, and % of the ceiling), TTFT at 128 and 1024 tokens (and at
    1024 with 896 of them in the prefix cache: a chat's next turn), aggregate tok/s at 8 and 64
    concurrent requests of `--context` tokens, what one constrained request (a JSON schema, a
-   counted regex) adds to a step at 1 and 8 busy slots (its mask is built while the forward
-   runs; needs llguidance), peak device memory.
+   counted regex) adds to a step at 1, 8 and all busy slots (its mask is built while the forward
+   runs; needs llguidance), the host time of the grammar masks' two ways to the device
+   (tools/bench_mask_upload.py), peak device memory.
 A failed check (steps 0 and 1b) is reported, the run goes on, and the script exits 1 at the end.
 With `--quantize int8` the weights are int8 with block scales (quantized on the device) and
 step 2 also compiles the batch-1 decode program with int8 and with float weights and compares
@@ -56,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import bench_mask_upload  # noqa: E402
 from bench_engine import prompt, run_concurrent, ttft  # noqa: E402
 from llama_jax import attention, platform  # noqa: E402
 from llama_jax.attention import AttentionConfig  # noqa: E402
@@ -94,8 +96,8 @@ def check_planned_kernels(cfg, config: EngineConfig, host: Platform) -> dict:
     from llama_jax import plan
 
     max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    largest = lambda kind, shape: (kind != "sample" and not shape.get("suffix")  # a GPU's fresh prefill (its suffix
-                                   # one has no kernel), the forward of a decode step (its sampling has none)
+    largest = lambda kind, shape: (kind in ("prefill", "decode") and not shape.get("suffix")  # a GPU's fresh prefill
+                                   # (its suffix one has no kernel), the forward of a decode step (its sampling has none)
                                    and {k: v for k, v in shape.items() if k != "suffix"} in
                                    ({"rows": 1, "bucket": max_len}, {"rows": config.max_slots}))
     plain = dataclasses.replace(config, attention=None)
@@ -259,7 +261,7 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
             jax.block_until_ready(engine._state)
             start = time.perf_counter()
         engine._state, logits = engine._decode(engine.params, engine._state, rows=rows)
-        engine._state, result = engine._sample(engine._state, logits, engine._everything[rows], rows=rows, greedy=None)
+        engine._state, result = engine._sample(engine._state, logits, engine.masks.example(rows), rows=rows, greedy=None)
     result.block_until_ready()
     seconds = (time.perf_counter() - start) / steps
     engine._state = engine._reset(engine._state)
@@ -268,7 +270,7 @@ def decode_steps(engine: Engine, rows: int, context: int, steps: int = 64) -> fl
 
 
 def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: int) -> dict:
-    """What one constrained request (llguidance's mask every step) adds to a decode step at 1 and 8 busy slots,
+    """What one constrained request (llguidance's mask every step) adds to a decode step at 1, 8 and all busy slots,
     greedy, EOS ignored, for a JSON schema (a mask of ~5 us) and a counted regex (~140 us: bench_host.py): its mask
     is built while the step's forward runs, so on a GPU it should add next to nothing (issue 30's goal: <= 10 %).
     Skipped without llguidance."""
@@ -280,14 +282,13 @@ def constrained_cost(engine: Engine, tokenizer, vocab: int, tokens: int, slots: 
         say(f"constrained decode: skipped ({e})")
         return {"constrained_skipped": str(e)}
     out = {}
-    for busy in (b for b in (1, 8) if b <= slots):
+    adds = lambda constrained, plain: 100 * (constrained.wall / constrained.steps / (plain.wall / plain.steps) - 1)
+    for busy in sorted({b for b in (1, 8, slots) if b <= slots}):
         plain = run(engine, busy, tokens)
         for name, grammar in constraints.items():
-            constrained = run(engine, busy, tokens, grammar.factory(tokens, vocab))
-            adds = 100 * (constrained.wall / constrained.steps / (plain.wall / plain.steps) - 1)
-            out[f"{name}_adds_pct_{busy}"] = round(adds, 1)
-            say(f"{busy} busy slots, one of them constrained ({name}): a step takes {adds:+.1f} % "
-                f"({1000 * plain.wall / plain.steps:.2f} ms plain)")
+            out[f"{name}_adds_pct_{busy}"] = round(adds(run(engine, busy, tokens, grammar.factory(tokens, vocab)), plain), 1)
+            say(f"{busy} busy slots, one of them constrained ({name}): a step takes {out[f'{name}_adds_pct_{busy}']:+.1f} % "
+                f"({1000 * plain.wall / plain.steps:.2f} ms plain, masks uploaded: {engine.masks.upload})")
     return out
 
 
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--context", type=int, default=1024, help="tokens of context per concurrent request")
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--mask-upload", choices=["batch", "rows"], default=None,
+                    help="how grammar masks reach the device (step_masks.py; default: the platform's)")
     ap.add_argument("--tokenizer", type=Path, default=LLAMA2_TOKENIZER, help="the Llama 2 tokenizer.model")
     ap.add_argument("--smollm2", type=Path, default=SMOLLM2_GGUF, help="the real SmolLM2 GGUF (step 1b)")
     ap.add_argument("--compilation-cache", default=str(Path(__file__).resolve().parents[1] / ".jax_cache"))
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     max_len = min(args.max_seq_len, cfg.max_seq_len)
     shape = dict(max_slots=args.slots, max_seq_len=max_len, min_prefill_bucket=128, max_prefill_tokens=1024,
-                 max_queue=max(64, 2 * args.slots))
+                 max_queue=max(64, 2 * args.slots), mask_upload=args.mask_upload)
     result.update(check_planned_kernels(cfg, EngineConfig(**shape), host))
     attn = check_kernels(host, cfg, args.slots, max_len)
     result["kernels"] = {"decode": attn.decode, "prefill": attn.prefill}
@@ -412,6 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
                 say(f"{c} concurrent x {context} tokens: {result[f'aggregate_tok_s_{c}']} tok/s "
                     f"(raw step {result[f'step_ms_{c}x{context}']} ms)")
         result.update(constrained_cost(engine, tokenizer, cfg.vocab_size, args.decode_tokens, args.slots))
+        result.update(bench_mask_upload.compare(args.slots, cfg.vocab_size, calls=200))  # step_masks.py's two modes
+        say("grammar masks, host us a step (p10, median): " + ", ".join(f"{k[15:]} {v}" for k, v in result.items()
+                                                                         if k.startswith("mask_upload_us_")))
     finally:
         engine.stop()
     stats = device.memory_stats() or {}
