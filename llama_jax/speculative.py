@@ -128,10 +128,11 @@ class Acceptance:
     (`context_bucket`): what the next draft with such a context is expected to hold. Measured on the real model, drafts
     after 2-7 matched tokens held 0.2-0.5 of their tokens, after 16 or more about 0.9 (docs/benchmarks.md). Each bucket
     starts with `prior` tokens fully accepted, so it is tried before it is judged, and forgets by half every
-    `half_life` tokens drafted in it."""
+    `half_life` tokens drafted in it, and every `unverified_half_life` tokens proposed in it but not verified (the
+    step did not pay): a bucket judged poor is tried again after a while, not never (what a server drafts changes)."""
 
-    def __init__(self, prior: float = 8.0, half_life: float = 256.0):
-        self.prior, self.half_life = prior, half_life
+    def __init__(self, prior: float = 8.0, half_life: float = 256.0, unverified_half_life: float = 2048.0):
+        self.prior, self.half_life, self.unverified_half_life = prior, half_life, unverified_half_life
         self._accepted = np.zeros(context_bucket(MAX_CONTEXT) + 1)
         self._drafted = np.zeros_like(self._accepted)
 
@@ -143,6 +144,12 @@ class Acceptance:
         b, keep = context_bucket(context), 0.5 ** (drafted / self.half_life)
         self._accepted[b] = self._accepted[b] * keep + accepted
         self._drafted[b] = self._drafted[b] * keep + drafted
+
+    def unverified(self, context: int, proposed: int) -> None:
+        """`proposed` tokens drafted after `context` matched tokens went unverified: the bucket forgets a little."""
+        b, keep = context_bucket(context), 0.5 ** (proposed / self.unverified_half_life)
+        self._accepted[b] *= keep
+        self._drafted[b] *= keep
 
 
 def draft_rows(rows: Sequence[tuple[Sequence[int], int] | None], config: SpeculativeConfig
@@ -201,12 +208,16 @@ def choose_drafts(slots: Sequence, config: SpeculativeConfig, max_seq_len: int, 
     """The verify step's drafts and counts for `slots` (running choices or None): each choice not
     backing off drafts at most what its max_tokens and the context leave after the token every step
     makes, and is told its draft (`drafted`). None when a plain step is worth more at `cost`
-    (`worth_verifying`, each draft expected to hold as `acceptance` says of its context)."""
+    (`worth_verifying`, each draft expected to hold as `acceptance` says of its context; the drafts' buckets then
+    forget a little: `Acceptance.unverified`)."""
     drafting = [a if a and a.drafts_now() else None for a in slots]
     drafts, counts, contexts = draft_rows([(a.ids, min(a.max_tokens - a.generated - 1, max_seq_len - len(a.ids)))
                                            if a else None for a in drafting], config)
     expected = sum(acceptance.share(c) * int(n) for a, n, c in zip(drafting, counts, contexts) if a)
     if not worth_verifying(expected, busy, cost, config.margin):
+        for a, n, c in zip(drafting, counts, contexts):
+            if a and n:
+                acceptance.unverified(c, int(n))
         return None
     for a, n, c in zip(slots, counts, contexts):
         if a:

@@ -161,6 +161,24 @@ def test_drafts_are_verified_when_their_contexts_acceptance_pays_with_the_margin
     assert counts.tolist() == [4, 0] and drafts[0].tolist() == [7, 8, 9, 1] and copying.told == (4, 20)
 
 
+def test_a_context_bucket_judged_poor_is_tried_again_after_enough_unverified_proposals():
+    """A bucket whose drafts failed stops paying; proposals it declines make it forget (slowly: half every
+    `unverified_half_life` tokens), so its drafts are verified again and judged afresh, rather than never."""
+    config, acceptance = SpeculativeConfig(tokens=4), Acceptance(prior=8, half_life=256, unverified_half_life=64)
+    common = Choice([5, 2, 3, 6, 6, 6, 2, 3])  # drafts [6, 6, 6, 2] after a 2-gram
+    for _ in range(20):
+        acceptance.observe(2, 4, 0)  # its bucket's drafts failed whole
+    poor = acceptance.share(2)
+    assert poor < 0.15
+    declined = 0
+    while choose_drafts([common], config, 1000, 1, 2.0, acceptance) is None:  # needs 1.3 of 4 tokens expected
+        declined += 1
+        assert acceptance.share(2) > poor and common.told is None
+        poor = acceptance.share(2)
+    assert 30 <= declined <= 40, declined  # 4 tokens a proposal: 8 / (76 f + 8) >= 0.325 at f <= 0.22, 2.2 half-lives
+    assert common.told == (4, 2) and acceptance.share(2) >= 0.325 and acceptance.share(40) == 1.0
+
+
 def test_the_cost_is_the_median_ratio_of_back_to_back_pairs_per_bucket():
     """Each step runs once untimed, then in `repeats` (plain, verify) pairs: a machine whose speed
     drifts between pairs, and one call slowed by something else, change nothing."""
