@@ -163,8 +163,8 @@ class Engine:
             setattr(self, name, executables.calls_through(getattr(self._programs, kind), built, partial(program_id, kind)))
         for program in [] if self.platform.cpu else program_shapes(self.config, self.max_seq_len):  # an accelerator
             _, _, args, static = self._warmup_call(program)  # initialises a program on its first run (modules, cuDNN
-            out = jax.block_until_ready(getattr(self, self._CALLS[program[0]])(*args, **static))  # plans, command
-            if program[0] != "put_masks":  # buffers): not in a request; a mask upload's table is its own (`example_call`)
+            out = jax.block_until_ready(getattr(self, self._CALLS[program[0]])(*args, **static))  # plans): not in a request
+            if program[0] != "put_masks":  # a mask upload's table is its own (`example_call`)
                 self._state = out[0] if isinstance(out, tuple) else out  # the state, alone or first
         if self.speculative.enabled and self.config.speculative.verify_cost is None:
             start = speculative.measured_length(self.max_seq_len, len(self.row_buckets), self.speculative.tokens)
@@ -393,7 +393,8 @@ class Engine:
 
     def _allowed(self, rows: int) -> jax.Array | np.ndarray:
         """The step's packed masks (step_masks.py), constrained slots' filled first; a broken automaton fails its request only."""
-        for a, e in self.masks.fill(self.slots) if (constrained := bool(self.table.constrained_count)) else []:
+        constrained = bool(self.table.constrained_count)
+        for a, e in self.masks.fill(self.slots) if constrained else []:
             log.error("constraint failed", exc_info=e)
             self._release(a.handle, f"structured-output constraint failed: {e}")
         return self.masks.for_step(rows, constrained, self._put_masks)
