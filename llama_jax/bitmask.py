@@ -2,7 +2,7 @@
 
 Structured output writes a constrained row's mask straight into such words (llguidance's
 `fill_next_token_bitmask`), the engine uploads them (1/8 of a bool mask: 4 KB a row at a
-32000-piece vocabulary) and the device programs `expand` them before sampling. A row of
+32000-piece vocabulary; step_masks.py) and the device programs `expand` them before sampling. A row of
 `EVERYTHING` words allows every token. The host helpers below edit or read one row in place.
 """
 
@@ -52,19 +52,6 @@ def forbid(row: np.ndarray, token: int) -> None:
 def count(row: np.ndarray) -> int:
     """How many tokens `row` allows (with any bits past the vocabulary: llguidance never sets them)."""
     return int(np.bitwise_count(row.view(np.uint32)).sum())
-
-
-def fill_rows(masks: np.ndarray, slots: list) -> list[tuple[object, Exception]]:
-    """Write each constrained slot's allowed tokens (`slots[i].constraint`) into row i of `masks`;
-    returns the slots whose constraint raised, with the error (their rows stay as they were)."""
-    failed = []
-    for i, active in enumerate(slots):
-        if active and active.constraint:
-            try:
-                active.constraint.fill_mask(masks[i])
-            except Exception as e:  # noqa: BLE001 - a broken automaton fails its own request only
-                failed.append((active, e))
-    return failed
 
 
 def expand(masks: jax.Array, vocab: int) -> jax.Array:

@@ -58,10 +58,18 @@ class StepMasks:
             self._changed: set[int] = set()
 
     def fill(self, slots: list) -> list[tuple[object, Exception]]:
-        """Write the constrained slots' masks (`slots[i].constraint`); returns those that raised, with the error."""
-        if self.upload == "rows":
-            self._changed.update(i for i, a in enumerate(slots) if a and a.constraint)
-        return bitmask.fill_rows(self.host, slots)
+        """Write each constrained slot's allowed tokens (`slots[i].constraint`) into its row; returns the slots whose
+        constraint raised, with the error (their rows stay as they were)."""
+        failed = []
+        for i, active in enumerate(slots):
+            if active and active.constraint:
+                try:
+                    active.constraint.fill_mask(self.host[i])
+                except Exception as e:  # noqa: BLE001 - a broken automaton fails its own request only
+                    failed.append((active, e))
+                if self.upload == "rows":
+                    self._changed.add(i)
+        return failed
 
     def clear(self, slot: int) -> None:
         """`slot` allows every token again (it was freed)."""
